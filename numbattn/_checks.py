@@ -1,0 +1,175 @@
+"""Argument validation shared by the CPU and CUDA backends.
+
+Every check works on NumPy arrays. Host arguments are checked as they are;
+GPU arguments are checked through a *shadow*: a NumPy array with the same
+shape, strides, dtype and address built from ``__cuda_array_interface__``.
+A shadow is never read or written, only inspected (shape, dtype, flags and
+address arithmetic for overlap), so both backends raise identical errors,
+and all of them are raised before any output is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _ArrayInterfaceView:
+    """Exposes a CUDA array interface as a host ``__array_interface__``."""
+
+    def __init__(self, cai: dict):
+        self.__array_interface__ = {
+            "shape": tuple(cai["shape"]),
+            "typestr": cai["typestr"],
+            "data": (cai["data"][0], bool(cai["data"][1])),
+            "strides": cai.get("strides"),
+            "version": 3,
+        }
+
+
+def device_interface(obj) -> dict | None:
+    """The ``__cuda_array_interface__`` of ``obj``, or None for host objects."""
+    try:
+        return obj.__cuda_array_interface__
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
+    """Return ``(array_to_check, is_device)`` for a public argument.
+
+    Raises TypeError for anything that is neither a NumPy array nor a GPU
+    array exposing ``__cuda_array_interface__``.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj, False
+    cai = device_interface(obj)
+    if cai is not None:
+        shape = tuple(cai["shape"])
+        if math.prod(shape) == 0 or cai["data"][0] == 0:
+            # NumPy refuses a NULL pointer; an empty array has no address anyway.
+            arr = np.empty(shape, dtype=np.dtype(cai["typestr"]))
+            if cai["data"][1]:
+                arr.flags.writeable = False
+            return arr, True
+        return np.asarray(_ArrayInterfaceView(cai)), True
+    raise TypeError(
+        f"{name} must be a numpy.ndarray or a GPU array exposing "
+        f"__cuda_array_interface__ (CuPy, PyTorch CUDA, Numba device array), "
+        f"got {type(obj).__module__}.{type(obj).__qualname__}"
+    )
+
+
+def check_same_device(named: dict[str, bool]) -> bool:
+    """All arguments on the host or all on the GPU; returns True for GPU."""
+    names = list(named)
+    first = names[0]
+    for name in names[1:]:
+        if named[name] != named[first]:
+            where = {True: "a GPU array", False: "a host (NumPy) array"}
+            raise TypeError(
+                f"{name} is {where[named[name]]} but {first} is {where[named[first]]}; "
+                "all arrays of one call must live on the same device"
+            )
+    return named[first]
+
+
+def check_dtype(name: str, arr: np.ndarray, expected: np.dtype | None = None) -> np.dtype:
+    """float32 or float64, and equal to ``expected`` when given."""
+    if arr.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
+    if expected is not None and arr.dtype != expected:
+        raise TypeError(
+            f"{name} must have dtype {expected} (the dtype of the inputs), got {arr.dtype}; "
+            "numbattn never converts dtypes silently"
+        )
+    return arr.dtype
+
+
+def check_ndim(name: str, arr: np.ndarray, minimum: int, what: str) -> None:
+    if arr.ndim < minimum:
+        raise ValueError(
+            f"{name} must have at least {minimum} dimensions {what}, got shape {arr.shape}"
+        )
+
+
+def check_dim(name: str, actual: int, expected: int, what: str, ref: str) -> None:
+    if actual != expected:
+        raise ValueError(f"{name} must have {what} {expected} (as {ref}), got {actual}")
+
+
+def check_leading(name: str, arr: np.ndarray, expected: tuple, ref: str, trailing: int) -> None:
+    leading = arr.shape[: arr.ndim - trailing]
+    if leading != expected:
+        raise ValueError(
+            f"{name} must have the same leading (batch) dimensions as {ref}: "
+            f"expected {expected}, got {leading} (shape {arr.shape})"
+        )
+
+
+def check_scale(scale, d: int) -> float:
+    """A finite real number; None means 1/sqrt(d) (1 when d == 0)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays (or shadows) share any byte. Exact when cheap."""
+    if a.size == 0 or b.size == 0 or not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except np.exceptions.TooHardError:
+        return True  # be conservative: refuse rather than risk corrupt output
+
+
+def same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Exactly the same elements in the same order (an in-place operation)."""
+    return (
+        a.shape == b.shape
+        and a.strides == b.strides
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
+def check_output(
+    name: str,
+    arr: np.ndarray,
+    shape: tuple,
+    dtype: np.dtype,
+    inputs: dict[str, np.ndarray],
+    in_place_ok: str | None = None,
+) -> None:
+    """Shape, dtype, writeability and no overlap with ``inputs``.
+
+    ``in_place_ok`` names one input that ``arr`` may be exactly (not partly).
+    """
+    if arr.dtype not in SUPPORTED_DTYPES or arr.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    if not arr.flags.writeable:
+        raise ValueError(f"{name} must be writeable, got a read-only array")
+    if arr.size > 1 and any(s == 0 for s, n in zip(arr.strides, arr.shape) if n > 1):
+        raise ValueError(f"{name} must not repeat elements (it has a zero stride)")
+    for other_name, other in inputs.items():
+        if other_name == in_place_ok and same_view(arr, other):
+            continue
+        if overlaps(arr, other):
+            raise ValueError(f"{name} must not overlap {other_name} (they share memory)")

@@ -1,0 +1,95 @@
+"""Reduce any number of leading batch dimensions to exactly two, without copies.
+
+Kernels take arrays shaped (G1, G2, ...trailing) with arbitrary strides.
+Adjacent leading dimensions are merged where every array of the call allows
+it (stride[i] == stride[i+1] * shape[i+1]); if more than two groups remain,
+the outer ones are looped over in Python, one kernel launch per index. Common
+layouts ((B, H) contiguous or swapaxes'd, or any single leading dimension)
+need exactly one launch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+def _groups(leading: tuple[int, ...], strides: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """Partition leading axes into runs mergeable in every array."""
+    groups: list[list[int]] = []
+    for axis in range(len(leading)):
+        if groups:
+            prev = groups[-1][-1]
+            if all(
+                leading[prev] == 1 or leading[axis] == 1 or s[prev] == s[axis] * leading[axis]
+                for s in strides
+            ):
+                groups[-1].append(axis)
+                continue
+        groups.append([axis])
+    return groups
+
+
+def _merged(shape, strides, axes) -> tuple[int, int]:
+    """Size and stride of a merged run of axes (innermost non-unit stride)."""
+    size = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    stride = 0
+    for a in reversed(axes):
+        if shape[a] != 1:
+            stride = strides[a] * int(np.prod([shape[b] for b in axes if b > a], dtype=np.int64))
+            break
+    return size, stride
+
+
+class BatchPlan:
+    """How to present arrays sharing leading dims ``leading`` as (G1, G2, ...)."""
+
+    def __init__(self, leading: tuple[int, ...], arrays: Sequence[np.ndarray]):
+        nlead = len(leading)
+        groups = _groups(leading, [a.strides[:nlead] for a in arrays])
+        while len(groups) < 2:
+            groups.insert(0, [])
+        self.outer_axes = [ax for g in groups[:-2] for ax in g]
+        self.inner_groups = groups[-2:]
+        self.leading = leading
+
+    def views(
+        self, arrays: Sequence, shadows: Sequence[np.ndarray], index, restride
+    ) -> Iterator[list]:
+        """Yield, per outer index, each array as (G1, G2, *trailing).
+
+        ``index(arr, idx)`` indexes the outer axes of a backend array and
+        ``restride(arr, shape, strides)`` re-views it (strides in bytes).
+        """
+        nouter = len(self.outer_axes)
+        outer_shape = tuple(self.leading[a] for a in self.outer_axes)
+        for idx in itertools.product(*(range(n) for n in outer_shape)):
+            result = []
+            for arr, sh in zip(arrays, shadows):
+                if nouter:
+                    arr = index(arr, idx)
+                    sh = sh[idx]
+                shape, strides = list(sh.shape), list(sh.strides)
+                nlead = len(self.leading) - nouter
+                new_shape, new_strides = [], []
+                for g in self.inner_groups:
+                    axes = [a - nouter for a in g]
+                    size, stride = _merged(shape, strides, axes)
+                    new_shape.append(size)
+                    new_strides.append(stride)
+                new_shape += shape[nlead:]
+                new_strides += strides[nlead:]
+                result.append(restride(arr, tuple(new_shape), tuple(new_strides)))
+            yield result
+
+
+def host_index(arr: np.ndarray, idx: tuple) -> np.ndarray:
+    return arr[idx]
+
+
+def host_restride(arr: np.ndarray, shape: tuple, strides: tuple) -> np.ndarray:
+    if arr.shape == shape and arr.strides == strides:
+        return arr
+    return np.lib.stride_tricks.as_strided(arr, shape, strides, writeable=arr.flags.writeable)

@@ -1,0 +1,43 @@
+"""Shared test utilities: tolerances (stated once), poisoning, comparison."""
+
+import numpy as np
+
+#: Relative tolerance ||out - ref|| / ||ref|| against the float64 reference.
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+DTYPES = (np.float32, np.float64)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| over finite reference entries; inf on a mismatch
+    of non-finite entries (NaN where ref is finite, wrong infinities, ...)."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    finite = np.isfinite(ref)
+    if not np.array_equal(np.isnan(out), np.isnan(ref)):
+        return np.inf
+    if not np.array_equal(out[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)]):
+        return np.inf
+    if not np.all(np.isfinite(out[finite])):
+        return np.inf
+    num = np.linalg.norm(out[finite] - ref[finite])
+    den = np.linalg.norm(ref[finite])
+    if den == 0:
+        return float(num)
+    return float(num / den)
+
+
+def assert_close(out, ref, dtype, what=""):
+    err = rel_err(out, ref)
+    tol = RTOL[np.dtype(dtype)]
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def poisoned(shape, dtype):
+    """A new array filled with NaN, so an element the kernel skips fails."""
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
