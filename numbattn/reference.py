@@ -44,15 +44,14 @@ def softmax(x):
     A row that is entirely -inf gives zeros; a row containing NaN gives NaN.
     """
     x = np.asarray(x, dtype=np.float64)
-    m = np.max(x, axis=-1, keepdims=True) if x.shape[-1] else x[..., :0]
-    # Fully -inf rows: shift by 0 so exp gives 0 rather than exp(nan).
-    m = np.where(np.isneginf(m), 0.0, m)
-    e = np.exp(x - m)
-    total = e.sum(axis=-1, keepdims=True)
+    if x.shape[-1] == 0:
+        return x.copy()
+    m = x.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)  # all -inf row: every exp is 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(
-            total > 0, e / np.where(total > 0, total, 1.0), np.where(np.isnan(total), np.nan, 0.0)
-        )
+        e = np.exp(x - m)  # a +inf entry gives inf - inf = NaN, as in the kernels
+        total = e.sum(axis=-1, keepdims=True)
+        return np.where(total == 0, 0.0, e / total)
 
 
 def attention(q, k, v, *, scale=None, causal=False):

@@ -1,0 +1,22 @@
+import zlib
+
+import numpy as np
+import pytest
+
+import numbattn
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test id (reproducible)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["default-tiles", "tiny-tiles"])
+def tiles(request, monkeypatch):
+    """Run with the shipped tile sizes and with tiny ones (multi-tile paths)."""
+    if request.param == "tiny-tiles":
+        monkeypatch.setattr(numbattn.config, "CPU_QUERY_TILE", 3)
+        monkeypatch.setattr(numbattn.config, "CPU_KEY_TILE", 5)
+    return request.param
