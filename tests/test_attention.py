@@ -120,13 +120,18 @@ def test_no_keys(rng, dtype):
 
 @pytest.mark.parametrize(
     "qs,ks,vs",
-    [((0, 4, 8), (0, 3, 8), (0, 3, 2)), ((2, 0, 8), (2, 3, 8), (2, 3, 2)), ((2, 4, 8), (2, 3, 8), (2, 3, 0))],
+    [
+        ((0, 4, 8), (0, 3, 8), (0, 3, 2)),
+        ((2, 0, 8), (2, 3, 8), (2, 3, 2)),
+        ((2, 4, 8), (2, 3, 8), (2, 3, 0)),
+    ],
 )
 def test_empty_dimensions(rng, qs, ks, vs):
     q, k, v = randn(rng, qs, np.float32), randn(rng, ks, np.float32), randn(rng, vs, np.float32)
     out, lse = run(q, k, v, np.float32)
     assert out.shape == qs[:-1] + (vs[-1],)
     ref_out, ref_lse = reference.attention(q, k, v)
+    np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5)
 
 

@@ -31,14 +31,44 @@ def _attention_cases():
     f64 = arrays(np.float64)
     return [
         ("q not an array", dict(q=q.tolist()), TypeError, r"q must be a numpy.ndarray"),
-        ("q int", dict(q=q.astype(np.int32)), TypeError, r"q must have dtype float32 or float64, got int32"),
-        ("q float16", dict(q=q.astype(np.float16)), TypeError, r"q must have dtype float32 or float64, got float16"),
-        ("k complex", dict(k=k.astype(np.complex64)), TypeError, r"k must have dtype float32 or float64, got complex64"),
-        ("v object", dict(v=v.astype(object)), TypeError, r"v must have dtype float32 or float64, got object"),
+        (
+            "q int",
+            dict(q=q.astype(np.int32)),
+            TypeError,
+            r"q must have dtype float32 or float64, got int32",
+        ),
+        (
+            "q float16",
+            dict(q=q.astype(np.float16)),
+            TypeError,
+            r"q must have dtype float32 or float64, got float16",
+        ),
+        (
+            "k complex",
+            dict(k=k.astype(np.complex64)),
+            TypeError,
+            r"k must have dtype float32 or float64, got complex64",
+        ),
+        (
+            "v object",
+            dict(v=v.astype(object)),
+            TypeError,
+            r"v must have dtype float32 or float64, got object",
+        ),
         ("mixed dtype", dict(k=f64[1]), TypeError, r"k must have dtype float32 .*got float64"),
         ("q 1-d", dict(q=q[0, 0, 0]), ValueError, r"q must have at least 2 dimensions"),
-        ("leading", dict(k=k[:, :2]), ValueError, r"k must have the same leading .*expected \(2, 3\), got \(2, 2\)"),
-        ("v leading", dict(v=v[:1]), ValueError, r"v must have the same leading .*expected \(2, 3\), got \(1, 3\)"),
+        (
+            "leading",
+            dict(k=k[:, :2]),
+            ValueError,
+            r"k must have the same leading .*expected \(2, 3\), got \(2, 2\)",
+        ),
+        (
+            "v leading",
+            dict(v=v[:1]),
+            ValueError,
+            r"v must have the same leading .*expected \(2, 3\), got \(1, 3\)",
+        ),
         ("d", dict(k=k[..., :3]), ValueError, r"k must have last dimension d = 4 \(as q\), got 3"),
         ("nk", dict(v=v[:, :, :6]), ValueError, r"v must have key count Nk = 7 \(as k\), got 6"),
         ("scale str", dict(scale="1"), TypeError, r"scale must be a real number"),
@@ -58,7 +88,9 @@ def test_attention_bad_input_leaves_out_untouched(case):
     lse = poisoned((2, 3, 5), np.float32)
     kw = dict(q=q, k=k, v=v) | overrides
     args = (kw.pop("q"), kw.pop("k"), kw.pop("v"))
-    expect_untouched(lambda: numbattn.attention(*args, out=out, lse=lse, **kw), exc, match, out, lse)
+    expect_untouched(
+        lambda: numbattn.attention(*args, out=out, lse=lse, **kw), exc, match, out, lse
+    )
 
 
 def test_attention_bad_out_and_lse():
@@ -69,15 +101,30 @@ def test_attention_bad_out_and_lse():
     def call(**kw):
         return lambda: numbattn.attention(q, k, v, **kw)
 
-    expect_untouched(call(out=out[..., :5]), ValueError, r"out must have shape \(2, 3, 5, 6\), got \(2, 3, 5, 5\)")
-    expect_untouched(call(out=out.astype(np.float64)), TypeError, r"out must have dtype float32, got float64")
+    expect_untouched(
+        call(out=out[..., :5]),
+        ValueError,
+        r"out must have shape \(2, 3, 5, 6\), got \(2, 3, 5, 5\)",
+    )
+    expect_untouched(
+        call(out=out.astype(np.float64)), TypeError, r"out must have dtype float32, got float64"
+    )
     ro = out.copy()
     ro.flags.writeable = False
     expect_untouched(call(out=ro), ValueError, r"out must be writeable")
-    expect_untouched(call(out=out, lse=lse[..., :4]), ValueError, r"lse must have shape \(2, 3, 5\), got \(2, 3, 4\)", out)
-    expect_untouched(call(out=out, lse=lse.astype(np.float64)), TypeError, r"lse must have dtype float32", out)
+    expect_untouched(
+        call(out=out, lse=lse[..., :4]),
+        ValueError,
+        r"lse must have shape \(2, 3, 5\), got \(2, 3, 4\)",
+        out,
+    )
+    expect_untouched(
+        call(out=out, lse=lse.astype(np.float64)), TypeError, r"lse must have dtype float32", out
+    )
     expect_untouched(call(out=out, lse=[0.0]), TypeError, r"lse must be a numpy.ndarray", out)
-    expect_untouched(call(out=np.broadcast_to(out[..., :1], out.shape)), ValueError, r"out must be writeable")
+    expect_untouched(
+        call(out=np.broadcast_to(out[..., :1], out.shape)), ValueError, r"out must be writeable"
+    )
     strided0 = np.lib.stride_tricks.as_strided(out, out.shape, (0,) * 4)
     expect_untouched(call(out=strided0), ValueError, r"out must not repeat elements", out)
 
@@ -85,8 +132,12 @@ def test_attention_bad_out_and_lse():
 def test_attention_overlap_rejected():
     q, k, v = arrays(nq=7, d=6)  # out shape == v shape == q shape
     qc = q.copy()
-    expect_untouched(lambda: numbattn.attention(q, k, v, out=q), ValueError, r"out must not overlap q", q)
-    expect_untouched(lambda: numbattn.attention(qc, k, v, out=v), ValueError, r"out must not overlap v", v)
+    expect_untouched(
+        lambda: numbattn.attention(q, k, v, out=q), ValueError, r"out must not overlap q", q
+    )
+    expect_untouched(
+        lambda: numbattn.attention(qc, k, v, out=v), ValueError, r"out must not overlap v", v
+    )
     out = poisoned(q.shape, np.float32)
     big = poisoned((2, 3, 7, 7), np.float32)
     expect_untouched(
@@ -96,7 +147,13 @@ def test_attention_overlap_rejected():
         big,
     )
     lse_in_q = q[..., 0]
-    expect_untouched(lambda: numbattn.attention(q, k, v, out=out, lse=lse_in_q), ValueError, r"lse must not overlap q", q, out)
+    expect_untouched(
+        lambda: numbattn.attention(q, k, v, out=out, lse=lse_in_q),
+        ValueError,
+        r"lse must not overlap q",
+        q,
+        out,
+    )
 
 
 def test_disjoint_interleaved_views_are_not_overlap():
@@ -113,23 +170,74 @@ def test_disjoint_interleaved_views_are_not_overlap():
 def test_scores_bad_input():
     q, k, _ = arrays()
     out = poisoned((2, 3, 5, 7), np.float32)
-    expect_untouched(lambda: numbattn.scores(q, k[..., :2], out=out), ValueError, r"k must have last dimension d = 4", out)
-    expect_untouched(lambda: numbattn.scores(q, k.astype(np.float64), out=out), TypeError, r"k must have dtype float32", out)
-    expect_untouched(lambda: numbattn.scores(q, k, out=out[..., :6]), ValueError, r"out must have shape \(2, 3, 5, 7\)", out)
-    expect_untouched(lambda: numbattn.scores(q, k, out=out, scale=-np.inf), ValueError, r"scale must be finite", out)
-    expect_untouched(lambda: numbattn.scores(q[0, 0, 0], k, out=out), ValueError, r"q must have at least 2 dimensions", out)
-    expect_untouched(lambda: numbattn.scores(q, k, out=out, causal="yes"), TypeError, r"causal must be a bool", out)
+    expect_untouched(
+        lambda: numbattn.scores(q, k[..., :2], out=out),
+        ValueError,
+        r"k must have last dimension d = 4",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.scores(q, k.astype(np.float64), out=out),
+        TypeError,
+        r"k must have dtype float32",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.scores(q, k, out=out[..., :6]),
+        ValueError,
+        r"out must have shape \(2, 3, 5, 7\)",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.scores(q, k, out=out, scale=-np.inf),
+        ValueError,
+        r"scale must be finite",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.scores(q[0, 0, 0], k, out=out),
+        ValueError,
+        r"q must have at least 2 dimensions",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.scores(q, k, out=out, causal="yes"),
+        TypeError,
+        r"causal must be a bool",
+        out,
+    )
 
 
 def test_softmax_bad_input():
     x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
     out = poisoned((3, 8), np.float32)
-    expect_untouched(lambda: numbattn.softmax(x.astype(np.int64), out=out), TypeError, r"x must have dtype float32 or float64, got int64", out)
-    expect_untouched(lambda: numbattn.softmax(np.float32(1.0), out=out), TypeError, r"x must be a numpy.ndarray")
-    expect_untouched(lambda: numbattn.softmax(np.array(1.0)), ValueError, r"x must have at least 1 dimensions")
-    expect_untouched(lambda: numbattn.softmax(x, out=out[:, :7]), ValueError, r"out must have shape \(3, 8\), got \(3, 7\)", out)
-    expect_untouched(lambda: numbattn.softmax(x, out=out.astype(np.float64)), TypeError, r"out must have dtype float32")
+    expect_untouched(
+        lambda: numbattn.softmax(x.astype(np.int64), out=out),
+        TypeError,
+        r"x must have dtype float32 or float64, got int64",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.softmax(np.float32(1.0), out=out), TypeError, r"x must be a numpy.ndarray"
+    )
+    expect_untouched(
+        lambda: numbattn.softmax(np.array(1.0)), ValueError, r"x must have at least 1 dimensions"
+    )
+    expect_untouched(
+        lambda: numbattn.softmax(x, out=out[:, :7]),
+        ValueError,
+        r"out must have shape \(3, 8\), got \(3, 7\)",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.softmax(x, out=out.astype(np.float64)),
+        TypeError,
+        r"out must have dtype float32",
+    )
     store = np.random.default_rng(3).standard_normal((3, 9)).astype(np.float32)
     expect_untouched(
-        lambda: numbattn.softmax(store[:, :8], out=store[:, 1:]), ValueError, r"out must not overlap x", store
+        lambda: numbattn.softmax(store[:, :8], out=store[:, 1:]),
+        ValueError,
+        r"out must not overlap x",
+        store,
     )

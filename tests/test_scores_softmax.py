@@ -12,7 +12,9 @@ from .helpers import DTYPES, assert_close, poisoned, randn
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
-    "leading,nq,nk,d", [((2, 3), 37, 29, 16), ((1,), 29, 37, 80), ((), 70, 130, 1), ((2,), 5, 9, 256)], ids=str
+    "leading,nq,nk,d",
+    [((2, 3), 37, 29, 16), ((1,), 29, 37, 80), ((), 70, 130, 1), ((2,), 5, 9, 256)],
+    ids=str,
 )
 def test_scores_match_reference(rng, tiles, dtype, causal, leading, nq, nk, d):
     q = randn(rng, leading + (nq, d), dtype)
