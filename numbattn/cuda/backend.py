@@ -1,0 +1,488 @@
+"""Host side of the CUDA backend: availability, streams, buffers, launches.
+
+Mirror of :mod:`numbattn.cpu.backend`. Importing this module never imports
+numba.cuda (nor torch/CuPy); everything CUDA is imported lazily, so
+:func:`cuda_problem` can explain what is missing.
+
+Launches bypass the dispatcher's per-call argument typing: every kernel is
+compiled once per (dtype, geometry) for layout-'A' arrays (any strides, one
+compilation whatever the layouts) and launched through the compiled kernel
+object, which keeps the host time per call close to the bare launch cost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+
+import numpy as np
+
+from .. import config
+
+name = "cuda"
+
+_MAX_STATIC_SHARED = 48 * 1024
+_ok = False
+_lock = threading.Lock()
+_kernels: dict = {}
+_compiled: dict = {}
+_streams: dict = {}
+_dummies: dict = {}
+_state: dict = {}
+
+
+# --------------------------------------------------------------------------
+# Availability
+
+
+def _numpy_too_new() -> str | None:
+    if np.lib.NumpyVersion(np.__version__) < "2.5.0":
+        return None
+    try:
+        from importlib.metadata import version
+
+        ver = version("numba-cuda")
+    except Exception:
+        return None
+    parts = tuple(int(p) for p in ver.split(".")[:2] if p.isdigit())
+    if parts < (0, 31):
+        return (
+            f"numba-cuda {ver} cannot compile kernels with NumPy {np.__version__} "
+            "(it references np.row_stack, removed in NumPy 2.5); install numpy<2.5 "
+            '(pip install "numbattn[cuda]" pins it) or a newer numba-cuda'
+        )
+    return None
+
+
+def cuda_problem() -> str | None:
+    """None when the CUDA backend is usable, else why not (one sentence)."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        return (
+            "numba-cuda is not installed (numba's own CUDA target is not supported); "
+            'install it with: pip install "numbattn[cuda]"'
+        )
+    reason = _numpy_too_new()
+    if reason:
+        return reason
+    try:
+        from numba import cuda
+    except Exception as exc:  # pragma: no cover - broken installations
+        return f"importing numba.cuda failed: {type(exc).__name__}: {exc}"
+    impl = getattr(cuda, "implementation", None)
+    if impl != "NVIDIA":
+        return (
+            f"numba.cuda is numba's old built-in CUDA target (implementation={impl!r}), "
+            'not numba-cuda; install numba-cuda: pip install "numbattn[cuda]"'
+        )
+    try:
+        available = cuda.is_available()
+    except Exception as exc:  # pragma: no cover
+        return f"CUDA initialisation failed: {type(exc).__name__}: {exc}"
+    if not available:
+        return (
+            "no usable NVIDIA GPU or driver was found (numba.cuda.is_available() is False); "
+            "set NUMBA_ENABLE_CUDASIM=1 to run on the (slow) CUDA simulator"
+        )
+    return None
+
+
+def require_cuda() -> None:
+    """Raise RuntimeError with :func:`cuda_problem`'s reason unless usable."""
+    global _ok
+    if _ok:
+        return
+    reason = cuda_problem()
+    if reason is not None:
+        raise RuntimeError(f"numbattn's CUDA backend is unavailable: {reason}")
+    _ok = True
+
+
+def _simulator() -> bool:
+    sim = _state.get("sim")
+    if sim is None:
+        from numba.cuda.core import config as ncfg
+
+        sim = _state["sim"] = bool(ncfg.ENABLE_CUDASIM)
+        if sim:
+            from . import _sim
+
+            _sim.install()
+    return sim
+
+
+# --------------------------------------------------------------------------
+# Streams and arrays
+
+
+def _library(obj) -> str:
+    return type(obj).__module__.partition(".")[0]
+
+
+def _external(ptr: int):
+    from numba import cuda
+
+    if not ptr:
+        return 0
+    if ptr == 1:
+        return cuda.legacy_default_stream()
+    if ptr == 2:
+        return cuda.per_thread_default_stream()
+    stream = _streams.get(ptr)
+    if stream is None:
+        stream = _streams[ptr] = cuda.external_stream(ptr)
+    return stream
+
+
+def resolve_stream(stream, arrays):
+    """The Numba stream to launch on (never synchronises the host)."""
+    if stream is not None:
+        lib = _library(stream)
+        if lib == "numba" or lib == "numba_cuda":
+            return stream
+        if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
+            return _external(int(stream))
+        ptr = getattr(stream, "cuda_stream", None)  # torch.cuda.Stream
+        if ptr is None:
+            ptr = getattr(stream, "ptr", None)  # cupy.cuda.Stream
+        if ptr is None:
+            raise TypeError(
+                "stream must be a Numba stream, a CuPy or PyTorch CUDA stream, or an "
+                f"integer stream handle; got {type(stream).__module__}.{type(stream).__qualname__}"
+            )
+        return _external(int(ptr))
+    for obj in arrays:
+        lib = _library(obj)
+        if lib == "torch":
+            import torch
+
+            return _external(torch.cuda.current_stream(obj.device).cuda_stream)
+        if lib == "cupy":
+            import cupy
+
+            with obj.device:
+                return _external(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def _device_array_types():
+    types_ = _state.get("devtypes")
+    if types_ is None:
+        if _simulator():
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+            types_ = (FakeCUDAArray,)
+        else:
+            from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+            types_ = (DeviceNDArray,)
+        _state["devtypes"] = types_
+    return types_
+
+
+def _from_interface(obj):
+    """DeviceNDArray view of a CUDA-array-interface object, without the
+    stream wrapping/synchronisation of numba's ``as_cuda_array``."""
+    from numba.cuda.api_util import prepare_shape_strides_dtype
+    from numba.cuda.cudadrv import devicearray, driver
+    from numba.cuda.cudadrv.devices import get_context
+
+    desc = obj.__cuda_array_interface__
+    if desc.get("mask") is not None:
+        raise NotImplementedError("masked CUDA arrays are not supported")
+    shape, strides, dtype = prepare_shape_strides_dtype(
+        desc["shape"], desc.get("strides"), desc["typestr"], order="C"
+    )
+    if math.prod(shape) == 0 or desc["data"][0] == 0:
+        return devicearray.DeviceNDArray(shape, strides, dtype)
+    size = driver.memory_size_from_info(shape, strides, dtype.itemsize)
+    data = driver.MemoryPointer(
+        get_context(), driver.binding.CUdeviceptr(desc["data"][0]), size=size, owner=obj
+    )
+    return devicearray.DeviceNDArray(shape, strides, dtype, gpu_data=data)
+
+
+def as_kernel_array(obj, stream=None):
+    """A Numba device-array view (no copy) of a GPU array."""
+    if isinstance(obj, _device_array_types()):
+        return obj
+    if _simulator():
+        from . import _sim
+
+        return _sim.from_interface(obj)
+    try:
+        return _from_interface(obj)
+    except ImportError:  # pragma: no cover - other numba-cuda versions
+        from numba import cuda
+
+        return cuda.as_cuda_array(obj, sync=False)
+
+
+_TORCH_DTYPES = {"float32": "float32", "float64": "float64"}
+
+
+def empty(shape, dtype, like=None, stream=None):
+    """New output in the caller's array library: ``(obj, kernel_array)``."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    lib = _library(like) if like is not None else ""
+    if lib == "torch":
+        import torch
+
+        t = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype.name]), device=like.device)
+        return t, as_kernel_array(t, stream)
+    if lib == "cupy":
+        import cupy
+
+        with like.device:
+            a = cupy.empty(shape, dtype=dtype)
+        return a, as_kernel_array(a, stream)
+    from numba import cuda
+
+    arr = cuda.device_array(shape, dtype=dtype, stream=stream or 0)
+    return arr, arr
+
+
+def index(arr, idx):
+    return arr[idx]
+
+
+def restride(arr, shape, strides):
+    """A view of ``arr`` (same first-element address) with the given shape and byte strides."""
+    shape, strides = tuple(shape), tuple(strides)
+    if tuple(arr.shape) == shape and tuple(arr.strides) == strides:
+        return arr
+    if _simulator():
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        host = arr._ary
+        view = np.lib.stride_tricks.as_strided(host, shape, strides, writeable=True)
+        return FakeCUDAArray(view, stream=arr.stream)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    if math.prod(shape) == 0:
+        return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream)
+    return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
+
+
+# --------------------------------------------------------------------------
+# Kernel selection and launch
+
+
+def _pos_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"numbattn.config.{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _divisor(n: int, r: int) -> int:
+    r = max(1, min(r, n))
+    while n % r:
+        r -= 1
+    return r
+
+
+def attention_geometry(dtype) -> tuple:
+    """(TY, TX, RQ, RK, DC, RC) of the fused kernel from numbattn.config."""
+    f64 = np.dtype(dtype) == np.float64
+    sfx = "_F64" if f64 else ""
+    bq = _pos_int("CUDA_QUERY_TILE" + sfx, getattr(config, "CUDA_QUERY_TILE" + sfx))
+    bk = _pos_int("CUDA_KEY_TILE" + sfx, getattr(config, "CUDA_KEY_TILE" + sfx))
+    rq = _divisor(
+        bq, _pos_int("CUDA_ROWS_PER_THREAD" + sfx, getattr(config, "CUDA_ROWS_PER_THREAD" + sfx))
+    )
+    rk = _divisor(bk, _pos_int("CUDA_KEYS_PER_THREAD", config.CUDA_KEYS_PER_THREAD))
+    dc = _pos_int("CUDA_HEAD_CHUNK", config.CUDA_HEAD_CHUNK)
+    tx = bk // rk
+    rc = -(-_pos_int("CUDA_VALUE_CHUNK", config.CUDA_VALUE_CHUNK) // tx)
+    return bq // rq, tx, rq, rk, dc, rc
+
+
+def _attention_kernel(dtype):
+    dtype = np.dtype(dtype)
+    geo = attention_geometry(dtype)
+    key = ("attention", dtype, geo)
+    kern = _kernels.get(key)
+    if kern is None:
+        from . import kernels
+
+        ty, tx = geo[:2]
+        if ty * tx > 1024:
+            raise ValueError(
+                f"CUDA attention geometry {geo} needs {ty * tx} threads per block (> 1024); "
+                "lower numbattn.config.CUDA_QUERY_TILE/CUDA_KEY_TILE or raise *_PER_THREAD"
+            )
+        nbytes = kernels.attention_shared_bytes(dtype, *geo)
+        if nbytes > _MAX_STATIC_SHARED:
+            raise ValueError(
+                f"CUDA attention geometry {geo} for {dtype} needs {nbytes} bytes of shared "
+                f"memory (> {_MAX_STATIC_SHARED}); lower numbattn.config.CUDA_QUERY_TILE, "
+                "CUDA_KEY_TILE, CUDA_HEAD_CHUNK or CUDA_VALUE_CHUNK"
+            )
+        with _lock:
+            kern = _kernels.setdefault(key, kernels.make_attention(dtype, *geo))
+    return kern, geo
+
+
+def _scores_kernel(dtype):
+    t = _pos_int("CUDA_SCORES_TILE", config.CUDA_SCORES_TILE)
+    if t > 32:
+        raise ValueError(f"numbattn.config.CUDA_SCORES_TILE must be <= 32, got {t}")
+    key = ("scores", np.dtype(dtype), t)
+    kern = _kernels.get(key)
+    if kern is None:
+        from . import kernels
+
+        with _lock:
+            kern = _kernels.setdefault(key, kernels.make_scores(dtype, t))
+    return kern, t
+
+
+def _softmax_kernel(dtype):
+    dtype = np.dtype(dtype)
+    nt = _pos_int("CUDA_SOFTMAX_THREADS", config.CUDA_SOFTMAX_THREADS)
+    nt = 1 << (min(nt, 1024).bit_length() - 1)  # power of two for the tree reductions
+    cache = max(
+        1, _pos_int("CUDA_SOFTMAX_CACHE_BYTES", config.CUDA_SOFTMAX_CACHE_BYTES) // dtype.itemsize
+    )
+    if (cache + nt) * dtype.itemsize > _MAX_STATIC_SHARED:
+        raise ValueError(
+            "numbattn.config.CUDA_SOFTMAX_CACHE_BYTES is too large (48 KiB shared memory)"
+        )
+    key = ("softmax", dtype, nt, cache)
+    kern = _kernels.get(key)
+    if kern is None:
+        from . import kernels
+
+        with _lock:
+            kern = _kernels.setdefault(key, kernels.make_softmax(dtype, nt, cache))
+    return kern, nt
+
+
+def _core_stream(stream):
+    if not stream:
+        core = _state.get("core0")
+        if core is None:
+            from numba.cuda.cudadrv.driver import _to_core_stream
+
+            core = _state["core0"] = _to_core_stream(0)
+        return core
+    from numba.cuda.cudadrv.driver import _to_core_stream
+
+    return _to_core_stream(stream)
+
+
+def _launch(kern, sig: str, grid: int, block: int, stream, args) -> None:
+    """Launch ``kern`` compiled for ``sig`` (layout-'A' arrays)."""
+    if _simulator() or _state.get("slow_launch"):
+        kern[grid, block, stream](*args)
+        return
+    key = (id(kern), sig)
+    compiled = _compiled.get(key)
+    if compiled is None:
+        with _lock:
+            compiled = _compiled.get(key)
+            if compiled is None:
+                compiled = kern.compile(sig)
+                _compiled[key] = compiled
+    try:
+        core = _core_stream(stream)
+    except ImportError:  # pragma: no cover - other numba-cuda versions
+        _state["slow_launch"] = True
+        kern[grid, block, stream](*args)
+        return
+    compiled.launch(args, (int(grid), 1, 1), (int(block), 1, 1), core, 0)
+
+
+def compiled_kernel(kind: str, dtype):
+    """The compiled kernel object (for register/local-memory reports)."""
+    dtype = np.dtype(dtype)
+    if kind == "attention":
+        kern = _attention_kernel(dtype)[0]
+    elif kind == "scores":
+        kern = _scores_kernel(dtype)[0]
+    else:
+        kern = _softmax_kernel(dtype)[0]
+    for (kid, _), compiled in _compiled.items():
+        if kid == id(kern):
+            return compiled
+    return None
+
+
+def _arr(t: str, nd: int) -> str:
+    return f"{t}[{','.join([':'] * nd)}]"
+
+
+def _dummy(dtype):
+    arr = _dummies.get(dtype)
+    if arr is None:
+        from numba import cuda
+
+        arr = _dummies[dtype] = cuda.device_array((1, 1, 1), dtype=dtype)
+    return arr
+
+
+# --------------------------------------------------------------------------
+# Kernels (arrays: numba device arrays shaped (G1, G2, ...), any strides)
+
+
+def scores(q, k, out, scale, causal, stream=0):
+    g1, g2, nq, _ = q.shape
+    nk = k.shape[2]
+    dtype = np.dtype(q.dtype)
+    kern, t = _scores_kernel(dtype)
+    grid = g1 * g2 * (-(-nq // t)) * (-(-nk // t))
+    if grid == 0:
+        return
+    tn = dtype.name
+    sig = f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {tn}, b1)"
+    _launch(kern, sig, grid, t * t, stream, (q, k, out, dtype.type(scale), bool(causal)))
+
+
+def softmax(x, out, stream=0):
+    g1, g2, n = x.shape
+    if g1 * g2 == 0 or n == 0:
+        return
+    dtype = np.dtype(x.dtype)
+    kern, nt = _softmax_kernel(dtype)
+    tn = dtype.name
+    sig = f"void({_arr(tn, 3)}, {_arr(tn, 3)})"
+    _launch(kern, sig, g1 * g2, nt, stream, (x, out))
+
+
+def attention(q, k, v, out, lse, scale, causal, stream=0):
+    """Fused attention; ``lse`` may be None (not written)."""
+    g1, g2, nq, _ = q.shape
+    dv = v.shape[3]
+    dtype = np.dtype(q.dtype)
+    kern, (ty, tx, rq, _rk, _dc, rc) = _attention_kernel(dtype)
+    bq, dvc = ty * rq, tx * rc
+    grid = g1 * g2 * (-(-nq // bq))
+    if grid == 0:
+        return
+    write_lse = lse is not None
+    if lse is None:
+        lse = _dummy(dtype)
+    tn = dtype.name
+    sig = (
+        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 3)}, "
+        f"{tn}, b1, b1)"
+    )
+    sc = dtype.type(scale)
+    causal = bool(causal)
+    if dv <= dvc:
+        _launch(kern, sig, grid, ty * tx, stream, (q, k, v, out, lse, sc, causal, write_lse))
+        return
+    # dv wider than the register accumulators: one launch per column slice.
+    for c0 in range(0, dv, dvc):
+        c1 = min(dv, c0 + dvc)
+        vs = v[:, :, :, c0:c1]
+        os_ = out[:, :, :, c0:c1]
+        _launch(
+            kern,
+            sig,
+            grid,
+            ty * tx,
+            stream,
+            (q, k, vs, os_, lse, sc, causal, write_lse and c0 == 0),
+        )

@@ -1,0 +1,60 @@
+"""GPU tests: run with a real GPU, or on the simulator with
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/gpu
+
+(in its own process: the simulator is chosen when numba.cuda is imported).
+Everything is skipped when numbattn's CUDA backend is unavailable.
+"""
+
+import pytest
+
+import numbattn
+
+
+def _problem():
+    try:
+        from numbattn.cuda import backend
+    except ImportError as exc:  # pragma: no cover
+        return str(exc)
+    return backend.cuda_problem()
+
+
+PROBLEM = _problem()
+
+
+def pytest_collection_modifyitems(config, items):
+    if PROBLEM is None:
+        return
+    skip = pytest.mark.skip(reason=f"CUDA backend unavailable: {PROBLEM}")
+    for item in items:
+        if "tests/gpu" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)
+
+
+def on_simulator() -> bool:
+    from numba.cuda.core import config as ncfg
+
+    return bool(ncfg.ENABLE_CUDASIM)
+
+
+#: Small tiles so that tiny shapes cross every tile boundary (and the
+#: simulator, one Python thread per CUDA thread, stays fast).
+SMALL_TILES = dict(
+    CUDA_QUERY_TILE=8,
+    CUDA_KEY_TILE=8,
+    CUDA_QUERY_TILE_F64=8,
+    CUDA_KEY_TILE_F64=8,
+    CUDA_ROWS_PER_THREAD=4,
+    CUDA_ROWS_PER_THREAD_F64=2,
+    CUDA_KEYS_PER_THREAD=4,
+    CUDA_HEAD_CHUNK=8,
+    CUDA_VALUE_CHUNK=8,
+    CUDA_SCORES_TILE=4,
+    CUDA_SOFTMAX_THREADS=8,
+)
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    for name, value in SMALL_TILES.items():
+        monkeypatch.setattr(numbattn.config, name, value)
