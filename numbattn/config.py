@@ -16,11 +16,32 @@ CPU_QUERY_TILE = 64
 CPU_KEY_TILE = 128
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
-#: Query rows per thread block of the fused attention kernel.
+#: Query rows per thread block of the fused attention kernel (float32).
 CUDA_QUERY_TILE = 64
-#: Keys staged in shared memory per step of the fused attention kernel.
-CUDA_KEY_TILE = 64
+#: Keys staged in shared memory per step of the fused attention kernel (float32;
+#: 64 would exceed the 48 KiB static shared-memory budget with CUDA_HEAD_CHUNK=64).
+CUDA_KEY_TILE = 32
 #: Threads per block for the row-wise softmax kernel.
 CUDA_SOFTMAX_THREADS = 128
 #: Square tile edge of the ``scores`` kernel (threads per block = edge**2).
 CUDA_SCORES_TILE = 16
+
+# Geometry of the fused CUDA attention kernel (see numbattn/cuda/kernels.py).
+# For float32, CUDA_QUERY_TILE and CUDA_KEY_TILE above apply; float64 has its
+# own (smaller: twice the bytes, same 48 KiB static shared-memory budget).
+# Each thread owns CUDA_ROWS_PER_THREAD query rows and scores
+# CUDA_KEYS_PER_THREAD keys per tile (a register micro-tile), so a block has
+# (QUERY_TILE / ROWS_PER_THREAD) * (KEY_TILE / KEYS_PER_THREAD) threads.
+CUDA_QUERY_TILE_F64 = 32
+CUDA_KEY_TILE_F64 = 16
+CUDA_ROWS_PER_THREAD = 4
+CUDA_ROWS_PER_THREAD_F64 = 2
+CUDA_KEYS_PER_THREAD = 4
+#: Head dimensions staged per step; Q stays resident in shared memory when
+#: d <= CUDA_HEAD_CHUNK (larger d works, re-staging Q per chunk: slower).
+CUDA_HEAD_CHUNK = 64
+#: Value columns per launch of the fused kernel (register accumulators);
+#: larger dv runs several launches over column slices (slower).
+CUDA_VALUE_CHUNK = 64
+#: Bytes of shared memory caching one softmax row (longer rows re-read it).
+CUDA_SOFTMAX_CACHE_BYTES = 16384
