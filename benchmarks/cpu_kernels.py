@@ -3,13 +3,17 @@
 Usage::
 
     python benchmarks/cpu_kernels.py [--repeat N] [--threads T] [--quick]
+                                     [--only all|dense|options] [--skip-check]
 
 First runs quick correctness checks of every kernel against the float64
 reference (both dtypes, odd shapes, tiny tiles, causal with Nq < Nk and
 Nq > Nk, non-contiguous and broadcast views, NaN/-inf), then times every
 case side by side: in each repetition all implementations of a case run once,
-in turn, and the table reports medians and ratios. Kernels are called
-directly with the tile sizes from ``numbattn.config``.
+in turn, and the table reports medians and ratios. The dense rows call the
+kernels directly with the tile sizes from ``numbattn.config``; the option
+rows (varlen vs a padded batch with a key mask, sliding windows vs causal and
+full attention at N = 8192) go through the public API. GF/s count the
+unmasked score entries of each implementation (4 * d flops per entry).
 """
 
 from __future__ import annotations
@@ -24,14 +28,43 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from numbattn import config  # noqa: E402
-from numbattn import reference as ref  # noqa: E402
-from numbattn.cpu import kernels as K  # noqa: E402
+from numbattn import config
+from numbattn import reference as ref
+from numbattn.cpu import kernels as K
 
 try:
     import torch
 except ImportError:  # pragma: no cover
     torch = None
+
+import numbattn
+from numbattn import _sequences as seqs
+from numbattn.cpu import backend as BE
+
+
+def _dense(q, k, causal):
+    """(seq table, max_rows, window_right) of dense attention on (G1, G2, Nq, d) arrays."""
+    nq, nk = q.shape[2], k.shape[2]
+    table = seqs.broadcast(seqs.dense_table(nq, nk), q.shape[:2], axis0=False)
+    return table, nq, (0 if causal else -1)
+
+
+def attention_kernel(q, k, v, o, lse, scale, causal, qt, kt):
+    """The fused kernel on dense inputs (old call convention of this script)."""
+    seq, rows, right = _dense(q, k, causal)
+    bias, mask, _, _ = BE._options(q.dtype, None, None)
+    K.attention_kernel(
+        q, k, v, o, lse, bias, mask, seq, rows, True, False, False, scale, -1, right, qt, kt,
+        BE._threads(),
+    )  # fmt: skip
+
+
+def scores_kernel(q, k, s, scale, causal, qt, kt):
+    seq, rows, right = _dense(q, k, causal)
+    bias, mask, _, _ = BE._options(q.dtype, None, None)
+    K.scores_kernel(
+        q, k, s, bias, mask, seq, rows, False, False, scale, -1, right, qt, kt, BE._threads()
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -101,11 +134,11 @@ def check(verbose=False):
                     for qt, kt in tiles:
                         tag = (dt.__name__, (g1, g2, nq, d), nk, dv, layout, causal, qt, kt)
                         s = np.full((g1, g2, nq, nk), np.nan, dt)
-                        K.scores_kernel(q, k, s, sc, causal, qt, kt)
+                        scores_kernel(q, k, s, sc, causal, qt, kt)
                         expect(("scores",) + tag, _relerr(s, rs), tol)
                         o = np.full((g1, g2, nq, dv), np.nan, dt)
                         lse = np.full((g1, g2, nq), np.nan, dt)
-                        K.attention_kernel(q, k, v, o, lse, sc, causal, qt, kt)
+                        attention_kernel(q, k, v, o, lse, sc, causal, qt, kt)
                         expect(("attention out",) + tag, _relerr(o, ro), tol)
                         expect(("attention lse",) + tag, _relerr(lse, rl), tol)
         # Non-contiguous outputs; NaN confined to its row; large scores.
@@ -115,7 +148,7 @@ def check(verbose=False):
         q[1, 2, 4, 3] = np.nan
         o = np.full((2, 10, 3, 5), np.nan, dt).swapaxes(1, 2)
         lse = np.full((3, 2, 10), np.nan, dt).transpose(1, 0, 2)
-        K.attention_kernel(q, k, v, o, lse, 0.3, True, 3, 5)
+        attention_kernel(q, k, v, o, lse, 0.3, True, 3, 5)
         ro, rl = ref.attention(q, k, v, scale=0.3, causal=True)
         expect(("attention strided out + NaN row", dt.__name__), _relerr(o, ro), tol)
         expect(("attention strided lse + NaN row", dt.__name__), _relerr(lse, rl), tol)
@@ -124,10 +157,14 @@ def check(verbose=False):
         v = _make(rng, (1, 2, 41, 7), dt, "C")
         o = np.full((1, 2, 37, 7), np.nan, dt)
         lse = np.full((1, 2, 37), np.nan, dt)
-        K.attention_kernel(q, k, v, o, lse, 0.25, False, 8, 16)
+        attention_kernel(q, k, v, o, lse, 0.25, False, 8, 16)
         ro, rl = ref.attention(q, k, v, scale=0.25)
         # |S| ~ 1e3 here: float32 error is dominated by the rounding of S itself.
-        expect(("attention |S|~1e3 out", dt.__name__), _relerr(o, ro), 1e-3 if dt == np.float32 else 1e-11)
+        expect(
+            ("attention |S|~1e3 out", dt.__name__),
+            _relerr(o, ro),
+            1e-3 if dt == np.float32 else 1e-11,
+        )
         expect(("attention |S|~1e3 lse", dt.__name__), _relerr(lse, rl), tol)
         # Softmax, incl. in place, NaN and -inf rows, strided.
         for shape in [(2, 3, 17), (1, 1, 1), (3, 2, 0), (0, 2, 5), (2, 2, 300)]:
@@ -137,7 +174,9 @@ def check(verbose=False):
                 elif layout == "T":
                     x = (rng.standard_normal(shape[::-1]).astype(dt) * 5).T
                 else:
-                    x = (rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dt) * 5)[..., ::2]
+                    x = (rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dt) * 5)[
+                        ..., ::2
+                    ]
                 if x.size and shape[-1] > 3:
                     x[0, 0, :] = -np.inf
                     if shape[1] > 1:
@@ -206,11 +245,15 @@ def row(case, times, base, flops=None):
         gf = f"{flops / t / 1e9:8.1f}" if flops else "       -"
         ratio = t / t0
         ROWS.append((case, name, t * 1e3, gf, ratio))
-        print(f"{case:<38} {name:<22} {t * 1e3:10.2f} ms {gf} GF/s  {ratio:6.2f}x of {base}", flush=True)
+        print(
+            f"{case:<38} {name:<22} {t * 1e3:10.2f} ms {gf} GF/s  {ratio:6.2f}x of {base}",
+            flush=True,
+        )
 
 
 def peak_rss_increase(fn):
     """Peak resident-set growth (bytes) while running fn (Linux only)."""
+
     def status(key):
         with open("/proc/self/status") as f:
             for line in f:
@@ -238,7 +281,7 @@ def bench(repeat, quick):
         scale = 1.0 / math.sqrt(d)
         o = np.empty_like(q)
         lse = np.empty((B, H, N), dt)
-        fns = {"numbattn": lambda: K.attention_kernel(q, k, v, o, lse, scale, causal, qt, kt)}
+        fns = {"numbattn": lambda: attention_kernel(q, k, v, o, lse, scale, causal, qt, kt)}
         if have_torch:
             tq, tk, tv = map(torch.from_numpy, (q, k, v))
             sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -248,9 +291,11 @@ def bench(repeat, quick):
         flops = 4 * B * H * N * N * d / (2 if causal else 1)
         return side_by_side(fns, repeat), flops
 
-    print(f"\nnum threads: numba {__import__('numba').get_num_threads()}, "
-          f"torch {torch.get_num_threads() if have_torch else '-'}; tiles q={qt} k={kt}; "
-          f"median of {repeat}\n")
+    print(
+        f"\nnum threads: numba {__import__('numba').get_num_threads()}, "
+        f"torch {torch.get_num_threads() if have_torch else '-'}; tiles q={qt} k={kt}; "
+        f"median of {repeat}\n"
+    )
     sizes = [(1, 8, 2048, 64), (4, 8, 512, 64)]
     causal_ratio = []
     for B, H, N, d in sizes:
@@ -262,13 +307,23 @@ def bench(repeat, quick):
         q, k, v = (rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
         o = np.empty_like(q)
         lse = np.empty((B, H, N), np.float32)
-        pair = side_by_side({
-            c: (lambda c=c: K.attention_kernel(q, k, v, o, lse, 0.125, c, qt, kt)) for c in (False, True)
-        }, repeat)
+        pair = side_by_side(
+            {
+                c: (
+                    lambda c=c, q=q, k=k, v=v, o=o, lse=lse: attention_kernel(
+                        q, k, v, o, lse, 0.125, c, qt, kt
+                    )
+                )
+                for c in (False, True)
+            },
+            repeat,
+        )
         causal_ratio.append(((B, H, N, d), pair[True] / pair[False], pair))
     for shape, r, pair in causal_ratio:
-        print(f"causal / non-causal time {shape}: {r:.2f} "
-              f"({pair[True] * 1e3:.2f} ms / {pair[False] * 1e3:.2f} ms, side by side)")
+        print(
+            f"causal / non-causal time {shape}: {r:.2f} "
+            f"({pair[True] * 1e3:.2f} ms / {pair[False] * 1e3:.2f} ms, side by side)"
+        )
 
     t64, fl = attn_case(1, 8, 2048, 64, np.float64, False, with_numpy=not quick)
     row("attention f64 (1, 8, 2048, 64)", t64, "numbattn", fl)
@@ -277,16 +332,21 @@ def bench(repeat, quick):
     q, k = (rng.standard_normal((1, 8, 2048, 64)).astype(np.float32) for _ in range(2))
     s = np.empty((1, 8, 2048, 2048), np.float32)
     fns = {
-        "numbattn": lambda: K.scores_kernel(q, k, s, 0.125, False, qt, kt),
+        "numbattn": lambda s=s: scores_kernel(q, k, s, 0.125, False, qt, kt),
         "numpy matmul*scale": lambda: np.matmul(q, k.swapaxes(-1, -2)) * 0.125,
     }
-    row("scores f32 (1, 8, 2048, 64)", side_by_side(fns, repeat), "numbattn", 2 * 8 * 2048 * 2048 * 64)
+    row(
+        "scores f32 (1, 8, 2048, 64)",
+        side_by_side(fns, repeat),
+        "numbattn",
+        2 * 8 * 2048 * 2048 * 64,
+    )
     del s
 
     # softmax
     x = rng.standard_normal((8, 2048, 2048)).astype(np.float32)
     y = np.empty_like(x)
-    fns = {"numbattn": lambda: K.softmax_kernel(x, y), "numpy": lambda: np_softmax(x)}
+    fns = {"numbattn": lambda x=x, y=y: K.softmax_kernel(x, y), "numpy": lambda x=x: np_softmax(x)}
     row("softmax f32 (8, 2048, 2048)", side_by_side(fns, repeat), "numbattn")
     del x, y
 
@@ -294,12 +354,116 @@ def bench(repeat, quick):
     q, k, v = (rng.standard_normal((1, 1, 16384, 64)).astype(np.float32) for _ in range(3))
     o = np.empty_like(q)
     lse = np.empty((1, 1, 16384), np.float32)
-    K.attention_kernel(q, k, v, o, lse, 0.125, False, qt, kt)
-    inc = peak_rss_increase(lambda: K.attention_kernel(q, k, v, o, lse, 0.125, False, qt, kt))
+    attention_kernel(q, k, v, o, lse, 0.125, False, qt, kt)
+    inc = peak_rss_increase(lambda: attention_kernel(q, k, v, o, lse, 0.125, False, qt, kt))
     if inc is not None:
-        print(f"\nattention f32 (1, 1, 16384, 64): peak RSS increase {inc / 2**20:.2f} MiB "
-              f"(inputs+outputs {(q.nbytes * 4 + lse.nbytes) / 2**20:.1f} MiB, "
-              f"full score matrix would be {16384**2 * 4 / 2**20:.0f} MiB)")
+        print(
+            f"\nattention f32 (1, 1, 16384, 64): peak RSS increase {inc / 2**20:.2f} MiB "
+            f"(inputs+outputs {(q.nbytes * 4 + lse.nbytes) / 2**20:.1f} MiB, "
+            f"full score matrix would be {16384**2 * 4 / 2**20:.0f} MiB)"
+        )
+
+
+def bench_options(repeat):
+    """Sequence-table options: varlen vs padded-with-a-mask, windows vs full."""
+    rng = np.random.default_rng(1)
+    have_torch = torch is not None
+
+    # Varlen: B sequences with lengths uniform in [N/8, N], vs the padded batch.
+    B, H, N, d = 8, 8, 2048, 64
+    # Evenly spaced quantiles of the uniform distribution on [N/8, N].
+    lens = np.round(N / 8 + (np.arange(B) + 0.5) / B * (N - N / 8)).astype(np.int64)
+    print(f"varlen lengths: {lens.tolist()}")
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    t = int(cu[-1])
+    q, k, v = (rng.standard_normal((t, H, d)).astype(np.float32) for _ in range(3))
+    pq, pk, pv = (np.zeros((B, H, N, d), np.float32) for _ in range(3))
+    for b in range(B):
+        for src, dst in ((q, pq), (k, pk), (v, pv)):
+            dst[b, :, : lens[b]] = src[cu[b] : cu[b + 1]].swapaxes(0, 1)
+    key_mask = (np.arange(N)[None, :] < lens[:, None])[:, None, None, :]  # (B, 1, 1, N)
+    out = np.empty((t, H, d), np.float32)
+    pout = np.empty((B, H, N, d), np.float32)
+    for causal in (False, True):
+        fns = {
+            "numbattn varlen": lambda c=causal: numbattn.varlen_attention(
+                q, k, v, cu, cu, causal=c, out=out
+            ),
+            "numbattn padded+mask": lambda c=causal: numbattn.attention(
+                pq, pk, pv, causal=c, mask=key_mask, out=pout
+            ),
+            "numbattn padded+lengths": lambda c=causal: numbattn.attention(
+                pq, pk, pv, causal=c, key_lengths=lens, query_lengths=lens, out=pout
+            ),
+        }
+        if have_torch and not causal:
+            tq, tk, tv = map(torch.from_numpy, (pq, pk, pv))
+            tm = torch.from_numpy(key_mask)
+            fns["torch sdpa padded+mask"] = lambda tq=tq, tk=tk, tv=tv, tm=tm: (
+                torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm)
+            )
+        times = side_by_side(fns, repeat)
+        # Work on the entries each implementation leaves unmasked.
+        full = lens.astype(np.float64) ** 2 if not causal else lens * (lens + 1) / 2.0
+        flops = {name: 4 * H * d * full.sum() for name in fns}
+        padded = (N * lens).astype(np.float64)
+        if causal:  # key mask + causal: query i sees keys <= i among the first len
+            padded = np.array([sum(min(i + 1, n) for i in range(N)) for n in lens], np.float64)
+        for name in fns:
+            if "mask" in name:
+                flops[name] = 4 * H * d * padded.sum()
+        ref_o = pout.copy()
+        numbattn.varlen_attention(q, k, v, cu, cu, causal=causal, out=out)
+        numbattn.attention(
+            pq, pk, pv, causal=causal, key_lengths=lens, query_lengths=lens, out=ref_o
+        )
+        for b in range(B):
+            err = np.abs(out[cu[b] : cu[b + 1]] - ref_o[b, :, : lens[b]].swapaxes(0, 1)).max()
+            assert err < 1e-4, err
+        tag = "causal " if causal else ""
+        row_multi(f"varlen f32 {tag}B={B} H={H} N={N} d={d}", times, "numbattn varlen", flops)
+
+    # Windowed and causal vs full attention at N = 8192.
+    B, H, N, d = 1, 4, 8192, 64
+    q, k, v = (rng.standard_normal((B, H, N, d)).astype(np.float32) for _ in range(3))
+    o = np.empty_like(q)
+    i = np.arange(N)
+    fns = {
+        "window (256, 0)": lambda: numbattn.attention(q, k, v, window=(256, 0), out=o),
+        "window (128, 128)": lambda: numbattn.attention(q, k, v, window=(128, 128), out=o),
+        "causal": lambda: numbattn.attention(q, k, v, causal=True, out=o),
+        "full": lambda: numbattn.attention(q, k, v, out=o),
+    }
+    seen = {
+        "window (256, 0)": np.minimum(i + 1, 257).sum(),
+        "window (128, 128)": (np.minimum(i + 128, N - 1) - np.maximum(i - 128, 0) + 1).sum(),
+        "causal": (i + 1).sum(),
+        "full": N * N,
+    }
+    flops = {name: 4.0 * B * H * d * seen[name] for name in fns}
+    row_multi(
+        f"window f32 B={B} H={H} N={N} d={d}", side_by_side(fns, repeat), "window (256, 0)", flops
+    )
+    print(
+        "  (time / unmasked entries, relative to full: "
+        + ", ".join(
+            f"{n} {ROWS[-len(fns) + j][2] / seen[n] / (ROWS[-1][2] / seen['full']):.2f}"
+            for j, n in enumerate(fns)
+        )
+        + ")"
+    )
+
+
+def row_multi(case, times, base, flops):
+    """As row(), with per-implementation FLOP counts (unmasked entries)."""
+    t0 = times[base]
+    for name, t in times.items():
+        gf = f"{flops[name] / t / 1e9:8.1f}"
+        ROWS.append((case, name, t * 1e3, gf, t / t0))
+        print(
+            f"{case:<38} {name:<24} {t * 1e3:10.2f} ms {gf} GF/s  {t / t0:6.2f}x of {base}",
+            flush=True,
+        )
 
 
 def main():
@@ -310,6 +474,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the float64 NumPy baseline")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--gap", type=float, default=GAP, help="idle seconds before each timed call")
+    ap.add_argument(
+        "--only",
+        choices=("all", "dense", "options"),
+        default="all",
+        help="dense: the original rows; options: varlen / window rows",
+    )
     args = ap.parse_args()
     GAP = args.gap
     import numba
@@ -325,7 +495,10 @@ def main():
             print("  FAIL", f)
         if failures:
             sys.exit(1)
-    bench(args.repeat, args.quick)
+    if args.only in ("all", "dense"):
+        bench(args.repeat, args.quick)
+    if args.only in ("all", "options"):
+        bench_options(args.repeat)
 
 
 if __name__ == "__main__":

@@ -446,9 +446,16 @@ def main(argv=None) -> int:
     sc = hdt.type(1.0 / math.sqrt(D))
     calls, rounds = (1, 1) if args.tiny else (200, 5)
     sync = cuda.synchronize
+    from numbattn import _sequences
+
+    htable = backend._seq_table(
+        _sequences.broadcast(_sequences.dense_table(hn, hn), (1, 2), axis0=False), 0
+    )
+    hbias, hmask = backend._dummy(hdt, 4), backend._dummy(np.bool_, 4)
+    hnqt = -(-hn // (geo[0] * geo[2]))
     hosts = {
         "bare numba launch (device arrays)": lambda: kern[grid, block, 0](
-            hq, hk, hv, hout, hlse, sc, False, True
+            hq, hk, hv, hout, hlse, htable, hbias, hmask, sc, hnqt, -1, -1, True, False, False
         ),
         "numbattn.attention(out=, lse=) device arrays": lambda: numbattn.attention(
             hq, hk, hv, out=hout, lse=hlse

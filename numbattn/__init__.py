@@ -6,14 +6,17 @@ Three kernels, each on the CPU (``@njit(parallel=True)``) and on NVIDIA GPUs
 - :func:`scores`: blocked pairwise scores ``scale * q @ k^T``;
 - :func:`softmax`: row-wise numerically stable softmax;
 - :func:`attention`: fused attention with an online softmax, never storing
-  the (Nq, Nk) score matrix.
+  the (Nq, Nk) score matrix; with key/query lengths, bias, boolean masks,
+  sliding windows and grouped-query heads;
+- :func:`varlen_attention`: packed variable-length batches (cu_seqlens);
+- :func:`merge_attention`: exact combination of partial results.
 
 :mod:`numbattn.reference` is the float64 NumPy specification they are tested
 against. Importing numbattn never needs CUDA.
 """
 
 from . import config, reference
-from .api import attention, scores, softmax
+from .api import attention, merge_attention, scores, softmax, varlen_attention
 
 __version__ = "0.1.0"
 
@@ -31,4 +34,14 @@ def cuda_available() -> bool:
     return backend.cuda_problem() is None
 
 
-__all__ = ["__version__", "attention", "config", "cuda_available", "reference", "scores", "softmax"]
+__all__ = [
+    "__version__",
+    "attention",
+    "config",
+    "cuda_available",
+    "merge_attention",
+    "reference",
+    "scores",
+    "softmax",
+    "varlen_attention",
+]

@@ -48,6 +48,11 @@ def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
     if isinstance(obj, np.ndarray):
         return obj, False
     cai = device_interface(obj)
+    if cai is None and type(obj).__module__.startswith("numba.cuda.simulator"):
+        from .cuda import _sim  # simulator arrays get an interface on demand
+
+        _sim.install()
+        cai = device_interface(obj)
     if cai is not None:
         shape = tuple(cai["shape"])
         if math.prod(shape) == 0 or cai["data"][0] == 0:
@@ -173,3 +178,109 @@ def check_output(
             continue
         if overlaps(arr, other):
             raise ValueError(f"{name} must not overlap {other_name} (they share memory)")
+
+
+def _host_integers(name: str, obj, what: str) -> np.ndarray:
+    """An integer array's values on the host (GPU arrays are copied back)."""
+    if isinstance(obj, np.ndarray):
+        arr = obj
+    elif device_interface(obj) is not None or type(obj).__module__.startswith("numba.cuda"):
+        from .cuda import backend
+
+        backend.require_cuda()
+        arr = backend.as_kernel_array(obj).copy_to_host()  # synchronises
+    elif isinstance(obj, (list, tuple)):
+        arr = np.asarray(obj)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+    else:
+        raise TypeError(
+            f"{name} must be an integer array {what}, got {type(obj).__module__}.{type(obj).__qualname__}"
+        )
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {arr.dtype}")
+    return arr
+
+
+def check_lengths(name: str, obj, batch: int, limit: int) -> np.ndarray:
+    """Per-sequence lengths: integers of shape (batch,) in [0, limit]."""
+    arr = _host_integers(name, obj, f"of shape ({batch},)")
+    if arr.shape != (batch,):
+        raise ValueError(
+            f"{name} must have shape ({batch},) (one per batch element), got {arr.shape}"
+        )
+    if arr.size and (arr.min() < 0 or arr.max() > limit):
+        bad = arr[(arr < 0) | (arr > limit)][0]
+        raise ValueError(f"{name} must lie in [0, {limit}], got {bad}")
+    return arr.astype(np.int64)
+
+
+def check_cu_seqlens(name: str, obj, total: int, ref: str) -> np.ndarray:
+    """FlashAttention's cumulative lengths: int32/int64, 0 first, non-decreasing, ``total`` last."""
+    arr = _host_integers(name, obj, "of shape (B + 1,)")
+    if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {arr.dtype}")
+    if arr.ndim != 1 or arr.size < 1:
+        raise ValueError(f"{name} must have shape (B + 1,) with B >= 0, got {arr.shape}")
+    if arr[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {arr[0]}")
+    steps = np.diff(arr)
+    if steps.size and steps.min() < 0:
+        at = int(np.argmax(steps < 0))
+        raise ValueError(
+            f"{name} must be non-decreasing, got {arr[at]} then {arr[at + 1]} at index {at}"
+        )
+    if arr[-1] != total:
+        raise ValueError(f"{name} must end at the packed size of {ref}, {total}, got {arr[-1]}")
+    return arr.astype(np.int64)
+
+
+def check_window(window) -> tuple[int, int]:
+    """``(left, right)`` integers >= -1 (-1: unbounded); None = (-1, -1)."""
+    if window is None:
+        return -1, -1
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window)
+    ):
+        raise TypeError(f"window must be a pair of integers (left, right) or None, got {window!r}")
+    left, right = (int(w) for w in window)
+    for side, value in (("left", left), ("right", right)):
+        if value < -1:
+            raise ValueError(f"window {side} must be >= -1 (-1: unbounded), got {value}")
+    return left, right
+
+
+def check_broadcast(name: str, arr: np.ndarray, shape: tuple, kind: str, dtype=None) -> np.ndarray:
+    """A view of ``arr`` broadcast to ``shape`` (never materialised)."""
+    if kind == "bool":
+        if arr.dtype != np.bool_:
+            raise TypeError(f"{name} must have dtype bool (True = attend), got {arr.dtype}")
+    else:
+        check_dtype(name, arr, dtype)
+    try:
+        return np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} does not broadcast to {shape}") from None
+
+
+def check_heads(sq: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> int:
+    """Leading dims of k and v against q; returns the query heads per key head.
+
+    Grouped-query attention: the last leading axis (heads) of k and v may be
+    a divisor of q's; every other leading axis must match.
+    """
+    lq, lk = sq.shape[:-2], sk.shape[:-2]
+    group = 1
+    if len(lq) == len(lk) and lq and lq[:-1] == lk[:-1] and lq[-1] != lk[-1]:
+        if lk[-1] == 0 or lq[-1] % lk[-1]:
+            raise ValueError(
+                f"k must have a number of heads (axis {len(lk) - 1}) that divides q's {lq[-1]} "
+                f"(grouped-query attention), got {lk[-1]}"
+            )
+        group = lq[-1] // lk[-1]
+    else:
+        check_leading("k", sk, lq, "q", 2)
+    check_leading("v", sv, lk, "k", 2)
+    return group

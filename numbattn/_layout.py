@@ -16,11 +16,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 
-def _groups(leading: tuple[int, ...], strides: Sequence[tuple[int, ...]]) -> list[list[int]]:
+def _groups(
+    leading: tuple[int, ...], strides: Sequence[tuple[int, ...]], keep_last: bool
+) -> list[list[int]]:
     """Partition leading axes into runs mergeable in every array."""
     groups: list[list[int]] = []
     for axis in range(len(leading)):
-        if groups:
+        if groups and not (keep_last and axis == len(leading) - 1):
             prev = groups[-1][-1]
             if all(
                 leading[prev] == 1 or leading[axis] == 1 or s[prev] == s[axis] * leading[axis]
@@ -44,11 +46,18 @@ def _merged(shape, strides, axes) -> tuple[int, int]:
 
 
 class BatchPlan:
-    """How to present arrays sharing leading dims ``leading`` as (G1, G2, ...)."""
+    """How to present arrays sharing leading dims ``leading`` as (G1, G2, ...).
 
-    def __init__(self, leading: tuple[int, ...], arrays: Sequence[np.ndarray]):
+    ``keep_last`` keeps the last leading axis (the heads) a group of its own,
+    so that G2 counts heads: grouped-query attention gives k and v fewer heads
+    than q there, and otherwise the same leading dimensions.
+    """
+
+    def __init__(
+        self, leading: tuple[int, ...], arrays: Sequence[np.ndarray], keep_last: bool = False
+    ):
         nlead = len(leading)
-        groups = _groups(leading, [a.strides[:nlead] for a in arrays])
+        groups = _groups(leading, [a.strides[:nlead] for a in arrays if a is not None], keep_last)
         while len(groups) < 2:
             groups.insert(0, [])
         self.outer_axes = [ax for g in groups[:-2] for ax in g]
@@ -61,15 +70,23 @@ class BatchPlan:
         """Yield, per outer index, each array as (G1, G2, *trailing).
 
         ``index(arr, idx)`` indexes the outer axes of a backend array and
-        ``restride(arr, shape, strides)`` re-views it (strides in bytes).
+        ``restride(arr, shape, strides)`` re-views it (strides in bytes);
+        either may be a sequence with one function per array. None entries
+        stay None.
         """
+        n = len(arrays)
+        index = index if isinstance(index, (list, tuple)) else [index] * n
+        restride = restride if isinstance(restride, (list, tuple)) else [restride] * n
         nouter = len(self.outer_axes)
         outer_shape = tuple(self.leading[a] for a in self.outer_axes)
         for idx in itertools.product(*(range(n) for n in outer_shape)):
             result = []
-            for arr, sh in zip(arrays, shadows):
+            for arr, sh, index_, restride_ in zip(arrays, shadows, index, restride):
+                if arr is None:
+                    result.append(None)
+                    continue
                 if nouter:
-                    arr = index(arr, idx)
+                    arr = index_(arr, idx)
                     sh = sh[idx]
                 shape, strides = list(sh.shape), list(sh.strides)
                 nlead = len(self.leading) - nouter
@@ -81,7 +98,7 @@ class BatchPlan:
                     new_strides.append(stride)
                 new_shape += shape[nlead:]
                 new_strides += strides[nlead:]
-                result.append(restride(arr, tuple(new_shape), tuple(new_strides)))
+                result.append(restride_(arr, tuple(new_shape), tuple(new_strides)))
             yield result
 
 

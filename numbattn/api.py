@@ -2,17 +2,22 @@
 
 Validation (numbattn._checks) runs completely before any output is touched,
 and is the same code for host and GPU arrays, so both backends raise the same
-errors. Kernels (numbattn.cpu, numbattn.cuda) validate nothing.
+errors. Kernels (numbattn.cpu, numbattn.cuda) validate nothing; they receive
+(G1, G2, ...) views, the sequence table of numbattn._sequences, and the
+window with causal folded in.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import _checks as chk
-from ._layout import BatchPlan
+import numpy as np
 
-__all__ = ["attention", "scores", "softmax"]
+from . import _checks as chk
+from . import _sequences as seqs
+from ._layout import BatchPlan, host_index, host_restride
+
+__all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attention"]
 
 #: A numpy.ndarray, or a GPU array exposing ``__cuda_array_interface__``
 #: (CuPy array, PyTorch CUDA tensor, Numba device array).
@@ -39,14 +44,6 @@ def _prepare(named: dict[str, Any]):
     return shadows, chk.check_same_device(where)
 
 
-def _launch(backend, kernel, leading, objs, shadows, stream, *extra):
-    """Run ``kernel`` once per outer batch index on (G1, G2, ...) views."""
-    arrays = [backend.as_kernel_array(o, stream) for o in objs]
-    plan = BatchPlan(leading, shadows)
-    for views in plan.views(arrays, shadows, backend.index, backend.restride):
-        kernel(*views, *extra, stream=stream)
-
-
 def _output(backend, name, obj, shadow, shape, dtype, like, stream):
     """The caller's buffer, or a new one in the caller's array library."""
     if obj is not None:
@@ -55,16 +52,100 @@ def _output(backend, name, obj, shadow, shape, dtype, like, stream):
     return obj, chk.shadow(name, obj)[0]
 
 
+def _broadcast(backend, obj, shadow, view):
+    """A backend array of ``obj`` viewed with the shape/strides of ``view``
+    (a broadcast of its shadow): nothing is materialised."""
+    return backend.restride(backend.as_kernel_array(obj), view.shape, view.strides)
+
+
+def _launch(backend, kernel, leading, device_arrays, host_arrays, stream, extra, keep_last=False):
+    """Run ``kernel`` once per outer batch index on (G1, G2, ...) views.
+
+    ``device_arrays``: (obj, shadow) pairs on the call's device (None for an
+    absent option); ``host_arrays``: (array, array) pairs that stay on the
+    host (the sequence table). Kernel arguments follow in that order, then
+    ``extra``.
+    """
+    objs = [None if o is None else backend.as_kernel_array(o, stream) for o, _ in device_arrays]
+    shadows = [s for _, s in device_arrays] + [s for _, s in host_arrays]
+    objs += [a for a, _ in host_arrays]
+    n_dev, n_host = len(device_arrays), len(host_arrays)
+    index = [backend.index] * n_dev + [host_index] * n_host
+    restride = [backend.restride] * n_dev + [host_restride] * n_host
+    plan = BatchPlan(leading, shadows, keep_last=keep_last)
+    for views in plan.views(objs, shadows, index, restride):
+        kernel(*views, *extra, stream=stream)
+
+
+def _window(window, causal: bool) -> tuple[int, int]:
+    """Validated (left, right) with causal folded in (causal is right = 0)."""
+    left, right = chk.check_window(window)
+    return left, (0 if causal else right)
+
+
+def _dense_table(leading, nq, nk, key_lengths, query_lengths):
+    """Sequence table for dense attention, as leading + (5,) (a view)."""
+    if key_lengths is None and query_lengths is None:
+        return seqs.broadcast(seqs.dense_table(nq, nk), leading, axis0=False)
+    if not leading:
+        raise ValueError(
+            "key_lengths and query_lengths need a batch dimension: q must be (B, ..., Nq, d), "
+            f"got {nq} rows with no leading dimension"
+        )
+    b = leading[0]
+    table = np.zeros((b, seqs.COLUMNS), dtype=np.int64)
+    table[:, seqs.Q_ROWS] = nq
+    table[:, seqs.Q_LEN] = (
+        nq if query_lengths is None else chk.check_lengths("query_lengths", query_lengths, b, nq)
+    )
+    table[:, seqs.K_LEN] = (
+        nk if key_lengths is None else chk.check_lengths("key_lengths", key_lengths, b, nk)
+    )
+    return seqs.broadcast(table, leading, axis0=True)
+
+
+def _max_rows(table: np.ndarray) -> int:
+    return int(table[..., seqs.Q_ROWS].max()) if table.size else 0
+
+
+def _check_qkv(shadows):
+    """dtype, ndim, d and Nk checks shared by every attention-like call."""
+    sq, sk = shadows["q"], shadows["k"]
+    dtype = chk.check_dtype("q", sq)
+    chk.check_dtype("k", sk, dtype)
+    chk.check_ndim("q", sq, 2, "(..., Nq, d)")
+    chk.check_ndim("k", sk, 2, "(..., Nk, d)")
+    if "v" in shadows:
+        chk.check_dtype("v", shadows["v"], dtype)
+        chk.check_ndim("v", shadows["v"], 2, "(..., Nk, dv)")
+    return dtype
+
+
+def _check_options(shadows, dtype, full_shape, inputs):
+    """bias/mask dtype and broadcast; returns their broadcast shadows."""
+    views = {}
+    for name, kind in (("bias", "float"), ("mask", "bool")):
+        if name in shadows:
+            views[name] = chk.check_broadcast(name, shadows[name], full_shape, kind, dtype)
+            inputs[name] = shadows[name]
+    return views
+
+
 def scores(
     q: Array,
     k: Array,
     *,
     scale: float | None = None,
     causal: bool = False,
+    key_lengths: Array | None = None,
+    query_lengths: Array | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    window: tuple[int, int] | None = None,
     out: Array | None = None,
     stream: Any = None,
 ) -> Array:
-    """Scaled pairwise scores ``S = scale * q @ k^T`` per batch element.
+    """Scaled pairwise scores ``S = scale * q @ k^T (+ bias)`` per batch element.
 
     Parameters
     ----------
@@ -72,12 +153,24 @@ def scores(
         Queries; float32 or float64, any strides, any number of leading
         batch dimensions (typically (B, H)).
     k : array, shape (..., Nk, d)
-        Keys; same leading dimensions, d and dtype as ``q``.
+        Keys; same leading dimensions, d and dtype as ``q`` (the heads axis,
+        the last leading one, may divide q's: grouped-query attention).
     scale : float, optional
         Multiplier of the dot products; default ``1/sqrt(d)``.
     causal : bool, default False
-        Set ``S[..., i, j] = -inf`` where ``j > i + (Nk - Nq)``
-        (bottom-right alignment, as FlashAttention >= 2.1).
+        Mask key j for query i where ``j > i + (Nk - Nq)`` (bottom-right
+        alignment, as FlashAttention >= 2.1).
+    key_lengths, query_lengths : integer array, shape (B,), optional
+        Batch element b (first leading axis) has keys ``[0, key_lengths[b])``
+        and queries ``[0, query_lengths[b])``; causal and window alignment
+        use these lengths. Host arrays, also for GPU inputs.
+    bias : array, broadcastable to (..., Nq, Nk), optional
+        Added to the scaled scores (input dtype).
+    mask : bool array, broadcastable to (..., Nq, Nk), optional
+        True = attend.
+    window : (int, int), optional
+        ``(left, right)``: key j visible to query i when
+        ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
     out : array, shape (..., Nq, Nk), optional
         Buffer to write into (same dtype and device as the inputs, writeable,
         not overlapping them). Returned.
@@ -90,39 +183,69 @@ def scores(
     -------
     array, shape (..., Nq, Nk)
         ``out`` if given, else a new array of the inputs' kind (NumPy, CuPy,
-        PyTorch, or a Numba device array).
+        PyTorch, or a Numba device array). Masked entries are -inf.
 
     Raises
     ------
     TypeError
         Non-array arguments, dtypes other than float32/float64, mixed dtypes,
-        host and GPU arrays mixed, non-real ``scale``, non-bool ``causal``.
+        host and GPU arrays mixed, non-real ``scale``, non-bool ``causal``,
+        non-integer lengths, a non-bool mask, a malformed window.
     ValueError
         Wrong ndim, mismatched leading dimensions or d, ``out`` of the wrong
-        shape, read-only or overlapping an input, non-finite ``scale``.
+        shape, read-only or overlapping an input, non-finite ``scale``,
+        lengths out of range, bias or mask not broadcasting, window < -1.
     """
-    shadows, on_device = _prepare({"q": q, "k": k, "out": out})
+    shadows, on_device = _prepare({"q": q, "k": k, "bias": bias, "mask": mask, "out": out})
     sq, sk = shadows["q"], shadows["k"]
-    dtype = chk.check_dtype("q", sq)
-    chk.check_dtype("k", sk, dtype)
-    chk.check_ndim("q", sq, 2, "(..., Nq, d)")
-    chk.check_ndim("k", sk, 2, "(..., Nk, d)")
+    dtype = _check_qkv(shadows)
     leading = sq.shape[:-2]
-    chk.check_leading("k", sk, leading, "q", 2)
+    group = chk.check_heads(sq, sk, sk)
     chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
-    shape = leading + (sq.shape[-2], sk.shape[-2])
+    left, right = _window(window, causal)
+    nq, nk = sq.shape[-2], sk.shape[-2]
+    shape = leading + (nq, nk)
+    inputs = {"q": sq, "k": sk}
+    views = _check_options(shadows, dtype, shape, inputs)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
     if out is not None:
-        chk.check_output("out", shadows["out"], shape, dtype, {"q": sq, "k": sk})
+        chk.check_output("out", shadows["out"], shape, dtype, inputs)
     backend = _backend(on_device)
     stream = backend.resolve_stream(stream, (q, k))
     out, sout = _output(backend, "out", out, shadows.get("out"), shape, dtype, q, stream)
     if sout.size:
+        bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+        max_rows = _max_rows(table)
+
+        def run(q_, k_, out_, bias_, mask_, seq_, stream):
+            backend.scores(
+                q_, k_, out_, seq_, max_rows, bias_, mask_, scale, left, right, stream=stream
+            )
+
         _launch(
-            backend, backend.scores, leading, (q, k, out), (sq, sk, sout), stream, scale, causal
+            backend,
+            run,
+            leading,
+            [(q, sq), (k, sk), (out, sout), bias_arr, mask_arr],
+            [(table, table)],
+            stream,
+            (),
+            keep_last=group != 1,
         )
     return out
+
+
+def _options(backend, shadows, views, bias, mask):
+    """(array, broadcast shadow) pairs for bias and mask, (None, None) if absent."""
+    result = []
+    for name, obj in (("bias", bias), ("mask", mask)):
+        if name in views:
+            result.append((_broadcast(backend, obj, shadows[name], views[name]), views[name]))
+        else:
+            result.append((None, None))
+    return result
 
 
 def softmax(x: Array, *, out: Array | None = None, stream: Any = None) -> Array:
@@ -166,7 +289,7 @@ def softmax(x: Array, *, out: Array | None = None, stream: Any = None) -> Array:
     stream = backend.resolve_stream(stream, (x,))
     out, sout = _output(backend, "out", out, shadows.get("out"), sx.shape, dtype, x, stream)
     if sout.size:
-        _launch(backend, backend.softmax, sx.shape[:-1], (x, out), (sx, sout), stream)
+        _launch(backend, backend.softmax, sx.shape[:-1], [(x, sx), (out, sout)], [], stream, ())
     return out
 
 
@@ -177,14 +300,20 @@ def attention(
     *,
     scale: float | None = None,
     causal: bool = False,
+    key_lengths: Array | None = None,
+    query_lengths: Array | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    window: tuple[int, int] | None = None,
     out: Array | None = None,
     lse: Array | None = None,
     stream: Any = None,
 ) -> Array:
-    """Fused scaled-dot-product attention ``softmax(scale * q @ k^T) @ v``.
+    """Fused scaled-dot-product attention ``softmax(scale * q @ k^T + bias) @ v``.
 
     Computed flash-attention style (online softmax over key tiles): no
     (Nq, Nk) array is ever allocated; extra memory is O(threads x tile).
+    Key tiles that are entirely masked (causal, window, lengths) are skipped.
 
     Parameters
     ----------
@@ -193,17 +322,33 @@ def attention(
     v : array, shape (..., Nk, dv)
         float32 or float64 (all the same), same leading dimensions, any
         strides (e.g. a (B, N, H, d) array viewed as (B, H, N, d) with
-        ``swapaxes(1, 2)``). ``dv`` may differ from ``d``.
+        ``swapaxes(1, 2)``). ``dv`` may differ from ``d``. Grouped-query /
+        multi-query attention: k and v may have fewer heads (last leading
+        axis) than q, a divisor of q's; query head h uses key head
+        ``h // (Hq // Hk)``. Nothing is copied.
     scale : float, optional
         Multiplier of the dot products; default ``1/sqrt(d)``.
     causal : bool, default False
         Query i sees key j only when ``j <= i + (Nk - Nq)`` (bottom-right).
+    key_lengths, query_lengths : integer array, shape (B,), optional
+        Batch element b (first leading axis) uses keys ``[0, key_lengths[b])``
+        and queries ``[0, query_lengths[b])``; rows at or past its query
+        length are written as zeros (lse -inf). Causal and window alignment
+        use these lengths. Host arrays, also for GPU inputs (GPU integer
+        arrays are copied to the host to be checked, which synchronises).
+    bias : array, broadcastable to (..., Nq, Nk), optional
+        Added to the scaled scores (input dtype); -inf entries mask.
+    mask : bool array, broadcastable to (..., Nq, Nk), optional
+        True = attend. Neither bias nor mask is ever materialised.
+    window : (int, int), optional
+        ``(left, right)`` sliding window, FlashAttention's ``window_size``:
+        key j visible to query i when
+        ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
     out : array, shape (..., Nq, dv), optional
         Buffer to write into; returned.
     lse : array, shape (..., Nq), optional
         Receives each row's natural-log log-sum-exp of its scaled, masked
-        scores (what :func:`merge`-style combination of partial results and
-        backward passes need).
+        scores (what :func:`merge_attention` and backward passes need).
     stream : optional
         CUDA stream for GPU inputs (see :func:`scores`).
 
@@ -211,57 +356,295 @@ def attention(
     -------
     array, shape (..., Nq, dv)
         ``out`` if given, else a new array of the inputs' kind. A row with
-        no visible key (Nk = 0, or causal with Nq > Nk) is all zeros and its
-        lse is -inf.
+        no visible key (Nk = 0, causal with Nq > Nk, lengths, masks) is all
+        zeros and its lse is -inf; never NaN.
 
     Raises
     ------
     TypeError
         As :func:`scores`, for ``v`` and ``lse`` too.
     ValueError
-        As :func:`scores`; also ``v`` with a different Nk, and ``out`` or
-        ``lse`` overlapping an input or each other.
+        As :func:`scores`; also ``v`` with a different Nk, head counts that
+        do not divide, and ``out`` or ``lse`` overlapping an input or each
+        other.
     """
-    shadows, on_device = _prepare({"q": q, "k": k, "v": v, "out": out, "lse": lse})
+    shadows, on_device = _prepare(
+        {"q": q, "k": k, "v": v, "bias": bias, "mask": mask, "out": out, "lse": lse}
+    )
     sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
-    dtype = chk.check_dtype("q", sq)
-    chk.check_dtype("k", sk, dtype)
-    chk.check_dtype("v", sv, dtype)
-    chk.check_ndim("q", sq, 2, "(..., Nq, d)")
-    chk.check_ndim("k", sk, 2, "(..., Nk, d)")
-    chk.check_ndim("v", sv, 2, "(..., Nk, dv)")
+    dtype = _check_qkv(shadows)
     leading = sq.shape[:-2]
-    chk.check_leading("k", sk, leading, "q", 2)
-    chk.check_leading("v", sv, leading, "q", 2)
+    group = chk.check_heads(sq, sk, sv)
     chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
     chk.check_dim("v", sv.shape[-2], sk.shape[-2], "key count Nk =", "k")
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
-    nq = sq.shape[-2]
-    out_shape = leading + (nq, sv.shape[-1])
+    left, right = _window(window, causal)
+    nq, nk = sq.shape[-2], sk.shape[-2]
     inputs = {"q": sq, "k": sk, "v": sv}
+    views = _check_options(shadows, dtype, leading + (nq, nk), inputs)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
+    out_shape = leading + (nq, sv.shape[-1])
+    _check_outputs(shadows, out, lse, out_shape, leading + (nq,), dtype, inputs)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, (q, k, v))
+    out, sout = _output(backend, "out", out, shadows.get("out"), out_shape, dtype, q, stream)
+    slse = shadows.get("lse")
+    if sout.size or (lse is not None and slse.size):
+        bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+        max_rows = _max_rows(table)
+
+        def run(q_, k_, v_, out_, lse_, bias_, mask_, seq_, stream):
+            backend.attention(
+                q_, k_, v_, out_, lse_, seq_, max_rows, bias_, mask_, scale, left, right,
+                stream=stream,
+            )  # fmt: skip
+
+        _launch(
+            backend,
+            run,
+            leading,
+            [(q, sq), (k, sk), (v, sv), (out, sout), (lse, slse), bias_arr, mask_arr],
+            [(table, table)],
+            stream,
+            (),
+            keep_last=group != 1,
+        )
+    return out
+
+
+def _check_outputs(shadows, out, lse, out_shape, lse_shape, dtype, inputs):
     if out is not None:
         chk.check_output("out", shadows["out"], out_shape, dtype, inputs)
     if lse is not None:
         others = dict(inputs, **({"out": shadows["out"]} if out is not None else {}))
-        chk.check_output("lse", shadows["lse"], leading + (nq,), dtype, others)
+        chk.check_output("lse", shadows["lse"], lse_shape, dtype, others)
+
+
+def varlen_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    cu_seqlens_q: Array,
+    cu_seqlens_k: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    out: Array | None = None,
+    lse: Array | None = None,
+    stream: Any = None,
+) -> Array:
+    """Packed variable-length attention (FlashAttention's cu_seqlens convention).
+
+    The correct form of "the whole batch in one matrix": sequences are
+    packed along the token axis and each attends only within itself. Work is
+    proportional to ``sum_b nq_b * nk_b``, not ``(sum_b n_b)**2``.
+
+    Parameters
+    ----------
+    q : array, shape (Tq, H, d)
+    k : array, shape (Tk, Hk, d)
+    v : array, shape (Tk, Hk, dv)
+        Packed tokens; float32 or float64; Hk divides H (grouped-query).
+    cu_seqlens_q, cu_seqlens_k : int32 or int64 array, shape (B + 1,)
+        Prefix sums of the sequence lengths: sequence b owns query tokens
+        ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and key tokens
+        ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]``. Start at 0, non-decreasing,
+        end at Tq (Tk). Host arrays, also for GPU inputs.
+    scale, causal, window
+        As :func:`attention`, per sequence (bottom-right alignment with the
+        sequence's own lengths).
+    bias : array, broadcastable to (H, Tq, Tk), optional
+    mask : bool array, broadcastable to (H, Tq, Tk), optional
+        Indexed by packed token positions; only each sequence's own block is
+        read.
+    out : array, shape (Tq, H, dv), optional
+    lse : array, shape (Tq, H), optional
+        As :func:`attention` (note: FlashAttention returns lse as (H, Tq)).
+    stream : optional
+        CUDA stream for GPU inputs.
+
+    Returns
+    -------
+    array, shape (Tq, H, dv)
+        ``out`` if given, else a new array of the inputs' kind.
+
+    Raises
+    ------
+    TypeError
+        As :func:`attention`; cu_seqlens not int32/int64.
+    ValueError
+        As :func:`attention`; q, k, v not 3-d; cu_seqlens not starting at 0,
+        decreasing, not ending at the packed size, or of different lengths.
+    """
+    shadows, on_device = _prepare(
+        {"q": q, "k": k, "v": v, "bias": bias, "mask": mask, "out": out, "lse": lse}
+    )
+    sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
+    dtype = _check_qkv(shadows)
+    for name, what in (("q", "(Tq, H, d)"), ("k", "(Tk, Hk, d)"), ("v", "(Tk, Hk, dv)")):
+        if shadows[name].ndim != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions {what}, got shape {shadows[name].shape}"
+            )
+    # As (H, T, d), so that heads are the leading (batch) axis.
+    hq_view, hk_view, hv_view = (s.swapaxes(0, 1) for s in (sq, sk, sv))
+    chk.check_heads(hq_view, hk_view, hv_view)
+    chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
+    chk.check_dim("v", sv.shape[0], sk.shape[0], "token count Tk =", "k")
+    scale = chk.check_scale(scale, sq.shape[-1])
+    causal = chk.check_flag("causal", causal)
+    left, right = _window(window, causal)
+    tq, h = sq.shape[:2]
+    tk = sk.shape[0]
+    inputs = {"q": sq, "k": sk, "v": sv}
+    views = _check_options(shadows, dtype, (h, tq, tk), inputs)
+    cu_q = chk.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "q")
+    cu_k = chk.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, "k")
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(
+            f"cu_seqlens_k must have the same length as cu_seqlens_q ({cu_q.size}, B + 1), "
+            f"got {cu_k.size}"
+        )
+    out_shape = (tq, h, sv.shape[-1])
+    _check_outputs(shadows, out, lse, out_shape, (tq, h), dtype, inputs)
     backend = _backend(on_device)
     stream = backend.resolve_stream(stream, (q, k, v))
     out, sout = _output(backend, "out", out, shadows.get("out"), out_shape, dtype, q, stream)
-    if lse is None:
-        lse_buf, slse = backend.empty(leading + (nq,), dtype, like=None, stream=stream)
-        slse = chk.shadow("lse", lse_buf)[0]
-    else:
-        lse_buf, slse = lse, shadows["lse"]
-    if sout.size or slse.size:
+    nseq = cu_q.size - 1
+    if nseq == 0 or h == 0:
+        return out
+    table = np.empty((nseq, seqs.COLUMNS), dtype=np.int64)
+    table[:, seqs.Q_OFF] = cu_q[:-1]
+    table[:, seqs.Q_LEN] = table[:, seqs.Q_ROWS] = np.diff(cu_q)
+    table[:, seqs.K_OFF] = cu_k[:-1]
+    table[:, seqs.K_LEN] = np.diff(cu_k)
+    table4 = seqs.broadcast(table, (nseq, h), axis0=True)
+
+    def per_sequence(obj, shadow):
+        """(tokens, heads, ...) as (B, heads, tokens, ...) with a zero stride over B."""
+        if obj is None:
+            return None
+        view = shadow.swapaxes(0, 1)
+        shape = (nseq,) + view.shape
+        strides = (0,) + view.strides
+        return backend.restride(backend.as_kernel_array(obj, stream), shape, strides)
+
+    args = [per_sequence(o, s) for o, s in ((q, sq), (k, sk), (v, sv), (out, sout))]
+    args.append(per_sequence(lse, shadows.get("lse")))
+    bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+    for arr, view in (bias_arr, mask_arr):
+        args.append(
+            None
+            if arr is None
+            else backend.restride(arr, (nseq,) + view.shape, (0,) + view.strides)
+        )
+    backend.attention(
+        *args[:5], table4, int(table[:, seqs.Q_ROWS].max()), *args[5:], scale, left, right,
+        stream=stream,
+    )  # fmt: skip
+    return out
+
+
+def merge_attention(
+    outs,
+    lses,
+    *,
+    out: Array | None = None,
+    lse: Array | None = None,
+    stream: Any = None,
+) -> Array:
+    """Combine partial attention results over disjoint key sets, exactly.
+
+    If ``outs[p], lses[p] = attention(q, k_p, v_p, lse=...)`` for disjoint
+    key sets p, the result is ``attention`` over their union: with
+    ``lse = log(sum_p exp(lses[p]))``, ``out = sum_p exp(lses[p] - lse) *
+    outs[p]``. This is what splitting keys across threads, devices or
+    machines needs. Parts with lse -inf (no visible key) weigh nothing; a
+    row with no visible key anywhere gives zeros and lse -inf.
+
+    Parameters
+    ----------
+    outs : sequence of arrays, each (..., Nq, dv)
+        The partial outputs (or one array stacked along axis 0).
+    lses : sequence of arrays, each (..., Nq)
+        Their log-sum-exps, same dtype.
+    out : array, shape (..., Nq, dv), optional
+        Buffer for the result; returned.
+    lse : array, shape (..., Nq), optional
+        Receives the merged log-sum-exp.
+    stream : optional
+        CUDA stream for GPU inputs.
+
+    Returns
+    -------
+    array, shape (..., Nq, dv)
+
+    Raises
+    ------
+    TypeError
+        Non-arrays, unsupported or mixed dtypes, host and GPU mixed.
+    ValueError
+        No partial results, ``len(outs) != len(lses)``, inconsistent
+        shapes, outputs of the wrong shape or overlapping an input.
+    """
+    outs = [outs[i] for i in range(len(outs))]
+    lses = [lses[i] for i in range(len(lses))]
+    if not outs:
+        raise ValueError("outs must hold at least one partial result, got 0")
+    if len(lses) != len(outs):
+        raise ValueError(
+            f"lses must hold one lse per partial result: expected {len(outs)}, got {len(lses)}"
+        )
+    named = {f"outs[{i}]": o for i, o in enumerate(outs)}
+    named.update({f"lses[{i}]": x for i, x in enumerate(lses)})
+    shadows, on_device = _prepare(dict(named, out=out, lse=lse))
+    first = shadows["outs[0]"]
+    dtype = chk.check_dtype("outs[0]", first)
+    chk.check_ndim("outs[0]", first, 2, "(..., Nq, dv)")
+    for i in range(len(outs)):
+        so, sl = shadows[f"outs[{i}]"], shadows[f"lses[{i}]"]
+        chk.check_dtype(f"outs[{i}]", so, dtype)
+        chk.check_dtype(f"lses[{i}]", sl, dtype)
+        if so.shape != first.shape:
+            raise ValueError(
+                f"outs[{i}] must have shape {first.shape} (as outs[0]), got {so.shape}"
+            )
+        if sl.shape != first.shape[:-1]:
+            raise ValueError(f"lses[{i}] must have shape {first.shape[:-1]}, got {sl.shape}")
+    inputs = {n: shadows[n] for n in named}
+    _check_outputs(shadows, out, lse, first.shape, first.shape[:-1], dtype, inputs)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, outs)
+    out, sout = _output(
+        backend, "out", out, shadows.get("out"), first.shape, dtype, outs[0], stream
+    )
+    lse, slse = _output(
+        backend, "lse", lse, shadows.get("lse"), first.shape[:-1], dtype, None, stream
+    )
+    if not slse.size:
+        return out
+    leading = first.shape[:-2]
+    parts = [
+        (outs[i], shadows[f"outs[{i}]"], lses[i], shadows[f"lses[{i}]"]) for i in range(len(outs))
+    ]
+    if len(parts) == 1:  # merge with an empty part (lse -inf): a copy
+        empty = backend.constant(-np.inf, dtype)
+        view = np.broadcast_to(np.full(1, -np.inf, dtype), first.shape[:-1])
+        parts.append((outs[0], first, backend.restride(empty, view.shape, view.strides), view))
+    acc = parts[0]
+    for part in parts[1:]:
         _launch(
             backend,
-            backend.attention,
+            backend.merge,
             leading,
-            (q, k, v, out, lse_buf),
-            (sq, sk, sv, sout, slse),
+            [acc[:2], acc[2:], part[:2], part[2:], (out, sout), (lse, slse)],
+            [],
             stream,
-            scale,
-            causal,
+            (),
         )
+        acc = (out, sout, lse, slse)
     return out

@@ -3,6 +3,19 @@
 Readable rather than fast. Every kernel in numbattn is tested against these
 functions. They compute in float64 whatever the input dtype and return
 float64 arrays.
+
+Visibility of key j to query i (0-based within one sequence of ``q_len``
+queries and ``k_len`` keys), with ``off = k_len - q_len`` (bottom-right
+alignment, as FlashAttention >= 2.1):
+
+- ``i < q_len`` and ``j < k_len`` (lengths; rows past ``q_len`` see nothing);
+- causal: ``j <= i + off``;
+- ``window=(left, right)``: ``i + off - left <= j <= i + off + right``, -1
+  meaning unbounded on that side (causal is ``right = 0``);
+- ``mask[..., i, j]`` True (when a mask is given).
+
+Masked scores are -inf. A row with no visible key gets zeros in ``out`` and
+-inf in ``lse``.
 """
 
 from __future__ import annotations
@@ -11,31 +24,86 @@ import math
 
 import numpy as np
 
-__all__ = ["attention", "causal_mask", "scores", "softmax"]
+__all__ = [
+    "attention",
+    "causal_mask",
+    "merge_attention",
+    "scores",
+    "softmax",
+    "varlen_attention",
+    "visible",
+]
+
+
+def visible(nq, nk, *, causal=False, window=None, q_len=None, k_len=None) -> np.ndarray:
+    """Boolean (nq, nk) array, True where key j is visible to query i."""
+    q_len = nq if q_len is None else int(q_len)
+    k_len = nk if k_len is None else int(k_len)
+    left, right = (-1, -1) if window is None else window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    off = k_len - q_len
+    i = np.arange(nq)[:, None]
+    j = np.arange(nk)[None, :]
+    vis = (i < q_len) & (j < k_len)
+    if left >= 0:
+        vis = vis & (j >= i + off - left)
+    if right >= 0:
+        vis = vis & (j <= i + off + right)
+    return vis
 
 
 def causal_mask(nq: int, nk: int) -> np.ndarray:
-    """Boolean (nq, nk) array, True where key j is visible to query i.
+    """Boolean (nq, nk) array: key j visible to query i when ``j <= i + nk - nq``."""
+    return visible(nq, nk, causal=True)
 
-    Bottom-right alignment (FlashAttention >= 2.1): key j is visible to query
-    i when ``j <= i + (nk - nq)``.
+
+def _repeat_heads(k, q_heads):
+    """Grouped-query attention: repeat each of k's heads for its query heads."""
+    if k.ndim >= 3 and k.shape[-3] != q_heads:
+        k = np.repeat(k, q_heads // k.shape[-3], axis=-3)
+    return k
+
+
+def scores(
+    q,
+    k,
+    *,
+    scale=None,
+    causal=False,
+    key_lengths=None,
+    query_lengths=None,
+    bias=None,
+    mask=None,
+    window=None,
+):
+    """S[..., i, j] = scale * <q[..., i, :], k[..., j, :]> + bias, -inf where masked.
+
+    ``key_lengths`` and ``query_lengths`` have shape (B,) and apply along the
+    first leading dimension. ``k`` may have fewer heads (axis -3) than ``q``.
     """
-    i = np.arange(nq)[:, None]
-    j = np.arange(nk)[None, :]
-    return j <= i + (nk - nq)
-
-
-def scores(q, k, *, scale=None, causal=False):
-    """S[..., i, j] = scale * <q[..., i, :], k[..., j, :]>, -inf where masked."""
     q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
+    k = _repeat_heads(np.asarray(k, dtype=np.float64), q.shape[-3] if q.ndim >= 3 else None)
     d = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     s = np.einsum("...id,...jd->...ij", q, k) * scale
-    if causal:
-        s = np.where(causal_mask(q.shape[-2], k.shape[-2]), s, -np.inf)
-    return s
+    if bias is not None:
+        s = s + np.asarray(bias, dtype=np.float64)
+    nq, nk = s.shape[-2:]
+    vis = np.empty(s.shape, dtype=bool)
+    batch = s.shape[0] if s.ndim > 2 else 1
+    for b in range(batch):
+        q_len = None if query_lengths is None else query_lengths[b]
+        k_len = None if key_lengths is None else key_lengths[b]
+        rows = visible(nq, nk, causal=causal, window=window, q_len=q_len, k_len=k_len)
+        if s.ndim > 2:
+            vis[b] = rows
+        else:
+            vis[...] = rows
+    if mask is not None:
+        vis &= np.asarray(mask, dtype=bool)
+    return np.where(vis, s, -np.inf)
 
 
 def softmax(x):
@@ -54,22 +122,69 @@ def softmax(x):
         return np.where(total == 0, 0.0, e / total)
 
 
-def attention(q, k, v, *, scale=None, causal=False):
-    """O = softmax(scores(q, k)) @ v and the row log-sum-exp.
-
-    Returns ``(out, lse)``: out has shape (..., Nq, dv), lse shape (..., Nq)
-    with lse = log(sum_j exp(S[..., i, j])) over unmasked keys. A row with no
-    visible key gives zeros in out and -inf in lse.
-    """
-    s = scores(q, k, scale=scale, causal=causal)
-    v = np.asarray(v, dtype=np.float64)
-    p = softmax(s)
-    out = p @ v
+def logsumexp(s):
+    """log(sum(exp(s))) over the last axis; -inf for an empty or all -inf row."""
     if s.shape[-1] == 0:
-        lse = np.full(s.shape[:-1], -np.inf)
-    else:
-        m = np.max(s, axis=-1)
-        finite_m = np.where(np.isneginf(m), 0.0, m)
-        with np.errstate(divide="ignore"):
-            lse = np.log(np.exp(s - finite_m[..., None]).sum(axis=-1)) + finite_m
+        return np.full(s.shape[:-1], -np.inf)
+    m = np.max(s, axis=-1)
+    finite_m = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(np.exp(s - finite_m[..., None]).sum(axis=-1)) + finite_m
+
+
+def attention(q, k, v, **options):
+    """O = softmax(scores(q, k, **options)) @ v and the row log-sum-exp.
+
+    Takes the options of :func:`scores`. Returns ``(out, lse)``: out has
+    shape (..., Nq, dv), lse shape (..., Nq) with lse = log(sum_j exp(S[...,
+    i, j])) over visible keys. A row with no visible key gives zeros in out
+    and -inf in lse.
+    """
+    s = scores(q, k, **options)
+    v = _repeat_heads(np.asarray(v, dtype=np.float64), s.shape[-3] if s.ndim >= 3 else None)
+    return softmax(s) @ v, logsumexp(s)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, mask=None, **options):
+    """Packed variable-length attention (FlashAttention's cu_seqlens convention).
+
+    q is (Tq, H, d), k and v (Tk, Hk, d) and (Tk, Hk, dv); sequence b owns
+    query tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key tokens
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` and attends only within itself.
+    ``bias`` and ``mask`` broadcast to (H, Tq, Tk) in packed token positions.
+    Returns ``(out, lse)`` of shapes (Tq, H, dv) and (Tq, H).
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    tq, h = q.shape[:2]
+    out = np.zeros((tq, h, v.shape[-1]))
+    lse = np.full((tq, h), -np.inf)
+    for b in range(len(cu_seqlens_q) - 1):
+        qs = slice(int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]))
+        ks = slice(int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1]))
+        extra = {}
+        if bias is not None:
+            extra["bias"] = np.broadcast_to(bias, (h, tq, k.shape[0]))[:, qs, ks]
+        if mask is not None:
+            extra["mask"] = np.broadcast_to(mask, (h, tq, k.shape[0]))[:, qs, ks]
+        o, l_ = attention(
+            q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1), v[ks].swapaxes(0, 1), **extra, **options
+        )
+        out[qs] = o.swapaxes(0, 1)
+        lse[qs] = l_.swapaxes(0, 1)
     return out, lse
+
+
+def merge_attention(outs, lses):
+    """Combine partial attention results over disjoint key sets.
+
+    ``outs[p]`` (..., Nq, dv) and ``lses[p]`` (..., Nq) are the results of
+    attending to key set p. Returns the ``(out, lse)`` of attending to their
+    union: weights ``exp(lse_p - lse)``, ``lse = log(sum_p exp(lse_p))``.
+    """
+    outs = np.stack([np.asarray(o, dtype=np.float64) for o in outs])
+    lses = np.stack([np.asarray(x, dtype=np.float64) for x in lses])
+    lse = logsumexp(np.moveaxis(lses, 0, -1))
+    finite = np.where(np.isneginf(lse), 0.0, lse)
+    with np.errstate(invalid="ignore"):
+        w = np.exp(lses - finite)  # 0 for empty parts
+    return (w[..., None] * outs).sum(axis=0), lse

@@ -59,15 +59,15 @@ def _attention_cases():
         ("q 1-d", dict(q=q[0, 0, 0]), ValueError, r"q must have at least 2 dimensions"),
         (
             "leading",
-            dict(k=k[:, :2]),
+            dict(k=k[:1]),
             ValueError,
-            r"k must have the same leading .*expected \(2, 3\), got \(2, 2\)",
+            r"k must have the same leading .*expected \(2, 3\), got \(1, 3\)",
         ),
         (
             "v leading",
             dict(v=v[:1]),
             ValueError,
-            r"v must have the same leading .*expected \(2, 3\), got \(1, 3\)",
+            r"v must have the same leading .*as k: expected \(2, 3\), got \(1, 3\)",
         ),
         ("d", dict(k=k[..., :3]), ValueError, r"k must have last dimension d = 4 \(as q\), got 3"),
         ("nk", dict(v=v[:, :, :6]), ValueError, r"v must have key count Nk = 7 \(as k\), got 6"),
@@ -240,4 +240,286 @@ def test_softmax_bad_input():
         ValueError,
         r"out must not overlap x",
         store,
+    )
+
+
+# ---- ragged batches and masks (issue 5) ----------------------------------
+
+
+def _options_cases():
+    mask_ok = np.ones((2, 1, 1, 7), bool)
+    return [
+        (
+            "key_lengths negative",
+            dict(key_lengths=np.array([3, -1])),
+            ValueError,
+            r"key_lengths must lie in \[0, 7\], got -1",
+        ),
+        (
+            "key_lengths too long",
+            dict(key_lengths=[8, 1]),
+            ValueError,
+            r"key_lengths must lie in \[0, 7\], got 8",
+        ),
+        (
+            "key_lengths shape",
+            dict(key_lengths=np.array([1, 2, 3])),
+            ValueError,
+            r"key_lengths must have shape \(2,\) .*got \(3,\)",
+        ),
+        (
+            "key_lengths float",
+            dict(key_lengths=np.array([1.0, 2.0])),
+            TypeError,
+            r"key_lengths must have an integer dtype, got float64",
+        ),
+        (
+            "key_lengths str",
+            dict(key_lengths="12"),
+            TypeError,
+            r"key_lengths must be an integer array",
+        ),
+        (
+            "query_lengths",
+            dict(query_lengths=np.array([6, 0])),
+            ValueError,
+            r"query_lengths must lie in \[0, 5\], got 6",
+        ),
+        (
+            "bias shape",
+            dict(bias=np.zeros((5, 6), np.float32)),
+            ValueError,
+            r"bias of shape \(5, 6\) does not broadcast to \(2, 3, 5, 7\)",
+        ),
+        (
+            "bias dtype",
+            dict(bias=np.zeros((5, 7))),
+            TypeError,
+            r"bias must have dtype float32 \(the dtype of the inputs\), got float64",
+        ),
+        ("bias list", dict(bias=[[0.0]]), TypeError, r"bias must be a numpy.ndarray"),
+        (
+            "mask dtype",
+            dict(mask=mask_ok.astype(np.int8)),
+            TypeError,
+            r"mask must have dtype bool \(True = attend\), got int8",
+        ),
+        (
+            "mask shape",
+            dict(mask=np.ones((3, 1, 1, 7), bool)),
+            ValueError,
+            r"mask of shape \(3, 1, 1, 7\) does not broadcast",
+        ),
+        (
+            "window value",
+            dict(window=(-2, 0)),
+            ValueError,
+            r"window left must be >= -1 \(-1: unbounded\), got -2",
+        ),
+        ("window right", dict(window=(0, -5)), ValueError, r"window right must be >= -1"),
+        ("window length", dict(window=(1,)), TypeError, r"window must be a pair of integers"),
+        ("window float", dict(window=(1.5, 2)), TypeError, r"window must be a pair of integers"),
+    ]
+
+
+@pytest.mark.parametrize("case", _options_cases(), ids=lambda c: c[0])
+def test_attention_bad_options_leave_out_untouched(case):
+    _, kw, exc, match = case
+    q, k, v = arrays()
+    out = poisoned((2, 3, 5, 6), np.float32)
+    lse = poisoned((2, 3, 5), np.float32)
+    expect_untouched(
+        lambda: numbattn.attention(q, k, v, out=out, lse=lse, **kw), exc, match, out, lse
+    )
+    if "query_lengths" not in kw:  # scores takes the same options
+        sout = poisoned((2, 3, 5, 7), np.float32)
+        expect_untouched(lambda: numbattn.scores(q, k, out=sout, **kw), exc, match, sout)
+
+
+def test_lengths_need_a_batch_dimension():
+    q, k, v = arrays(lead=())
+    with pytest.raises(ValueError, match=r"key_lengths and query_lengths need a batch dimension"):
+        numbattn.attention(q, k, v, key_lengths=np.array([3]))
+
+
+def test_grouped_query_heads_must_divide():
+    q, _, _ = arrays(lead=(2, 8))
+    k, v = arrays(lead=(2, 3))[1:]
+    out = poisoned((2, 8, 5, 6), np.float32)
+    expect_untouched(
+        lambda: numbattn.attention(q, k, v, out=out),
+        ValueError,
+        r"k must have a number of heads \(axis 1\) that divides q's 8 \(grouped-query attention\), got 3",
+        out,
+    )
+    k2, v2 = arrays(lead=(2, 4))[1:]
+    expect_untouched(
+        lambda: numbattn.attention(q, k2, v2[:, :2], out=out),
+        ValueError,
+        r"v must have the same leading .*as k: expected \(2, 4\), got \(2, 2\)",
+        out,
+    )
+
+
+def _packed(tq=9, tk=11, h=4, hk=2, d=8, dv=5, dtype=np.float32):
+    rng = np.random.default_rng(5)
+    return (
+        rng.standard_normal((tq, h, d)).astype(dtype),
+        rng.standard_normal((tk, hk, d)).astype(dtype),
+        rng.standard_normal((tk, hk, dv)).astype(dtype),
+    )
+
+
+@pytest.mark.parametrize(
+    "cu_q,cu_k,exc,match",
+    [
+        (
+            np.array([1, 4, 9]),
+            np.array([0, 5, 11]),
+            ValueError,
+            r"cu_seqlens_q must start at 0, got 1",
+        ),
+        (
+            np.array([0, 5, 4, 9]),
+            np.array([0, 5, 6, 11]),
+            ValueError,
+            r"cu_seqlens_q must be non-decreasing, got 5 then 4 at index 1",
+        ),
+        (
+            np.array([0, 4, 8]),
+            np.array([0, 5, 11]),
+            ValueError,
+            r"cu_seqlens_q must end at the packed size of q, 9, got 8",
+        ),
+        (
+            np.array([0, 4, 9]),
+            np.array([0, 5, 12]),
+            ValueError,
+            r"cu_seqlens_k must end at the packed size of k, 11, got 12",
+        ),
+        (
+            np.array([0, 4, 9]),
+            np.array([0, 11]),
+            ValueError,
+            r"cu_seqlens_k must have the same length as cu_seqlens_q \(3, B \+ 1\), got 2",
+        ),
+        (
+            np.array([0, 4, 9], np.int16),
+            np.array([0, 5, 11]),
+            TypeError,
+            r"cu_seqlens_q must have dtype int32 or int64, got int16",
+        ),
+        (
+            np.array([0.0, 4, 9]),
+            np.array([0, 5, 11]),
+            TypeError,
+            r"cu_seqlens_q must have an integer dtype, got float64",
+        ),
+        (
+            np.zeros((0,), np.int32),
+            np.array([0, 5, 11]),
+            ValueError,
+            r"cu_seqlens_q must have shape \(B \+ 1,\) with B >= 0, got \(0,\)",
+        ),
+    ],
+)
+def test_varlen_bad_cu_seqlens(cu_q, cu_k, exc, match):
+    q, k, v = _packed()
+    out = poisoned((9, 4, 5), np.float32)
+    lse = poisoned((9, 4), np.float32)
+    expect_untouched(
+        lambda: numbattn.varlen_attention(q, k, v, cu_q, cu_k, out=out, lse=lse),
+        exc,
+        match,
+        out,
+        lse,
+    )
+
+
+def test_varlen_bad_shapes():
+    q, k, v = _packed()
+    cu_q, cu_k = np.array([0, 4, 9], np.int32), np.array([0, 5, 11], np.int32)
+    out = poisoned((9, 4, 5), np.float32)
+    expect_untouched(
+        lambda: numbattn.varlen_attention(q[None], k, v, cu_q, cu_k, out=out),
+        ValueError,
+        r"q must have 3 dimensions \(Tq, H, d\), got shape \(1, 9, 4, 8\)",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.varlen_attention(q, k, v[:10], cu_q, cu_k, out=out),
+        ValueError,
+        r"v must have token count Tk = 11 \(as k\), got 10",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.varlen_attention(q, k, v, cu_q, cu_k, out=out[:, :3]),
+        ValueError,
+        r"out must have shape \(9, 4, 5\), got \(9, 3, 5\)",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.varlen_attention(
+            q, k[:, :1].repeat(3, 1), v[:, :1].repeat(3, 1), cu_q, cu_k, out=out
+        ),
+        ValueError,
+        r"k must have a number of heads \(axis 0\) that divides q's 4",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.varlen_attention(
+            q, k, v, cu_q, cu_k, bias=np.zeros((4, 9, 10), np.float32), out=out
+        ),
+        ValueError,
+        r"bias of shape \(4, 9, 10\) does not broadcast to \(4, 9, 11\)",
+        out,
+    )
+
+
+def test_merge_bad_input():
+    rng = np.random.default_rng(4)
+    o = [rng.standard_normal((2, 5, 3)).astype(np.float32) for _ in range(2)]
+    lses = [rng.standard_normal((2, 5)).astype(np.float32) for _ in range(2)]
+    out = poisoned((2, 5, 3), np.float32)
+    expect_untouched(
+        lambda: numbattn.merge_attention([], [], out=out),
+        ValueError,
+        r"outs must hold at least one partial result, got 0",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.merge_attention(o, lses[:1], out=out),
+        ValueError,
+        r"lses must hold one lse per partial result: expected 2, got 1",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.merge_attention([o[0], o[1][:, :4]], lses, out=out),
+        ValueError,
+        r"outs\[1\] must have shape \(2, 5, 3\) \(as outs\[0\]\), got \(2, 4, 3\)",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.merge_attention(o, [lses[0], lses[1][:1]], out=out),
+        ValueError,
+        r"lses\[1\] must have shape \(2, 5\), got \(1, 5\)",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.merge_attention([o[0], o[1].astype(np.float64)], lses, out=out),
+        TypeError,
+        r"outs\[1\] must have dtype float32",
+        out,
+    )
+    expect_untouched(
+        lambda: numbattn.merge_attention(o, lses, out=o[1]),
+        ValueError,
+        r"out must not overlap outs\[1\]",
+        o[1],
+    )
+    expect_untouched(
+        lambda: numbattn.merge_attention(o, lses, out=out, lse=out[..., 0]),
+        ValueError,
+        r"lse must not overlap out",
+        out,
     )

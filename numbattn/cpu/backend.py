@@ -46,10 +46,64 @@ def empty(shape, dtype, like=None, stream=None):
     return arr, arr
 
 
-def scores(q, k, out, scale, causal, stream=None):
+def _threads():
+    """Numba's thread count: the kernels interleave their work items for it."""
+    import numba
+
+    return numba.get_num_threads()
+
+
+def constant(value, dtype):
+    """A 1-element host array holding ``value``."""
+    return np.full(1, value, dtype)
+
+
+def _frozen(arr):
+    arr.flags.writeable = False
+    return arr
+
+
+# Stand-ins for absent options, so that one compiled specialisation per dtype
+# serves every call (the kernels never read them: has_bias/has_mask/has_lse).
+_DUMMY_MASK = _frozen(np.zeros((1, 1, 1, 1), dtype=np.bool_))
+_DUMMY = {
+    np.dtype(dt): (_frozen(np.zeros((1, 1, 1, 1), dt)), np.zeros((1, 1, 1), dt))
+    for dt in (np.float32, np.float64)
+}
+
+
+def _options(dtype, bias, mask):
+    dummy_bias, _ = _DUMMY.get(np.dtype(dtype), _DUMMY[np.dtype(np.float64)])
+    return (
+        dummy_bias if bias is None else bias,
+        _DUMMY_MASK if mask is None else mask,
+        bias is not None,
+        mask is not None,
+    )
+
+
+def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None):
     from .kernels import scores_kernel
 
-    _call(scores_kernel, q, k, out, scale, causal, config.CPU_QUERY_TILE, config.CPU_KEY_TILE)
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    _call(
+        scores_kernel,
+        q,
+        k,
+        out,
+        bias_,
+        mask_,
+        seq,
+        int(max_rows),
+        has_bias,
+        has_mask,
+        float(scale),
+        int(window_left),
+        int(window_right),
+        config.CPU_QUERY_TILE,
+        config.CPU_KEY_TILE,
+        _threads(),
+    )
 
 
 def softmax(x, out, stream=None):
@@ -58,9 +112,15 @@ def softmax(x, out, stream=None):
     _call(softmax_kernel, x, out)
 
 
-def attention(q, k, v, out, lse, scale, causal, stream=None):
+def attention(
+    q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None
+):
     from .kernels import attention_kernel
 
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    has_lse = lse is not None
+    if not has_lse:
+        lse = _DUMMY.get(np.dtype(q.dtype), _DUMMY[np.dtype(np.float64)])[1]
     _call(
         attention_kernel,
         q,
@@ -68,8 +128,23 @@ def attention(q, k, v, out, lse, scale, causal, stream=None):
         v,
         out,
         lse,
-        scale,
-        causal,
+        bias_,
+        mask_,
+        seq,
+        int(max_rows),
+        has_lse,
+        has_bias,
+        has_mask,
+        float(scale),
+        int(window_left),
+        int(window_right),
         config.CPU_QUERY_TILE,
         config.CPU_KEY_TILE,
+        _threads(),
     )
+
+
+def merge(o1, l1, o2, l2, out, lse, stream=None):
+    from .kernels import merge_kernel
+
+    _call(merge_kernel, o1, l1, o2, l2, out, lse)

@@ -27,9 +27,23 @@ Design
   K-steps at a time: the 16 A scalars are hoisted into broadcast registers and
   the unit-stride loop over N (vectorised by LLVM to zmm FMAs) loads 4 B
   vectors and updates 4 C rows with 16 FMAs. Used for S = Qs @ Kt and
-  O += P @ V. Under causal masking key tiles entirely above the diagonal are
-  never visited, and inside the diagonal tiles each 4-row block trims its
-  column range (S) and key range (P @ V) to what those rows can see.
+  O += P @ V. With a right window bound (causal: 0) key tiles entirely
+  beyond it are never visited, and inside the boundary tiles each 4-row block
+  trims its column range (S) and key range (P @ V) to what those rows can
+  see. Loops over a row's visible part run on a C-contiguous slice starting
+  at 0: a loop from a runtime start index does not vectorise (Numba's
+  negative-index wraparound), which cost 2x.
+* **Sequence table** (numbattn._sequences): attention and scores take the
+  (G1, G2, 5) table, ``max_rows``, bias / mask (with has_bias / has_mask
+  flags; dummies when absent, so one specialisation serves every call) and
+  the window (left, right; causal is right = 0). The work grid is
+  G1 x G2 x ceil(max_rows / q_tile); a tile past its sequence's Q_ROWS does
+  nothing. Each query tile visits only the key range [lo, hi) its rows can
+  see under the window (``_key_range``); inside a tile each row works on its
+  visible columns [clo, chi) (``_row_range``), and bias / mask are applied
+  element-wise there only when given. GQA: query head b reads key head
+  b // (G2 // Hk). Work items are dealt to the threads in a snake order
+  (``_work_item``) so unequal tiles (causal, windows, varlen) stay balanced.
 * **Row views.** When an array's last axis has unit stride, rows are read
   and written through C-contiguous ``carray`` views built from the data
   pointer (``_row3``/``_row4``), so softmax and the scores output stream with
@@ -216,15 +230,6 @@ def _row4(x, a, b, i):
 
 
 @njit(**_HOPTS)
-def _copy_masked(src, dst, lim, n):
-    """dst[:lim] = src[:lim]; dst[lim:n] = -inf."""
-    for j in range(lim):
-        dst[j] = src[j]
-    for j in range(lim, n):
-        dst[j] = -np.inf
-
-
-@njit(**_HOPTS)
 def _copy_scaled(src, dst, n, s):
     for j in range(n):
         dst[j] = src[j] * s
@@ -293,78 +298,177 @@ def _zero_row(x, n0, n1):
         x[j] = 0
 
 
+@njit(**_HOPTS)
+def _fill(x, n, value):
+    for j in range(n):
+        x[j] = value
+
+
+@njit(**_HOPTS)
+def _copy(src, dst, n):
+    for j in range(n):
+        dst[j] = src[j]
+
+
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
 
 
 @njit(nogil=True, cache=True)
-def _tile_of(w, g2, n_qt, causal):
-    """Work item -> (a, b, query tile index). Under causal masking the tiles
-    of one head are interleaved cheap/expensive so that a static split of the
-    work range stays balanced."""
-    a = w // (g2 * n_qt)
-    b = (w // n_qt) % g2
-    t = w % n_qt
-    if causal:
-        t = t // 2 if t % 2 == 0 else n_qt - 1 - t // 2
-    return a, b, t
+def _work_item(p, chunk, nthr):
+    """Position p of the parallel range -> work item.
+
+    Numba splits ``prange(nthr * chunk)`` into nthr static chunks of
+    ``chunk`` positions; thread c then runs items c, 2*nthr - 1 - c,
+    2*nthr + c, ... (a "snake" over the item grid), so every thread gets a
+    uniform sample of query tiles: costs that grow along a head (causal,
+    windows at the edges) and sequences of different lengths (varlen, key
+    lengths) stay balanced."""
+    c = p // chunk
+    r = p % chunk
+    if r % 2 == 0:
+        return r * nthr + c
+    return r * nthr + (nthr - 1 - c)
+
+
+@njit(nogil=True, cache=True)
+def _key_range(i0, ilast, off, k_len, left, right):
+    """Keys [lo, hi) visible to some query row in [i0, ilast] (window only);
+    0 <= lo <= hi <= k_len."""
+    lo = 0
+    hi = k_len
+    if left >= 0:
+        lo = min(k_len, max(0, i0 + off - left))
+    if right >= 0:
+        hi = max(lo, min(k_len, ilast + off + right + 1))
+    return lo, hi
+
+
+@njit(nogil=True, cache=True)
+def _row_range(i, j0, kn, off, left, right):
+    """Columns [clo, chi) of the key tile starting at j0 (kn keys) that the
+    window lets query row i see."""
+    clo = 0
+    chi = kn
+    if left >= 0:
+        clo = min(kn, max(0, i + off - left - j0))
+    if right >= 0:
+        chi = min(kn, max(0, i + off + right + 1 - j0))
+    return clo, chi
 
 
 @njit(**_OPTS)
-def _scores_impl(q, k, out, scale, causal, q_tile, k_tile):
-    g1, g2, nq, d = q.shape
-    nk = k.shape[2]
-    offset = nk - nq
+def _scores_impl(
+    q,
+    k,
+    out,
+    bias,
+    mask,
+    seq,
+    max_rows,
+    has_bias,
+    has_mask,
+    scale,
+    left,
+    right,
+    q_tile,
+    k_tile,
+    n_threads,
+):
+    g1, g2, _, d = q.shape
+    hk = k.shape[1]
+    group = g2 // hk if hk > 0 else 1
+    ncol = out.shape[3]
     qt = max(q_tile, 1)
     kt = max(k_tile, 1)
-    n_qt = (nq + qt - 1) // qt
+    n_qt = (max_rows + qt - 1) // qt
+    n_items = g1 * g2 * n_qt
+    nthr = max(1, n_threads)
+    chunk = (n_items + nthr - 1) // nthr
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
     qt_pad = (qt + _MR - 1) // _MR * _MR
-    o_unit = nk <= 1 or out.strides[3] == out.itemsize
-    for w in prange(g1 * g2 * n_qt):
-        a, b, t = _tile_of(w, g2, n_qt, causal)
+    o_unit = ncol <= 1 or out.strides[3] == out.itemsize
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        a = w // (g2 * n_qt)
+        b = (w // n_qt) % g2
+        t = w % n_qt
+        q_off = seq[a, b, 0]
+        q_len = seq[a, b, 1]
+        q_rows = seq[a, b, 2]
+        k_off = seq[a, b, 3]
+        k_len = seq[a, b, 4]
         i0 = t * qt
-        i1 = min(i0 + qt, nq)
-        m = i1 - i0
+        if i0 >= q_rows:
+            continue
+        i1 = min(i0 + qt, q_rows)
+        m = max(0, min(i1, q_len) - i0)  # rows with a real query
+        # The sequence owns columns k_off .. ncol - 1 of its rows.
+        lo, hi = _key_range(i0, i0 + m - 1, k_len - q_len, k_len, left, right)
+        if m == 0:
+            lo = hi = 0
+        for r in range(i1 - i0):
+            i = q_off + i0 + r
+            c_lo = k_off + lo if r < m else ncol
+            c_hi = k_off + hi if r < m else ncol
+            if o_unit:
+                orow = _row4(out, a, b, i)
+                _fill(orow[k_off:c_lo], c_lo - k_off, ninf)
+                _fill(orow[c_hi:], ncol - c_hi, ninf)
+            else:
+                for j in range(k_off, c_lo):
+                    out[a, b, i, j] = ninf
+                for j in range(c_hi, ncol):
+                    out[a, b, i, j] = ninf
+        if m == 0 or hi <= lo:
+            continue
+        off = k_len - q_len
+        kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
         qs = np.zeros((qt_pad, d), dtype=dt)
         kp = np.empty((d, kt), dtype=dt)
         s = np.empty((qt_pad, kt), dtype=dt)
         for r in range(m):
             for p in range(d):
-                qs[r, p] = q[a, b, i0 + r, p] * sc
-        kmax = nk
-        if causal:
-            kmax = max(0, min(nk, i1 + offset))
-        for j0 in range(0, kmax, kt):
-            kn = min(kt, nk - j0)
+                qs[r, p] = q[a, b, q_off + i0 + r, p] * sc
+        for j0 in range(lo, hi, kt):
+            kn = min(kt, hi - j0)
             for jj in range(kn):
                 for p in range(d):
-                    kp[p, jj] = k[a, b, j0 + jj, p]
+                    kp[p, jj] = k[a, kb, k_off + j0 + jj, p]
             for r in range(mp):
                 _zero_row(s[r], 0, kn)
-            _gemm_acc(qs, kp, s, mp, kn, d, kn, d)
+            tri = i0 + off + right - j0 if right >= 0 else kn
+            _gemm_acc(qs, kp, s, mp, kn, d, tri, d)
             for r in range(m):
                 i = i0 + r
-                if causal:
-                    lim = min(kn, max(0, i + offset - j0 + 1))
-                else:
-                    lim = kn
+                srow = s[r]
+                clo, chi = _row_range(i, j0, kn, off, left, right)
+                if has_bias or has_mask:
+                    qi = q_off + i
+                    kj = k_off + j0
+                    for jj in range(clo, chi):
+                        x = srow[jj]
+                        if has_bias:
+                            x += bias[a, b, qi, kj + jj]
+                        if has_mask and not mask[a, b, qi, kj + jj]:
+                            x = ninf
+                        srow[jj] = x
                 if o_unit:
-                    orow = _row4(out, a, b, i)
-                    _copy_masked(s[r], orow[j0:], lim, kn)
+                    orow = _row4(out, a, b, q_off + i)
+                    dst = orow[k_off + j0 : k_off + j0 + kn]
+                    _fill(dst, clo, ninf)
+                    _copy(srow[clo:chi], dst[clo:chi], chi - clo)
+                    _fill(dst[chi:], kn - chi, ninf)
                 else:
-                    for jj in range(lim):
-                        out[a, b, i, j0 + jj] = s[r, jj]
-                    for jj in range(lim, kn):
-                        out[a, b, i, j0 + jj] = ninf
-        jstart = (kmax + kt - 1) // kt * kt
-        for r in range(m):
-            for j in range(jstart, nk):
-                out[a, b, i0 + r, j] = ninf
+                    for jj in range(kn):
+                        x = srow[jj] if clo <= jj < chi else ninf
+                        out[a, b, q_off + i, k_off + j0 + jj] = x
 
 
 @njit(**_OPTS)
@@ -411,24 +515,68 @@ def _softmax_impl(x, out):
 
 
 @njit(**_OPTS)
-def _attention_impl(q, k, v, out, lse, scale, causal, q_tile, k_tile):
-    g1, g2, nq, d = q.shape
-    nk = k.shape[2]
+def _attention_impl(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    mask,
+    seq,
+    max_rows,
+    has_lse,
+    has_bias,
+    has_mask,
+    scale,
+    left,
+    right,
+    q_tile,
+    k_tile,
+    n_threads,
+):
+    g1, g2, _, d = q.shape
+    hk = k.shape[1]
+    group = g2 // hk if hk > 0 else 1
     dv = v.shape[3]
-    offset = nk - nq
     qt = max(q_tile, 1)
     kt = max(k_tile, 1)
-    n_qt = (nq + qt - 1) // qt
+    n_qt = (max_rows + qt - 1) // qt
+    n_items = g1 * g2 * n_qt
+    nthr = max(1, n_threads)
+    chunk = (n_items + nthr - 1) // nthr
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
     zero = dt(0.0)
     qt_pad = (qt + _MR - 1) // _MR * _MR
-    for w in prange(g1 * g2 * n_qt):
-        a, b, t = _tile_of(w, g2, n_qt, causal)
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        a = w // (g2 * n_qt)
+        b = (w // n_qt) % g2
+        t = w % n_qt
+        q_off = seq[a, b, 0]
+        q_len = seq[a, b, 1]
+        q_rows = seq[a, b, 2]
+        k_off = seq[a, b, 3]
+        k_len = seq[a, b, 4]
         i0 = t * qt
-        i1 = min(i0 + qt, nq)
-        m = i1 - i0
+        if i0 >= q_rows:
+            continue
+        i1 = min(i0 + qt, q_rows)
+        m = max(0, min(i1, q_len) - i0)  # rows with a real query
+        for i in range(q_off + i0 + m, q_off + i1):  # padding rows
+            for c in range(dv):
+                out[a, b, i, c] = zero
+            if has_lse:
+                lse[a, b, i] = ninf
+        if m == 0:
+            continue
+        off = k_len - q_len
+        kb = b // group
+        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         mp = (m + _MR - 1) // _MR * _MR
         qs = np.zeros((qt_pad, d), dtype=dt)
         kp = np.empty((d, kt), dtype=dt)
@@ -437,76 +585,132 @@ def _attention_impl(q, k, v, out, lse, scale, causal, q_tile, k_tile):
         o = np.zeros((qt_pad, dv), dtype=dt)
         mrow = np.full(qt_pad, ninf, dtype=dt)
         lrow = np.zeros(qt_pad, dtype=dt)
-        for r in range(m):
-            for p in range(d):
-                qs[r, p] = q[a, b, i0 + r, p] * sc
-        kmax = nk
-        if causal:
-            kmax = max(0, min(nk, i1 + offset))
-        for j0 in range(0, kmax, kt):
-            kn = min(kt, kmax - j0)
+        if hi > lo:
+            for r in range(m):
+                for p in range(d):
+                    qs[r, p] = q[a, b, q_off + i0 + r, p] * sc
+        for j0 in range(lo, hi, kt):
+            kn = min(kt, hi - j0)
             for jj in range(kn):
                 for p in range(d):
-                    kp[p, jj] = k[a, b, j0 + jj, p]
+                    kp[p, jj] = k[a, kb, k_off + j0 + jj, p]
             for jj in range(kn):
                 for c in range(dv):
-                    vp[jj, c] = v[a, b, j0 + jj, c]
+                    vp[jj, c] = v[a, kb, k_off + j0 + jj, c]
             for r in range(mp):
                 _zero_row(s[r], 0, kn)
-            tri = i0 + offset - j0 if causal else kn
+            # Window / causal trimming of the products: row block r only
+            # needs columns (and P @ V keys) < tri + r + 4.
+            tri = i0 + off + right - j0 if right >= 0 else kn
             _gemm_acc(qs, kp, s, mp, kn, d, tri, d)
             for r in range(m):
+                i = i0 + r
                 srow = s[r]
-                if causal:
-                    lim = min(kn, max(0, i0 + r + offset - j0 + 1))
-                else:
-                    lim = kn
-                if lim == 0:
+                clo, chi = _row_range(i, j0, kn, off, left, right)
+                if chi <= clo:
                     _zero_row(srow, 0, kn)
                     continue
+                if has_bias or has_mask:
+                    qi = q_off + i
+                    kj = k_off + j0
+                    for jj in range(clo, chi):
+                        x = srow[jj]
+                        if has_bias:
+                            x += bias[a, b, qi, kj + jj]
+                        if has_mask and not mask[a, b, qi, kj + jj]:
+                            x = ninf
+                        srow[jj] = x
                 m_old = mrow[r]
-                m_new = _maxnum(m_old, _rowmax(srow, lim))
+                # Through a C-contiguous slice: loops from 0 vectorise, loops
+                # from a runtime start do not (negative-index wraparound).
+                vis = srow[clo:chi]
+                m_new = _maxnum(m_old, _rowmax(vis, chi - clo))
                 shift = m_new if m_new > ninf else zero
                 if m_old > ninf:
                     alpha = dt(math.exp(m_old - m_new))
                 else:
                     alpha = zero
-                tot = _exp_shift_inplace(srow, lim, shift)
-                _zero_row(srow, lim, kn)
+                tot = _exp_shift_inplace(vis, chi - clo, shift)
+                _zero_row(srow, 0, clo)
+                _zero_row(srow, chi, kn)
                 lrow[r] = lrow[r] * alpha + tot
                 mrow[r] = m_new
                 if alpha != dt(1.0):
                     _scale_row(o[r], dv, alpha)
             _gemm_acc(s, vp, o, mp, dv, kn, dv, tri)
         for r in range(m):
-            i = i0 + r
-            l = lrow[r]
-            if l > zero:
-                inv = dt(1.0) / l
+            i = q_off + i0 + r
+            lsum = lrow[r]
+            if lsum > zero:
+                inv = dt(1.0) / lsum
                 for c in range(dv):
                     out[a, b, i, c] = o[r, c] * inv
-                lse[a, b, i] = mrow[r] + dt(math.log(l))
-            elif l != l:
+                if has_lse:
+                    lse[a, b, i] = mrow[r] + dt(math.log(lsum))
+            elif lsum != lsum:
                 for c in range(dv):
                     out[a, b, i, c] = dt(np.nan)
-                lse[a, b, i] = dt(np.nan)
+                if has_lse:
+                    lse[a, b, i] = dt(np.nan)
             else:
                 for c in range(dv):
                     out[a, b, i, c] = zero
+                if has_lse:
+                    lse[a, b, i] = ninf
+
+
+@njit(**_OPTS)
+def _merge_impl(o1, l1, o2, l2, out, lse):
+    """out, lse = merge of (o1, l1) and (o2, l2); out/lse may be o1/l1."""
+    g1, g2, nq, dv = out.shape
+    dt = out.dtype.type
+    ninf = dt(-np.inf)
+    rows = g1 * g2 * nq
+    per = 64
+    for w in prange((rows + per - 1) // per):
+        for row in range(w * per, min(rows, (w + 1) * per)):
+            a = row // (g2 * nq)
+            b = (row // nq) % g2
+            i = row % nq
+            x1 = l1[a, b, i]
+            x2 = l2[a, b, i]
+            if x1 != x1 or x2 != x2:
+                for c in range(dv):
+                    out[a, b, i, c] = dt(np.nan)
+                lse[a, b, i] = dt(np.nan)
+                continue
+            mx = x1 if x1 > x2 else x2
+            if mx == ninf:
+                for c in range(dv):
+                    out[a, b, i, c] = dt(0.0)
                 lse[a, b, i] = ninf
+                continue
+            w1 = math.exp(float(x1) - float(mx))
+            w2 = math.exp(float(x2) - float(mx))
+            tot = w1 + w2
+            c1 = dt(w1 / tot)
+            c2 = dt(w2 / tot)
+            for c in range(dv):
+                out[a, b, i, c] = c1 * o1[a, b, i, c] + c2 * o2[a, b, i, c]
+            lse[a, b, i] = dt(float(mx) + math.log(tot))
 
 
 # ---------------------------------------------------------------------------
 # One 'A'-layout specialisation per dtype
 # ---------------------------------------------------------------------------
 
+_ELEMENT = {"bool": (types.boolean, np.dtype(np.bool_)), "int": (types.int64, np.dtype(np.int64))}
+
 
 class _OneLayoutKernel:
     """Callable wrapper that runs one 'A'-layout specialisation per dtype.
 
-    ``arg_kinds`` describes the positional arguments: ``'in'`` (read-only
-    array), ``'out'`` (writable array) or a Numba scalar type. Calls whose
-    arrays do not all share one float dtype fall back to the dispatcher.
+    ``arg_kinds`` describes the positional arguments: ``(role, ndim)`` for an
+    array of the call's float dtype, ``role`` being ``'in'`` (read-only) or
+    ``'out'`` (writable); ``('bool', ndim)`` / ``('int', ndim)`` for a
+    read-only bool / int64 array (mask, sequence table); or a Numba scalar
+    type. The float dtype is that of the first argument. Calls whose arrays
+    do not match these dtypes fall back to the dispatcher.
     """
 
     def __init__(self, dispatcher, arg_kinds):
@@ -522,7 +726,10 @@ class _OneLayoutKernel:
         for kind in self._kinds:
             if isinstance(kind, tuple):
                 role, ndim = kind
-                sig.append(types.Array(nbt, ndim, "A", readonly=(role == "in")))
+                if role in _ELEMENT:
+                    sig.append(types.Array(_ELEMENT[role][0], ndim, "A", readonly=True))
+                else:
+                    sig.append(types.Array(nbt, ndim, "A", readonly=(role == "in")))
             else:
                 sig.append(kind)
         return tuple(sig)
@@ -542,8 +749,10 @@ class _OneLayoutKernel:
                 return self._dispatcher(*args)
             fn = self._compile(dtype)
         for arg, kind in zip(args, self._kinds):
-            if isinstance(kind, tuple) and arg.dtype != dtype:
-                return self._dispatcher(*args)
+            if isinstance(kind, tuple):
+                want = _ELEMENT[kind[0]][1] if kind[0] in _ELEMENT else dtype
+                if arg.dtype != want or arg.ndim != kind[1]:
+                    return self._dispatcher(*args)
         return fn(*args)
 
     def __getattr__(self, name):
@@ -554,12 +763,23 @@ class _OneLayoutKernel:
 
 
 _I4, _O4, _I3, _O3 = ("in", 4), ("out", 4), ("in", 3), ("out", 3)
+_MASK, _SEQ = ("bool", 4), ("int", 3)
+_i64, _f64, _bool = types.int64, types.float64, types.boolean
 
+#: scores_kernel(q, k, out, bias, mask, seq, max_rows, has_bias, has_mask,
+#: scale, window_left, window_right, q_tile, k_tile, n_threads)
 scores_kernel = _OneLayoutKernel(
-    _scores_impl, (_I4, _I4, _O4, types.float64, types.boolean, types.int64, types.int64)
+    _scores_impl,
+    (_I4, _I4, _O4, _I4, _MASK, _SEQ, _i64, _bool, _bool, _f64, _i64, _i64, _i64, _i64, _i64),
 )
 softmax_kernel = _OneLayoutKernel(_softmax_impl, (_I3, _O3))
+#: attention_kernel(q, k, v, out, lse, bias, mask, seq, max_rows, has_lse,
+#: has_bias, has_mask, scale, window_left, window_right, q_tile, k_tile,
+#: n_threads)
 attention_kernel = _OneLayoutKernel(
     _attention_impl,
-    (_I4, _I4, _I4, _O4, _O3, types.float64, types.boolean, types.int64, types.int64),
+    (_I4, _I4, _I4, _O4, _O3, _I4, _MASK, _SEQ, _i64, _bool, _bool, _bool)
+    + (_f64, _i64, _i64, _i64, _i64, _i64),
 )
+#: merge_kernel(o1, l1, o2, l2, out, lse)
+merge_kernel = _OneLayoutKernel(_merge_impl, (_I4, _I3, _I4, _I3, _O4, _O3))

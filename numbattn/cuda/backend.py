@@ -401,6 +401,8 @@ def compiled_kernel(kind: str, dtype):
         kern = _attention_kernel(dtype)[0]
     elif kind == "scores":
         kern = _scores_kernel(dtype)[0]
+    elif kind == "merge":
+        kern = _merge_kernel(dtype)
     else:
         kern = _softmax_kernel(dtype)[0]
     for (kid, _), compiled in _compiled.items():
@@ -413,30 +415,124 @@ def _arr(t: str, nd: int) -> str:
     return f"{t}[{','.join([':'] * nd)}]"
 
 
-def _dummy(dtype):
-    arr = _dummies.get(dtype)
+def _dummy(dtype, ndim):
+    """A cached 1-element device array standing in for an absent argument."""
+    key = (np.dtype(dtype), ndim)
+    arr = _dummies.get(key)
     if arr is None:
         from numba import cuda
 
-        arr = _dummies[dtype] = cuda.device_array((1, 1, 1), dtype=dtype)
+        arr = _dummies[key] = cuda.device_array((1,) * ndim, dtype=key[0])
     return arr
 
 
+def constant(value, dtype):
+    """A cached 1-element device array holding ``value`` (re-strided by the caller)."""
+    dtype = np.dtype(dtype)
+    host = np.full(1, value, dtype=dtype)
+    key = ("constant", dtype, host.tobytes())
+    arr = _dummies.get(key)
+    if arr is None:
+        from numba import cuda
+
+        arr = _dummies[key] = cuda.to_device(host)
+    return arr
+
+
+#: Sequence tables up to this many bytes (distinct rows) stay cached on the
+#: device, keyed by their contents and the stream that uploaded them (so a
+#: cached table is always stream-ordered before its users); larger ones are
+#: uploaded on every call.
+_TABLE_CACHE_BYTES = 16384
+_TABLE_CACHE_ENTRIES = 64
+_tables: dict = {}
+
+
+def _seq_table(seq, stream):
+    """Device view (G1, G2, 5) of the host int64 sequence table ``seq``.
+
+    Only the distinct rows are uploaded: a zero (or unit-extent) stride along
+    G1 or G2 keeps one row there, and the device copy is re-strided with zero
+    strides. Small tables are cached by their bytes (the dense case is the
+    same 40-byte table every call).
+    """
+    g1, g2 = seq.shape[:2]
+    base = seq
+    if g1 == 1 or seq.strides[0] == 0:
+        base = base[:1]
+    if g2 == 1 or seq.strides[1] == 0:
+        base = base[:, :1]
+    raw = base.tobytes()
+    key = (id(stream) if stream else 0, g1, g2, base.shape, raw)
+    hit = _tables.get(key)
+    if hit is not None:
+        return hit[0]
+    from numba import cuda
+
+    compact = np.frombuffer(raw, dtype=np.int64).reshape(base.shape)
+    dev = cuda.to_device(compact, stream=stream or 0)
+    n1, n2, ncol = base.shape
+    strides = (0 if n1 == 1 else n2 * ncol * 8, 0 if n2 == 1 else ncol * 8, 8)
+    view = restride(dev, (g1, g2, ncol), strides)
+    if len(raw) <= _TABLE_CACHE_BYTES:
+        with _lock:
+            while len(_tables) >= _TABLE_CACHE_ENTRIES:
+                _tables.pop(next(iter(_tables)))
+            _tables[key] = (view, stream)  # the stream ref keeps id(stream) unique
+    return view
+
+
+def _extras(dtype, bias, mask):
+    has_bias, has_mask = bias is not None, mask is not None
+    if bias is None:
+        bias = _dummy(dtype, 4)
+    if mask is None:
+        mask = _dummy(np.bool_, 4)
+    return bias, mask, has_bias, has_mask
+
+
+def _window(w) -> int:
+    w = int(w)
+    return -1 if w < 0 else w
+
+
 # --------------------------------------------------------------------------
-# Kernels (arrays: numba device arrays shaped (G1, G2, ...), any strides)
+# Kernels (arrays: numba device arrays shaped (G1, G2, ...), any strides;
+# ``seq``: the host int64 sequence table of numbattn._sequences)
 
 
-def scores(q, k, out, scale, causal, stream=0):
-    g1, g2, nq, _ = q.shape
-    nk = k.shape[2]
+def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=0):
+    """Masked, biased scores of every (sequence, query row, column)."""
+    g1, g2 = q.shape[:2]
+    ncol = out.shape[3]
     dtype = np.dtype(q.dtype)
     kern, t = _scores_kernel(dtype)
-    grid = g1 * g2 * (-(-nq // t)) * (-(-nk // t))
+    n_it = -(-int(max_rows) // t)
+    grid = g1 * g2 * n_it * (-(-ncol // t))
     if grid == 0:
         return
+    table = _seq_table(seq, stream)
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
     tn = dtype.name
-    sig = f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {tn}, b1)"
-    _launch(kern, sig, grid, t * t, stream, (q, k, out, dtype.type(scale), bool(causal)))
+    sig = (
+        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr('int64', 3)}, "
+        f"{_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, b1, b1)"
+    )
+    args = (
+        q,
+        k,
+        out,
+        table,
+        bias,
+        mask,
+        dtype.type(scale),
+        n_it,
+        _window(window_left),
+        _window(window_right),
+        has_bias,
+        has_mask,
+    )
+    _launch(kern, sig, grid, t * t, stream, args)
 
 
 def softmax(x, out, stream=0):
@@ -450,39 +546,87 @@ def softmax(x, out, stream=0):
     _launch(kern, sig, g1 * g2, nt, stream, (x, out))
 
 
-def attention(q, k, v, out, lse, scale, causal, stream=0):
-    """Fused attention; ``lse`` may be None (not written)."""
-    g1, g2, nq, _ = q.shape
+def attention(
+    q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, stream=0
+):
+    """Fused attention over the sequences of ``seq``; ``lse`` may be None (not written)."""
+    g1, g2 = q.shape[:2]
     dv = v.shape[3]
     dtype = np.dtype(q.dtype)
     kern, (ty, tx, rq, _rk, _dc, rc) = _attention_kernel(dtype)
     bq, dvc = ty * rq, tx * rc
-    grid = g1 * g2 * (-(-nq // bq))
+    n_qt = -(-int(max_rows) // bq)
+    grid = g1 * g2 * n_qt
     if grid == 0:
         return
+    table = _seq_table(seq, stream)
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
     write_lse = lse is not None
     if lse is None:
-        lse = _dummy(dtype)
+        lse = _dummy(dtype, 3)
     tn = dtype.name
     sig = (
         f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 3)}, "
-        f"{tn}, b1, b1)"
+        f"{_arr('int64', 3)}, {_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, "
+        "b1, b1, b1)"
     )
     sc = dtype.type(scale)
-    causal = bool(causal)
+    wl, wr = _window(window_left), _window(window_right)
     if dv <= dvc:
-        _launch(kern, sig, grid, ty * tx, stream, (q, k, v, out, lse, sc, causal, write_lse))
+        args = (q, k, v, out, lse, table, bias, mask, sc, n_qt, wl, wr, write_lse, has_bias)
+        _launch(kern, sig, grid, ty * tx, stream, args + (has_mask,))
         return
     # dv wider than the register accumulators: one launch per column slice.
     for c0 in range(0, dv, dvc):
         c1 = min(dv, c0 + dvc)
-        vs = v[:, :, :, c0:c1]
-        os_ = out[:, :, :, c0:c1]
-        _launch(
-            kern,
-            sig,
-            grid,
-            ty * tx,
-            stream,
-            (q, k, vs, os_, lse, sc, causal, write_lse and c0 == 0),
+        args = (
+            q,
+            k,
+            v[:, :, :, c0:c1],
+            out[:, :, :, c0:c1],
+            lse,
+            table,
+            bias,
+            mask,
+            sc,
+            n_qt,
+            wl,
+            wr,
+            write_lse and c0 == 0,
+            has_bias,
+            has_mask,
         )
+        _launch(kern, sig, grid, ty * tx, stream, args)
+
+
+_MERGE_THREADS = 128
+
+
+def _merge_kernel(dtype):
+    key = ("merge", np.dtype(dtype), _MERGE_THREADS)
+    kern = _kernels.get(key)
+    if kern is None:
+        from . import kernels
+
+        with _lock:
+            kern = _kernels.setdefault(key, kernels.make_merge(dtype, _MERGE_THREADS))
+    return kern
+
+
+def merge(o1, l1, o2, l2, out, lse, stream=0):
+    """Combine two partial results over disjoint key sets (``out``/``lse`` may
+    be ``o1``/``l1``: in place); ``lse`` may be None (not written)."""
+    g1, g2, nq = o1.shape[:3]
+    rows = g1 * g2 * nq
+    if rows == 0:
+        return
+    dtype = np.dtype(o1.dtype)
+    kern = _merge_kernel(dtype)
+    write_lse = lse is not None
+    if lse is None:
+        lse = _dummy(dtype, 3)
+    tn = dtype.name
+    a3, a4 = _arr(tn, 3), _arr(tn, 4)
+    sig = f"void({a4}, {a3}, {a4}, {a3}, {a4}, {a3}, b1)"
+    grid = -(-rows // _MERGE_THREADS)
+    _launch(kern, sig, grid, _MERGE_THREADS, stream, (o1, l1, o2, l2, out, lse, write_lse))

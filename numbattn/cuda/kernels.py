@@ -14,33 +14,68 @@ stay the accurate libdevice versions (float32 ``math.exp`` maps to
 ``__nv_expf``), which keeps float32 within 1e-5 and float64 within 1e-12 of
 the float64 reference.
 
+Sequences, options and grouped-query attention
+    The attention and scores kernels take q (G1, Hq, ...), k and v
+    (G1, Hk, ...) and a device int64 sequence table ``seq`` (G1, Hq, 5)
+    (:mod:`numbattn._sequences`; zero strides where rows repeat). Block
+    (a, h) reads its row of the table once: query rows ``Q_OFF + i``,
+    keys ``K_OFF + j`` of key head ``h // (Hq // Hk)``. Query tiles run
+    over ``max_rows``; a block whose tile starts at or past its Q_ROWS
+    returns at once (block-uniform, before any barrier). Windows arrive as
+    two ints (-1 unbounded; causal is ``right = 0``); bias (input dtype)
+    and mask (bool) as 4-d arrays indexed like q's rows x k's rows, with
+    ``has_bias``/``has_mask`` flags (1-element dummies when absent), so one
+    compiled kernel per dtype and geometry serves every combination; the
+    flags are block-uniform branches that cost nothing on the fast path.
+
 Fused attention (:func:`make_attention`)
     One block of ``TY*TX`` threads per (batch element, tile of ``BQ = TY*RQ``
     query rows); query tiles are visited last-first so that, under causal
     masking, the heaviest tiles start first. Thread (ty, tx) owns rows
-    ``ty + TY*a`` (a < RQ). Per key tile of ``BK = TX*RK`` keys:
+    ``ty + TY*a`` (a < RQ). The keys any row of the tile can see form one
+    range [lo, hi) (lengths and window, bottom-right aligned per sequence);
+    only the ``ceil((hi - lo) / BK)`` key tiles starting at lo are visited,
+    so causal, windowed and length-masked keys cost no loads and no
+    arithmetic, and keys outside [0, K_LEN) are never read. Per key tile of
+    ``BK = TX*RK`` keys:
 
     1. scores: the thread computes an RQ x RK register micro-tile
        (keys ``tx + TX*b``) from Q^T (resident in shared memory when
        d <= DC, else re-staged per d-chunk) and K^T staged in shared memory
        per chunk of DC dims: RQ+RK shared loads per RQ*RK FMAs;
-    2. online softmax: row maxima and sums over the TX threads sharing a row
+    2. visibility: a tile that every row of the block sees entirely (all
+       rows real, ``j0 >= lo`` of the last row, ``j0 + BK <= hi`` of the
+       first) and no mask takes the fast path, ``s * scale`` (``+ bias``
+       when given); otherwise each element is tested against its row's
+       range ``[lo_i, hi_i)`` and the mask, and the bias is read only for
+       visible elements;
+    3. online softmax: row maxima and sums over the TX threads sharing a row
        go through two small shared buffers (no shuffles); every thread of a
        row computes the same values in the same order, so they agree;
        P = exp(S - m) is written to shared memory (aliasing the K^T tile,
-       dead by then);
-    3. P @ V: the thread accumulates an RQ x RC register tile of the output
+       dead by then); a row whose scores are all -inf so far (window, mask,
+       -inf bias) keeps m = -inf and exponentiates against 0, never NaN;
+    4. P @ V: the thread accumulates an RQ x RC register tile of the output
        (columns ``tx + TX*c``) from P and the V tile in shared memory.
 
-    Fully masked key tiles (causal) are never visited. dv is limited to
-    ``DVC = TX*RC`` per launch; the backend splits larger dv into several
-    launches over column slices of V and out (each recomputes the scores).
-    Shared-memory rows are padded (+1) so the transposed stores and the
-    strided reads are bank-conflict free.
+    Rows ``Q_LEN <= i < Q_ROWS`` and rows that see no key get zeros and
+    lse = -inf. dv is limited to ``DVC = TX*RC`` per launch; the backend
+    splits larger dv into several launches over column slices of V and out
+    (each recomputes the scores). Shared-memory rows are padded (+1) so the
+    transposed stores and the strided reads are bank-conflict free. The
+    options add no shared memory; registers: a handful of block-uniform
+    scalars (table row, lo/hi bounds, flags) and two per-row bounds in the
+    visibility step.
 
 Scores (:func:`make_scores`)
     Classic T x T shared-memory tiling (one output per thread, d in chunks
-    of T); a fully masked tile (causal) skips the products and writes -inf.
+    of T). Sequence (a, h) writes its rows ``Q_OFF + i`` (i < Q_ROWS) across
+    all columns (column c is its key ``c - K_OFF``); a tile none of whose
+    rows sees any of its keys skips the products and writes -inf.
+
+Merge (:func:`make_merge`)
+    One thread per row combines two partial results: weights
+    ``exp(l - max(l1, l2))``; elementwise, so it may run in place.
 
 Softmax (:func:`make_softmax`)
     One block of NT threads per row; strided loops over the row (any N);
@@ -64,10 +99,17 @@ def _types(dtype):
 def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
     """Fused attention kernel for one geometry (see the module docstring).
 
-    Signature: ``kernel(q, k, v, out, lse, scale, causal, write_lse)`` with
-    q (G1, G2, Nq, d), k (G1, G2, Nk, d), v (G1, G2, Nk, dv <= TX*RC),
-    out (G1, G2, Nq, dv), lse (G1, G2, Nq) (ignored unless write_lse),
-    scale of the array dtype. Launch: grid = G1*G2*ceil(Nq/BQ), block = TY*TX.
+    Signature::
+
+        kernel(q, k, v, out, lse, seq, bias, mask, scale, n_qt,
+               window_left, window_right, write_lse, has_bias, has_mask)
+
+    q (G1, Hq, Tq, d), k (G1, Hk, Tk, d), v (G1, Hk, Tk, dv <= TX*RC),
+    out (G1, Hq, Tq, dv), lse (G1, Hq, Tq) (ignored unless write_lse),
+    seq int64 (G1, Hq, 5) (:mod:`numbattn._sequences`), bias (G1, Hq, Tq, Tk)
+    of the array dtype and mask bool (G1, Hq, Tq, Tk) (any 4-d dummy unless
+    has_bias / has_mask), scale of the array dtype, n_qt = ceil(max_rows/BQ),
+    windows -1 = unbounded. Launch: grid = G1*Hq*n_qt, block = TY*TX.
     """
     nt, sc_t = _types(dtype)
     NT = TY * TX
@@ -84,9 +126,26 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
     ONE = sc_t(1.0)
+    BIG = 1 << 40  # "unbounded" window side, far beyond any index
 
     @cuda.jit
-    def attention_kernel(q, k, v, out, lse, scale, causal, write_lse):
+    def attention_kernel(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        seq,
+        bias,
+        mask,
+        scale,
+        n_qt,
+        wl,
+        wr,
+        write_lse,
+        has_bias,
+        has_mask,
+    ):
         sh = cuda.shared.array(TOTAL, nt)
         acc = cuda.local.array((RQ, RC), nt)
         s = cuda.local.array((RQ, RK), nt)
@@ -98,28 +157,51 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         vc = cuda.local.array(RC, nt)
 
         g2n = q.shape[1]
-        nq = q.shape[2]
         d = q.shape[3]
-        nk = k.shape[2]
         dv = v.shape[3]
-        n_qt = (nq + BQ - 1) // BQ
         bid = cuda.blockIdx.x
         qt = n_qt - 1 - bid % n_qt
         rest = bid // n_qt
         b2 = rest % g2n
         b1 = rest // g2n
+        i0 = qt * BQ
+        q_rows = seq[b1, b2, 2]
+        if i0 >= q_rows:
+            return  # whole block: past this sequence's rows
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        hk = b2 // (g2n // k.shape[1])  # grouped-query attention
         tid = cuda.threadIdx.x
         tx = tid % TX
         ty = tid // TX
-        i0 = qt * BQ
-        offset = nk - nq
+        offset = k_len - q_len
 
-        kend = nk
-        if causal:
-            kend = min(nk, min(i0 + BQ, nq) + offset)
-            if kend < 0:
-                kend = 0
-        n_kt = (kend + BK - 1) // BK
+        # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
+        # block constants, so the per-element test has no window branches.
+        lo_base = -BIG
+        hi_base = BIG
+        if wl >= 0:
+            lo_base = offset - wl
+        if wr >= 0:
+            hi_base = offset + wr + 1
+        # Keys [lo, hi) are the only ones any row of this tile can see. A
+        # key tile [j0, j0 + BK) needs no per-element test when every row
+        # sees all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no
+        # mask; hi_min = -1 forces the test.
+        lo = 0
+        hi = 0
+        if i0 < q_len:
+            lo = max(0, i0 + lo_base)
+            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
+        lo_max = i0 + BQ - 1 + lo_base
+        hi_min = min(k_len, i0 + hi_base)
+        if has_mask or i0 + BQ > q_len:
+            hi_min = -1
+        n_kt = 0
+        if hi > lo:
+            n_kt = (hi - lo + BK - 1) // BK
         q_resident = d <= DC
 
         for a in range(RQ):
@@ -128,29 +210,29 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
             for c in range(RC):
                 acc[a, c] = ZERO
 
-        if q_resident:
+        if q_resident and n_kt > 0:
             for idx in range(tid, BQ * DC, NT):
                 r = idx // DC
                 p = idx % DC
                 i = i0 + r
                 val = ZERO
-                if i < nq and p < d:
-                    val = q[b1, b2, i, p]
+                if i < q_len and p < d:
+                    val = q[b1, b2, q_off + i, p]
                 sh[p * QS + r] = val
 
         for kt in range(n_kt):
-            j0 = kt * BK
+            j0 = lo + kt * BK
             for a in range(RQ):
                 for b in range(RK):
                     s[a, b] = ZERO
-            # V tile (BK x DVC), zero-padded.
+            # V tile (BK x DVC), zero-padded past hi.
             for idx in range(tid, BK * DVC, NT):
                 j = idx // DVC
                 c = idx % DVC
                 jj = j0 + j
                 val = ZERO
-                if jj < nk and c < dv:
-                    val = v[b1, b2, jj, c]
+                if jj < hi and c < dv:
+                    val = v[b1, hk, k_off + jj, c]
                 sh[OFF_V + idx] = val
             # S = Q K^T, d in chunks of DC.
             for p0 in range(0, d, DC):
@@ -163,8 +245,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                         i = i0 + r
                         pp = p0 + p
                         val = ZERO
-                        if i < nq and pp < d:
-                            val = q[b1, b2, i, pp]
+                        if i < q_len and pp < d:
+                            val = q[b1, b2, q_off + i, pp]
                         sh[p * QS + r] = val
                 for idx in range(tid, BK * DC, NT):
                     j = idx // DC
@@ -172,8 +254,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                     jj = j0 + j
                     pp = p0 + p
                     val = ZERO
-                    if jj < nk and pp < d:
-                        val = k[b1, b2, jj, pp]
+                    if jj < hi and pp < d:
+                        val = k[b1, hk, k_off + jj, pp]
                     sh[OFF_K + p * KS + j] = val
                 cuda.syncthreads()
                 pc = min(DC, d - p0)
@@ -185,16 +267,32 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                     for a in range(RQ):
                         for b in range(RK):
                             s[a, b] += qa[a] * kb[b]
-            # Scale, mask, partial row maxima.
+            # Scale, visibility / mask / bias, partial row maxima.
+            check = j0 < lo_max or j0 + BK > hi_min
+            # Key jj is visible to row i iff lo_base <= jj - i < hi_base,
+            # jj < k_len and i < q_len; jj - i = diag + (TX*b - TY*a) with
+            # one per-tile value and compile-time offsets (no per-row
+            # bounds for the compiler to hoist into registers).
+            diag = j0 - i0 + tx - ty
+            kmax = k_len - j0 - tx  # visible keys need TX*b < kmax
+            rmax = q_len - i0 - ty  # real rows need TY*a < rmax
             for a in range(RQ):
                 r = ty + TY * a
                 i = i0 + r
                 mx = NINF
                 for b in range(RK):
-                    jj = j0 + tx + TX * b
                     t = s[a, b] * scale
-                    if jj >= nk or (causal and jj > i + offset):
-                        t = NINF
+                    if check or has_bias:
+                        vis = True
+                        if check:
+                            u = diag + (TX * b - TY * a)
+                            vis = u >= lo_base and u < hi_base and TX * b < kmax and TY * a < rmax
+                            if vis and has_mask:
+                                vis = mask[b1, b2, q_off + i, k_off + j0 + tx + TX * b]
+                        if not vis:
+                            t = NINF
+                        elif has_bias:
+                            t += bias[b1, b2, q_off + i, k_off + j0 + tx + TX * b]
                     s[a, b] = t
                     if t > mx or t != t:
                         mx = t
@@ -241,23 +339,23 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
 
         for a in range(RQ):
             i = i0 + ty + TY * a
-            if i < nq:
+            if i < q_rows:
                 m = mrow[a]
                 if m == NINF:
                     for c in range(RC):
                         col = tx + TX * c
                         if col < dv:
-                            out[b1, b2, i, col] = ZERO
+                            out[b1, b2, q_off + i, col] = ZERO
                     if write_lse and tx == 0:
-                        lse[b1, b2, i] = NINF
+                        lse[b1, b2, q_off + i] = NINF
                 else:
                     inv = ONE / lrow[a]
                     for c in range(RC):
                         col = tx + TX * c
                         if col < dv:
-                            out[b1, b2, i, col] = acc[a, c] * inv
+                            out[b1, b2, q_off + i, col] = acc[a, c] * inv
                     if write_lse and tx == 0:
-                        lse[b1, b2, i] = m + math.log(lrow[a])
+                        lse[b1, b2, q_off + i] = m + math.log(lrow[a])
 
     attention_kernel.geometry = dict(
         threads=NT,
@@ -277,22 +375,28 @@ def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC):
 
 
 def make_scores(dtype, T):
-    """``kernel(q, k, out, scale, causal)``; grid = G1*G2*ceil(Nq/T)*ceil(Nk/T), block = T*T."""
+    """Scores kernel for a T x T tile.
+
+    Signature: ``kernel(q, k, out, seq, bias, mask, scale, n_it, window_left,
+    window_right, has_bias, has_mask)`` with the arrays of
+    :func:`make_attention` and out (G1, Hq, Tq, Tk). Sequence (a, h) writes
+    rows ``Q_OFF + i`` (i < Q_ROWS) of out, every column c (Tk of them), the
+    column's local key being ``c - K_OFF``. Launch: grid =
+    G1*Hq*n_it*ceil(Tk/T) with n_it = ceil(max_rows/T), block = T*T.
+    """
     nt, sc_t = _types(dtype)
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
     T1 = T + 1  # padded rows: conflict-free column reads
 
     @cuda.jit
-    def scores_kernel(q, k, out, scale, causal):
+    def scores_kernel(q, k, out, seq, bias, mask, scale, n_it, wl, wr, has_bias, has_mask):
         sq = cuda.shared.array((T, T1), nt)
         sk = cuda.shared.array((T, T1), nt)
         g2n = q.shape[1]
-        nq = q.shape[2]
         d = q.shape[3]
-        nk = k.shape[2]
-        n_it = (nq + T - 1) // T
-        n_jt = (nk + T - 1) // T
+        ncol = out.shape[3]
+        n_jt = (ncol + T - 1) // T
         bid = cuda.blockIdx.x
         jt = bid % n_jt
         rest = bid // n_jt
@@ -300,36 +404,117 @@ def make_scores(dtype, T):
         rest = rest // n_it
         b2 = rest % g2n
         b1 = rest // g2n
+        i0 = it * T
+        q_rows = seq[b1, b2, 2]
+        if i0 >= q_rows:
+            return
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        hk = b2 // (g2n // k.shape[1])
         tx = cuda.threadIdx.x % T
         ty = cuda.threadIdx.x // T
-        i = it * T + ty
-        j = jt * T + tx
-        offset = nk - nq
-        skip = causal and jt * T > min(it * T + T, nq) - 1 + offset
+        offset = k_len - q_len
+        i = i0 + ty
+        j0 = jt * T - k_off  # local key of the tile's first column
+        j = j0 + tx
+        # Keys any row of the tile sees: [lo, hi); skip the products if the
+        # tile's keys [j0, j0 + T) miss it.
+        lo = 0
+        hi = k_len
+        if i0 >= q_len:
+            hi = 0
+        else:
+            if wl >= 0:
+                lo = i0 + offset - wl
+            if wr >= 0:
+                hi = min(k_len, min(i0 + T, q_len) - 1 + offset + wr + 1)
+        skip = j0 + T <= lo or j0 >= hi or hi <= lo
         acc = ZERO
         if not skip:
             for p0 in range(0, d, T):
                 pp = p0 + tx
                 val = ZERO
-                if i < nq and pp < d:
-                    val = q[b1, b2, i, pp]
+                if i < q_len and pp < d:
+                    val = q[b1, b2, q_off + i, pp]
                 sq[ty, tx] = val
-                jl = jt * T + ty
+                jl = j0 + ty
                 val = ZERO
-                if jl < nk and pp < d:
-                    val = k[b1, b2, jl, pp]
+                if jl >= 0 and jl < k_len and pp < d:
+                    val = k[b1, hk, k_off + jl, pp]
                 sk[ty, tx] = val
                 cuda.syncthreads()
                 for p in range(T):
                     acc += sq[ty, p] * sk[tx, p]
                 cuda.syncthreads()
-        if i < nq and j < nk:
-            if causal and j > i + offset:
-                out[b1, b2, i, j] = NINF
+        c = jt * T + tx
+        if i < q_rows and c < ncol:
+            vis = (not skip) and i < q_len and j >= 0 and j < k_len
+            if vis and wl >= 0:
+                vis = j >= i + offset - wl
+            if vis and wr >= 0:
+                vis = j <= i + offset + wr
+            if vis and has_mask:
+                vis = mask[b1, b2, q_off + i, c]
+            if vis:
+                t = acc * scale
+                if has_bias:
+                    t += bias[b1, b2, q_off + i, c]
+                out[b1, b2, q_off + i, c] = t
             else:
-                out[b1, b2, i, j] = acc * scale
+                out[b1, b2, q_off + i, c] = NINF
 
     return scores_kernel
+
+
+def make_merge(dtype, NT):
+    """``kernel(o1, l1, o2, l2, out, lse, write_lse)``: combine two partial results.
+
+    o (G1, G2, Nq, dv), l (G1, G2, Nq); one thread per row, so ``out``/``lse``
+    may be ``o1``/``l1`` (or ``o2``/``l2``) themselves: a thread reads each
+    element before writing it. Launch: grid = ceil(G1*G2*Nq / NT), block = NT.
+    """
+    _, sc_t = _types(dtype)
+    NINF = sc_t(-np.inf)
+    ZERO = sc_t(0.0)
+    ONE = sc_t(1.0)
+
+    @cuda.jit
+    def merge_kernel(o1, l1, o2, l2, out, lse, write_lse):
+        g2n = o1.shape[1]
+        nq = o1.shape[2]
+        dv = o1.shape[3]
+        row = cuda.blockIdx.x * NT + cuda.threadIdx.x
+        if row >= o1.shape[0] * g2n * nq:
+            return
+        i = row % nq
+        rest = row // nq
+        b2 = rest % g2n
+        b1 = rest // g2n
+        x1 = l1[b1, b2, i]
+        x2 = l2[b1, b2, i]
+        m = x1
+        if x2 > x1 or x2 != x2:
+            m = x2
+        if m == NINF:
+            for c in range(dv):
+                out[b1, b2, i, c] = ZERO
+            if write_lse:
+                lse[b1, b2, i] = NINF
+            return
+        w1 = math.exp(x1 - m)
+        w2 = math.exp(x2 - m)
+        tot = w1 + w2
+        inv = ONE / tot
+        w1 *= inv
+        w2 *= inv
+        for c in range(dv):
+            out[b1, b2, i, c] = w1 * o1[b1, b2, i, c] + w2 * o2[b1, b2, i, c]
+        if write_lse:
+            lse[b1, b2, i] = m + math.log(tot)
+
+    return merge_kernel
 
 
 def make_softmax(dtype, NT, CACHE):
