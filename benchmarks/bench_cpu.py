@@ -1,0 +1,115 @@
+"""numbattn on the CPU: time over the parameter grids, peak memory.
+
+Compilation (or the load of the ``cache=True`` kernels) happens in ``setup``
+with the benchmark's own inputs, never inside a timed call. Inputs are cut
+from one random pool built once per run (``setup_cache``).
+"""
+
+import numbattn
+
+from . import common as C
+
+
+class _Base:
+    timeout = C.TIMEOUT
+    repeat = C.REPEAT
+    setup_cache = staticmethod(C.build_pool)  # shared by every suite (one key)
+
+
+class AttentionCPU(_Base):
+    """Fused attention ``numbattn.attention(q, k, v, causal=...)``."""
+
+    params = C.ATTENTION_PARAMS
+    param_names = C.ATTENTION_NAMES
+
+    def setup(self, pool, dtype, bh, n, d, causal):
+        b, h = C.split_bh(bh)
+        C.check_size(b, h, n)
+        self.q, self.k, self.v = C.attention_inputs(pool, dtype, b, h, n, d)
+        self.causal = causal
+        numbattn.attention(self.q, self.k, self.v, causal=causal)  # compile / load
+
+    def time_attention(self, pool, dtype, bh, n, d, causal):
+        numbattn.attention(self.q, self.k, self.v, causal=self.causal)
+
+
+class ScoresCPU(_Base):
+    """Blocked pairwise scores ``numbattn.scores(q, k, causal=...)``."""
+
+    params = C.SCORES_PARAMS
+    param_names = C.SCORES_NAMES
+
+    def setup(self, pool, dtype, bh, n, d, causal):
+        b, h = C.split_bh(bh)
+        C.check_size(b, h, n)
+        self.q, self.k = C.attention_inputs(pool, dtype, b, h, n, d, count=2)
+        self.causal = causal
+        numbattn.scores(self.q, self.k, causal=causal)
+
+    def time_scores(self, pool, dtype, bh, n, d, causal):
+        numbattn.scores(self.q, self.k, causal=self.causal)
+
+
+class SoftmaxCPU(_Base):
+    """Row-wise softmax over a (B, H, N, N) array."""
+
+    params = C.SOFTMAX_PARAMS
+    param_names = C.SOFTMAX_NAMES
+
+    def setup(self, pool, dtype, bh, n):
+        b, h = C.split_bh(bh)
+        C.check_size(b, h, n)
+        self.x = C.softmax_input(pool, dtype, b, h, n)
+        numbattn.softmax(self.x)
+
+    def time_softmax(self, pool, dtype, bh, n):
+        numbattn.softmax(self.x)
+
+
+MEMORY_SHAPES = ["1x1x16384x64", "1x8x4096x64"]
+
+
+class MemoryCPU(_Base):
+    """Peak memory of attention. ``peakmem_*`` is the whole process's peak
+    resident size (interpreter, Numba, inputs included); ``track_*_extra_mib``
+    is the peak above the resident set just before the call, i.e. what the
+    call itself needs, its output included. Target at 1x1x16384x64: < 64 MiB
+    above the inputs (the output is 4 MiB)."""
+
+    params = MEMORY_SHAPES
+    param_names = ("B x H x N x d (float32)",)
+    repeat = 1
+    number = 1
+
+    def setup(self, pool, shape):
+        b, h, n, d = map(int, shape.split("x"))
+        numbattn.attention(*C.attention_inputs(pool, "float32", 1, 1, 8, d))  # compile only
+        self.q, self.k, self.v = C.attention_inputs(pool, "float32", b, h, n, d)
+
+    def peakmem_attention(self, pool, shape):
+        numbattn.attention(self.q, self.k, self.v)
+
+    def track_attention_extra_mib(self, pool, shape):
+        return C.peak_rss_increase_mib(lambda: numbattn.attention(self.q, self.k, self.v))
+
+    track_attention_extra_mib.unit = "MiB"
+
+
+class ScoresMemoryCPU(_Base):
+    """Peak memory of scores at 1x8x2048x64 float32: its output alone is
+    1x8x2048x2048 float32 = 128 MiB."""
+
+    repeat = 1
+    number = 1
+
+    def setup(self, pool):
+        numbattn.scores(*C.attention_inputs(pool, "float32", 1, 1, 8, 64, count=2))
+        self.q, self.k = C.attention_inputs(pool, "float32", 1, 8, 2048, 64, count=2)
+
+    def peakmem_scores(self, pool):
+        numbattn.scores(self.q, self.k)
+
+    def track_scores_extra_mib(self, pool):
+        return C.peak_rss_increase_mib(lambda: numbattn.scores(self.q, self.k))
+
+    track_scores_extra_mib.unit = "MiB"

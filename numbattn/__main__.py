@@ -1,0 +1,330 @@
+"""Command line: ``python -m numbattn {info,bench}`` (also the ``numbattn`` script).
+
+``info``
+    Versions (numbattn, numba, llvmlite, numpy, numba-cuda, torch), the Numba
+    threading layer and thread count, and whether CUDA is usable (and which
+    device).
+``bench``
+    Checks every kernel against :mod:`numbattn.reference` on a problem set
+    (outputs poisoned with NaN first; relative error ||out-ref||/||ref|| within
+    1e-5 for float32, 1e-12 for float64), then times it and the baselines
+    (batched NumPy; torch, SDPA for attention, when installed) and prints a
+    table, or JSON with ``--json``. Progress goes to stderr.
+
+Exit status: 0 success; 1 a check failed; 2 bad usage, or ``--device cuda``
+where CUDA is not usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+from importlib import metadata
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _threading() -> dict:
+    """Numba's threading layer as numbattn's kernels get it (runs a tiny one)."""
+    import numba
+    import numpy as np
+
+    import numbattn
+
+    info = {
+        "threads": numba.get_num_threads(),
+        "max_threads": numba.config.NUMBA_NUM_THREADS,
+        "requested_layer": numba.config.THREADING_LAYER,
+        "layer": None,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        numbattn.softmax(np.zeros((1, 1, 4)))
+        info["layer"] = numba.threading_layer()
+    except Exception as exc:  # report, don't crash `info`
+        info["layer"] = f"unknown ({type(exc).__name__}: {exc})"
+    return info
+
+
+def _cuda_info() -> dict:
+    from ._bench import cuda_problem
+
+    problem = cuda_problem()
+    info: dict = {"usable": problem is None, "reason": problem, "device": None}
+    if problem is None:
+        try:
+            from numba import cuda
+
+            dev = cuda.get_current_device()
+            name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+            info["device"] = {
+                "id": dev.id,
+                "name": name,
+                "compute_capability": list(dev.compute_capability),
+            }
+        except Exception as exc:
+            info["device"] = f"unknown ({type(exc).__name__}: {exc})"
+    return info
+
+
+def collect_info() -> dict:
+    import numbattn
+
+    return {
+        "numbattn": numbattn.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numba": _version("numba"),
+        "llvmlite": _version("llvmlite"),
+        "numpy": _version("numpy"),
+        "numba-cuda": _version("numba-cuda"),
+        "torch": _version("torch"),
+        "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR") or None,
+        "threading": _threading(),
+        "cuda": _cuda_info(),
+    }
+
+
+def cmd_info(args) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    na = "not installed"
+    th, cu = info["threading"], info["cuda"]
+    lines = [
+        f"numbattn    {info['numbattn']}",
+        f"python      {info['python']} ({info['platform']})",
+        f"numba       {info['numba'] or na}",
+        f"llvmlite    {info['llvmlite'] or na}",
+        f"numpy       {info['numpy'] or na}",
+        f"numba-cuda  {info['numba-cuda'] or na}",
+        f"torch       {info['torch'] or na}",
+        f"threading   layer {th['layer']} (NUMBA_THREADING_LAYER={th['requested_layer']}), "
+        f"{th['threads']} threads of {th['max_threads']} (os.cpu_count() = {th['cpu_count']})",
+    ]
+    if cu["usable"]:
+        dev = cu["device"]
+        if isinstance(dev, dict):
+            cc = ".".join(map(str, dev["compute_capability"]))
+            dev = f"device {dev['id']}: {dev['name']} (compute capability {cc})"
+        lines.append(f"cuda        usable: {dev}")
+    else:
+        lines.append(f"cuda        not usable: {cu['reason']}")
+    print("\n".join(lines))
+    return 0
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(x) for x in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,H,N,d (four positive integers), got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _csv(choices):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def cmd_bench(args) -> int:
+    import numba
+
+    from . import _bench as B
+
+    progress_on = not args.no_progress
+
+    def say(msg: str) -> None:
+        if progress_on:
+            print(msg, file=sys.stderr, flush=True)
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    threads = numba.get_num_threads()
+
+    if args.device == "cuda":
+        problem = B.cuda_problem()
+        if problem is not None:
+            print(f"numbattn bench: CUDA is not usable here: {problem}", file=sys.stderr)
+            return 2
+        backend = B.CudaBackend()
+    else:
+        backend = B.CpuBackend()
+
+    if args.shape or args.kernel or args.dtype or args.causal:
+        shapes = args.shape or (
+            [(2, 2, 160, 32)] if args.quick else [(1, 8, 2048, 64), (4, 8, 512, 64)]
+        )
+        causal = {"no": [False], "yes": [True], "both": [False, True]}[args.causal or "both"]
+        problems = B.build_problems(
+            args.kernel or B.KERNELS, shapes, args.dtype or ["float32"], causal
+        )
+    else:
+        problems = B.quick_problems() if args.quick else B.default_problems()
+
+    torch_runner = None
+    torch_note = "not installed"
+    if args.no_baselines or args.no_torch:
+        torch_note = "skipped"
+    else:
+        torch = B._torch()
+        if torch is not None:
+            if args.device == "cuda" and not torch.cuda.is_available():
+                torch_note = f"torch {torch.__version__} has no CUDA here"
+            else:
+                torch_runner = B.TorchRunner(torch, args.device, threads)
+                torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+    opts = B.Options(
+        min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.5),
+        min_repeat=args.min_repeat,
+        max_repeat=args.max_repeat,
+        baselines=not args.no_baselines,
+        threads=threads,
+    )
+    say(
+        f"numbattn bench: {len(problems)} problems on {backend.name}, numba "
+        f"{numba.__version__} with {threads} threads; baselines: "
+        f"{'NumPy, ' + torch_note if opts.baselines else 'skipped'}"
+    )
+    records = []
+    for i, p in enumerate(problems, 1):
+        prefix = f"[{i}/{len(problems)}] {p.label}:"
+        say(f"{prefix} compiling/checking ...")
+        opts.progress = (lambda pre: lambda msg: say(f"{pre} {msg}"))(prefix)
+        records.append(B.run_problem(p, backend, torch_runner, opts))
+
+    failed = [r for r in records if not r["check"]["ok"]]
+    if args.json:
+        doc = {
+            "numbattn": collect_versions(),
+            "device": backend.name,
+            "threads": threads,
+            "rate_units": {
+                "GFLOP/s": "attention 4*B*H*N*N*d (halved if causal), scores 2*B*H*N*N*d",
+                "GB/s": "softmax: 2*elements*itemsize bytes (read + write)",
+            },
+            "ratios": "vs_numpy / vs_torch = baseline median / numbattn median (>1: numbattn faster)",
+            "all_ok": not failed,
+            "results": records,
+        }
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default))
+    else:
+        print(B.table(records))
+        print(
+            "\nmedian of repeated calls; rate: GFLOP/s (attention 4*B*H*N^2*d, halved if causal; "
+            "scores 2*B*H*N^2*d) or GB/s (softmax, 2 x bytes of x);\n"
+            "vs NumPy / vs torch: baseline time / numbattn time (above 1: numbattn faster); "
+            f"NumPy baseline runs on the host; torch: {torch_note}."
+        )
+    if failed:
+        print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _finite(o):
+    """JSON has no inf/NaN: non-finite floats (a failed check's error) become null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def collect_versions() -> dict:
+    import numbattn
+
+    return {
+        "version": numbattn.__version__,
+        "numba": _version("numba"),
+        "numpy": _version("numpy"),
+        "torch": _version("torch"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m numbattn", description="numbattn: information and benchmarks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench}")
+
+    p_info = sub.add_parser("info", help="versions, threading layer, CUDA device")
+    p_info.add_argument("--json", action="store_true", help="machine-readable output")
+    p_info.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "bench",
+        help="check every kernel against the reference, then time it",
+        description=(
+            "Check each kernel against numbattn.reference, then time it against the "
+            "NumPy and torch baselines. Without --shape/--kernel/--dtype/--causal it runs "
+            "the default problem set (attention 1x8x2048x64 and 4x8x512x64 float32, causal "
+            "and not; scores and softmax 4x8x512x64), or --quick's tiny one."
+        ),
+    )
+    p.add_argument("--quick", action="store_true", help="tiny CI-sized problems (both dtypes)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        metavar="B,H,N,d",
+        help="problem size (repeatable); softmax runs on B x H x N x N",
+    )
+    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax")), metavar="LIST",
+                   help="comma-separated kernels (default all)")  # fmt: skip
+    p.add_argument("--dtype", type=_csv(("float32", "float64")), metavar="LIST",
+                   help="float32, float64 or both comma-separated (default float32)")  # fmt: skip
+    p.add_argument("--causal", choices=("no", "yes", "both"), help="default both")
+    p.add_argument("--threads", type=int, default=0, help="Numba (and torch) threads")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of samples per timing (default 0.5; 0.02 with --quick)")  # fmt: skip
+    p.add_argument("--min-repeat", type=int, default=3)
+    p.add_argument("--max-repeat", type=int, default=50)
+    p.add_argument("--no-baselines", action="store_true", help="time numbattn only")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "min_repeat", 1) < 1 or getattr(args, "max_repeat", 1) < 1:
+        print("numbattn bench: --min-repeat and --max-repeat must be >= 1", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

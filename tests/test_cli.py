@@ -1,0 +1,138 @@
+"""The command line: ``python -m numbattn info`` and ``bench``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numbattn
+from numbattn import __main__ as cli
+from numbattn import _bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "numbattn", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_info_text():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    for word in ("numbattn", "numba", "llvmlite", "numpy", "numba-cuda", "threading", "cuda"):
+        assert word in r.stdout
+    assert numbattn.__version__ in r.stdout
+
+
+def test_info_json():
+    r = run_cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["numbattn"] == numbattn.__version__
+    for key in ("numba", "llvmlite", "numpy", "numba-cuda", "threading", "cuda"):
+        assert key in info
+    assert info["threading"]["threads"] >= 1
+    assert info["threading"]["layer"] in ("omp", "tbb", "workqueue")
+    assert isinstance(info["cuda"]["usable"], bool)
+    if not info["cuda"]["usable"]:
+        assert info["cuda"]["reason"]
+
+
+def test_bench_quick_json():
+    r = run_cli("bench", "--quick", "--json", "--max-repeat", "5")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["all_ok"] is True
+    assert doc["device"] == "cpu"
+    results = doc["results"]
+    assert {x["kernel"] for x in results} == {"attention", "scores", "softmax"}
+    assert {x["dtype"] for x in results} == {"float32", "float64"}
+    assert {x["causal"] for x in results if x["kernel"] == "attention"} == {False, True}
+    keys = {"kernel", "backend", "dtype", "shape", "causal", "check", "median_s", "rate",
+            "rate_unit", "numpy_s", "vs_numpy", "torch_s", "vs_torch"}  # fmt: skip
+    for x in results:
+        assert keys <= x.keys()
+        assert x["check"]["ok"] is True
+        assert x["check"]["rel_err"] <= x["check"]["tol"]
+        assert x["median_s"] > 0 and x["rate"] > 0
+        assert x["numpy_s"] > 0 and x["vs_numpy"] > 0
+        assert x["rate_unit"] == ("GB/s" if x["kernel"] == "softmax" else "GFLOP/s")
+        if x["torch_s"] is not None:
+            assert x["vs_torch"] > 0
+    # progress is reported on stderr, stdout holds only the JSON document
+    assert "[1/" in r.stderr
+
+
+def test_bench_table_and_options():
+    r = run_cli(
+        "bench", "--kernel", "attention", "--shape", "1,2,96,16", "--dtype", "float64",
+        "--causal", "yes", "--no-torch", "--max-repeat", "3", "--no-progress",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "attention" in r.stdout and "1x2x96x16" in r.stdout and "float64" in r.stdout
+    assert r.stderr.strip() == ""
+
+
+def test_bench_bad_usage():
+    r = run_cli("bench", "--shape", "1,2,3")
+    assert r.returncode == 2
+    assert "B,H,N,d" in r.stderr
+
+
+def test_bench_cuda_unusable_exits_nonzero():
+    if numbattn.cuda_available():
+        pytest.skip("CUDA is usable here")
+    r = run_cli("bench", "--device", "cuda", "--quick")
+    assert r.returncode == 2
+    assert "CUDA is not usable" in r.stderr
+
+
+def test_bench_detects_wrong_kernel(monkeypatch, capsys):
+    """A kernel that leaves its (NaN-poisoned) output untouched fails the check."""
+
+    def lazy_softmax(x, *, out=None, stream=None):
+        return out
+
+    monkeypatch.setattr(numbattn, "softmax", lazy_softmax)
+    rc = cli.main(["bench", "--kernel", "softmax", "--shape", "1,1,8,4", "--no-baselines",
+                   "--max-repeat", "1", "--json"])  # fmt: skip
+    assert rc == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["all_ok"] is False
+    assert doc["results"][0]["check"]["ok"] is False
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_numpy_baselines_match_reference(causal):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 3, 17, 8)) for _ in range(3))
+    out = _bench.numpy_attention(q, k, v, 0.3, causal)
+    ref, _ = numbattn.reference.attention(q, k, v, scale=0.3, causal=causal)
+    assert _bench.rel_err(out, ref) < 1e-13
+    s = _bench.numpy_scores(q, k, 0.3, causal)
+    assert _bench.rel_err(s, numbattn.reference.scores(q, k, scale=0.3, causal=causal)) < 1e-13
+    x = rng.standard_normal((2, 3, 5, 7))
+    assert _bench.rel_err(_bench.numpy_softmax(x), numbattn.reference.softmax(x)) < 1e-13
+
+
+def test_work_counts():
+    p = _bench.Problem("attention", 2, 3, 128, 64)
+    assert p.work() == (4.0 * 2 * 3 * 128 * 128 * 64, "GFLOP/s")
+    assert _bench.Problem("attention", 2, 3, 128, 64, causal=True).work()[0] == p.work()[0] / 2
+    assert _bench.Problem("scores", 2, 3, 128, 64).work()[0] == 2.0 * 2 * 3 * 128 * 128 * 64
+    sm = _bench.Problem("softmax", 2, 3, 128, 64, "float64")
+    assert sm.shape == (2, 3, 128, 128)
+    assert sm.work() == (2.0 * 2 * 3 * 128 * 128 * 8, "GB/s")
