@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/cpu_kernels.py [--repeat N] [--threads T] [--quick]
+    python scripts/cpu_kernels.py [--repeat N] [--threads T] [--quick]
                                      [--only all|dense|options] [--skip-check]
 
 First runs quick correctness checks of every kernel against the float64
@@ -251,26 +251,6 @@ def row(case, times, base, flops=None):
         )
 
 
-def peak_rss_increase(fn):
-    """Peak resident-set growth (bytes) while running fn (Linux only)."""
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        return None
-
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    before = status("VmRSS:")
-    fn()
-    return status("VmHWM:") - before
-
-
 def bench(repeat, quick):
     qt, kt = config.CPU_QUERY_TILE, config.CPU_KEY_TILE
     rng = np.random.default_rng(0)
@@ -349,19 +329,8 @@ def bench(repeat, quick):
     fns = {"numbattn": lambda x=x, y=y: K.softmax_kernel(x, y), "numpy": lambda x=x: np_softmax(x)}
     row("softmax f32 (8, 2048, 2048)", side_by_side(fns, repeat), "numbattn")
     del x, y
-
-    # memory
-    q, k, v = (rng.standard_normal((1, 1, 16384, 64)).astype(np.float32) for _ in range(3))
-    o = np.empty_like(q)
-    lse = np.empty((1, 1, 16384), np.float32)
-    attention_kernel(q, k, v, o, lse, 0.125, False, qt, kt)
-    inc = peak_rss_increase(lambda: attention_kernel(q, k, v, o, lse, 0.125, False, qt, kt))
-    if inc is not None:
-        print(
-            f"\nattention f32 (1, 1, 16384, 64): peak RSS increase {inc / 2**20:.2f} MiB "
-            f"(inputs+outputs {(q.nbytes * 4 + lse.nbytes) / 2**20:.1f} MiB, "
-            f"full score matrix would be {16384**2 * 4 / 2**20:.0f} MiB)"
-        )
+    # Peak memory: scripts/peak_memory.py (fresh processes; an RSS reading here would
+    # reuse memory freed by the earlier calls).
 
 
 def bench_options(repeat):

@@ -2,8 +2,8 @@
 
 On a real GPU::
 
-    python benchmarks/gpu_check.py                      # (B,H,N,d) = (4,16,4096,64)
-    python benchmarks/gpu_check.py --n 2048 --d 128 --out results/
+    python scripts/gpu_check.py                      # (B,H,N,d) = (4,16,4096,64)
+    python scripts/gpu_check.py --n 2048 --d 128 --out results/
 
 1. correctness at realistic sizes (fp32/fp64, causal or not) against a float64
    reference computed on the GPU (torch or CuPy, per head; NumPy on a few

@@ -1,6 +1,6 @@
 """Peak memory a call adds over its inputs, each measured in a fresh process.
 
-    python benchmarks/peak_memory.py [--n 16384] [--d 64]
+    python scripts/peak_memory.py [--n 16384] [--d 64]
 
 Each child process warms the kernels up on a tiny problem (so compilation or
 the cache load is not counted), builds the inputs, resets the kernel's

@@ -1,10 +1,10 @@
-"""benchmarks/gpu_check.py runs end to end (--tiny: tiny sizes, 1 repetition)."""
+"""scripts/gpu_check.py runs end to end (--tiny: tiny sizes, 1 repetition)."""
 
 import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 
 
 def test_gpu_check_tiny(tmp_path, capsys):
