@@ -156,6 +156,10 @@ def cmd_bench(args) -> int:
         if progress_on:
             print(msg, file=sys.stderr, flush=True)
 
+    # torch must be imported before Numba starts its OpenMP thread pool (which
+    # get_num_threads does): imported after, torch's own OpenMP threads ran
+    # ~20x slower here (two OpenMP runtimes in one process).
+    torch = None if (args.no_baselines or args.no_torch) else B._torch()
     if args.threads:
         numba.set_num_threads(args.threads)
     threads = numba.get_num_threads()
@@ -184,14 +188,12 @@ def cmd_bench(args) -> int:
     torch_note = "not installed"
     if args.no_baselines or args.no_torch:
         torch_note = "skipped"
-    else:
-        torch = B._torch()
-        if torch is not None:
-            if args.device == "cuda" and not torch.cuda.is_available():
-                torch_note = f"torch {torch.__version__} has no CUDA here"
-            else:
-                torch_runner = B.TorchRunner(torch, args.device, threads)
-                torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    elif torch is not None:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            torch_note = f"torch {torch.__version__} has no CUDA here"
+        else:
+            torch_runner = B.TorchRunner(torch, args.device, threads)
+            torch_note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
     opts = B.Options(
         min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.5),
