@@ -333,6 +333,37 @@ def _work_item(p, chunk, nthr):
 
 
 @njit(nogil=True, cache=True)
+def _grid(g1, g2, max_rows, q_tile, n_threads):
+    """Work grid of the tiled kernels: (query tile, tiles per head, items,
+    threads, positions per thread); one item per (a, b, query tile)."""
+    qt = max(q_tile, 1)
+    n_qt = (max_rows + qt - 1) // qt
+    n_items = g1 * g2 * n_qt
+    nthr = max(1, n_threads)
+    chunk = (n_items + nthr - 1) // nthr
+    return qt, n_qt, n_items, nthr, chunk
+
+
+@njit(nogil=True, cache=True)
+def _query_tile(seq, w, g2, n_qt, qt):
+    """Work item w -> (a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m):
+    its batch element, sequence-table row (numbattn._sequences), and query
+    rows [i0, i1) of the sequence, the first m of which are real queries.
+    The item is empty when i0 >= q_rows."""
+    a = w // (g2 * n_qt)
+    b = (w // n_qt) % g2
+    q_off = seq[a, b, 0]
+    q_len = seq[a, b, 1]
+    q_rows = seq[a, b, 2]
+    k_off = seq[a, b, 3]
+    k_len = seq[a, b, 4]
+    i0 = (w % n_qt) * qt
+    i1 = min(i0 + qt, q_rows)
+    m = max(0, min(i1, q_len) - i0)
+    return a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m
+
+
+@njit(nogil=True, cache=True)
 def _key_range(i0, ilast, off, k_len, left, right):
     """Keys [lo, hi) visible to some query row in [i0, ilast] (window only);
     0 <= lo <= hi <= k_len."""
@@ -380,12 +411,8 @@ def _scores_impl(
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
     ncol = out.shape[3]
-    qt = max(q_tile, 1)
+    qt, n_qt, n_items, nthr, chunk = _grid(g1, g2, max_rows, q_tile, n_threads)
     kt = max(k_tile, 1)
-    n_qt = (max_rows + qt - 1) // qt
-    n_items = g1 * g2 * n_qt
-    nthr = max(1, n_threads)
-    chunk = (n_items + nthr - 1) // nthr
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
@@ -395,19 +422,9 @@ def _scores_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a = w // (g2 * n_qt)
-        b = (w // n_qt) % g2
-        t = w % n_qt
-        q_off = seq[a, b, 0]
-        q_len = seq[a, b, 1]
-        q_rows = seq[a, b, 2]
-        k_off = seq[a, b, 3]
-        k_len = seq[a, b, 4]
-        i0 = t * qt
+        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
         if i0 >= q_rows:
             continue
-        i1 = min(i0 + qt, q_rows)
-        m = max(0, min(i1, q_len) - i0)  # rows with a real query
         # The sequence owns columns k_off .. ncol - 1 of its rows.
         lo, hi = _key_range(i0, i0 + m - 1, k_len - q_len, k_len, left, right)
         if m == 0:
@@ -539,12 +556,8 @@ def _attention_impl(
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
     dv = v.shape[3]
-    qt = max(q_tile, 1)
+    qt, n_qt, n_items, nthr, chunk = _grid(g1, g2, max_rows, q_tile, n_threads)
     kt = max(k_tile, 1)
-    n_qt = (max_rows + qt - 1) // qt
-    n_items = g1 * g2 * n_qt
-    nthr = max(1, n_threads)
-    chunk = (n_items + nthr - 1) // nthr
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
@@ -554,19 +567,9 @@ def _attention_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a = w // (g2 * n_qt)
-        b = (w // n_qt) % g2
-        t = w % n_qt
-        q_off = seq[a, b, 0]
-        q_len = seq[a, b, 1]
-        q_rows = seq[a, b, 2]
-        k_off = seq[a, b, 3]
-        k_len = seq[a, b, 4]
-        i0 = t * qt
+        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
         if i0 >= q_rows:
             continue
-        i1 = min(i0 + qt, q_rows)
-        m = max(0, min(i1, q_len) - i0)  # rows with a real query
         for i in range(q_off + i0 + m, q_off + i1):  # padding rows
             for c in range(dv):
                 out[a, b, i, c] = zero
