@@ -52,29 +52,28 @@ def _output(backend, name, obj, shadow, shape, dtype, like, stream):
     return obj, chk.shadow(name, obj)[0]
 
 
-def _broadcast(backend, obj, shadow, view):
+def _broadcast(backend, obj, view):
     """A backend array of ``obj`` viewed with the shape/strides of ``view``
     (a broadcast of its shadow): nothing is materialised."""
     return backend.restride(backend.as_kernel_array(obj), view.shape, view.strides)
 
 
-def _launch(backend, kernel, leading, device_arrays, host_arrays, stream, extra, keep_last=False):
+def _launch(backend, kernel, leading, device_arrays, host_arrays, stream, keep_last=False):
     """Run ``kernel`` once per outer batch index on (G1, G2, ...) views.
 
-    ``device_arrays``: (obj, shadow) pairs on the call's device (None for an
-    absent option); ``host_arrays``: (array, array) pairs that stay on the
-    host (the sequence table). Kernel arguments follow in that order, then
-    ``extra``.
+    ``device_arrays``: (obj, shadow) pairs on the call's device ((None, None)
+    for an absent option); ``host_arrays``: NumPy arrays that stay on the
+    host (the sequence table). Kernel arguments follow in that order.
     """
     objs = [None if o is None else backend.as_kernel_array(o, stream) for o, _ in device_arrays]
-    shadows = [s for _, s in device_arrays] + [s for _, s in host_arrays]
-    objs += [a for a, _ in host_arrays]
+    shadows = [s for _, s in device_arrays] + list(host_arrays)
+    objs += list(host_arrays)
     n_dev, n_host = len(device_arrays), len(host_arrays)
     index = [backend.index] * n_dev + [host_index] * n_host
     restride = [backend.restride] * n_dev + [host_restride] * n_host
     plan = BatchPlan(leading, shadows, keep_last=keep_last)
     for views in plan.views(objs, shadows, index, restride):
-        kernel(*views, *extra, stream=stream)
+        kernel(*views, stream=stream)
 
 
 def _window(window, causal: bool) -> tuple[int, int]:
@@ -229,9 +228,8 @@ def scores(
             run,
             leading,
             [(q, sq), (k, sk), (out, sout), bias_arr, mask_arr],
-            [(table, table)],
+            [table],
             stream,
-            (),
             keep_last=group != 1,
         )
     return out
@@ -242,7 +240,7 @@ def _options(backend, shadows, views, bias, mask):
     result = []
     for name, obj in (("bias", bias), ("mask", mask)):
         if name in views:
-            result.append((_broadcast(backend, obj, shadows[name], views[name]), views[name]))
+            result.append((_broadcast(backend, obj, views[name]), views[name]))
         else:
             result.append((None, None))
     return result
@@ -289,7 +287,7 @@ def softmax(x: Array, *, out: Array | None = None, stream: Any = None) -> Array:
     stream = backend.resolve_stream(stream, (x,))
     out, sout = _output(backend, "out", out, shadows.get("out"), sx.shape, dtype, x, stream)
     if sout.size:
-        _launch(backend, backend.softmax, sx.shape[:-1], [(x, sx), (out, sout)], [], stream, ())
+        _launch(backend, backend.softmax, sx.shape[:-1], [(x, sx), (out, sout)], [], stream)
     return out
 
 
@@ -405,9 +403,8 @@ def attention(
             run,
             leading,
             [(q, sq), (k, sk), (v, sv), (out, sout), (lse, slse), bias_arr, mask_arr],
-            [(table, table)],
+            [table],
             stream,
-            (),
             keep_last=group != 1,
         )
     return out
@@ -644,7 +641,6 @@ def merge_attention(
             [acc[:2], acc[2:], part[:2], part[2:], (out, sout), (lse, slse)],
             [],
             stream,
-            (),
         )
         acc = (out, sout, lse, slse)
     return out
