@@ -333,6 +333,22 @@ def _work_item(p, chunk, nthr):
 
 
 @njit(nogil=True, cache=True)
+def _pack_scaled(src, a, b, row0, n, dst, scale):
+    """dst[r, :] = src[a, b, row0 + r, :] * scale for r < n (a Q tile)."""
+    for r in range(n):
+        for p in range(src.shape[3]):
+            dst[r, p] = src[a, b, row0 + r, p] * scale
+
+
+@njit(nogil=True, cache=True)
+def _pack_transposed(src, a, b, row0, n, dst):
+    """dst[:, j] = src[a, b, row0 + j, :] for j < n (a K tile, transposed)."""
+    for j in range(n):
+        for p in range(src.shape[3]):
+            dst[p, j] = src[a, b, row0 + j, p]
+
+
+@njit(nogil=True, cache=True)
 def _grid(g1, g2, max_rows, q_tile, n_threads):
     """Work grid of the tiled kernels: (query tile, tiles per head, items,
     threads, positions per thread); one item per (a, b, query tile)."""
@@ -450,14 +466,10 @@ def _scores_impl(
         qs = np.zeros((qt_pad, d), dtype=dt)
         kp = np.empty((d, kt), dtype=dt)
         s = np.empty((qt_pad, kt), dtype=dt)
-        for r in range(m):
-            for p in range(d):
-                qs[r, p] = q[a, b, q_off + i0 + r, p] * sc
+        _pack_scaled(q, a, b, q_off + i0, m, qs, sc)
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
-            for jj in range(kn):
-                for p in range(d):
-                    kp[p, jj] = k[a, kb, k_off + j0 + jj, p]
+            _pack_transposed(k, a, kb, k_off + j0, kn, kp)
             for r in range(mp):
                 _zero_row(s[r], 0, kn)
             tri = i0 + off + right - j0 if right >= 0 else kn
@@ -589,14 +601,10 @@ def _attention_impl(
         mrow = np.full(qt_pad, ninf, dtype=dt)
         lrow = np.zeros(qt_pad, dtype=dt)
         if hi > lo:
-            for r in range(m):
-                for p in range(d):
-                    qs[r, p] = q[a, b, q_off + i0 + r, p] * sc
+            _pack_scaled(q, a, b, q_off + i0, m, qs, sc)
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
-            for jj in range(kn):
-                for p in range(d):
-                    kp[p, jj] = k[a, kb, k_off + j0 + jj, p]
+            _pack_transposed(k, a, kb, k_off + j0, kn, kp)
             for jj in range(kn):
                 for c in range(dv):
                     vp[jj, c] = v[a, kb, k_off + j0 + jj, c]
