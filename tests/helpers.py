@@ -41,3 +41,14 @@ def poisoned(shape, dtype):
 
 def randn(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def device_transpose(arr, axes):
+    """A transposed view of a Numba device array (as ``numpy.transpose``).
+
+    Numba's DeviceNDArray transposes only 2-d arrays on a real GPU (its
+    simulator allows any), so build the view from shape and strides.
+    """
+    from numbattn.cuda.backend import restride
+
+    return restride(arr, [arr.shape[a] for a in axes], [arr.strides[a] for a in axes])

@@ -9,7 +9,7 @@ import pytest
 
 import numbattn
 from numbattn import reference
-from tests.helpers import DTYPES, RTOL, assert_close, poisoned, randn, rel_err
+from tests.helpers import DTYPES, RTOL, assert_close, device_transpose, poisoned, randn, rel_err
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -105,16 +105,16 @@ def test_attention_noncontiguous_views(dtype):
     rng = np.random.default_rng(1)
     b, n, h, d = 2, 10, 3, 6
     x = [randn(rng, (b, n, h, d), dtype) for _ in range(3)]
-    q, k, v = (dev(a).transpose((0, 2, 1, 3)) for a in x)
+    q, k, v = (device_transpose(dev(a), (0, 2, 1, 3)) for a in x)
     out_buf = dev(poisoned((b, n, h, d), dtype))
-    out = out_buf.transpose((0, 2, 1, 3))
+    out = device_transpose(out_buf, (0, 2, 1, 3))
     res = numbattn.attention(q, k, v, out=out)
     assert res is out
     ref, _ = reference.attention(*(a.transpose(0, 2, 1, 3) for a in x))
     assert_close(host(out_buf).transpose(0, 2, 1, 3), ref, dtype, "out view")
     # Three leading dims that cannot be merged: one launch per outer index.
     y = [randn(rng, (2, 5, 2, 3, 4), dtype) for _ in range(3)]
-    views = [dev(a).transpose((0, 2, 3, 1, 4)) for a in y]  # (2, 2, 3, 5, 4)
+    views = [device_transpose(dev(a), (0, 2, 3, 1, 4)) for a in y]  # (2, 2, 3, 5, 4)
     o = numbattn.attention(*views, causal=True)
     ref, _ = reference.attention(*(a.transpose(0, 2, 3, 1, 4) for a in y), causal=True)
     assert is_numba_device_array(o)
@@ -199,7 +199,7 @@ def test_scores(dtype):
     for nq, nk, d, causal in ((6, 9, 5, True), (9, 6, 7, True), (5, 7, 3, False)):
         q, k = randn(rng, (2, 1, nq, d), dtype), randn(rng, (2, 1, nk, d), dtype)
         out_buf = dev(poisoned((2, nk, 1, nq), dtype))  # non-contiguous out
-        out = out_buf.transpose((0, 2, 3, 1))
+        out = device_transpose(out_buf, (0, 2, 3, 1))
         res = numbattn.scores(dev(q), dev(k), causal=causal, out=out)
         assert res is out
         ref = reference.scores(q, k, causal=causal)

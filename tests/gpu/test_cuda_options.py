@@ -13,7 +13,7 @@ import pytest
 
 import numbattn
 from numbattn import _sequences, reference
-from tests.helpers import DTYPES, assert_close, poisoned, randn
+from tests.helpers import DTYPES, assert_close, device_transpose, poisoned, randn
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -152,7 +152,7 @@ def test_bias_and_mask(dtype):
     full = randn(rng, (b, nk, h, nq), dtype).transpose(0, 2, 3, 1)
     out = dev(poisoned((b, h, nq, d), dtype))
     numbattn.attention(
-        dev(q), dev(k), dev(v), bias=dev(full.transpose(0, 3, 1, 2)).transpose((0, 2, 3, 1)),
+        dev(q), dev(k), dev(v), bias=device_transpose(dev(full.transpose(0, 3, 1, 2)), (0, 2, 3, 1)),
         out=out,
     )  # fmt: skip
     assert_close(host(out), reference.attention(q, k, v, bias=full)[0], dtype, "strided bias")
@@ -203,8 +203,8 @@ def test_gqa(dtype, hk):
     qb, kb, vb = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v))
     out_buf = dev(poisoned((b, nq, h, 6), dtype))
     numbattn.attention(
-        dev(qb).transpose((0, 2, 1, 3)), dev(kb).transpose((0, 2, 1, 3)),
-        dev(vb).transpose((0, 2, 1, 3)), out=out_buf.transpose((0, 2, 1, 3)), window=(2, 1),
+        device_transpose(dev(qb), (0, 2, 1, 3)), device_transpose(dev(kb), (0, 2, 1, 3)),
+        device_transpose(dev(vb), (0, 2, 1, 3)), out=device_transpose(out_buf, (0, 2, 1, 3)), window=(2, 1),
     )  # fmt: skip
     ref = reference.attention(q, k, v, window=(2, 1))[0]
     assert_close(host(out_buf).transpose(0, 2, 1, 3), ref, dtype, "gqa strided")
