@@ -5,6 +5,7 @@
     python scripts/gpu_device.py decode                # few queries over a long KV cache
     python scripts/gpu_device.py sanitize              # small multi-tile case with tails, every kernel
     python scripts/gpu_device.py profile               # one fp32 attention launch (for ncu)
+    python scripts/gpu_device.py hostprof              # where the host time of a small call goes
 
 ``--tiny`` shrinks every shape so that the script runs under the CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1). Correctness is judged by
@@ -336,9 +337,46 @@ def cmd_profile(args) -> None:
     log("profile: done")
 
 
+def cmd_hostprof(args) -> None:
+    """Where the host time of one small call goes: cProfile over many calls."""
+    import cProfile
+    import pstats
+
+    from numba import cuda
+
+    import numbattn
+
+    rng = np.random.default_rng(5)
+    n = 4 if args.tiny else 64
+    q, k, v = (cuda.to_device(rng.standard_normal((1, 2, n, 64)).astype(np.float32)) for _ in "qkv")
+    out, lse = (
+        cuda.device_array((1, 2, n, 64), np.float32),
+        cuda.device_array((1, 2, n), np.float32),
+    )
+    calls = 5 if args.tiny else 500
+    for _ in range(3):
+        numbattn.attention(q, k, v, out=out, lse=lse)
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        numbattn.attention(q, k, v, out=out, lse=lse)
+    host = (time.perf_counter() - t0) / calls * 1e6
+    cuda.synchronize()
+    log(f"numbattn.attention(out=, lse=), device arrays, (1, 2, {n}, 64): {host:.1f} us per call")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        numbattn.attention(q, k, v, out=out, lse=lse)
+    prof.disable()
+    cuda.synchronize()
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["timings", "varlen", "decode", "sanitize", "profile"])
+    p.add_argument(
+        "what", choices=["timings", "varlen", "decode", "sanitize", "profile", "hostprof"]
+    )
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CUDA simulator)")
     p.add_argument("--out", type=Path)
     p.add_argument("--shapes", help="timings: comma list of shape indices (default: all)")
