@@ -231,15 +231,13 @@ def test_device_records_match_the_driver(run):
     for r in dev:
         d = r["device"]
         assert d["max_threads_per_block"] >= r["threads_per_block"]
-        assert (
-            d["blocks_per_sm"]
-            == limits.blocks_per_sm(
-                d["cc"], r["threads_per_block"], d["registers"], d["shared_bytes"]
-            )["blocks_per_sm"]
+        if d["cc"] not in limits.SM_LIMITS:
+            continue  # a device newer than the table
+        assert d["sm_limits"] == limits.SM_LIMITS[d["cc"]]
+        ours = limits.blocks_per_sm(
+            d["cc"], r["threads_per_block"], d["registers"], d["shared_bytes"]
         )
-        want = limits.SM_LIMITS.get(d["cc"])
-        if want:
-            assert {k: d["sm_limits"][k] for k in want} == want
+        assert d["blocks_per_sm"] == ours["blocks_per_sm"], r["kernel"]
 
 
 def test_table(run):

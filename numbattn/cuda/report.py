@@ -352,7 +352,7 @@ def current_device() -> dict | None:
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
     info = {"name": name, "cc": "{}.{}".format(*dev.compute_capability)}
     attrs = {
-        "threads": "MAX_THREADS_PER_MULTI_PROCESSOR",
+        "threads": "MAX_THREADS_PER_MULTIPROCESSOR",
         "blocks": "MAX_BLOCKS_PER_MULTIPROCESSOR",
         "regs": "MAX_REGISTERS_PER_MULTIPROCESSOR",
         "shared": "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR",
