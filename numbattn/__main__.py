@@ -1,4 +1,4 @@
-"""Command line: ``python -m numbattn {info,bench}`` (also the ``numbattn`` script).
+"""Command line: ``python -m numbattn {info,bench,gpu-report}`` (also the ``numbattn`` script).
 
 ``info``
     Versions (numbattn, numba, llvmlite, numpy, numba-cuda, torch), the Numba
@@ -11,8 +11,17 @@
     (batched NumPy; torch, SDPA for attention, when installed) and prints a
     table, or JSON with ``--json``. Progress goes to stderr.
 
-Exit status: 0 success; 1 a check failed; 2 bad usage, or ``--device cuda``
-where CUDA is not usable.
+``gpu-report``
+    Compiles every CUDA kernel at its production geometry for a compute
+    capability (``--cc``, default 9.0; no GPU needed) and prints registers,
+    spills, shared memory, occupancy and the instruction mix of the hottest
+    loop, as a table or, with ``--json``, a list with one object per kernel
+    variant (fields: :mod:`numbattn.cuda.report`). With a GPU, the current
+    device is covered too. Needs NVIDIA's tools (``pip install
+    "numbattn[test]"``); ``--save DIR`` keeps the PTX, cubins and SASS.
+
+Exit status: 0 success; 1 a check failed; 2 bad usage, ``--device cuda``
+where CUDA is not usable, or ``gpu-report`` where it cannot compile.
 """
 
 from __future__ import annotations
@@ -273,11 +282,26 @@ def collect_versions() -> dict:
     }
 
 
+def cmd_gpu_report(args) -> int:
+    from .cuda import report as R
+
+    try:
+        records = R.report(args.cc, save_dir=args.save, device=not args.no_device)
+    except R.ReportError as exc:
+        print(f"numbattn gpu-report: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(records, indent=2, default=_json_default))
+    else:
+        print(R.table(records))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m numbattn", description="numbattn: information and benchmarks"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,gpu-report}")
 
     p_info = sub.add_parser("info", help="versions, threading layer, CUDA device")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -317,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
     p.set_defaults(func=cmd_bench)
+
+    from .cuda.limits import SM_LIMITS
+
+    p = sub.add_parser(
+        "gpu-report",
+        help="static facts of the compiled CUDA kernels (no GPU needed)",
+        description=(
+            "Compile every CUDA kernel at the geometry of numbattn.config for a compute "
+            "capability (numba-cuda -> PTX -> ptxas -> SASS, no GPU needed) and report "
+            "registers, spills, shared memory, occupancy and the instruction mix of the "
+            "hottest loop. With a usable GPU, the current device is covered too."
+        ),
+    )
+    p.add_argument("--cc", choices=tuple(SM_LIMITS), default="9.0",
+                   help="target compute capability (default 9.0)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON list on stdout instead of the table")
+    p.add_argument("--save", metavar="DIR", help="keep each variant's PTX, cubin and SASS in DIR")
+    p.add_argument("--no-device", action="store_true", help="skip the current GPU, if any")
+    p.set_defaults(func=cmd_gpu_report)
     return parser
 
 

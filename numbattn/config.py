@@ -16,6 +16,12 @@ CPU_QUERY_TILE = 64
 CPU_KEY_TILE = 128
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
+# Checked at call time, before any launch (ValueError naming the knob): each
+# is a positive integer, *_PER_THREAD divides its tile, CUDA_SOFTMAX_THREADS
+# is a power of two, and every kernel's block fits 1024 threads and 48 KiB of
+# static shared memory (numbattn/cuda/limits.py). On a GPU, the first launch
+# also checks the compiled kernel's registers x threads against the register
+# file. `python -m numbattn gpu-report` shows what a geometry compiles to.
 #: Query rows per thread block of the fused attention kernel (float32).
 CUDA_QUERY_TILE = 64
 #: Keys staged in shared memory per step of the fused attention kernel (float32;

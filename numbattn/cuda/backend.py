@@ -19,10 +19,10 @@ import threading
 import numpy as np
 
 from .. import config
+from . import limits
 
 name = "cuda"
 
-_MAX_STATIC_SHARED = 48 * 1024
 _ok = False
 _lock = threading.Lock()
 _kernels: dict = {}
@@ -275,27 +275,100 @@ def _pos_int(name: str, value) -> int:
     return int(value)
 
 
-def _divisor(n: int, r: int) -> int:
-    r = max(1, min(r, n))
-    while n % r:
-        r -= 1
-    return r
+def _knob(name: str) -> int:
+    return _pos_int(name, getattr(config, name))
+
+
+def _divides(part: str, whole: str) -> tuple[int, int]:
+    """(config.<part>, config.<whole>), both positive and ``part`` dividing ``whole``."""
+    p, w = _knob(part), _knob(whole)
+    if w % p:
+        raise ValueError(
+            f"numbattn.config.{part} must divide numbattn.config.{whole} = {w}, got {p}"
+        )
+    return p, w
+
+
+def _check_block(kernel: str, dtype, geometry, threads: int, shared: int, hint: str) -> None:
+    """ValueError unless a block of this geometry can launch (threads, static shared memory)."""
+    problem = limits.launch_problem(threads, shared)
+    if problem is not None:
+        raise ValueError(
+            f"numbattn.config gives the CUDA {kernel} kernel ({np.dtype(dtype).name}, "
+            f"geometry {geometry}) {problem}; {hint}"
+        )
+
+
+_ATTENTION_HINT = (
+    "lower numbattn.config.CUDA_QUERY_TILE{sfx}, CUDA_KEY_TILE{sfx}, CUDA_HEAD_CHUNK or "
+    "CUDA_VALUE_CHUNK, or raise CUDA_ROWS_PER_THREAD{sfx} or CUDA_KEYS_PER_THREAD"
+)
 
 
 def attention_geometry(dtype) -> tuple:
-    """(TY, TX, RQ, RK, DC, RC) of the fused kernel from numbattn.config."""
-    f64 = np.dtype(dtype) == np.float64
-    sfx = "_F64" if f64 else ""
-    bq = _pos_int("CUDA_QUERY_TILE" + sfx, getattr(config, "CUDA_QUERY_TILE" + sfx))
-    bk = _pos_int("CUDA_KEY_TILE" + sfx, getattr(config, "CUDA_KEY_TILE" + sfx))
-    rq = _divisor(
-        bq, _pos_int("CUDA_ROWS_PER_THREAD" + sfx, getattr(config, "CUDA_ROWS_PER_THREAD" + sfx))
-    )
-    rk = _divisor(bk, _pos_int("CUDA_KEYS_PER_THREAD", config.CUDA_KEYS_PER_THREAD))
-    dc = _pos_int("CUDA_HEAD_CHUNK", config.CUDA_HEAD_CHUNK)
+    """(TY, TX, RQ, RK, DC, RC) of the fused kernel from numbattn.config.
+
+    ValueError naming the knob for a non-positive or non-integer value, a
+    per-thread count that does not divide its tile, or a block that cannot
+    launch (threads or static shared memory).
+    """
+    dtype = np.dtype(dtype)
+    sfx = "_F64" if dtype == np.float64 else ""
+    rq, bq = _divides("CUDA_ROWS_PER_THREAD" + sfx, "CUDA_QUERY_TILE" + sfx)
+    rk, bk = _divides("CUDA_KEYS_PER_THREAD", "CUDA_KEY_TILE" + sfx)
+    dc = _knob("CUDA_HEAD_CHUNK")
     tx = bk // rk
-    rc = -(-_pos_int("CUDA_VALUE_CHUNK", config.CUDA_VALUE_CHUNK) // tx)
-    return bq // rq, tx, rq, rk, dc, rc
+    rc = -(-_knob("CUDA_VALUE_CHUNK") // tx)
+    geo = (bq // rq, tx, rq, rk, dc, rc)
+    from .kernels import attention_shared_bytes
+
+    _check_block(
+        "attention",
+        dtype,
+        geo,
+        geo[0] * geo[1],
+        attention_shared_bytes(dtype, *geo),
+        _ATTENTION_HINT.format(sfx=sfx),
+    )
+    return geo
+
+
+def scores_geometry(dtype) -> int:
+    """The tile edge T of the scores kernel (block = T*T threads)."""
+    t = _knob("CUDA_SCORES_TILE")
+    if t * t > limits.MAX_THREADS_PER_BLOCK:
+        raise ValueError(
+            f"numbattn.config.CUDA_SCORES_TILE must be at most 32 (T*T threads per "
+            f"block, at most {limits.MAX_THREADS_PER_BLOCK}), got {t}"
+        )
+    _check_block("scores", dtype, (t,), t * t, scores_shared_bytes(dtype, t), "lower it")
+    return t
+
+
+def scores_shared_bytes(dtype, t: int) -> int:
+    return 2 * t * (t + 1) * np.dtype(dtype).itemsize
+
+
+def softmax_geometry(dtype) -> tuple[int, int]:
+    """(threads per block, row elements cached in shared memory) of the softmax kernel."""
+    dtype = np.dtype(dtype)
+    nt = _knob("CUDA_SOFTMAX_THREADS")
+    if nt > limits.MAX_THREADS_PER_BLOCK or nt & (nt - 1):
+        raise ValueError(
+            "numbattn.config.CUDA_SOFTMAX_THREADS must be a power of two between 1 and "
+            f"{limits.MAX_THREADS_PER_BLOCK} (tree reductions), got {nt}"
+        )
+    cache = max(1, _knob("CUDA_SOFTMAX_CACHE_BYTES") // dtype.itemsize)
+    nbytes = (cache + nt) * dtype.itemsize
+    if nbytes > limits.MAX_STATIC_SHARED:
+        raise ValueError(
+            f"numbattn.config.CUDA_SOFTMAX_CACHE_BYTES is too large: {cache} cached "
+            f"{dtype.name} elements plus {nt} reduction slots need {nbytes} bytes of shared "
+            f"memory (the limit is {limits.MAX_STATIC_SHARED}); expected at most "
+            f"{limits.MAX_STATIC_SHARED - nt * dtype.itemsize}, got "
+            f"{config.CUDA_SOFTMAX_CACHE_BYTES}"
+        )
+    return nt, cache
 
 
 def _attention_kernel(dtype):
@@ -306,28 +379,13 @@ def _attention_kernel(dtype):
     if kern is None:
         from . import kernels
 
-        ty, tx = geo[:2]
-        if ty * tx > 1024:
-            raise ValueError(
-                f"CUDA attention geometry {geo} needs {ty * tx} threads per block (> 1024); "
-                "lower numbattn.config.CUDA_QUERY_TILE/CUDA_KEY_TILE or raise *_PER_THREAD"
-            )
-        nbytes = kernels.attention_shared_bytes(dtype, *geo)
-        if nbytes > _MAX_STATIC_SHARED:
-            raise ValueError(
-                f"CUDA attention geometry {geo} for {dtype} needs {nbytes} bytes of shared "
-                f"memory (> {_MAX_STATIC_SHARED}); lower numbattn.config.CUDA_QUERY_TILE, "
-                "CUDA_KEY_TILE, CUDA_HEAD_CHUNK or CUDA_VALUE_CHUNK"
-            )
         with _lock:
             kern = _kernels.setdefault(key, kernels.make_attention(dtype, *geo))
     return kern, geo
 
 
 def _scores_kernel(dtype):
-    t = _pos_int("CUDA_SCORES_TILE", config.CUDA_SCORES_TILE)
-    if t > 32:
-        raise ValueError(f"numbattn.config.CUDA_SCORES_TILE must be <= 32, got {t}")
+    t = scores_geometry(dtype)
     key = ("scores", np.dtype(dtype), t)
     kern = _kernels.get(key)
     if kern is None:
@@ -340,15 +398,7 @@ def _scores_kernel(dtype):
 
 def _softmax_kernel(dtype):
     dtype = np.dtype(dtype)
-    nt = _pos_int("CUDA_SOFTMAX_THREADS", config.CUDA_SOFTMAX_THREADS)
-    nt = 1 << (min(nt, 1024).bit_length() - 1)  # power of two for the tree reductions
-    cache = max(
-        1, _pos_int("CUDA_SOFTMAX_CACHE_BYTES", config.CUDA_SOFTMAX_CACHE_BYTES) // dtype.itemsize
-    )
-    if (cache + nt) * dtype.itemsize > _MAX_STATIC_SHARED:
-        raise ValueError(
-            "numbattn.config.CUDA_SOFTMAX_CACHE_BYTES is too large (48 KiB shared memory)"
-        )
+    nt, cache = softmax_geometry(dtype)
     key = ("softmax", dtype, nt, cache)
     kern = _kernels.get(key)
     if kern is None:
@@ -372,18 +422,56 @@ def _core_stream(stream):
     return _to_core_stream(stream)
 
 
+#: What to change in numbattn.config when a kernel's block cannot launch.
+_HINTS = {
+    "attention_kernel": _ATTENTION_HINT.format(sfx="[_F64]"),
+    "scores_kernel": "lower numbattn.config.CUDA_SCORES_TILE",
+    "softmax_kernel": "lower numbattn.config.CUDA_SOFTMAX_THREADS",
+}
+
+
+def check_compiled(kern, compiled, block: int) -> None:
+    """ValueError unless ``compiled`` (a kernel compiled for this device) can
+    run blocks of ``block`` threads: the driver's limit for it accounts for
+    its registers and shared memory, which only the compiled code knows."""
+    try:
+        limit = int(compiled.max_threads_per_block)
+    except Exception:  # pragma: no cover - other numba-cuda versions
+        return
+    if block <= limit:
+        return
+    facts = []
+    for attr, what in (("regs_per_thread", "registers per thread"),
+                       ("shared_mem_per_block", "bytes of shared memory")):  # fmt: skip
+        try:
+            facts.append(f"{int(getattr(compiled, attr))} {what}")
+        except Exception:  # pragma: no cover
+            pass
+    fname = getattr(getattr(kern, "py_func", None), "__name__", "kernel")
+    raise ValueError(
+        f"the CUDA {fname} compiled for this device ({', '.join(facts)}) can run at most "
+        f"{limit} threads per block, but numbattn.config asks for {block}; "
+        f"{_HINTS.get(fname, 'change numbattn.config')}"
+    )
+
+
 def _launch(kern, sig: str, grid: int, block: int, stream, args) -> None:
-    """Launch ``kern`` compiled for ``sig`` (layout-'A' arrays)."""
+    """Launch ``kern`` compiled for ``sig`` (layout-'A' arrays).
+
+    On a GPU, the first launch of a (kernel, signature, block) checks that
+    the compiled kernel can run blocks that size (:func:`check_compiled`).
+    """
     if _simulator() or _state.get("slow_launch"):
         kern[grid, block, stream](*args)
         return
-    key = (id(kern), sig)
+    key = (id(kern), sig, block)
     compiled = _compiled.get(key)
     if compiled is None:
         with _lock:
             compiled = _compiled.get(key)
             if compiled is None:
                 compiled = kern.compile(sig)
+                check_compiled(kern, compiled, block)
                 _compiled[key] = compiled
     try:
         core = _core_stream(stream)
@@ -405,7 +493,7 @@ def compiled_kernel(kind: str, dtype):
         kern = _merge_kernel(dtype)
     else:
         kern = _softmax_kernel(dtype)[0]
-    for (kid, _), compiled in _compiled.items():
+    for (kid, *_), compiled in _compiled.items():
         if kid == id(kern):
             return compiled
     return None
@@ -413,6 +501,82 @@ def compiled_kernel(kind: str, dtype):
 
 def _arr(t: str, nd: int) -> str:
     return f"{t}[{','.join([':'] * nd)}]"
+
+
+def attention_signature(dtype) -> str:
+    tn = np.dtype(dtype).name
+    return (
+        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 3)}, "
+        f"{_arr('int64', 3)}, {_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, "
+        "b1, b1, b1)"
+    )
+
+
+def scores_signature(dtype) -> str:
+    tn = np.dtype(dtype).name
+    return (
+        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr('int64', 3)}, "
+        f"{_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, b1, b1)"
+    )
+
+
+def softmax_signature(dtype) -> str:
+    tn = np.dtype(dtype).name
+    return f"void({_arr(tn, 3)}, {_arr(tn, 3)})"
+
+
+def merge_signature(dtype) -> str:
+    tn = np.dtype(dtype).name
+    a3, a4 = _arr(tn, 3), _arr(tn, 4)
+    return f"void({a4}, {a3}, {a4}, {a3}, {a4}, {a3}, b1)"
+
+
+def kernel_launches(dtype) -> list[dict]:
+    """Every kernel the backend launches for ``dtype`` at the geometry of
+    numbattn.config: ``{"kernel", "dispatcher", "signature", "threads",
+    "geometry"}`` (what ``python -m numbattn gpu-report`` compiles)."""
+    dtype = np.dtype(dtype)
+    att, geo = _attention_kernel(dtype)
+    sc, t = _scores_kernel(dtype)
+    sm, nt = _softmax_kernel(dtype)
+    ty, tx, rq, rk, dc, rc = geo
+    return [
+        dict(
+            kernel="attention",
+            dispatcher=att,
+            signature=attention_signature(dtype),
+            threads=ty * tx,
+            geometry=dict(
+                query_tile=ty * rq,
+                key_tile=tx * rk,
+                rows_per_thread=rq,
+                keys_per_thread=rk,
+                head_chunk=dc,
+                value_chunk=tx * rc,
+            ),
+        ),
+        dict(
+            kernel="scores",
+            dispatcher=sc,
+            signature=scores_signature(dtype),
+            threads=t * t,
+            geometry=dict(tile=t),
+        ),
+        dict(
+            kernel="softmax",
+            dispatcher=sm,
+            signature=softmax_signature(dtype),
+            threads=nt,
+            geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
+        ),
+        dict(
+            kernel="merge",
+            dispatcher=_merge_kernel(dtype),
+            signature=merge_signature(dtype),
+            threads=_MERGE_THREADS,
+            geometry=dict(threads=_MERGE_THREADS),
+        ),
+    ]
 
 
 def _dummy(dtype, ndim):
@@ -513,11 +677,7 @@ def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_righ
         return
     table = _seq_table(seq, stream)
     bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
-    tn = dtype.name
-    sig = (
-        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr('int64', 3)}, "
-        f"{_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, b1, b1)"
-    )
+    sig = scores_signature(dtype)
     args = (
         q,
         k,
@@ -541,9 +701,7 @@ def softmax(x, out, stream=0):
         return
     dtype = np.dtype(x.dtype)
     kern, nt = _softmax_kernel(dtype)
-    tn = dtype.name
-    sig = f"void({_arr(tn, 3)}, {_arr(tn, 3)})"
-    _launch(kern, sig, g1 * g2, nt, stream, (x, out))
+    _launch(kern, softmax_signature(dtype), g1 * g2, nt, stream, (x, out))
 
 
 def attention(
@@ -564,12 +722,7 @@ def attention(
     write_lse = lse is not None
     if lse is None:
         lse = _dummy(dtype, 3)
-    tn = dtype.name
-    sig = (
-        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 3)}, "
-        f"{_arr('int64', 3)}, {_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, "
-        "b1, b1, b1)"
-    )
+    sig = attention_signature(dtype)
     sc = dtype.type(scale)
     wl, wr = _window(window_left), _window(window_right)
     if dv <= dvc:
@@ -625,8 +778,12 @@ def merge(o1, l1, o2, l2, out, lse, stream=0):
     write_lse = lse is not None
     if lse is None:
         lse = _dummy(dtype, 3)
-    tn = dtype.name
-    a3, a4 = _arr(tn, 3), _arr(tn, 4)
-    sig = f"void({a4}, {a3}, {a4}, {a3}, {a4}, {a3}, b1)"
     grid = -(-rows // _MERGE_THREADS)
-    _launch(kern, sig, grid, _MERGE_THREADS, stream, (o1, l1, o2, l2, out, lse, write_lse))
+    _launch(
+        kern,
+        merge_signature(dtype),
+        grid,
+        _MERGE_THREADS,
+        stream,
+        (o1, l1, o2, l2, out, lse, write_lse),
+    )

@@ -1,0 +1,489 @@
+"""Static facts about numbattn's CUDA kernels: ``python -m numbattn gpu-report``.
+
+Every kernel the CUDA backend launches is compiled at the geometry of
+:mod:`numbattn.config` for a target compute capability, without a GPU:
+numba-cuda (NVVM) -> PTX -> ``ptxas -v`` -> cubin -> ``nvdisasm`` -> SASS,
+with NVIDIA's tools from their pip wheels (``pip install "numbattn[test]"``
+installs them). One record per compiled kernel variant:
+
+``kernel``, ``dtype``, ``path``
+    ``path`` is ``"hardware"`` for the code a GPU runs. Kernels whose
+    simulator path differs from the hardware one (warp shuffles, inline PTX
+    replaced by portable code under ``NUMBA_ENABLE_CUDASIM``) will add a
+    ``"simulator"`` record; none do today.
+``cc``, ``target``, ``threads_per_block``, ``geometry``
+    The compute capability (``"9.0"``), its ptxas target (``"sm_90"``), the
+    block size and tile sizes the backend launches with.
+``registers``, ``spill_bytes``, ``spill_load_bytes``, ``local_bytes``, ``shared_bytes``
+    What ``ptxas -v`` prints: registers per thread, bytes of spill stores and
+    loads, stack frame (local memory per thread) and static shared memory
+    per block.
+``blocks_per_sm``, ``warps_per_sm``, ``occupancy``, ``limited_by``
+    Resident blocks and warps per SM (:func:`numbattn.cuda.limits.blocks_per_sm`,
+    the rules of ``cuda_occupancy.h``), the fraction of the SM's warp slots
+    they fill, and which limits give that minimum.
+``sass_instructions``
+    Instructions of the whole kernel.
+``inner_loop``
+    The body of the hottest loop (:func:`hottest_loop`): the loop over key
+    tiles of the fused attention kernel, the d-chunk loop of the scores
+    reduction, the exp-and-sum loop of softmax. Static counts of the SASS
+    between the loop's head and its backward branch, nested loops included:
+    ``instructions``, ``fma`` (FFMA/DFMA), ``mma`` (HMMA/DMMA/IMMA and the
+    Hopper GMMA forms), ``fma_share`` = fma / instructions, ``shared_loads``
+    (LDS), ``shared_loads_vector`` (LDS.64/.128: for float64, an LDS.64 is
+    one element), ``shared_stores``,
+    ``global_loads`` (LDG, and the generic LD that Numba's array accesses
+    compile to), ``local_accesses`` (LDL/STL: spills in the loop),
+    ``mufu`` (exp/log/rcp), ``barriers`` (BAR), the loop's ``start`` and
+    ``end`` offsets, and ``nested``: the same counts for each loop inside it
+    (the dynamic hot spots: the Q.K^T and P.V products of attention).
+``ptxas``
+    The version of ptxas that compiled it.
+
+With a usable GPU (and not on the simulator), the records for the device's
+compute capability also carry ``device``: what the driver reports for the
+kernel compiled by numba-cuda for that device (registers, shared and local
+memory, the maximum block size, and resident blocks per SM from
+``cuOccupancyMaxActiveBlocksPerMultiprocessor``) and the device's per-SM
+limits. If the device's compute capability is not the one asked for, its
+records are added.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import limits
+
+DTYPES = ("float32", "float64")
+#: Where NVIDIA's tools come from when missing.
+INSTALL_HINT = (
+    'install NVIDIA\'s compiler tools from their pip wheels: pip install "numbattn[test]" '
+    '(or: pip install "cuda-toolkit[nvcc,nvrtc,nvvm,nvdisasm,cuobjdump]==13.*", which gives '
+    "nvidia-cuda-nvcc (ptxas), nvidia-cuda-nvdisasm, nvidia-cuda-cuobjdump, nvidia-nvvm "
+    "and nvidia-cuda-nvrtc)"
+)
+FMA_OPS = frozenset({"FFMA", "DFMA"})
+MMA_OPS = frozenset({"HMMA", "DMMA", "IMMA", "BMMA", "HGMMA", "IGMMA", "QGMMA", "BGMMA"})
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made here (tools missing, simulator, ...)."""
+
+
+# --------------------------------------------------------------------------
+# Tools
+
+
+def _find_binary(name: str) -> str | None:
+    try:
+        from cuda.pathfinder import find_nvidia_binary_utility
+
+        path = find_nvidia_binary_utility(name)
+        if path:
+            return path
+    except Exception:  # older cuda-pathfinder, or none
+        pass
+    path = shutil.which(name)
+    if path:
+        return path
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and (Path(root) / "bin" / name).is_file():
+            return str(Path(root) / "bin" / name)
+    return None
+
+
+def find_tools(names=("ptxas", "nvdisasm")) -> dict[str, str]:
+    """Paths of NVIDIA's binary tools; ReportError naming the pip packages if any is missing."""
+    found = {n: _find_binary(n) for n in names}
+    missing = [n for n, p in found.items() if not p]
+    if missing:
+        raise ReportError(f"{' and '.join(missing)} not found; {INSTALL_HINT}")
+    return found  # type: ignore[return-value]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ReportError(
+            f"{Path(cmd[0]).name} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}"
+        )
+    return r
+
+
+def tool_version(path: str) -> str:
+    out = _run([path, "--version"]).stdout
+    m = re.search(r"\bV(\d+(?:\.\d+)+)", out)
+    return m.group(1) if m else out.strip().splitlines()[-1]
+
+
+def _check_compiler() -> None:
+    try:
+        from numba import cuda
+        from numba.cuda.core import config as ncfg
+    except ImportError as exc:
+        raise ReportError(
+            f"numba-cuda is not installed ({exc}); pip install numba-cuda, then {INSTALL_HINT}"
+        ) from exc
+    if getattr(cuda, "implementation", None) != "NVIDIA":
+        raise ReportError("numba.cuda is not numba-cuda; pip install numba-cuda")
+    if ncfg.ENABLE_CUDASIM:
+        raise ReportError(
+            "the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1), which cannot compile kernels; "
+            "run without it"
+        )
+
+
+# --------------------------------------------------------------------------
+# ptxas and SASS parsing
+
+
+def parse_ptxas(text: str) -> dict:
+    """Resource usage of the (single) entry function in ``ptxas -v`` output."""
+    start = text.find("Compiling entry function")
+    block = text[start:] if start >= 0 else text
+
+    def num(pattern: str) -> int:
+        m = re.search(pattern, block)
+        return int(m.group(1)) if m else 0
+
+    if not re.search(r"Used \d+ registers", block):
+        raise ReportError(f"cannot read ptxas -v output:\n{text}")
+    return {
+        "registers": num(r"Used (\d+) registers"),
+        "local_bytes": num(r"(\d+) bytes stack frame"),
+        "spill_bytes": num(r"(\d+) bytes spill stores"),
+        "spill_load_bytes": num(r"(\d+) bytes spill loads"),
+        "shared_bytes": num(r"(\d+) bytes smem"),
+    }
+
+
+@dataclass(frozen=True)
+class Instr:
+    offset: int  # byte offset in the function
+    op: str  # opcode with modifiers, e.g. "LDS.128"
+    text: str  # the whole instruction (predicate and operands)
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+
+_LABEL = re.compile(r"^\s*(\.L_x_\d+|\$[\w$.]+):")
+_INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
+_TARGET = re.compile(r"`\(([^)]+)\)")
+
+
+def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
+    """Instructions of ``nvdisasm -c`` output and the index each label points at."""
+    instrs: list[Instr] = []
+    labels: dict[str, int] = {}
+    for line in text.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        body = m.group(2)
+        toks = body.split()
+        if toks and toks[0].startswith("@"):
+            toks = toks[1:]
+        if toks:
+            instrs.append(Instr(int(m.group(1), 16), toks[0], body))
+    return instrs, labels
+
+
+def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """Loops as (first, last) instruction indices: a branch to a label at or
+    before it closes a loop from that label to the branch (several branches
+    to one head make one loop). The self-branch after EXIT is no loop."""
+    ends: dict[int, int] = {}
+    for i, ins in enumerate(instrs):
+        if ins.base not in ("BRA", "JMP"):
+            continue
+        m = _TARGET.search(ins.text)
+        if not m or m.group(1) not in labels:
+            continue
+        head = labels[m.group(1)]
+        if head < i:
+            ends[head] = max(ends.get(head, i), i)
+    return sorted(ends.items())
+
+
+def count(instrs: list[Instr]) -> dict:
+    """Instruction mix of a stretch of SASS (NOPs not counted)."""
+    ops = [i for i in instrs if i.base != "NOP"]
+    n = len(ops)
+    fma = sum(i.base in FMA_OPS for i in ops)
+    mma = sum(i.base in MMA_OPS for i in ops)
+    lds = [i for i in ops if i.base == "LDS"]
+    return {
+        "instructions": n,
+        "fma": fma,
+        "mma": mma,
+        "fma_share": round(fma / n, 4) if n else 0.0,
+        "shared_loads": len(lds),
+        "shared_loads_vector": sum(
+            any(m in ("64", "128") for m in i.op.split(".")[1:]) for i in lds
+        ),
+        "shared_stores": sum(i.base == "STS" for i in ops),
+        "global_loads": sum(i.base in ("LDG", "LD") for i in ops),
+        "local_accesses": sum(i.base in ("LDL", "STL") for i in ops),
+        "mufu": sum(i.base == "MUFU" for i in ops),
+        "barriers": sum(i.base == "BAR" for i in ops),
+    }
+
+
+def hottest_loop(instrs: list[Instr], labels: dict[str, int]) -> dict | None:
+    """The loop with the most FMA+MMA instructions (nested loops counted in
+    it); on a tie the outermost, then the first. In the fused attention
+    kernel that is the loop over key tiles, which holds both products."""
+    loops = find_loops(instrs, labels)
+    if not loops:
+        return None
+
+    def work(lp):
+        c = count(instrs[lp[0] : lp[1] + 1])
+        return c["fma"] + c["mma"]
+
+    head, last = max(loops, key=lambda lp: (work(lp), -lp[0], lp[1]))
+    out = count(instrs[head : last + 1])
+    out["start"] = f"{instrs[head].offset:#06x}"
+    out["end"] = f"{instrs[last].offset:#06x}"
+    out["nested"] = [
+        dict(
+            count(instrs[a : b + 1]),
+            start=f"{instrs[a].offset:#06x}",
+            end=f"{instrs[b].offset:#06x}",
+        )
+        for a, b in loops
+        if head <= a and b <= last and (a, b) != (head, last)
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------
+# Compilation
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    major, minor = cc.split(".")
+    return int(major), int(minor)
+
+
+def compile_ptx(dispatcher, signature: str, cc: str) -> str:
+    """PTX of ``dispatcher`` for ``signature``, with the options it compiles with."""
+    from numba import cuda
+
+    opts = {
+        k: v
+        for k, v in getattr(dispatcher, "targetoptions", {}).items()
+        if k in ("debug", "lineinfo", "fastmath", "opt", "launch_bounds")
+    }
+    try:
+        ptx, _ = cuda.compile_ptx(dispatcher.py_func, signature, cc=_cc_tuple(cc), **opts)
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+        if re.search(r"nvvm|nvrtc|DynamicLib|libdevice", msg, re.I):
+            raise ReportError(f"numba-cuda cannot compile: {msg}; {INSTALL_HINT}") from exc
+        raise
+    return ptx
+
+
+def _static_record(launch: dict, dtype: str, cc: str, tools: dict, work: Path) -> dict:
+    target = "sm_" + cc.replace(".", "")
+    stem = work / f"{launch['kernel']}_{dtype}_{target}"
+    ptx_path, cubin, sass_path = (stem.with_suffix(s) for s in (".ptx", ".cubin", ".sass"))
+    ptx_path.write_text(compile_ptx(launch["dispatcher"], launch["signature"], cc))
+    res = parse_ptxas(
+        _run([tools["ptxas"], f"-arch={target}", "-v", "-o", str(cubin), str(ptx_path)]).stderr
+    )
+    sass = _run([tools["nvdisasm"], "-c", str(cubin)]).stdout
+    sass_path.write_text(sass)
+    instrs, labels = parse_sass(sass)
+    threads = launch["threads"]
+    rec = {
+        "kernel": launch["kernel"],
+        "dtype": dtype,
+        "path": "hardware",
+        "cc": cc,
+        "target": target,
+        "threads_per_block": threads,
+        "geometry": launch["geometry"],
+        **res,
+    }
+    if cc in limits.SM_LIMITS:
+        rec.update(limits.blocks_per_sm(cc, threads, res["registers"], res["shared_bytes"]))
+    else:
+        rec.update(blocks_per_sm=None, warps_per_sm=None, occupancy=None, limited_by=[])
+    rec["sass_instructions"] = sum(i.base != "NOP" for i in instrs)
+    rec["inner_loop"] = hottest_loop(instrs, labels)
+    rec["ptxas"] = tools.get("ptxas_version")
+    return rec
+
+
+def _launches() -> list[tuple[str, dict]]:
+    from . import backend
+
+    return [(dt, launch) for dt in DTYPES for launch in backend.kernel_launches(np.dtype(dt))]
+
+
+def current_device() -> dict | None:
+    """Name, compute capability and per-SM limits of the current GPU; None without one."""
+    from . import backend
+
+    if backend.cuda_problem() is not None:
+        return None
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    info = {"name": name, "cc": "{}.{}".format(*dev.compute_capability)}
+    attrs = {
+        "threads": "MAX_THREADS_PER_MULTIPROCESSOR",
+        "blocks": "MAX_BLOCKS_PER_MULTIPROCESSOR",
+        "regs": "MAX_REGISTERS_PER_MULTIPROCESSOR",
+        "shared": "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR",
+        "shared_per_block_optin": "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN",
+        "reserved_shared_per_block": "RESERVED_SHARED_MEMORY_PER_BLOCK",
+    }
+    sm = {}
+    for key, attr in attrs.items():
+        try:
+            sm[key] = int(getattr(dev, attr))
+        except Exception:  # attribute unknown to this numba-cuda
+            sm[key] = None
+    info["sm_limits"] = sm
+    return info
+
+
+def _device_facts(launch: dict, device: dict) -> dict:
+    """What the driver reports for the kernel numba-cuda compiled for this device."""
+    from numba import cuda
+
+    compiled = launch["dispatcher"].compile(launch["signature"])
+    facts = dict(device)
+    for key, attr in (
+        ("registers", "regs_per_thread"),
+        ("shared_bytes", "shared_mem_per_block"),
+        ("local_bytes", "local_mem_per_thread"),
+        ("max_threads_per_block", "max_threads_per_block"),
+    ):
+        facts[key] = int(getattr(compiled, attr))
+    try:
+        func = compiled._codelibrary.get_cufunc()
+        ctx = cuda.current_context()
+        blocks = ctx.get_active_blocks_per_multiprocessor(func, launch["threads"], 0)
+        facts["blocks_per_sm"] = int(blocks[-1] if isinstance(blocks, tuple) else blocks)
+    except Exception as exc:  # private API of other numba-cuda versions
+        facts["blocks_per_sm"] = f"unknown ({type(exc).__name__}: {exc})"
+    return facts
+
+
+def report(cc: str = "9.0", save_dir: str | os.PathLike | None = None, device=True) -> list[dict]:
+    """One record per compiled kernel variant (see the module docstring).
+
+    ``save_dir``: keep each variant's PTX, cubin and SASS there
+    (``<kernel>_<dtype>_sm_XY.{ptx,cubin,sass}``). ``device``: also cover
+    the current GPU when one is usable.
+    """
+    cc = limits.cc_key(cc)
+    _check_compiler()
+    tools = find_tools()
+    tools["ptxas_version"] = tool_version(tools["ptxas"])
+    with tempfile.TemporaryDirectory(prefix="numbattn-gpu-report-") as tmp:
+        work = Path(save_dir) if save_dir is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        launches = _launches()
+        records = [_static_record(la, dt, cc, tools, work) for dt, la in launches]
+        dev = current_device() if device else None
+        if dev is not None:
+            if dev["cc"] != cc:
+                records += [_static_record(la, dt, dev["cc"], tools, work) for dt, la in launches]
+            by_key = {(r["kernel"], r["dtype"], r["cc"]): r for r in records}
+            for dt, la in launches:
+                by_key[(la["kernel"], dt, dev["cc"])]["device"] = _device_facts(la, dev)
+    return records
+
+
+# --------------------------------------------------------------------------
+# Plain output
+
+_COLUMNS = [
+    ("kernel", "kernel", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("path", "path", "{}"),
+    ("cc", "cc", "{}"),
+    ("threads", "threads_per_block", "{}"),
+    ("regs", "registers", "{}"),
+    ("spill", "spill_bytes", "{}"),
+    ("local", "local_bytes", "{}"),
+    ("smem", "shared_bytes", "{}"),
+    ("blk/SM", "blocks_per_sm", "{}"),
+    ("warps/SM", "warps_per_sm", "{}"),
+]
+_LOOP_COLUMNS = [
+    ("loop instr", "instructions", "{}"),
+    ("fma", "fma", "{}"),
+    ("mma", "mma", "{}"),
+    ("fma%", "fma_share", "{:.1%}"),
+    ("lds", "shared_loads", "{}"),
+    ("lds.v", "shared_loads_vector", "{}"),
+    ("bar", "barriers", "{}"),
+]
+
+
+def table(records: list[dict]) -> str:
+    """The records as an aligned text table, one line per variant, then notes."""
+    head = [c[0] for c in _COLUMNS + _LOOP_COLUMNS]
+    rows = []
+    for r in records:
+        row = [fmt.format(r[key]) if r[key] is not None else "-" for _, key, fmt in _COLUMNS]
+        loop = r.get("inner_loop") or {}
+        row += [fmt.format(loop[key]) if key in loop else "-" for _, key, fmt in _LOOP_COLUMNS]
+        rows.append(row)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        "regs: registers per thread; spill: bytes of spill stores; local: stack frame bytes; "
+        "smem: static shared bytes per block;"
+    )
+    lines.append(
+        "loop: static SASS counts of the hottest loop's body (nested loops included); "
+        "fma: FFMA/DFMA, mma: HMMA/DMMA/GMMA, lds.v: LDS.64/.128, bar: BAR."
+    )
+    ptxas = {r.get("ptxas") for r in records}
+    lines.append(f"ptxas {', '.join(sorted(str(p) for p in ptxas))}; occupancy limited by:")
+    for r in records:
+        lines.append(
+            f"  {r['kernel']} {r['dtype']} {r['cc']}: {', '.join(r['limited_by']) or '-'} "
+            f"(occupancy {r['occupancy']})"
+        )
+    devs = [r for r in records if "device" in r]
+    if devs:
+        d = devs[0]["device"]
+        lines.append("")
+        lines.append(f"device: {d['name']} (compute capability {d['cc']}), as the driver reports:")
+        for r in devs:
+            f = r["device"]
+            lines.append(
+                f"  {r['kernel']} {r['dtype']}: {f['registers']} registers, "
+                f"{f['shared_bytes']} shared bytes, {f['local_bytes']} local bytes, "
+                f"at most {f['max_threads_per_block']} threads per block, "
+                f"{f['blocks_per_sm']} blocks per SM"
+            )
+    return "\n".join(lines)

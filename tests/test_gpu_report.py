@@ -1,0 +1,362 @@
+"""``python -m numbattn gpu-report``: static facts of the compiled CUDA kernels.
+
+The report compiles every kernel once (one CLI run per session, about 15 s)
+for cc 9.0 with NVIDIA's tools from their pip wheels (the ``test`` extra
+installs them), and the tests check that its numbers are what they claim:
+registers, spills and shared memory against a separate ``ptxas -v`` run on
+the same PTX and against ``cuobjdump -res-usage`` of the cubin; the loop
+counts against ``cuobjdump -sass``; occupancy against the SM limits. No GPU
+is needed; with one, the device's records are checked against the driver.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import numbattn
+from numbattn import __main__ as cli
+from numbattn.cuda import limits
+from numbattn.cuda import report as R
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ("attention", "scores", "softmax", "merge")
+DTYPES = ("float32", "float64")
+LOOP_KEYS = ("instructions", "fma", "mma", "fma_share", "shared_loads", "shared_loads_vector",
+             "barriers")  # fmt: skip
+
+
+def _tools():
+    try:
+        import numba_cuda  # noqa: F401
+    except ImportError:
+        pytest.skip("numba-cuda is not installed")
+    try:
+        return R.find_tools(("ptxas", "nvdisasm", "cuobjdump"))
+    except R.ReportError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return _tools()
+
+
+@pytest.fixture(scope="module")
+def run(tools, tmp_path_factory):
+    """(records, folder of the saved PTX/cubin/SASS) of one ``gpu-report --json`` run."""
+    save = tmp_path_factory.mktemp("gpu-report")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-m", "numbattn", "gpu-report", "--json", "--save", str(save)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), save
+
+
+def _files(save, rec, suffix):
+    return save / f"{rec['kernel']}_{rec['dtype']}_{rec['target']}{suffix}"
+
+
+def _static(records):
+    return [r for r in records if r["cc"] == "9.0"]
+
+
+def test_one_record_per_variant(run):
+    records, _ = run
+    static = _static(records)
+    assert sorted((r["kernel"], r["dtype"]) for r in static) == sorted(
+        (k, d) for k in KERNELS for d in DTYPES
+    )
+    for r in static:
+        assert r["path"] == "hardware" and r["target"] == "sm_90"
+        for key in ("threads_per_block", "registers", "spill_bytes", "local_bytes",
+                    "shared_bytes", "blocks_per_sm", "warps_per_sm"):  # fmt: skip
+            assert isinstance(r[key], int) and not isinstance(r[key], bool), key
+            assert r[key] >= 0, key
+        assert r["registers"] >= 1 and r["threads_per_block"] >= 32
+        loop = r["inner_loop"]
+        assert isinstance(loop, dict), r["kernel"]
+        for key in LOOP_KEYS:
+            assert isinstance(loop[key], int | float) and loop[key] >= 0, key
+        assert re.fullmatch(r"\d+\.\d+\.\d+", r["ptxas"])
+
+
+def test_geometry_is_the_production_one(run):
+    """Threads per block follow numbattn.config, as the backend launches them."""
+    cfg = numbattn.config
+    want = {
+        ("attention", "float32"): (cfg.CUDA_QUERY_TILE // cfg.CUDA_ROWS_PER_THREAD)
+        * (cfg.CUDA_KEY_TILE // cfg.CUDA_KEYS_PER_THREAD),
+        ("attention", "float64"): (cfg.CUDA_QUERY_TILE_F64 // cfg.CUDA_ROWS_PER_THREAD_F64)
+        * (cfg.CUDA_KEY_TILE_F64 // cfg.CUDA_KEYS_PER_THREAD),
+    }
+    for dt in DTYPES:
+        want["scores", dt] = cfg.CUDA_SCORES_TILE**2
+        want["softmax", dt] = cfg.CUDA_SOFTMAX_THREADS
+        want["merge", dt] = 128
+    for r in _static(run[0]):
+        assert r["threads_per_block"] == want[r["kernel"], r["dtype"]]
+    att = {r["dtype"]: r for r in _static(run[0]) if r["kernel"] == "attention"}
+    assert att["float32"]["geometry"]["query_tile"] == cfg.CUDA_QUERY_TILE
+    assert att["float64"]["geometry"]["key_tile"] == cfg.CUDA_KEY_TILE_F64
+
+
+def test_resources_match_ptxas_and_cuobjdump(run, tools):
+    """Registers, spills, stack and shared memory are what ptxas -v prints for
+    the same PTX, and what cuobjdump reads from the cubin."""
+    records, save = run
+    for r in _static(records):
+        ptx = _files(save, r, ".ptx")
+        out = subprocess.run(
+            [tools["ptxas"], "-arch=sm_90", "-v", "-o", os.devnull, str(ptx)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        used = re.search(r"Used (\d+) registers", out)
+        assert used and int(used.group(1)) == r["registers"], (r["kernel"], out)
+        frame = re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill", out
+        )
+        assert frame and tuple(map(int, frame.groups())) == (
+            r["local_bytes"], r["spill_bytes"], r["spill_load_bytes"]
+        )  # fmt: skip
+        smem = re.search(r"(\d+) bytes smem", out)
+        assert (int(smem.group(1)) if smem else 0) == r["shared_bytes"]
+
+        res = subprocess.run(
+            [tools["cuobjdump"], "-res-usage", str(_files(save, r, ".cubin"))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res))
+        assert int(fields["REG"]) == r["registers"]
+        assert int(fields["STACK"]) == r["local_bytes"]
+        # cuobjdump counts the 1 KiB the driver reserves per block (cc >= 8.0).
+        assert int(fields["SHARED"]) - r["shared_bytes"] in (0, 1024)
+
+
+def _cuobjdump_ops(tools, cubin):
+    sass = subprocess.run(
+        [tools["cuobjdump"], "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    ops = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass):
+        ops.append((int(m.group(1), 16), m.group(2)))
+    return ops
+
+
+def test_inner_loop_counts(run, tools):
+    """The hottest loop's counts are consistent, and match cuobjdump's SASS
+    between the loop's first and last instruction."""
+    records, save = run
+    for r in _static(records):
+        loop = r["inner_loop"]
+        n = loop["instructions"]
+        assert 0 < n <= r["sass_instructions"]
+        assert loop["fma"] + loop["mma"] <= n
+        assert loop["fma_share"] == pytest.approx(loop["fma"] / n, abs=1e-4)
+        assert loop["shared_loads_vector"] <= loop["shared_loads"] <= n
+        assert loop["barriers"] <= n
+        start, end = int(loop["start"], 16), int(loop["end"], 16)
+        assert start < end
+        for inner in loop["nested"]:
+            assert start <= int(inner["start"], 16) < int(inner["end"], 16) <= end
+            for key in ("instructions", "fma", "shared_loads", "barriers"):
+                assert inner[key] <= loop[key]
+
+        ops = [
+            op
+            for off, op in _cuobjdump_ops(tools, _files(save, r, ".cubin"))
+            if start <= off <= end and not op.startswith("NOP")
+        ]
+        base = [op.split(".")[0] for op in ops]
+        assert len(ops) == n
+        assert sum(b in ("FFMA", "DFMA") for b in base) == loop["fma"]
+        assert sum(b == "LDS" for b in base) == loop["shared_loads"]
+        assert (
+            sum(op.startswith("LDS") and bool({"64", "128"} & set(op.split(".")[1:])) for op in ops)
+            == loop["shared_loads_vector"]
+        )
+        assert sum(b == "BAR" for b in base) == loop["barriers"]
+
+
+def test_hottest_loops_are_the_documented_ones(run):
+    """Attention: the key-tile loop (the products and the barriers inside it);
+    scores: the d-chunk loop (T FMAs between two barriers)."""
+    for r in _static(run[0]):
+        loop = r["inner_loop"]
+        if r["kernel"] == "attention":
+            assert loop["barriers"] >= 3 and len(loop["nested"]) >= 2
+            products = [x for x in loop["nested"] if x["fma"]]
+            assert products and max(x["fma_share"] for x in products) > loop["fma_share"]
+        if r["kernel"] == "scores":
+            assert loop["barriers"] == 2
+            assert loop["fma"] == r["geometry"]["tile"]
+    # No spills at the production geometry.
+    assert all(r["spill_bytes"] == 0 for r in _static(run[0]))
+
+
+def test_occupancy_fields(run):
+    for r in _static(run[0]):
+        warps = math.ceil(r["threads_per_block"] / 32)
+        assert r["blocks_per_sm"] >= 1
+        assert r["warps_per_sm"] == r["blocks_per_sm"] * warps
+        assert r["occupancy"] == pytest.approx(r["warps_per_sm"] / 64, abs=1e-4)
+        # the register file holds the resident warps
+        per_warp = math.ceil(r["registers"] * 32 / 256) * 256
+        assert r["warps_per_sm"] * per_warp <= 65536
+        assert r["blocks_per_sm"] * (r["shared_bytes"] + 1024) <= 228 * 1024
+        assert r["limited_by"]
+
+
+def test_device_records_match_the_driver(run):
+    """With a GPU: the occupancy rules give what the driver computes."""
+    dev = [r for r in run[0] if "device" in r]
+    if not dev:
+        pytest.skip("no usable GPU")
+    for r in dev:
+        d = r["device"]
+        assert d["max_threads_per_block"] >= r["threads_per_block"]
+        if d["cc"] not in limits.SM_LIMITS:
+            continue  # a device newer than the table
+        assert d["sm_limits"] == limits.SM_LIMITS[d["cc"]]
+        ours = limits.blocks_per_sm(
+            d["cc"], r["threads_per_block"], d["registers"], d["shared_bytes"]
+        )
+        assert d["blocks_per_sm"] == ours["blocks_per_sm"], r["kernel"]
+
+
+def test_table(run):
+    text = R.table(run[0])
+    lines = text.splitlines()
+    assert lines[0].split()[:6] == ["kernel", "dtype", "path", "cc", "threads", "regs"]
+    for r in _static(run[0]):
+        assert any(
+            line.split()[:6]
+            == [
+                r["kernel"],
+                r["dtype"],
+                "hardware",
+                "9.0",
+                str(r["threads_per_block"]),
+                str(r["registers"]),
+            ]
+            for line in lines
+        )
+    assert "occupancy limited by" in text
+
+
+# ------------------------------------------------------------ no tools needed
+
+
+def test_missing_tools_name_the_packages(monkeypatch, capsys):
+    monkeypatch.setattr(R, "_find_binary", lambda name: None)
+    with pytest.raises(R.ReportError) as info:
+        R.find_tools()
+    msg = str(info.value)
+    assert "ptxas" in msg and "nvdisasm" in msg
+    assert "numbattn[test]" in msg and "nvidia-cuda-nvcc" in msg
+    monkeypatch.setattr(R, "_check_compiler", lambda: None)
+    assert cli.main(["gpu-report", "--cc", "8.0"]) == 2
+    assert "nvidia-cuda-nvdisasm" in capsys.readouterr().err
+
+
+def test_bad_cc_is_a_usage_error():
+    r = subprocess.run(
+        [sys.executable, "-m", "numbattn", "gpu-report", "--cc", "7.1"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--cc" in r.stderr
+
+
+SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_2:
+        /*0010*/                   LDS.128 R4, [R0] ;
+.L_x_1:
+        /*0020*/                   LDS R8, [R0+0x10] ;
+        /*0030*/                   FFMA R9, R4, R8, R9 ;
+        /*0040*/                   DFMA R10, R4, R8, R10 ;
+        /*0050*/               @P0 BRA `(.L_x_1) ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0070*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0080*/              @!P1 BRA `(.L_x_2) ;
+        /*0090*/                   FFMA R9, R4, R8, R9 ;
+        /*00a0*/                   EXIT ;
+.L_x_3:
+        /*00b0*/                   BRA `(.L_x_3) ;
+        /*00c0*/                   NOP ;
+"""
+
+
+def test_sass_loops_and_counts():
+    instrs, labels = R.parse_sass(SASS)
+    assert len(instrs) == 13
+    assert R.find_loops(instrs, labels) == [(1, 8), (2, 5)]  # not the self-branch at the end
+    loop = R.hottest_loop(instrs, labels)
+    assert (loop["start"], loop["end"]) == ("0x0010", "0x0080")  # outer loop: same FMAs + MMA
+    assert loop["instructions"] == 8 and loop["fma"] == 2 and loop["mma"] == 1
+    assert loop["shared_loads"] == 2 and loop["shared_loads_vector"] == 1
+    assert loop["barriers"] == 1 and loop["fma_share"] == 0.25
+    assert [(x["start"], x["instructions"], x["fma"]) for x in loop["nested"]] == [("0x0020", 4, 2)]
+
+
+def test_parse_ptxas():
+    text = """ptxas info    : 8 bytes gmem
+ptxas info    : Compiling entry function 'k' for 'sm_90'
+ptxas info    : Function properties for k
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 49152 bytes smem, 400 bytes cmem[0]
+"""
+    assert R.parse_ptxas(text) == dict(
+        registers=255, local_bytes=16, spill_bytes=8, spill_load_bytes=4, shared_bytes=49152
+    )
+    no_smem = text.replace(", 49152 bytes smem", "")
+    assert R.parse_ptxas(no_smem)["shared_bytes"] == 0
+
+
+@pytest.mark.parametrize(
+    "cc, threads, regs, shared, blocks, limited_by",
+    [
+        ("9.0", 128, 168, 37376, 3, ["registers"]),  # 21*256 regs/warp: 3 warps per quarter
+        ("9.0", 64, 162, 35840, 6, ["registers", "shared"]),  # 6 x 36 KiB <= 228 KiB
+        ("8.9", 256, 40, 2176, 6, ["registers", "threads"]),  # 1536 threads per SM
+        ("8.0", 128, 32, 40960, 4, ["shared"]),  # 4 x 41 KiB <= 164 KiB
+        ("9.0", 32, 16, 0, 32, ["blocks"]),
+        ("9.0", 1024, 64, 0, 1, ["registers"]),  # exactly the register file
+    ],
+)
+def test_blocks_per_sm(cc, threads, regs, shared, blocks, limited_by):
+    occ = limits.blocks_per_sm(cc, threads, regs, shared)
+    assert occ["blocks_per_sm"] == blocks and occ["limited_by"] == limited_by
+    assert occ["warps_per_sm"] == blocks * threads // 32
+
+
+def test_unlaunchable_blocks():
+    assert limits.launch_problem(1024, 0, 64) is None
+    assert "registers per block" in limits.launch_problem(1024, 0, 65)
+    assert "threads per block" in limits.launch_problem(1025, 0)
+    assert "shared memory" in limits.launch_problem(128, 48 * 1024 + 1)
+    assert "registers per thread" in limits.launch_problem(32, 0, 256)
+    occ = limits.blocks_per_sm("9.0", 1024, 255, 0)
+    assert occ["blocks_per_sm"] == 0 and "registers" in occ["limited_by"][0]
+    assert limits.cc_key("sm_90") == limits.cc_key((9, 0)) == limits.cc_key("90") == "9.0"
+    with pytest.raises(ValueError, match="compute capability"):
+        limits.cc_key("7.1")
