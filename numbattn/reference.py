@@ -14,6 +14,9 @@ alignment, as FlashAttention >= 2.1):
   meaning unbounded on that side (causal is ``right = 0``);
 - ``mask[..., i, j]`` True (when a mask is given).
 
+Window sides of any size are accepted: ``left >= k_len`` or ``right >=
+q_len`` excludes nothing (unbounded), so huge values never overflow.
+
 Masked scores are -inf. A row with no visible key gets zeros in ``out`` and
 -inf in ``lse``.
 """
@@ -39,9 +42,13 @@ def visible(nq, nk, *, causal=False, window=None, q_len=None, k_len=None) -> np.
     """Boolean (nq, nk) array, True where key j is visible to query i."""
     q_len = nq if q_len is None else int(q_len)
     k_len = nk if k_len is None else int(k_len)
-    left, right = (-1, -1) if window is None else window
+    left, right = (-1, -1) if window is None else (int(w) for w in window)
     if causal:
         right = 0 if right < 0 else min(right, 0)
+    # left >= k_len and right >= q_len exclude nothing: clamp so that huge
+    # values (sys.maxsize, 2**64) never reach int64 arithmetic.
+    left = min(left, k_len)
+    right = min(right, q_len)
     off = k_len - q_len
     i = np.arange(nq)[:, None]
     j = np.arange(nk)[None, :]

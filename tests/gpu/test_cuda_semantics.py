@@ -1,0 +1,54 @@
+"""Edge semantics on GPU arrays (simulator or real GPU), as on the CPU
+(tests/test_semantics.py): huge windows. Tiny shapes crossing the small
+tiles of conftest.py."""
+
+import sys
+
+import numpy as np
+import pytest
+
+import numbattn
+from numbattn import reference
+from tests.helpers import DTYPES, assert_close, poisoned, randn
+from tests.test_semantics import _unbounded
+
+cuda = pytest.importorskip("numba.cuda")
+
+
+def dev(x):
+    return cuda.to_device(np.ascontiguousarray(x))
+
+
+def host(x):
+    return x.copy_to_host()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nq, nk", [(12, 12), (16, 11)])
+def test_huge_windows(dtype, nq, nk):
+    rng = np.random.default_rng(nq + nk)
+    q, k, v = (randn(rng, (1, 2, n, 5), dtype) for n in (nq, nk, nk))
+    for window in [(sys.maxsize, sys.maxsize), (0, sys.maxsize), (2**64, 0), (nk, nq)]:
+        for causal in (False, True):
+            same = _unbounded(window, nq + nk)
+            what = f"window={window} causal={causal}"
+            ref_out, ref_lse = reference.attention(q, k, v, causal=causal, window=same)
+            out, lse = dev(poisoned(ref_out.shape, dtype)), dev(poisoned(ref_lse.shape, dtype))
+            numbattn.attention(
+                dev(q), dev(k), dev(v), causal=causal, window=window, out=out, lse=lse
+            )
+            assert_close(host(out), ref_out, dtype, f"{what} out")
+            assert_close(host(lse), ref_lse, dtype, f"{what} lse")
+            s = numbattn.scores(dev(q), dev(k), causal=causal, window=window)
+            assert_close(host(s), reference.scores(q, k, causal=causal, window=same), dtype, what)
+
+
+def test_huge_windows_varlen():
+    dtype = np.float32
+    rng = np.random.default_rng(3)
+    cu_q, cu_k = np.array([0, 5, 14]), np.array([0, 9, 12])
+    q, k, v = (randn(rng, (n, 2, 4), dtype) for n in (14, 12, 12))
+    for window in [(sys.maxsize, 0), (0, 2**63)]:
+        ref_out, _ = reference.varlen_attention(q, k, v, cu_q, cu_k, window=_unbounded(window, 26))
+        out = numbattn.varlen_attention(dev(q), dev(k), dev(v), cu_q, cu_k, window=window)
+        assert_close(host(out), ref_out, dtype, f"window={window}")
