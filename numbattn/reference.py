@@ -186,12 +186,20 @@ def merge_attention(outs, lses):
 
     ``outs[p]`` (..., Nq, dv) and ``lses[p]`` (..., Nq) are the results of
     attending to key set p. Returns the ``(out, lse)`` of attending to their
-    union: weights ``exp(lse_p - lse)``, ``lse = log(sum_p exp(lse_p))``.
+    union: weights ``exp(lse_p - lse)``, ``lse = log(sum_p exp(lse_p))``,
+    evaluated as ``e_p = exp(lse_p - m)`` with m the largest lse_p, weights
+    ``e_p / sum(e)`` and ``lse = m + log(sum(e))``, so that huge lses (where
+    ``lse_p - lse`` would lose the log of the sum) stay exact. Parts with
+    lse -inf weigh nothing; a row whose lses are all -inf gives zeros and
+    -inf; a NaN lse makes its row NaN.
     """
     outs = np.stack([np.asarray(o, dtype=np.float64) for o in outs])
     lses = np.stack([np.asarray(x, dtype=np.float64) for x in lses])
-    lse = logsumexp(np.moveaxis(lses, 0, -1))
-    finite = np.where(np.isneginf(lse), 0.0, lse)
-    with np.errstate(invalid="ignore"):
-        w = np.exp(lses - finite)  # 0 for empty parts
+    m = lses.max(axis=0)  # NaN if any part is NaN
+    shift = np.where(np.isneginf(m), 0.0, m)  # all parts empty: every e_p is 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = np.exp(lses - shift)
+        total = e.sum(axis=0)
+        w = np.where(total == 0, 0.0, e / total)
+        lse = shift + np.log(total)
     return (w[..., None] * outs).sum(axis=0), lse

@@ -2,6 +2,7 @@
 
 - Window sides of any size (sys.maxsize, 2**64) mean "unbounded" once they
   reach Nq + Nk; nothing overflows.
+- merge_attention is exact for huge log-sum-exps.
 """
 
 import sys
@@ -12,7 +13,7 @@ import pytest
 import numbattn
 from numbattn import reference
 
-from .helpers import DTYPES, assert_close, poisoned, randn
+from .helpers import DTYPES, RTOL, assert_close, poisoned, randn
 
 HUGE = (sys.maxsize, 2**63, 2**64, np.uint64(2**64 - 1), np.int64(2**62))
 
@@ -80,3 +81,34 @@ def test_reference_visible_huge():
                 reference.visible(nq, nk, window=window),
                 reference.visible(nq, nk, window=_unbounded(window, nq + nk)),
             )
+
+
+# -------------------------------------------------------------------- merge
+
+
+def test_reference_merge_huge_lse():
+    outs = [np.ones((1, 2)), 2 * np.ones((1, 2))]
+    out, lse = reference.merge_attention(outs, [np.array([3e38]), np.array([3e38])])
+    np.testing.assert_allclose(out, 1.5, rtol=1e-15)
+    np.testing.assert_allclose(lse, 3e38, rtol=1e-15)
+    out, lse = reference.merge_attention(outs + outs, [np.array([1e308])] * 4)
+    np.testing.assert_allclose(out, 1.5, rtol=1e-15)
+    out, lse = reference.merge_attention(outs, [np.array([1e308]), np.array([1e308 - 1e300])])
+    np.testing.assert_allclose(out, 1.0, rtol=1e-15)  # the second weighs exp(-1e300) = 0
+    out, lse = reference.merge_attention(outs, [np.array([-np.inf]), np.array([-np.inf])])
+    assert (out == 0).all() and np.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_huge_lse_reference_agrees_with_kernel(rng, dtype):
+    """Two parts whose lses are so large that lse_p - lse loses log(2)."""
+    outs = [randn(rng, (2, 5, 3), dtype) for _ in range(2)]
+    big = np.finfo(dtype).max / 2
+    lses = [np.full((2, 5), big, dtype) for _ in range(2)]
+    lses[1][0, :2] = -np.inf
+    lses[0][0, 1] = -np.inf
+    ref_out, ref_lse = reference.merge_attention(outs, lses)
+    lse = poisoned(ref_lse.shape, dtype)
+    out = numbattn.merge_attention(outs, lses, lse=lse)
+    assert_close(out, ref_out, dtype, "out")
+    np.testing.assert_allclose(lse, ref_lse, rtol=RTOL[np.dtype(dtype)])  # norms overflow

@@ -1,6 +1,6 @@
 """Edge semantics on GPU arrays (simulator or real GPU), as on the CPU
-(tests/test_semantics.py): huge windows. Tiny shapes crossing the small
-tiles of conftest.py."""
+(tests/test_semantics.py): huge windows, huge log-sum-exps in merges.
+Tiny shapes crossing the small tiles of conftest.py."""
 
 import sys
 
@@ -9,7 +9,7 @@ import pytest
 
 import numbattn
 from numbattn import reference
-from tests.helpers import DTYPES, assert_close, poisoned, randn
+from tests.helpers import DTYPES, RTOL, assert_close, poisoned, randn
 from tests.test_semantics import _unbounded
 
 cuda = pytest.importorskip("numba.cuda")
@@ -52,3 +52,18 @@ def test_huge_windows_varlen():
         ref_out, _ = reference.varlen_attention(q, k, v, cu_q, cu_k, window=_unbounded(window, 26))
         out = numbattn.varlen_attention(dev(q), dev(k), dev(v), cu_q, cu_k, window=window)
         assert_close(host(out), ref_out, dtype, f"window={window}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_huge_lse(dtype):
+    rng = np.random.default_rng(5)
+    outs = [randn(rng, (2, 5, 3), dtype) for _ in range(2)]
+    big = np.finfo(dtype).max / 2
+    lses = [np.full((2, 5), big, dtype) for _ in range(2)]
+    lses[1][0, :2] = -np.inf
+    lses[0][0, 1] = -np.inf
+    ref_out, ref_lse = reference.merge_attention(outs, lses)
+    lse = dev(poisoned(ref_lse.shape, dtype))
+    out = numbattn.merge_attention([dev(o) for o in outs], [dev(x) for x in lses], lse=lse)
+    assert_close(host(out), ref_out, dtype, "out")
+    np.testing.assert_allclose(host(lse), ref_lse, rtol=RTOL[np.dtype(dtype)])
