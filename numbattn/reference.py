@@ -12,13 +12,19 @@ alignment, as FlashAttention >= 2.1):
 - causal: ``j <= i + off``;
 - ``window=(left, right)``: ``i + off - left <= j <= i + off + right``, -1
   meaning unbounded on that side (causal is ``right = 0``);
-- ``mask[..., i, j]`` True (when a mask is given).
+- ``mask[..., i, j]`` True (when a mask is given);
+- ``bias[..., i, j]`` not -inf (a -inf bias masks, whatever the dot product).
 
 Window sides of any size are accepted: ``left >= k_len`` or ``right >=
 q_len`` excludes nothing (unbounded), so huge values never overflow.
 
-Masked scores are -inf. A row with no visible key gets zeros in ``out`` and
--inf in ``lse``.
+Masked scores are -inf. A key whose score is -inf has weight exactly 0 and
+its value is never read: a NaN or inf in ``k`` or ``v`` at a key that a row
+cannot see does not reach that row (as in FlashAttention). A row with no
+visible key gets zeros in ``out`` and -inf in ``lse``.
+
+Scores are ``scale * (q . k)``: the scale multiplies the dot product (the
+kernels do the same, in the input dtype).
 """
 
 from __future__ import annotations
@@ -86,6 +92,9 @@ def scores(
 ):
     """S[..., i, j] = scale * <q[..., i, :], k[..., j, :]> + bias, -inf where masked.
 
+    A -inf bias entry masks its key: the score is -inf even where the dot
+    product is NaN or +inf.
+
     ``key_lengths`` and ``query_lengths`` have shape (B,) and apply along the
     first leading dimension. ``k`` may have fewer heads (axis -3) than ``q``.
     """
@@ -94,9 +103,11 @@ def scores(
     d = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    s = np.einsum("...id,...jd->...ij", q, k) * scale
-    if bias is not None:
-        s = s + np.asarray(bias, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.einsum("...id,...jd->...ij", q, k) * scale
+        if bias is not None:
+            bias = np.asarray(bias, dtype=np.float64)
+            s = s + bias
     nq, nk = s.shape[-2:]
     vis = np.empty(s.shape, dtype=bool)
     batch = s.shape[0] if s.ndim > 2 else 1
@@ -110,6 +121,8 @@ def scores(
             vis[...] = rows
     if mask is not None:
         vis &= np.asarray(mask, dtype=bool)
+    if bias is not None:
+        vis &= ~np.isneginf(bias)
     return np.where(vis, s, -np.inf)
 
 
@@ -145,11 +158,24 @@ def attention(q, k, v, **options):
     Takes the options of :func:`scores`. Returns ``(out, lse)``: out has
     shape (..., Nq, dv), lse shape (..., Nq) with lse = log(sum_j exp(S[...,
     i, j])) over visible keys. A row with no visible key gives zeros in out
-    and -inf in lse.
+    and -inf in lse. Keys with S = -inf (masked) are never read: their
+    values do not reach the row, even when NaN or inf; a visible key's
+    value always does (a NaN there gives NaN, even at weight 0).
     """
     s = scores(q, k, **options)
     v = _repeat_heads(np.asarray(v, dtype=np.float64), s.shape[-3] if s.ndim >= 3 else None)
-    return softmax(s) @ v, logsumexp(s)
+    return _weighted_values(softmax(s), s, v), logsumexp(s)
+
+
+def _weighted_values(p, s, v):
+    """p @ v, summing over keys with s > -inf only (0 * NaN never formed)."""
+    if np.isfinite(v).all():
+        return p @ v  # masked entries of p are exactly 0 and v is finite
+    # Non-finite values: weigh each key explicitly (small inputs: tests).
+    seen = ~np.isneginf(s)
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(seen[..., None], p[..., None] * v[..., None, :, :], 0.0)
+    return terms.sum(axis=-2)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, mask=None, **options):

@@ -1,5 +1,6 @@
 """Edge semantics on GPU arrays (simulator or real GPU), as on the CPU
-(tests/test_semantics.py): huge windows, huge log-sum-exps in merges.
+(tests/test_semantics.py): huge windows, masked keys never read, huge
+log-sum-exps in merges, and the scale multiplying the dot products.
 Tiny shapes crossing the small tiles of conftest.py."""
 
 import sys
@@ -10,7 +11,7 @@ import pytest
 import numbattn
 from numbattn import reference
 from tests.helpers import DTYPES, RTOL, assert_close, poisoned, randn
-from tests.test_semantics import _unbounded
+from tests.test_semantics import _plant, _poison_cases, _unbounded
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -21,6 +22,10 @@ def dev(x):
 
 def host(x):
     return x.copy_to_host()
+
+
+def _dev_opts(opts):
+    return {n: (dev(x) if n in ("bias", "mask") else x) for n, x in opts.items()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,6 +60,26 @@ def test_huge_windows_varlen():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("poison", ["v", "k+v"])
+def test_masked_keys_are_never_read(dtype, poison):
+    """NaN/inf in v (and NaN in k) at keys a row cannot see leave the row alone;
+    rows that see them get NaN/inf, as the reference."""
+    rng = np.random.default_rng(7 + (poison == "v"))
+    nq = nk = 12
+    q, k, v = (randn(rng, (2, 2, n, 6), dtype) for n in (nq, nk, nk))
+    for name, opts, keys in _poison_cases(rng, dtype, nq, nk):
+        vp = _plant(v, keys, [np.nan, np.inf, -np.inf])
+        kp = _plant(k, keys, [np.nan]) if poison == "k+v" else k
+        ref_out, ref_lse = reference.attention(q, kp, vp, **opts)
+        out, lse = dev(poisoned(ref_out.shape, dtype)), dev(poisoned(ref_lse.shape, dtype))
+        numbattn.attention(dev(q), dev(kp), dev(vp), out=out, lse=lse, **_dev_opts(opts))
+        assert_close(host(out), ref_out, dtype, f"{name} out")
+        assert_close(host(lse), ref_lse, dtype, f"{name} lse")
+        s = numbattn.scores(dev(q), dev(kp), **_dev_opts(opts))
+        assert_close(host(s), reference.scores(q, kp, **opts), dtype, f"{name} scores")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_merge_huge_lse(dtype):
     rng = np.random.default_rng(5)
     outs = [randn(rng, (2, 5, 3), dtype) for _ in range(2)]
@@ -65,5 +90,19 @@ def test_merge_huge_lse(dtype):
     ref_out, ref_lse = reference.merge_attention(outs, lses)
     lse = dev(poisoned(ref_lse.shape, dtype))
     out = numbattn.merge_attention([dev(o) for o in outs], [dev(x) for x in lses], lse=lse)
+    assert_close(host(out), ref_out, dtype, "out")
+    np.testing.assert_allclose(host(lse), ref_lse, rtol=RTOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_multiplies_the_dot_products(dtype):
+    scale, mag = {np.float32: (1e30, 1e10), np.float64: (1e300, 1e200)}[dtype]
+    q = np.full((1, 2, 5, 4), mag, dtype)
+    k = np.full((1, 2, 6, 4), 1 / mag, dtype)
+    k[..., 3, :] *= -1
+    v = np.arange(2 * 6 * 3, dtype=dtype).reshape(1, 2, 6, 3)
+    ref_out, ref_lse = reference.attention(q, k, v, scale=scale, causal=True)
+    lse = dev(poisoned(ref_lse.shape, dtype))
+    out = numbattn.attention(dev(q), dev(k), dev(v), scale=scale, causal=True, lse=lse)
     assert_close(host(out), ref_out, dtype, "out")
     np.testing.assert_allclose(host(lse), ref_lse, rtol=RTOL[np.dtype(dtype)])
