@@ -76,9 +76,15 @@ def _launch(backend, kernel, leading, device_arrays, host_arrays, stream, keep_l
         kernel(*views, stream=stream)
 
 
-def _window(window, causal: bool) -> tuple[int, int]:
-    """Validated (left, right) with causal folded in (causal is right = 0)."""
-    left, right = chk.check_window(window)
+def _window(window, causal: bool, limit: int) -> tuple[int, int]:
+    """Validated (left, right) with causal folded in (causal is right = 0).
+
+    A side >= ``limit`` (Nq + Nk, or Tq + Tk packed: more than any sequence's
+    q_len + k_len) excludes no key, so it becomes -1 (unbounded): kernels
+    only ever see small values, and their index arithmetic cannot overflow
+    whatever the caller passes (sys.maxsize, 2**64, ...).
+    """
+    left, right = (-1 if w >= limit else w for w in chk.check_window(window))
     return left, (0 if causal else right)
 
 
@@ -170,6 +176,7 @@ def scores(
     window : (int, int), optional
         ``(left, right)``: key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
+        Values of any size are accepted; a side >= Nq + Nk is unbounded.
     out : array, shape (..., Nq, Nk), optional
         Buffer to write into (same dtype and device as the inputs, writeable,
         not overlapping them). Returned.
@@ -203,8 +210,8 @@ def scores(
     chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
-    left, right = _window(window, causal)
     nq, nk = sq.shape[-2], sk.shape[-2]
+    left, right = _window(window, causal, nq + nk)
     shape = leading + (nq, nk)
     inputs = {"q": sq, "k": sk}
     views = _check_options(shadows, dtype, shape, inputs)
@@ -342,6 +349,7 @@ def attention(
         ``(left, right)`` sliding window, FlashAttention's ``window_size``:
         key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
+        Values of any size are accepted; a side >= Nq + Nk is unbounded.
     out : array, shape (..., Nq, dv), optional
         Buffer to write into; returned.
     lse : array, shape (..., Nq), optional
@@ -377,8 +385,8 @@ def attention(
     chk.check_dim("v", sv.shape[-2], sk.shape[-2], "key count Nk =", "k")
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
-    left, right = _window(window, causal)
     nq, nk = sq.shape[-2], sk.shape[-2]
+    left, right = _window(window, causal, nq + nk)
     inputs = {"q": sq, "k": sk, "v": sv}
     views = _check_options(shadows, dtype, leading + (nq, nk), inputs)
     table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
@@ -494,9 +502,9 @@ def varlen_attention(
     chk.check_dim("v", sv.shape[0], sk.shape[0], "token count Tk =", "k")
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
-    left, right = _window(window, causal)
     tq, h = sq.shape[:2]
     tk = sk.shape[0]
+    left, right = _window(window, causal, tq + tk)
     inputs = {"q": sq, "k": sk, "v": sv}
     views = _check_options(shadows, dtype, (h, tq, tk), inputs)
     cu_q = chk.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "q")

@@ -12,10 +12,19 @@ alignment, as FlashAttention >= 2.1):
 - causal: ``j <= i + off``;
 - ``window=(left, right)``: ``i + off - left <= j <= i + off + right``, -1
   meaning unbounded on that side (causal is ``right = 0``);
-- ``mask[..., i, j]`` True (when a mask is given).
+- ``mask[..., i, j]`` True (when a mask is given);
+- ``bias[..., i, j]`` not -inf (a -inf bias masks, whatever the dot product).
 
-Masked scores are -inf. A row with no visible key gets zeros in ``out`` and
--inf in ``lse``.
+Window sides of any size are accepted: ``left >= k_len`` or ``right >=
+q_len`` excludes nothing (unbounded), so huge values never overflow.
+
+Masked scores are -inf. A key whose score is -inf has weight exactly 0 and
+its value is never read: a NaN or inf in ``k`` or ``v`` at a key that a row
+cannot see does not reach that row (as in FlashAttention). A row with no
+visible key gets zeros in ``out`` and -inf in ``lse``.
+
+Scores are ``scale * (q . k)``: the scale multiplies the dot product (the
+kernels do the same, in the input dtype).
 """
 
 from __future__ import annotations
@@ -39,9 +48,13 @@ def visible(nq, nk, *, causal=False, window=None, q_len=None, k_len=None) -> np.
     """Boolean (nq, nk) array, True where key j is visible to query i."""
     q_len = nq if q_len is None else int(q_len)
     k_len = nk if k_len is None else int(k_len)
-    left, right = (-1, -1) if window is None else window
+    left, right = (-1, -1) if window is None else (int(w) for w in window)
     if causal:
         right = 0 if right < 0 else min(right, 0)
+    # left >= k_len and right >= q_len exclude nothing: clamp so that huge
+    # values (sys.maxsize, 2**64) never reach int64 arithmetic.
+    left = min(left, k_len)
+    right = min(right, q_len)
     off = k_len - q_len
     i = np.arange(nq)[:, None]
     j = np.arange(nk)[None, :]
@@ -79,6 +92,9 @@ def scores(
 ):
     """S[..., i, j] = scale * <q[..., i, :], k[..., j, :]> + bias, -inf where masked.
 
+    A -inf bias entry masks its key: the score is -inf even where the dot
+    product is NaN or +inf.
+
     ``key_lengths`` and ``query_lengths`` have shape (B,) and apply along the
     first leading dimension. ``k`` may have fewer heads (axis -3) than ``q``.
     """
@@ -87,9 +103,11 @@ def scores(
     d = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    s = np.einsum("...id,...jd->...ij", q, k) * scale
-    if bias is not None:
-        s = s + np.asarray(bias, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.einsum("...id,...jd->...ij", q, k) * scale
+        if bias is not None:
+            bias = np.asarray(bias, dtype=np.float64)
+            s = s + bias
     nq, nk = s.shape[-2:]
     vis = np.empty(s.shape, dtype=bool)
     batch = s.shape[0] if s.ndim > 2 else 1
@@ -103,6 +121,8 @@ def scores(
             vis[...] = rows
     if mask is not None:
         vis &= np.asarray(mask, dtype=bool)
+    if bias is not None:
+        vis &= ~np.isneginf(bias)
     return np.where(vis, s, -np.inf)
 
 
@@ -138,11 +158,24 @@ def attention(q, k, v, **options):
     Takes the options of :func:`scores`. Returns ``(out, lse)``: out has
     shape (..., Nq, dv), lse shape (..., Nq) with lse = log(sum_j exp(S[...,
     i, j])) over visible keys. A row with no visible key gives zeros in out
-    and -inf in lse.
+    and -inf in lse. Keys with S = -inf (masked) are never read: their
+    values do not reach the row, even when NaN or inf; a visible key's
+    value always does (a NaN there gives NaN, even at weight 0).
     """
     s = scores(q, k, **options)
     v = _repeat_heads(np.asarray(v, dtype=np.float64), s.shape[-3] if s.ndim >= 3 else None)
-    return softmax(s) @ v, logsumexp(s)
+    return _weighted_values(softmax(s), s, v), logsumexp(s)
+
+
+def _weighted_values(p, s, v):
+    """p @ v, summing over keys with s > -inf only (0 * NaN never formed)."""
+    if np.isfinite(v).all():
+        return p @ v  # masked entries of p are exactly 0 and v is finite
+    # Non-finite values: weigh each key explicitly (small inputs: tests).
+    seen = ~np.isneginf(s)
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(seen[..., None], p[..., None] * v[..., None, :, :], 0.0)
+    return terms.sum(axis=-2)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, mask=None, **options):
@@ -179,12 +212,20 @@ def merge_attention(outs, lses):
 
     ``outs[p]`` (..., Nq, dv) and ``lses[p]`` (..., Nq) are the results of
     attending to key set p. Returns the ``(out, lse)`` of attending to their
-    union: weights ``exp(lse_p - lse)``, ``lse = log(sum_p exp(lse_p))``.
+    union: weights ``exp(lse_p - lse)``, ``lse = log(sum_p exp(lse_p))``,
+    evaluated as ``e_p = exp(lse_p - m)`` with m the largest lse_p, weights
+    ``e_p / sum(e)`` and ``lse = m + log(sum(e))``, so that huge lses (where
+    ``lse_p - lse`` would lose the log of the sum) stay exact. Parts with
+    lse -inf weigh nothing; a row whose lses are all -inf gives zeros and
+    -inf; a NaN lse makes its row NaN.
     """
     outs = np.stack([np.asarray(o, dtype=np.float64) for o in outs])
     lses = np.stack([np.asarray(x, dtype=np.float64) for x in lses])
-    lse = logsumexp(np.moveaxis(lses, 0, -1))
-    finite = np.where(np.isneginf(lse), 0.0, lse)
-    with np.errstate(invalid="ignore"):
-        w = np.exp(lses - finite)  # 0 for empty parts
+    m = lses.max(axis=0)  # NaN if any part is NaN
+    shift = np.where(np.isneginf(m), 0.0, m)  # all parts empty: every e_p is 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = np.exp(lses - shift)
+        total = e.sum(axis=0)
+        w = np.where(total == 0, 0.0, e / total)
+        lse = shift + np.log(total)
     return (w[..., None] * outs).sum(axis=0), lse

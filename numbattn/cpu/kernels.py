@@ -19,9 +19,15 @@ Design
   the dispatcher.
 * **Packing.** Every kernel copies the tiles it needs from the (arbitrarily
   strided) inputs into small C-contiguous scratch buffers allocated inside the
-  parallel work item, so all hot loops see unit stride: Q tile (pre-scaled by
-  ``scale``, rows padded to a multiple of 4 with zeros), K tile transposed
-  (d x kt), V tile (kt x dv).
+  parallel work item, so all hot loops see unit stride: Q tile (rows padded
+  to a multiple of 4 with zeros), K tile transposed (d x kt), V tile
+  (kt x dv).
+* **Scale** multiplies each dot product (``scale * (q . k)``, as the CUDA
+  kernels and the reference do): inside the exponentials
+  (:func:`_exp_scaled_inplace`; the row maximum is ``scale * max`` or
+  ``scale * min``), or in the bias / mask pass when there is one, so it
+  costs no extra pass. Pre-scaling the Q tile would overflow (q * scale =
+  inf) where the scores themselves are finite.
 * **Micro-kernel** (:func:`_gemm_acc`): C[:M, :N] += A[:M, :K] @ B[:K, :N]
   for C-contiguous A, B, C with M a multiple of 4. Four rows of C and four
   K-steps at a time: the 16 A scalars are hoisted into broadcast registers and
@@ -41,9 +47,19 @@ Design
   nothing. Each query tile visits only the key range [lo, hi) its rows can
   see under the window (``_key_range``); inside a tile each row works on its
   visible columns [clo, chi) (``_row_range``), and bias / mask are applied
-  element-wise there only when given. GQA: query head b reads key head
+  element-wise there only when given; a -inf bias masks whatever the dot
+  product (NaN, +inf). GQA: query head b reads key head
   b // (G2 // Hk). Work items are dealt to the threads in a snake order
   (``_work_item``) so unequal tiles (causal, windows, varlen) stay balanced.
+* **Masked keys are never read.** A key whose score is -inf (causal,
+  window, lengths, mask, -inf bias) must not reach the row even if its
+  value is NaN or inf, but P @ V over a partly masked tile forms 0 * NaN.
+  While packing a V tile its sum is taken (a vectorised pass); when that is
+  not finite, the tile records which scores were > -inf before the
+  exponentials and accumulates P @ V per visible key (:func:`_axpy`)
+  instead of through the micro-kernel. Finite values (the normal case)
+  keep the micro-kernel; a false alarm (a finite sum that overflows) only
+  costs time.
 * **Row views.** When an array's last axis has unit stride, rows are read
   and written through C-contiguous ``carray`` views built from the data
   pointer (``_row3``/``_row4``), so softmax and the scores output stream with
@@ -96,6 +112,19 @@ def _maxnum(typingctx, a, b):
 
 
 @intrinsic
+def _minnum(typingctx, a, b):
+    """llvm.minnum: the smaller of a and b, ignoring a NaN operand."""
+    sig = a(a, b)
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.minnum", [t], ir.FunctionType(t, [t, t]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
 def _bits_to_float(typingctx, a):
     """Reinterpret an int32 as float32 or an int64 as float64."""
     out = types.float32 if a.bitwidth == 32 else types.float64
@@ -119,6 +148,24 @@ def _rowmax(x, n):
     for j in range(n):
         m = _maxnum(m, x[j])
     return m
+
+
+@njit(**_HOPTS)
+def _rowmin(x, n):
+    """min(x[:n]) ignoring NaN; +inf when n == 0 or all are +inf/NaN."""
+    m = x.dtype.type(np.inf)
+    for j in range(n):
+        m = _minnum(m, x[j])
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _scaled_rowmax(x, n, s):
+    """max_j(x[j] * s) over j < n ignoring NaN, without a pass scaling x:
+    rounding is monotonic, so it is s * max(x) for s >= 0, s * min(x) else."""
+    if s >= 0:
+        return _rowmax(x, n) * s
+    return _rowmin(x, n) * s
 
 
 def _vexp(x):  # pragma: no cover - typing stub, see the overload below
@@ -180,6 +227,22 @@ def _vexp_ov(x):
 
 
 @njit(**_HOPTS)
+def _sum(x, n):
+    """sum(x[:n]), vectorised (reassociated); inf or NaN if any term is."""
+    total = x.dtype.type(0.0)
+    for j in range(n):
+        total += x[j]
+    return total
+
+
+@njit(**_HOPTS)
+def _axpy(y, x, a, n):
+    """y[:n] += a * x[:n]."""
+    for j in range(n):
+        y[j] += a * x[j]
+
+
+@njit(**_HOPTS)
 def _exp_shift(src, dst, n, shift):
     """dst[j] = exp(src[j] - shift) for j < n; returns the sum (NaN-propagating).
 
@@ -188,6 +251,20 @@ def _exp_shift(src, dst, n, shift):
     for j in range(n):
         e = _vexp(src[j] - shift)
         dst[j] = e
+        total += e
+    return total
+
+
+@njit(nogil=True, cache=True, fastmath=set(_FM - {"contract"}))
+def _exp_scaled_inplace(x, n, s, shift):
+    """x[j] = exp(x[j] * s - shift) for j < n; returns the sum (NaN-propagating).
+
+    Not contracted: x[j] * s is rounded first, exactly as if x had been
+    scaled in place (an FMA would also turn inf - inf = NaN into 0)."""
+    total = x.dtype.type(0.0)
+    for j in range(n):
+        e = _vexp(x[j] * s - shift)
+        x[j] = e
         total += e
     return total
 
@@ -304,12 +381,6 @@ def _fill(x, n, value):
         x[j] = value
 
 
-@njit(**_HOPTS)
-def _copy(src, dst, n):
-    for j in range(n):
-        dst[j] = src[j]
-
-
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
@@ -333,11 +404,11 @@ def _work_item(p, chunk, nthr):
 
 
 @njit(nogil=True, cache=True)
-def _pack_scaled(src, a, b, row0, n, dst, scale):
-    """dst[r, :] = src[a, b, row0 + r, :] * scale for r < n (a Q tile)."""
+def _pack_rows(src, a, b, row0, n, dst):
+    """dst[r, :] = src[a, b, row0 + r, :] for r < n (a Q tile)."""
     for r in range(n):
         for p in range(src.shape[3]):
-            dst[r, p] = src[a, b, row0 + r, p] * scale
+            dst[r, p] = src[a, b, row0 + r, p]
 
 
 @njit(nogil=True, cache=True)
@@ -466,7 +537,10 @@ def _scores_impl(
         qs = np.zeros((qt_pad, d), dtype=dt)
         kp = np.empty((d, kt), dtype=dt)
         s = np.empty((qt_pad, kt), dtype=dt)
-        _pack_scaled(q, a, b, q_off + i0, m, qs, sc)
+        _pack_rows(q, a, b, q_off + i0, m, qs)
+        # The scale multiplies the products: in the bias / mask pass when
+        # there is one, else while copying out.
+        mul = dt(1.0) if has_bias or has_mask else sc
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
             _pack_transposed(k, a, kb, k_off + j0, kn, kp)
@@ -482,9 +556,10 @@ def _scores_impl(
                     qi = q_off + i
                     kj = k_off + j0
                     for jj in range(clo, chi):
-                        x = srow[jj]
+                        x = srow[jj] * sc
                         if has_bias:
-                            x += bias[a, b, qi, kj + jj]
+                            bb = bias[a, b, qi, kj + jj]
+                            x = ninf if bb == ninf else x + bb  # -inf bias masks
                         if has_mask and not mask[a, b, qi, kj + jj]:
                             x = ninf
                         srow[jj] = x
@@ -492,11 +567,11 @@ def _scores_impl(
                     orow = _row4(out, a, b, q_off + i)
                     dst = orow[k_off + j0 : k_off + j0 + kn]
                     _fill(dst, clo, ninf)
-                    _copy(srow[clo:chi], dst[clo:chi], chi - clo)
+                    _copy_scaled(srow[clo:chi], dst[clo:chi], chi - clo, mul)
                     _fill(dst[chi:], kn - chi, ninf)
                 else:
                     for jj in range(kn):
-                        x = srow[jj] if clo <= jj < chi else ninf
+                        x = srow[jj] * mul if clo <= jj < chi else ninf
                         out[a, b, q_off + i, k_off + j0 + jj] = x
 
 
@@ -595,19 +670,23 @@ def _attention_impl(
         mp = (m + _MR - 1) // _MR * _MR
         qs = np.zeros((qt_pad, d), dtype=dt)
         kp = np.empty((d, kt), dtype=dt)
-        vp = np.empty((kt, dv), dtype=dt)
+        vflat = np.empty(kt * dv, dtype=dt)
+        vp = vflat.reshape((kt, dv))
         s = np.zeros((qt_pad, kt), dtype=dt)
         o = np.zeros((qt_pad, dv), dtype=dt)
         mrow = np.full(qt_pad, ninf, dtype=dt)
         lrow = np.zeros(qt_pad, dtype=dt)
+        keep = np.empty((qt_pad, kt), dtype=np.bool_)
         if hi > lo:
-            _pack_scaled(q, a, b, q_off + i0, m, qs, sc)
+            _pack_rows(q, a, b, q_off + i0, m, qs)
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
             _pack_transposed(k, a, kb, k_off + j0, kn, kp)
             for jj in range(kn):
                 for c in range(dv):
                     vp[jj, c] = v[a, kb, k_off + j0 + jj, c]
+            # A NaN or inf value: P @ V key by key, skipping masked keys.
+            vbad = not math.isfinite(_sum(vflat, kn * dv))
             for r in range(mp):
                 _zero_row(s[r], 0, kn)
             # Window / causal trimming of the products: row block r only
@@ -620,35 +699,52 @@ def _attention_impl(
                 clo, chi = _row_range(i, j0, kn, off, left, right)
                 if chi <= clo:
                     _zero_row(srow, 0, kn)
+                    if vbad:
+                        _fill(keep[r], kn, False)
                     continue
+                # Through a C-contiguous slice: loops from 0 vectorise, loops
+                # from a runtime start do not (negative-index wraparound).
+                vis = srow[clo:chi]
                 if has_bias or has_mask:
                     qi = q_off + i
                     kj = k_off + j0
                     for jj in range(clo, chi):
-                        x = srow[jj]
+                        x = srow[jj] * sc
                         if has_bias:
-                            x += bias[a, b, qi, kj + jj]
+                            bb = bias[a, b, qi, kj + jj]
+                            x = ninf if bb == ninf else x + bb  # -inf bias masks
                         if has_mask and not mask[a, b, qi, kj + jj]:
                             x = ninf
                         srow[jj] = x
+                    mul = dt(1.0)
+                    mx = _rowmax(vis, chi - clo)
+                else:  # the scale is applied in the exponentials below
+                    mul = sc
+                    mx = _scaled_rowmax(vis, chi - clo, sc)
+                if vbad:
+                    for jj in range(kn):
+                        keep[r, jj] = clo <= jj < chi and srow[jj] * mul != ninf
                 m_old = mrow[r]
-                # Through a C-contiguous slice: loops from 0 vectorise, loops
-                # from a runtime start do not (negative-index wraparound).
-                vis = srow[clo:chi]
-                m_new = _maxnum(m_old, _rowmax(vis, chi - clo))
+                m_new = _maxnum(m_old, mx)
                 shift = m_new if m_new > ninf else zero
                 if m_old > ninf:
                     alpha = dt(math.exp(m_old - m_new))
                 else:
                     alpha = zero
-                tot = _exp_shift_inplace(vis, chi - clo, shift)
+                tot = _exp_scaled_inplace(vis, chi - clo, mul, shift)
                 _zero_row(srow, 0, clo)
                 _zero_row(srow, chi, kn)
                 lrow[r] = lrow[r] * alpha + tot
                 mrow[r] = m_new
                 if alpha != dt(1.0):
                     _scale_row(o[r], dv, alpha)
-            _gemm_acc(s, vp, o, mp, dv, kn, dv, tri)
+            if vbad:
+                for r in range(m):
+                    for jj in range(kn):
+                        if keep[r, jj]:
+                            _axpy(o[r], vp[jj], s[r, jj], dv)
+            else:
+                _gemm_acc(s, vp, o, mp, dv, kn, dv, tri)
         for r in range(m):
             i = q_off + i0 + r
             lsum = lrow[r]

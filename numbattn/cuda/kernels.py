@@ -54,9 +54,16 @@ Fused attention (:func:`make_attention`)
        row computes the same values in the same order, so they agree;
        P = exp(S - m) is written to shared memory (aliasing the K^T tile,
        dead by then); a row whose scores are all -inf so far (window, mask,
-       -inf bias) keeps m = -inf and exponentiates against 0, never NaN;
+       -inf bias) keeps m = -inf and exponentiates against 0, never NaN.
+       A masked score (-inf) is stored as -0.0 in P, an unmasked one that
+       underflows as +0.0 (the same in every product with a finite value);
     4. P @ V: the thread accumulates an RQ x RC register tile of the output
        (columns ``tx + TX*c``) from P and the V tile in shared memory.
+       Masked keys are never read: when the V tile holds a NaN or inf
+       (each thread flags what it staged; the barrier after the row maxima
+       is a ``syncthreads_or`` that makes the flag block-uniform), P @ V
+       skips the -0.0 entries of P instead of forming 0 * NaN; otherwise
+       the plain loop runs. A -inf bias masks whatever the dot product.
 
     Rows ``Q_LEN <= i < Q_ROWS`` and rows that see no key get zeros and
     lse = -inf. dv is limited to ``DVC = TX*RC`` per launch; the backend
@@ -139,6 +146,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
     TOTAL = OFF_R2 + BQ * TX
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
+    NZERO = sc_t(-0.0)  # P of a masked key
     ONE = sc_t(1.0)
     BIG = 1 << 40  # "unbounded" window side, far beyond any index
 
@@ -243,7 +251,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
             for a in range(RQ):
                 for b in range(RK):
                     s[a, b] = ZERO
-            # V tile (BK x DVC), zero-padded past hi.
+            # V tile (BK x DVC), zero-padded past hi; bad: a NaN or inf staged.
+            bad = False
             for it in range((BK * DVC + NT - 1) // NT):
                 idx = uint32(tid + NT * it)
                 if idx >= BK * DVC:
@@ -254,6 +263,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 val = ZERO
                 if jj < hi and c < dv:
                     val = v[b1, hk, uint32(k_off + jj), uint32(c)]
+                    bad = bad or not math.isfinite(val)
                 sh[OFF_V + idx] = val
             # S = Q K^T, d in chunks of DC.
             for p0 in range(0, d, DC):
@@ -322,12 +332,13 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                         if not vis:
                             t = NINF
                         elif has_bias:
-                            t += bias[b1, b2, uint32(q_off + i), uint32(k_off + j0 + tx + TX * b)]
+                            bv = bias[b1, b2, uint32(q_off + i), uint32(k_off + j0 + tx + TX * b)]
+                            t = NINF if bv == NINF else t + bv  # -inf bias masks
                     s[a, b] = t
                     if t > mx or t != t:
                         mx = t
                 sh[OFF_R1 + r * TX + tx] = mx
-            cuda.syncthreads()
+            vbad = cuda.syncthreads_or(bad)  # block-uniform: a non-finite V
             # Row maxima, rescale factors, P = exp(S - m) into shared memory.
             for a in range(RQ):
                 r = ty + TY * a
@@ -343,7 +354,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 mrow[a] = mt
                 ps = ZERO
                 for b in range(RK):
-                    e = math.exp(s[a, b] - ms)
+                    t = s[a, b]
+                    e = NZERO if t == NINF else math.exp(t - ms)
                     sh[OFF_K + r * KS + tx + TX * b] = e
                     ps += e
                 sh[OFF_R2 + r * TX + tx] = ps
@@ -357,14 +369,26 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 for c in range(RC):
                     acc[a, c] *= alpha[a]
             # O += P V
-            for j in range(BK):
-                for a in range(RQ):
-                    qa[a] = sh[OFF_K + (ty + TY * a) * KS + uint32(j)]
-                for c in range(RC):
-                    vc[c] = sh[OFF_V + j * DVC + tx + TX * c]
-                for a in range(RQ):
+            if vbad:  # skip masked keys (P = -0.0): never 0 * NaN
+                for j in range(BK):
+                    for a in range(RQ):
+                        qa[a] = sh[OFF_K + (ty + TY * a) * KS + uint32(j)]
                     for c in range(RC):
-                        acc[a, c] += qa[a] * vc[c]
+                        vc[c] = sh[OFF_V + j * DVC + tx + TX * c]
+                    for a in range(RQ):
+                        pa = qa[a]
+                        if pa != ZERO or math.copysign(ONE, pa) > ZERO:
+                            for c in range(RC):
+                                acc[a, c] += pa * vc[c]
+            else:
+                for j in range(BK):
+                    for a in range(RQ):
+                        qa[a] = sh[OFF_K + (ty + TY * a) * KS + uint32(j)]
+                    for c in range(RC):
+                        vc[c] = sh[OFF_V + j * DVC + tx + TX * c]
+                    for a in range(RQ):
+                        for c in range(RC):
+                            acc[a, c] += qa[a] * vc[c]
             cuda.syncthreads()
 
         for a in range(RQ):
@@ -490,7 +514,8 @@ def make_scores(dtype, T):
             if vis:
                 t = acc * scale
                 if has_bias:
-                    t += bias[b1, b2, q_off + i, c]
+                    bv = bias[b1, b2, q_off + i, c]
+                    t = NINF if bv == NINF else t + bv  # -inf bias masks
                 out[b1, b2, q_off + i, c] = t
             else:
                 out[b1, b2, q_off + i, c] = NINF
