@@ -3,10 +3,13 @@ the reproductions of tests/test_layout.py through the CUDA backend."""
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import numbattn
 from numbattn import reference
 from tests.helpers import DTYPES, assert_close, poisoned, randn
+from tests.layouts import Carved, attention_problems, layouts, leading_shapes
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -86,3 +89,120 @@ def test_no_write_past_out_no_read_past_q():
     q_view = qbuf[: 6 * 8 * 4].reshape(3, 2, 8, 4).transpose(1, 0, 2, 3)[:, None]
     out = numbattn.attention(device_view(dev(qbuf), qbuf, q_view), dev(x), dev(v))
     assert_close(host(out), reference.attention(q_view, x, v)[0], dtype, "q view")
+
+
+# ---------------------------------------------------------------- properties
+#
+# tests/test_layout.py's property tests, smaller: every argument in a random
+# layout inside a guarded device buffer (size-1 leading axes anywhere,
+# transposes, steps, negative steps, broadcast inputs). At least two leading
+# axes of size > 1, so that few examples suffice to reach unit axes between.
+
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+class OnDevice:
+    """A Carved array's buffer on the device, and the same view of it."""
+
+    def __init__(self, carved):
+        self.carved = carved
+        self.dbuf = dev(carved.buf)
+        self.view = device_view(self.dbuf, carved.buf, carved.view)
+
+    def back(self):
+        """(buffer, view) copied back to the host."""
+        buf = host(self.dbuf)
+        return buf, self.carved.on(buf)
+
+
+def _carve(data, rng, shape, dtype, output=False):
+    layout = data.draw(layouts(len(shape), broadcast=not output))
+    if output:
+        return Carved(shape, dtype, layout, np.nan, writeable=True)
+    if np.dtype(dtype) == np.bool_:
+        return Carved(shape, dtype, layout, True, lambda s: rng.random(s) < 0.7)
+    return Carved(shape, dtype, layout, np.nan, lambda s: randn(rng, s, dtype))
+
+
+def _run(fn, inputs, outputs, **kw):
+    """Call ``fn`` on device copies; check guards; host views of the outputs."""
+    d_in = {n: OnDevice(c) for n, c in inputs.items()}
+    d_out = {n: OnDevice(c) for n, c in outputs.items()}
+    args = {n: d.view for n, d in d_in.items()}
+    fn(**args, **{n: d.view for n, d in d_out.items()}, **kw)
+    for n, d in d_in.items():
+        assert d.carved.unchanged(host(d.dbuf)), f"input {n} was written"
+    got = {}
+    for n, d in d_out.items():
+        buf, got[n] = d.back()
+        assert d.carved.untouched(buf), f"written outside {n}"
+    return got
+
+
+@SETTINGS
+@given(attention_problems(max_batch=6, min_sizes=2, max_nq=10, max_nk=10), st.data())
+def test_attention_any_layout(problem, data):
+    shapes, opts, dtype = problem
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    inputs = {n: _carve(data, rng, s, dtype) for n, s in shapes.items()}
+    for name, kind in (("bias", dtype), ("mask", np.bool_)):
+        if name in opts:
+            inputs[name] = _carve(data, rng, opts.pop(name), kind)
+    lead, nq = shapes["q"][:-2], shapes["q"][-2]
+    outputs = {
+        "out": _carve(data, rng, lead + (nq, shapes["v"][-1]), dtype, output=True),
+        "lse": _carve(data, rng, lead + (nq,), dtype, output=True),
+    }
+    got = _run(numbattn.attention, inputs, outputs, **opts)
+    ref_out, ref_lse = reference.attention(**{n: c.view for n, c in inputs.items()}, **opts)
+    assert_close(got["out"], ref_out, dtype, "out")
+    assert_close(got["lse"], ref_lse, dtype, "lse")
+
+
+@SETTINGS
+@given(attention_problems(with_v=False, max_batch=6, min_sizes=2, max_nq=6, max_nk=6), st.data())
+def test_scores_any_layout(problem, data):
+    shapes, opts, dtype = problem
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    inputs = {n: _carve(data, rng, s, dtype) for n, s in shapes.items()}
+    for name, kind in (("bias", dtype), ("mask", np.bool_)):
+        if name in opts:
+            inputs[name] = _carve(data, rng, opts.pop(name), kind)
+    shape = shapes["q"][:-1] + (shapes["k"][-2],)
+    outputs = {"out": _carve(data, rng, shape, dtype, output=True)}
+    got = _run(numbattn.scores, inputs, outputs, **opts)
+    ref = reference.scores(**{n: c.view for n, c in inputs.items()}, **opts)
+    assert_close(got["out"], ref, dtype, "scores")
+
+
+@SETTINGS
+@given(leading_shapes(max_size=6, min_sizes=2), st.integers(0, 12), st.data())
+def test_softmax_and_merge_any_layout(lead, n, data):
+    dtype = np.float32
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    inputs = {"x": _carve(data, rng, lead + (n,), dtype)}
+    outputs = {"out": _carve(data, rng, lead + (n,), dtype, output=True)}
+    got = _run(numbattn.softmax, inputs, outputs)
+    assert_close(got["out"], reference.softmax(inputs["x"].view), dtype, "softmax")
+    nq, dv = max(n // 3, 1), 3
+    parts = {
+        n: _carve(data, rng, lead + (nq, dv) if n[0] == "o" else lead + (nq,), dtype)
+        for n in ("o1", "l1", "o2", "l2")
+    }
+    outputs = {
+        "out": _carve(data, rng, lead + (nq, dv), dtype, output=True),
+        "lse": _carve(data, rng, lead + (nq,), dtype, output=True),
+    }
+
+    def merge(o1, l1, o2, l2, out, lse):
+        numbattn.merge_attention([o1, o2], [l1, l2], out=out, lse=lse)
+
+    got = _run(merge, parts, outputs)
+    views = {n: c.view for n, c in parts.items()}
+    ref_out, ref_lse = reference.merge_attention(
+        [views["o1"], views["o2"]], [views["l1"], views["l2"]]
+    )
+    assert_close(got["out"], ref_out, dtype, "merged out")
+    assert_close(got["lse"], ref_lse, dtype, "merged lse")
