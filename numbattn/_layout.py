@@ -1,8 +1,11 @@
 """Reduce any number of leading batch dimensions to exactly two, without copies.
 
 Kernels take arrays shaped (G1, G2, ...trailing) with arbitrary strides.
-Adjacent leading dimensions are merged where every array of the call allows
-it (stride[i] == stride[i+1] * shape[i+1]); if more than two groups remain,
+Leading dimensions of size 1 are ignored (their stride never matters); two
+non-unit leading dimensions i < j with only unit ones between them are merged
+where every array of the call allows it (stride[i] == stride[j] * shape[j],
+so a broadcast stride 0 merges only with another 0). A merged run has the
+stride of its innermost non-unit dimension. If more than two groups remain,
 the outer ones are looped over in Python, one kernel launch per index. Common
 layouts ((B, H) contiguous or swapaxes'd, or any single leading dimension)
 need exactly one launch.
@@ -19,29 +22,36 @@ import numpy as np
 def _groups(
     leading: tuple[int, ...], strides: Sequence[tuple[int, ...]], keep_last: bool
 ) -> list[list[int]]:
-    """Partition leading axes into runs mergeable in every array."""
+    """Partition leading axes into runs that are one axis in every array.
+
+    A unit axis joins the current run whatever its strides. A non-unit axis
+    joins it when the run has no non-unit axis yet, or when, in every array,
+    the run's innermost non-unit axis ``p`` steps exactly over it:
+    ``stride[p] == stride[axis] * leading[axis]`` (strides may be negative or
+    0). Comparing with ``p``, not the previous axis, keeps a unit axis from
+    bridging two axes that do not merge.
+    """
     groups: list[list[int]] = []
-    for axis in range(len(leading)):
+    inner = None  # innermost non-unit axis of groups[-1], None if all unit
+    for axis, n in enumerate(leading):
         if groups and not (keep_last and axis == len(leading) - 1):
-            prev = groups[-1][-1]
-            if all(
-                leading[prev] == 1 or leading[axis] == 1 or s[prev] == s[axis] * leading[axis]
-                for s in strides
-            ):
+            if n == 1:
                 groups[-1].append(axis)
                 continue
+            if inner is None or all(s[inner] == s[axis] * n for s in strides):
+                groups[-1].append(axis)
+                inner = axis
+                continue
         groups.append([axis])
+        inner = None if n == 1 else axis
     return groups
 
 
 def _merged(shape, strides, axes) -> tuple[int, int]:
-    """Size and stride of a merged run of axes (innermost non-unit stride)."""
+    """Size and stride of a merged run of axes: the stride of its innermost
+    non-unit axis (0 if every axis has size 1)."""
     size = int(np.prod([shape[a] for a in axes], dtype=np.int64))
-    stride = 0
-    for a in reversed(axes):
-        if shape[a] != 1:
-            stride = strides[a] * int(np.prod([shape[b] for b in axes if b > a], dtype=np.int64))
-            break
+    stride = next((strides[a] for a in reversed(axes) if shape[a] != 1), 0)
     return size, stride
 
 
