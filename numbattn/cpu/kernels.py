@@ -18,10 +18,13 @@ Design
   access (``.signatures``, ``.py_func``, ``.inspect_asm`` ...) is forwarded to
   the dispatcher.
 * **Packing.** Every kernel copies the tiles it needs from the (arbitrarily
-  strided) inputs into small C-contiguous scratch buffers allocated inside the
-  parallel work item, so all hot loops see unit stride: Q tile (pre-scaled by
-  ``scale``, rows padded to a multiple of 4 with zeros), K tile transposed
-  (d x kt), V tile (kt x dv).
+  strided) inputs into small C-contiguous scratch buffers, so all hot loops
+  see unit stride: Q tile (pre-scaled by ``scale``, rows padded to a multiple
+  of 4 with zeros), K tile transposed (d x kt), V tile (kt x dv). The scratch
+  is allocated once per call, one slice per thread (``get_thread_id``,
+  :func:`_slot`), and sized by the rows and keys a work item can have
+  (min(tile, max_rows), min(kt, Nk)), not by full tiles: tiny work items
+  allocate nothing, and a huge d with one row costs a few rows of d.
 * **Micro-kernel** (:func:`_gemm_acc`): C[:M, :N] += A[:M, :K] @ B[:K, :N]
   for C-contiguous A, B, C with M a multiple of 4. Four rows of C and four
   K-steps at a time: the 16 A scalars are hoisted into broadcast registers and
@@ -65,7 +68,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, get_thread_id, njit, prange, types
 from numba.extending import intrinsic, overload
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
@@ -310,6 +313,16 @@ def _copy(src, dst, n):
         dst[j] = src[j]
 
 
+@njit(nogil=True, cache=True)
+def _slot(scratch, t):
+    """scratch[t]: thread t's part of a per-thread scratch buffer (a fresh
+    buffer if t is past it, as when a direct call passes fewer n_threads
+    than Numba runs)."""
+    if t < scratch.shape[0]:
+        return scratch[t]
+    return np.empty_like(scratch[0])
+
+
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
@@ -432,8 +445,13 @@ def _scores_impl(
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
-    qt_pad = (qt + _MR - 1) // _MR * _MR
     o_unit = ncol <= 1 or out.strides[3] == out.itemsize
+    # Scratch per thread (see _attention_impl).
+    rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
+    ktn = max(1, min(kt, k.shape[2]))
+    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    kp_t = np.empty((nthr, d, ktn), dtype=dt)
+    s_t = np.empty((nthr, rows, ktn), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -463,9 +481,10 @@ def _scores_impl(
         off = k_len - q_len
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
-        qs = np.zeros((qt_pad, d), dtype=dt)
-        kp = np.empty((d, kt), dtype=dt)
-        s = np.empty((qt_pad, kt), dtype=dt)
+        t = get_thread_id()
+        qs, kp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(s_t, t)
+        for r in range(m, mp):
+            _fill(qs[r], d, dt(0.0))
         _pack_scaled(q, a, b, q_off + i0, m, qs, sc)
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
@@ -574,7 +593,17 @@ def _attention_impl(
     sc = dt(scale)
     ninf = dt(-np.inf)
     zero = dt(0.0)
-    qt_pad = (qt + _MR - 1) // _MR * _MR
+    # Scratch per thread, allocated once per call and sized by the rows and
+    # keys a work item can have (not a full tile): tiny items allocate nothing.
+    rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
+    ktn = max(1, min(kt, k.shape[2]))
+    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    kp_t = np.empty((nthr, d, ktn), dtype=dt)
+    vp_t = np.empty((nthr, ktn, dv), dtype=dt)
+    s_t = np.empty((nthr, rows, ktn), dtype=dt)
+    o_t = np.empty((nthr, rows, dv), dtype=dt)
+    m_t = np.empty((nthr, rows), dtype=dt)
+    l_t = np.empty((nthr, rows), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -593,13 +622,15 @@ def _attention_impl(
         kb = b // group
         lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         mp = (m + _MR - 1) // _MR * _MR
-        qs = np.zeros((qt_pad, d), dtype=dt)
-        kp = np.empty((d, kt), dtype=dt)
-        vp = np.empty((kt, dv), dtype=dt)
-        s = np.zeros((qt_pad, kt), dtype=dt)
-        o = np.zeros((qt_pad, dv), dtype=dt)
-        mrow = np.full(qt_pad, ninf, dtype=dt)
-        lrow = np.zeros(qt_pad, dtype=dt)
+        t = get_thread_id()
+        qs, kp, vp = _slot(qs_t, t), _slot(kp_t, t), _slot(vp_t, t)
+        s, o, mrow, lrow = _slot(s_t, t), _slot(o_t, t), _slot(m_t, t), _slot(l_t, t)
+        for r in range(m, mp):
+            _fill(qs[r], d, zero)
+        for r in range(mp):
+            _fill(o[r], dv, zero)
+        _fill(mrow, mp, ninf)
+        _fill(lrow, mp, zero)
         if hi > lo:
             _pack_scaled(q, a, b, q_off + i0, m, qs, sc)
         for j0 in range(lo, hi, kt):
