@@ -1,14 +1,16 @@
-"""Robustness (issue 8, item 6): rough edges (masked arrays, byte order,
-huge scale, scratch sized by the work present, per-call rather than
-per-item allocations).
+"""Robustness (issue 8, items 3 and 6): read-only installations, and rough
+edges (masked arrays, byte order, huge scale, scratch sized by the work
+present, per-call rather than per-item allocations).
 
 The process-level tests run a fresh interpreter each (a subprocess), as the
-conditions they check (resident memory, Numba's allocation counters) belong
-to a whole process.
+conditions they check (a read-only file system, resident memory, Numba's
+allocation counters) belong to a whole process.
 """
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -184,3 +186,158 @@ def test_tiny_problems_allocate_per_call_not_per_item():
     assert result["attention_err"] < 1e-12 and result["scores_err"] < 1e-12
     assert result["attention"] < 100, result
     assert result["scores"] < 100, result
+
+
+# ---------------------------------------------------------------------------
+# 3. A read-only installation runs
+# ---------------------------------------------------------------------------
+
+
+def _read_only_prefix(paths):
+    """A command prefix under which ``paths`` are read-only, or None.
+
+    Permission bits do not stop root, so as root each path becomes a
+    read-only bind mount in a private mount namespace (``unshare -m``);
+    otherwise the caller removes write permission (see ``_read_only``).
+    """
+    if not paths or os.geteuid() != 0:
+        return ()
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        return None
+    binds = " && ".join(
+        f"mount --bind {p} {p} && mount -o remount,bind,ro {p} {p}"
+        for p in map(shlex.quote, map(str, paths))
+    )
+    return ("unshare", "-m", "sh", "-c", f'{binds} && exec "$0" "$@"')
+
+
+class _read_only:
+    """Context: ``paths`` read-only for the commands run with ``.prefix``."""
+
+    def __init__(self, paths):
+        self.paths = [Path(p) for p in paths]
+        self.prefix = _read_only_prefix(self.paths)
+        if self.prefix is None:  # pragma: no cover
+            pytest.skip("cannot make a directory read-only for root here (no unshare/mount)")
+
+    def _chmod(self, writable):
+        for top in self.paths:
+            for path in [top, *top.rglob("*")]:
+                if path.is_symlink():
+                    continue
+                mode = path.stat().st_mode
+                path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+    def __enter__(self):
+        if os.geteuid() != 0:
+            self._chmod(writable=False)
+        return self
+
+    def __exit__(self, *exc):
+        if os.geteuid() != 0:
+            self._chmod(writable=True)  # let pytest clean tmp_path up
+
+
+_PROBE = """
+    import json, os, tempfile
+    import numpy as np
+    import numbattn
+    from numbattn import reference
+    from numbattn.cpu import kernels
+
+    # The directories must really be read-only (else the test proves nothing).
+    writable = []
+    for path in {read_only!r}:
+        try:
+            tempfile.TemporaryFile(dir=path).close()
+            writable.append(path)
+        except OSError:
+            pass
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
+    if {kernel!r} == "attention":
+        out = numbattn.attention(q, k, v, causal=True)
+        ref = reference.attention(q, k, v, causal=True)[0]
+        disp = kernels.attention_kernel._dispatcher
+    else:
+        out = numbattn.softmax(q)
+        ref = reference.softmax(q)
+        disp = kernels.softmax_kernel._dispatcher
+    print(json.dumps({{
+        "file": numbattn.__file__,
+        "writable": writable,
+        "err": float(np.abs(out - ref).max()),
+        "cache": "none" if type(disp._cache).__name__ == "NullCache"
+        else "read-only" if getattr(disp._cache, "read_only", False) else "write",
+        "hits": sum(disp.stats.cache_hits.values()),
+    }}))
+"""
+
+
+def _install(tmp_path, name, with_cache):
+    """A copy of the package under tmp_path/name/site (with or without the
+    checkout's compiled-kernel cache), plus an empty home and cache dir."""
+    base = tmp_path / name
+    ignore = None if with_cache else shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "numbattn", base / "site" / "numbattn", ignore=ignore)
+    for sub in ("home", "numba-cache"):
+        (base / sub).mkdir()
+    return base
+
+
+def _env(base, cache_dir=True):
+    env = {"PYTHONPATH": str(base / "site"), "HOME": str(base / "home")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["XDG_CACHE_HOME"] = str(base / "home" / ".cache")
+    if cache_dir:
+        env["NUMBA_CACHE_DIR"] = str(base / "numba-cache")
+    return env
+
+
+def _probe(base, kernel, env, read_only=()):
+    code = _PROBE.format(read_only=[str(p) for p in read_only], kernel=kernel)
+    with _read_only(read_only) as ro:
+        result = _run(code, env, prefix=ro.prefix, cwd=base)  # not the checkout
+    assert result["file"].startswith(str(base / "site"))
+    return result
+
+
+def test_read_only_install_without_cache_compiles_in_memory(tmp_path):
+    """Package, HOME and NUMBA_CACHE_DIR read-only, no cache anywhere: works,
+    compiling without an on-disk cache (was: RuntimeError 'no locator')."""
+    base = _install(tmp_path, "cold", with_cache=False)
+    read_only = [base / "site", base / "home", base / "numba-cache"]
+    result = _probe(base, "softmax", _env(base), read_only)
+    assert result["writable"] == []
+    assert result["err"] < 1e-12
+    assert result["cache"] == "none"
+
+
+def test_read_only_install_loads_a_warm_cache(tmp_path):
+    """A cache built at install time in the package's __pycache__ is loaded
+    from the read-only tree (NUMBA_CACHE_DIR read-only and empty)."""
+    base = _install(tmp_path, "warm", with_cache=True)
+    # "Install time": the tree is writable; Numba caches in its __pycache__.
+    built = _probe(base, "attention", _env(base, cache_dir=False))
+    assert built["cache"] == "write"
+    read_only = [base / "site", base / "home", base / "numba-cache"]
+    result = _probe(base, "attention", _env(base), read_only)
+    assert result["writable"] == []
+    assert result["err"] < 1e-12
+    assert result["cache"] == "read-only"
+    assert result["hits"] >= 1
+
+
+def test_warm_read_only_cache_preferred_to_a_later_writable_one(tmp_path):
+    """Read-only package with a warm cache, writable HOME: the package's
+    cache is loaded (Numba alone would compile again into ~/.cache)."""
+    base = _install(tmp_path, "mixed", with_cache=True)
+    built = _probe(base, "attention", _env(base, cache_dir=False))
+    assert built["cache"] == "write"
+    result = _probe(base, "attention", _env(base, cache_dir=False), [base / "site"])
+    assert result["writable"] == []
+    assert result["err"] < 1e-12
+    assert result["cache"] == "read-only"
+    assert result["hits"] >= 1
+    written = [p for p in (base / "home").rglob("*") if p.is_file()]
+    assert written == []  # attention was loaded, not compiled into ~/.cache

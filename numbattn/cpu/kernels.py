@@ -68,8 +68,10 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, get_thread_id, njit, prange, types
+from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
+
+from .._jit import njit  # numba.njit whose cache=True also works read-only
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False)
