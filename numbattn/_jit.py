@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import os
 import sys
+import types as _pytypes
 
 import numba
 from numba.core import caching
 
-__all__ = ["cache_mode", "njit"]
+__all__ = ["cache_mode", "njit", "serial_copy"]
 
 
 def _locator(name: str):
@@ -130,3 +131,21 @@ def njit(*args, **options):
     if args:  # bare @njit
         return decorate(args[0])
     return decorate
+
+
+def serial_copy(py_func, suffix: str = "_serial"):
+    """A copy of ``py_func`` under another ``__qualname__``, so that a second
+    compilation of it (say with ``parallel=False``) gets cache files of its own:
+    Numba's cache index is keyed by qualname and line, not by the flags."""
+    copy = _pytypes.FunctionType(
+        py_func.__code__,
+        py_func.__globals__,
+        py_func.__name__ + suffix,
+        py_func.__defaults__,
+        py_func.__closure__,
+    )
+    copy.__qualname__ = py_func.__qualname__ + suffix
+    copy.__module__ = py_func.__module__
+    copy.__doc__ = py_func.__doc__
+    copy.__kwdefaults__ = py_func.__kwdefaults__
+    return copy

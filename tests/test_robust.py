@@ -1,10 +1,10 @@
-"""Robustness (issue 8, items 3 and 6): read-only installations, and rough
-edges (masked arrays, byte order, huge scale, scratch sized by the work
-present, per-call rather than per-item allocations).
+"""Robustness (issue 8, items 3, 4 and 6): read-only installations, fork after
+first use, and rough edges (masked arrays, byte order, huge scale, scratch
+sized by the work present, per-call rather than per-item allocations).
 
 The process-level tests run a fresh interpreter each (a subprocess), as the
-conditions they check (a read-only file system, resident memory, Numba's
-allocation counters) belong to a whole process.
+conditions they check (a read-only file system, a forked pool, resident
+memory, Numba's allocation counters) belong to a whole process.
 """
 
 import json
@@ -341,3 +341,55 @@ def test_warm_read_only_cache_preferred_to_a_later_writable_one(tmp_path):
     assert result["hits"] >= 1
     written = [p for p in (base / "home").rglob("*") if p.is_file()]
     assert written == []  # attention was loaded, not compiled into ~/.cache
+
+
+# ---------------------------------------------------------------------------
+# 4. fork after first use
+# ---------------------------------------------------------------------------
+
+_FORK = """
+import json, multiprocessing, sys
+import numpy as np
+import numbattn
+from numbattn import reference
+
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((2, 3, 17, 8)) for _ in range(3))
+
+
+def work(i):
+    from numbattn.cpu import backend
+
+    out = numbattn.attention(q * (i + 1), k, v, causal=True, window=(5, -1))
+    s = numbattn.softmax(numbattn.scores(q * (i + 1), k))
+    return out, s, getattr(backend, "serial", lambda: None)()
+
+
+if __name__ == "__main__":
+    import numba
+
+    work(0)  # a CPU kernel runs in the parent first: Numba's threads start
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(work, range(4))
+    err = 0.0
+    for i, (out, s, _) in enumerate(results):
+        ref = reference.attention(q * (i + 1), k, v, causal=True, window=(5, -1))[0]
+        sref = reference.softmax(reference.scores(q * (i + 1), k))
+        err = max(err, float(np.abs(out - ref).max()), float(np.abs(s - sref).max()))
+    omppool = sys.modules.get("numba.np.ufunc.omppool")
+    gnu = numba.threading_layer() == "omp" and getattr(omppool, "openmp_vendor", "") == "GNU"
+    print(json.dumps({"err": err, "gnu_openmp": gnu, "serial": [r[2] for r in results]}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
+def test_fork_pool_after_first_call(tmp_path):
+    """multiprocessing's fork Pool after a CPU kernel ran: correct results, no
+    hang (was: GNU OpenMP killed each child and the pool waited forever)."""
+    script = tmp_path / "fork_pool.py"
+    script.write_text(_FORK)
+    result = _run(f"exec(open({str(script)!r}).read())", timeout=300)
+    assert result["err"] < 1e-12
+    # Under GNU OpenMP the children ran the serial kernels (tbb, workqueue
+    # and Intel OpenMP are fork-safe: the parallel ones).
+    assert result["serial"] == [result["gnu_openmp"]] * 4

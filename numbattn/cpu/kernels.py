@@ -25,6 +25,10 @@ Design
   :func:`_slot`), and sized by the rows and keys a work item can have
   (min(tile, max_rows), min(kt, Nk)), not by full tiles: tiny work items
   allocate nothing, and a huge d with one row costs a few rows of d.
+* **Serial twin.** ``kernel.serial`` is the same code compiled without
+  ``parallel=True``, for a process forked after GNU OpenMP started
+  (numbattn.cpu.backend). Caching goes through :mod:`numbattn._jit`, which
+  also works on a read-only installation.
 * **Micro-kernel** (:func:`_gemm_acc`): C[:M, :N] += A[:M, :K] @ B[:K, :N]
   for C-contiguous A, B, C with M a multiple of 4. Four rows of C and four
   K-steps at a time: the 16 A scalars are hoisted into broadcast registers and
@@ -71,10 +75,11 @@ from llvmlite import ir
 from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
 
-from .._jit import njit  # numba.njit whose cache=True also works read-only
+from .._jit import njit, serial_copy  # njit: cache=True also works read-only
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False)
+_SERIAL_OPTS = dict(_OPTS, parallel=False)
 _HOPTS = dict(nogil=True, cache=True, fastmath=set(_FM))
 
 # Rows of the register block of the micro-kernel; scratch row counts are
@@ -761,7 +766,19 @@ class _OneLayoutKernel:
         self._dispatcher = dispatcher
         self._kinds = arg_kinds
         self._entry = {}
+        self._serial = None
         functools.update_wrapper(self, dispatcher.py_func)
+
+    @property
+    def serial(self):
+        """The same kernel compiled without ``parallel=True`` (prange runs as
+        range, on the calling thread), for processes where Numba's threads
+        must not start (numbattn.cpu.backend: forked after GNU OpenMP started).
+        Compiled on first use, cached on disk under its own name."""
+        if self._serial is None:
+            py_func = serial_copy(self._dispatcher.py_func)
+            self._serial = _OneLayoutKernel(njit(**_SERIAL_OPTS)(py_func), self._kinds)
+        return self._serial
 
     def signature_for(self, dtype):
         """The Numba signature compiled for ``dtype``."""
