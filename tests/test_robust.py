@@ -194,7 +194,7 @@ def test_tiny_problems_allocate_per_call_not_per_item():
 
 
 def _read_only_prefix(paths):
-    """A command prefix under which ``paths`` are read-only, or None.
+    """A command prefix under which ``paths`` are read-only, or None (not possible).
 
     Permission bits do not stop root, so as root each path becomes a
     read-only bind mount in a private mount namespace (``unshare -m``);
@@ -208,7 +208,9 @@ def _read_only_prefix(paths):
         f"mount --bind {p} {p} && mount -o remount,bind,ro {p} {p}"
         for p in map(shlex.quote, map(str, paths))
     )
-    return ("unshare", "-m", "sh", "-c", f'{binds} && exec "$0" "$@"')
+    prefix = ("unshare", "-m", "sh", "-c", f'{binds} && exec "$0" "$@"')
+    probe = subprocess.run([*prefix, "true"], capture_output=True)  # e.g. no CAP_SYS_ADMIN
+    return prefix if probe.returncode == 0 else None
 
 
 class _read_only:
@@ -218,7 +220,7 @@ class _read_only:
         self.paths = [Path(p) for p in paths]
         self.prefix = _read_only_prefix(self.paths)
         if self.prefix is None:  # pragma: no cover
-            pytest.skip("cannot make a directory read-only for root here (no unshare/mount)")
+            pytest.skip("cannot make a directory read-only for root here (unshare -m, mount)")
 
     def _chmod(self, writable):
         for top in self.paths:
