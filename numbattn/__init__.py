@@ -17,6 +17,7 @@ against. Importing numbattn never needs CUDA.
 
 from . import config, reference
 from .api import attention, merge_attention, scores, softmax, varlen_attention
+from .cpu import backend as _cpu_backend  # noqa: F401  (fork guard; imports no Numba)
 
 __version__ = "0.1.0"
 

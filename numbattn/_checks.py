@@ -45,6 +45,8 @@ def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
     Raises TypeError for anything that is neither a NumPy array nor a GPU
     array exposing ``__cuda_array_interface__``.
     """
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(_masked_message(name))
     if isinstance(obj, np.ndarray):
         return obj, False
     cai = device_interface(obj)
@@ -69,6 +71,14 @@ def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
     )
 
 
+def _masked_message(name: str) -> str:
+    return (
+        f"{name} is a numpy.ma.MaskedArray, which numbattn refuses: its mask would be "
+        f"ignored. Pass {name}.filled(value) or {name}.data, and express masked keys "
+        "with mask= or key_lengths="
+    )
+
+
 def check_same_device(named: dict[str, bool]) -> bool:
     """All arguments on the host or all on the GPU; returns True for GPU."""
     names = list(named)
@@ -86,6 +96,8 @@ def check_same_device(named: dict[str, bool]) -> bool:
 def check_dtype(name: str, arr: np.ndarray, expected: np.dtype | None = None) -> np.dtype:
     """float32 or float64, and equal to ``expected`` when given."""
     if arr.dtype not in SUPPORTED_DTYPES:
+        if not arr.dtype.isnative and arr.dtype.newbyteorder("=") in SUPPORTED_DTYPES:
+            raise TypeError(_byte_order_message(name, arr.dtype))
         raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
     if expected is not None and arr.dtype != expected:
         raise TypeError(
@@ -93,6 +105,13 @@ def check_dtype(name: str, arr: np.ndarray, expected: np.dtype | None = None) ->
             "numbattn never converts dtypes silently"
         )
     return arr.dtype
+
+
+def _byte_order_message(name: str, dtype: np.dtype) -> str:
+    return (
+        f"{name} has non-native byte order {dtype.str}: numbattn never converts "
+        f"silently; convert with {name}.astype({name}.dtype.newbyteorder('='))"
+    )
 
 
 def check_ndim(name: str, arr: np.ndarray, minimum: int, what: str) -> None:
@@ -122,7 +141,12 @@ def check_scale(scale, d: int) -> float:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    value = float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:  # e.g. 10**400: a real number, but no finite float
+        raise ValueError(
+            f"scale must be finite, got a value too large for float64 (type {type(scale).__name__})"
+        ) from None
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {value}")
     return value
@@ -166,6 +190,8 @@ def check_output(
     ``in_place_ok`` names one input that ``arr`` may be exactly (not partly).
     """
     if arr.dtype not in SUPPORTED_DTYPES or arr.dtype != dtype:
+        if not arr.dtype.isnative and arr.dtype.newbyteorder("=") == dtype:
+            raise TypeError(_byte_order_message(name, arr.dtype))
         raise TypeError(f"{name} must have dtype {dtype}, got {arr.dtype}")
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
@@ -182,6 +208,8 @@ def check_output(
 
 def _host_integers(name: str, obj, what: str) -> np.ndarray:
     """An integer array's values on the host (GPU arrays are copied back)."""
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(_masked_message(name))
     if isinstance(obj, np.ndarray):
         arr = obj
     elif device_interface(obj) is not None or type(obj).__module__.startswith("numba.cuda"):
@@ -218,7 +246,8 @@ def check_lengths(name: str, obj, batch: int, limit: int) -> np.ndarray:
 def check_cu_seqlens(name: str, obj, total: int, ref: str) -> np.ndarray:
     """FlashAttention's cumulative lengths: int32/int64, 0 first, non-decreasing, ``total`` last."""
     arr = _host_integers(name, obj, "of shape (B + 1,)")
-    if arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+    # Copied to native int64 below, so a non-native byte order is fine here.
+    if arr.dtype.newbyteorder("=") not in (np.dtype(np.int32), np.dtype(np.int64)):
         raise TypeError(f"{name} must have dtype int32 or int64, got {arr.dtype}")
     if arr.ndim != 1 or arr.size < 1:
         raise ValueError(f"{name} must have shape (B + 1,) with B >= 0, got {arr.shape}")

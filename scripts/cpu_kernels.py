@@ -3,7 +3,7 @@
 Usage::
 
     python scripts/cpu_kernels.py [--repeat N] [--threads T] [--quick]
-                                     [--only all|dense|options] [--skip-check]
+                                     [--only all|dense|options|tiny] [--skip-check]
 
 First runs quick correctness checks of every kernel against the float64
 reference (both dtypes, odd shapes, tiny tiles, causal with Nq < Nk and
@@ -423,6 +423,30 @@ def bench_options(repeat):
     )
 
 
+def bench_tiny(repeat):
+    """Batches of short sequences (one head, d = 64, float32) through the
+    public API: where numbattn's fixed cost per work item (one query tile of
+    one sequence) meets NumPy's batched matmuls."""
+    rng = np.random.default_rng(0)
+    d = 64
+
+    def case(b, n):
+        q, k, v = (rng.standard_normal((b, n, d), dtype=np.float32) for _ in range(3))
+        out = np.empty_like(q)
+        scale = np.float32(1 / math.sqrt(d))
+        fns = {
+            "numbattn": lambda: numbattn.attention(q, k, v, out=out),
+            "numpy": lambda: np_attention(q, k, v, scale, False),
+        }
+        if torch is not None:
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            fns["torch"] = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+        row(f"tiny B={b} N={n} d={d}", side_by_side(fns, repeat), "numbattn", 4 * b * n * n * d)
+
+    for b, n in ((100000, 1), (25000, 4), (6250, 16), (3125, 32), (1562, 64), (390, 256)):
+        case(b, n)
+
+
 def row_multi(case, times, base, flops):
     """As row(), with per-implementation FLOP counts (unmasked entries)."""
     t0 = times[base]
@@ -445,9 +469,10 @@ def main():
     ap.add_argument("--gap", type=float, default=GAP, help="idle seconds before each timed call")
     ap.add_argument(
         "--only",
-        choices=("all", "dense", "options"),
+        choices=("all", "dense", "options", "tiny"),
         default="all",
-        help="dense: the original rows; options: varlen / window rows",
+        help="dense: the original rows; options: varlen / window rows; "
+        "tiny: batches of short sequences against NumPy",
     )
     args = ap.parse_args()
     GAP = args.gap
@@ -468,6 +493,8 @@ def main():
         bench(args.repeat, args.quick)
     if args.only in ("all", "options"):
         bench_options(args.repeat)
+    if args.only in ("all", "tiny"):
+        bench_tiny(args.repeat)
 
 
 if __name__ == "__main__":

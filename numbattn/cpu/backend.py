@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
@@ -16,8 +18,49 @@ name = "cpu"
 # launch parallel kernels at once; omp and tbb are safe. Serialise only then.
 _workqueue_lock = threading.Lock()
 
+# A process forked after Numba started GNU OpenMP (its "omp" threading layer,
+# the default where TBB is absent) is killed by Numba on its first parallel
+# launch ("Terminating: fork() called from a process already using GNU
+# OpenMP"), so a fork-based multiprocessing.Pool would wait forever for it.
+# Such a child runs serial compilations of the same kernels instead.
+_serial = False
+
+
+def _gnu_openmp_started() -> bool:
+    """Whether Numba's threading layer is running on GNU OpenMP (not fork-safe)."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return False
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no threading layer launched yet: a child may start one
+        return False
+    if layer != "omp":  # tbb and workqueue survive fork
+        return False
+    omppool = sys.modules.get("numba.np.ufunc.omppool")
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"  # Intel's is fork-safe
+
+
+def _after_fork_in_child() -> None:
+    global _serial, _workqueue_lock
+    _workqueue_lock = threading.Lock()  # may have been held by a parent thread
+    if _gnu_openmp_started():
+        _serial = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def serial() -> bool:
+    """True in a process forked after GNU OpenMP started: kernels run serially."""
+    return _serial
+
 
 def _call(kernel, *args):
+    if _serial:
+        kernel.serial(*args)
+        return
     import numba
 
     try:
@@ -48,6 +91,8 @@ def empty(shape, dtype, like=None, stream=None):
 
 def _threads():
     """Numba's thread count: the kernels interleave their work items for it."""
+    if _serial:
+        return 1
     import numba
 
     return numba.get_num_threads()

@@ -18,16 +18,23 @@ Design
   access (``.signatures``, ``.py_func``, ``.inspect_asm`` ...) is forwarded to
   the dispatcher.
 * **Packing.** Every kernel copies the tiles it needs from the (arbitrarily
-  strided) inputs into small C-contiguous scratch buffers allocated inside the
-  parallel work item, so all hot loops see unit stride: Q tile (rows padded
-  to a multiple of 4 with zeros), K tile transposed (d x kt), V tile
-  (kt x dv).
+  strided) inputs into small C-contiguous scratch buffers, so all hot loops
+  see unit stride: Q tile (rows padded to a multiple of 4 with zeros), K
+  tile transposed (d x kt), V tile (kt x dv). The scratch is allocated once
+  per call, one slice per thread (``get_thread_id``, :func:`_slot`), and
+  sized by the rows and keys a work item can have (min(tile, max_rows),
+  min(kt, Nk)), not by full tiles: tiny work items allocate nothing, and a
+  huge d with one row costs a few rows of d.
 * **Scale** multiplies each dot product (``scale * (q . k)``, as the CUDA
   kernels and the reference do): inside the exponentials
   (:func:`_exp_scaled_inplace`; the row maximum is ``scale * max`` or
   ``scale * min``), or in the bias / mask pass when there is one, so it
   costs no extra pass. Pre-scaling the Q tile would overflow (q * scale =
   inf) where the scores themselves are finite.
+* **Serial twin.** ``kernel.serial`` is the same code compiled without
+  ``parallel=True``, for a process forked after GNU OpenMP started
+  (numbattn.cpu.backend). Caching goes through :mod:`numbattn._jit`, which
+  also works on a read-only installation.
 * **Micro-kernel** (:func:`_gemm_acc`): C[:M, :N] += A[:M, :K] @ B[:K, :N]
   for C-contiguous A, B, C with M a multiple of 4. Four rows of C and four
   K-steps at a time: the 16 A scalars are hoisted into broadcast registers and
@@ -81,11 +88,14 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, prange, types
+from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
+
+from .._jit import njit, serial_copy  # njit: cache=True also works read-only
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False)
+_SERIAL_OPTS = dict(_OPTS, parallel=False)
 _HOPTS = dict(nogil=True, cache=True, fastmath=set(_FM))
 
 # Rows of the register block of the micro-kernel; scratch row counts are
@@ -381,6 +391,16 @@ def _fill(x, n, value):
         x[j] = value
 
 
+@njit(nogil=True, cache=True)
+def _slot(scratch, t):
+    """scratch[t]: thread t's part of a per-thread scratch buffer (a fresh
+    buffer if t is past it, as when a direct call passes fewer n_threads
+    than Numba runs)."""
+    if t < scratch.shape[0]:
+        return scratch[t]
+    return np.empty_like(scratch[0])
+
+
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
@@ -503,8 +523,13 @@ def _scores_impl(
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
-    qt_pad = (qt + _MR - 1) // _MR * _MR
     o_unit = ncol <= 1 or out.strides[3] == out.itemsize
+    # Scratch per thread (see _attention_impl).
+    rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
+    ktn = max(1, min(kt, k.shape[2]))
+    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    kp_t = np.empty((nthr, d, ktn), dtype=dt)
+    s_t = np.empty((nthr, rows, ktn), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -534,9 +559,10 @@ def _scores_impl(
         off = k_len - q_len
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
-        qs = np.zeros((qt_pad, d), dtype=dt)
-        kp = np.empty((d, kt), dtype=dt)
-        s = np.empty((qt_pad, kt), dtype=dt)
+        t = get_thread_id()
+        qs, kp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(s_t, t)
+        for r in range(m, mp):
+            _fill(qs[r], d, dt(0.0))
         _pack_rows(q, a, b, q_off + i0, m, qs)
         # The scale multiplies the products: in the bias / mask pass when
         # there is one, else while copying out.
@@ -649,7 +675,18 @@ def _attention_impl(
     sc = dt(scale)
     ninf = dt(-np.inf)
     zero = dt(0.0)
-    qt_pad = (qt + _MR - 1) // _MR * _MR
+    # Scratch per thread, allocated once per call and sized by the rows and
+    # keys a work item can have (not a full tile): tiny items allocate nothing.
+    rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
+    ktn = max(1, min(kt, k.shape[2]))
+    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    kp_t = np.empty((nthr, d, ktn), dtype=dt)
+    vp_t = np.empty((nthr, ktn, dv), dtype=dt)
+    s_t = np.empty((nthr, rows, ktn), dtype=dt)
+    o_t = np.empty((nthr, rows, dv), dtype=dt)
+    m_t = np.empty((nthr, rows), dtype=dt)
+    l_t = np.empty((nthr, rows), dtype=dt)
+    keep_t = np.empty((nthr, rows, ktn), dtype=np.bool_)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -668,15 +705,17 @@ def _attention_impl(
         kb = b // group
         lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         mp = (m + _MR - 1) // _MR * _MR
-        qs = np.zeros((qt_pad, d), dtype=dt)
-        kp = np.empty((d, kt), dtype=dt)
-        vflat = np.empty(kt * dv, dtype=dt)
-        vp = vflat.reshape((kt, dv))
-        s = np.zeros((qt_pad, kt), dtype=dt)
-        o = np.zeros((qt_pad, dv), dtype=dt)
-        mrow = np.full(qt_pad, ninf, dtype=dt)
-        lrow = np.zeros(qt_pad, dtype=dt)
-        keep = np.empty((qt_pad, kt), dtype=np.bool_)
+        t = get_thread_id()
+        qs, kp, vp = _slot(qs_t, t), _slot(kp_t, t), _slot(vp_t, t)
+        s, o, mrow, lrow = _slot(s_t, t), _slot(o_t, t), _slot(m_t, t), _slot(l_t, t)
+        keep = _slot(keep_t, t)
+        vflat = vp.reshape(vp.size)
+        for r in range(m, mp):
+            _fill(qs[r], d, zero)
+        for r in range(mp):
+            _fill(o[r], dv, zero)
+        _fill(mrow, mp, ninf)
+        _fill(lrow, mp, zero)
         if hi > lo:
             _pack_rows(q, a, b, q_off + i0, m, qs)
         for j0 in range(lo, hi, kt):
@@ -824,7 +863,19 @@ class _OneLayoutKernel:
         self._dispatcher = dispatcher
         self._kinds = arg_kinds
         self._entry = {}
+        self._serial = None
         functools.update_wrapper(self, dispatcher.py_func)
+
+    @property
+    def serial(self):
+        """The same kernel compiled without ``parallel=True`` (prange runs as
+        range, on the calling thread), for processes where Numba's threads
+        must not start (numbattn.cpu.backend: forked after GNU OpenMP started).
+        Compiled on first use, cached on disk under its own name."""
+        if self._serial is None:
+            py_func = serial_copy(self._dispatcher.py_func)
+            self._serial = _OneLayoutKernel(njit(**_SERIAL_OPTS)(py_func), self._kinds)
+        return self._serial
 
     def signature_for(self, dtype):
         """The Numba signature compiled for ``dtype``."""
