@@ -109,7 +109,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int64, uint32
+from numba import cuda, float32, float64, int32, int64, uint32
 
 
 def _types(dtype):
@@ -252,7 +252,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 for b in range(RK):
                     s[a, b] = ZERO
             # V tile (BK x DVC), zero-padded past hi; bad: a NaN or inf staged.
-            bad = False
+            bad = int32(0)  # int: syncthreads_or takes no bool on hardware
             for it in range((BK * DVC + NT - 1) // NT):
                 idx = uint32(tid + NT * it)
                 if idx >= BK * DVC:
@@ -263,7 +263,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 val = ZERO
                 if jj < hi and c < dv:
                     val = v[b1, hk, uint32(k_off + jj), uint32(c)]
-                    bad = bad or not math.isfinite(val)
+                    if not math.isfinite(val):
+                        bad = int32(1)
                 sh[OFF_V + idx] = val
             # S = Q K^T, d in chunks of DC.
             for p0 in range(0, d, DC):
