@@ -66,7 +66,8 @@ def run(tools, tmp_path_factory):
 
 
 def _files(save, rec, suffix):
-    return save / f"{rec['kernel']}_{rec['dtype']}_{rec['target']}{suffix}"
+    path = "" if rec["path"] == "hardware" else "_" + rec["path"]
+    return save / f"{rec['kernel']}_{rec['dtype']}_{rec['target']}{path}{suffix}"
 
 
 def _static(records):
@@ -76,11 +77,13 @@ def _static(records):
 def test_one_record_per_variant(run):
     records, _ = run
     static = _static(records)
-    assert sorted((r["kernel"], r["dtype"]) for r in static) == sorted(
-        (k, d) for k in KERNELS for d in DTYPES
+    # The fused attention kernel has a hardware and a simulator path.
+    assert sorted((r["kernel"], r["dtype"], r["path"]) for r in static) == sorted(
+        [(k, d, "hardware") for k in KERNELS for d in DTYPES]
+        + [("attention", d, "simulator") for d in DTYPES]
     )
     for r in static:
-        assert r["path"] == "hardware" and r["target"] == "sm_90"
+        assert r["target"] == "sm_90"
         for key in ("threads_per_block", "registers", "spill_bytes", "local_bytes",
                     "shared_bytes", "blocks_per_sm", "warps_per_sm"):  # fmt: skip
             assert isinstance(r[key], int) and not isinstance(r[key], bool), key
@@ -210,6 +213,23 @@ def test_hottest_loops_are_the_documented_ones(run):
     assert all(r["spill_bytes"] == 0 for r in _static(run[0]))
 
 
+def test_attention_hardware_path(run):
+    """The hardware path of the fused attention kernel: row reductions by
+    warp shuffles (none, and more barriers, in the simulator path), vector
+    shared loads in both products, no local memory in the loop, 16 warps per
+    SM on cc 9.0."""
+    att = {(r["dtype"], r["path"]): r for r in _static(run[0]) if r["kernel"] == "attention"}
+    for dt in DTYPES:
+        hw, sim = att[dt, "hardware"], att[dt, "simulator"]
+        assert hw["inner_loop"]["shuffles"] > 0 and sim["inner_loop"]["shuffles"] == 0
+        assert sim["inner_loop"]["barriers"] > hw["inner_loop"]["barriers"]
+        assert hw["spill_bytes"] == 0 and hw["inner_loop"]["local_accesses"] == 0
+        assert hw["warps_per_sm"] >= 16
+        # Every shared load of the key-tile loop (Q, K, P and V reads) is a vector.
+        loop = hw["inner_loop"]
+        assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
+
+
 def test_occupancy_fields(run):
     for r in _static(run[0]):
         warps = math.ceil(r["threads_per_block"] / 32)
@@ -250,7 +270,7 @@ def test_table(run):
             == [
                 r["kernel"],
                 r["dtype"],
-                "hardware",
+                r["path"],
                 "9.0",
                 str(r["threads_per_block"]),
                 str(r["registers"]),

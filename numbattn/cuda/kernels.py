@@ -7,8 +7,12 @@ Numba, so each factory closes over its tile sizes; :mod:`numbattn.cuda.backend`
 caches one kernel per (dtype, geometry) and picks the geometry from
 :mod:`numbattn.config` at call time.
 
-No warp shuffles and no libdevice-only intrinsics are used, so every kernel
-also runs under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``). No
+Kernels with hardware-only code (the fused attention kernel: warp
+shuffles, launch bounds, aligned shared memory) are built in two paths by
+their factory's ``hw`` flag; the backend builds the hardware path on a GPU
+and the portable one under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, which has no shuffles and no inline PTX); the
+two give the same results within tolerance. No libdevice-only intrinsics. No
 ``fastmath``: NVVM contracts multiply-adds into FMAs by default, and exp/log
 stay the accurate libdevice versions (float32 ``math.exp`` maps to
 ``__nv_expf``), which keeps float32 within 1e-5 and float64 within 1e-12 of
@@ -40,46 +44,58 @@ Fused attention (:func:`make_attention`)
     ``BK = TX*RK`` keys:
 
     1. scores: the thread computes an RQ x RK register micro-tile
-       (keys ``tx + TX*b``) from Q^T (resident in shared memory when
-       d <= DC, else re-staged per d-chunk) and K^T staged in shared memory
-       per chunk of DC dims: RQ+RK shared loads per RQ*RK FMAs;
+       (keys ``tx + TX*b``) from Q (resident in shared memory when d <= DC,
+       else re-staged per d-chunk) and K staged in shared memory per chunk
+       of DC dims, both row-major; it reads PV (4) consecutive head
+       dimensions of a row at once (one LDS.128 for float32), so a step
+       costs RQ + RK vector loads for PV*RQ*RK FMAs. The chunk is
+       zero-padded, so the trip count is ceil(min(DC, d - p0) / PV);
     2. visibility: a tile that every row of the block sees entirely (all
        rows real, ``j0 >= lo`` of the last row, ``j0 + BK <= hi`` of the
        first) and no mask takes the fast path, ``s * scale`` (``+ bias``
        when given); otherwise each element is tested against its row's
-       range ``[lo_i, hi_i)`` and the mask, and the bias is read only for
-       visible elements;
-    3. online softmax: row maxima and sums over the TX threads sharing a row
-       go through two small shared buffers (no shuffles); every thread of a
-       row computes the same values in the same order, so they agree;
-       P = exp(S - m) is written to shared memory (aliasing the K^T tile,
-       dead by then); a row whose scores are all -inf so far (window, mask,
-       -inf bias) keeps m = -inf and exponentiates against 0, never NaN;
+       window (one unsigned 32-bit compare), the key and row counts and
+       the mask, and the bias is read only for visible elements;
+    3. online softmax: row maxima and sums over the TX threads sharing a
+       row: on hardware by warp shuffles (``shfl_xor_sync`` butterflies
+       within the row's TX lanes, when TX divides 32), in the portable path
+       the simulator runs through two small shared buffers and a barrier
+       each; either way every thread of a row gets the same values (the
+       butterfly adds each pair in both lanes alike), so they agree. P =
+       exp(S - m) is written to its own shared region; a row whose scores
+       are all -inf so far (window, mask, -inf bias) keeps m = -inf and
+       exponentiates against 0, never NaN;
     4. P @ V: the thread accumulates an RQ x RC register tile of the output
-       (columns ``tx + TX*c``) from P and the V tile in shared memory.
+       (columns ``CV*tx + CV*TX*g + w``: groups of CV (4) adjacent columns)
+       from P (JV keys per vector read) and the row-major V tile (one vector
+       read per group and key).
 
     Rows ``Q_LEN <= i < Q_ROWS`` and rows that see no key get zeros and
     lse = -inf. dv is limited to ``DVC = TX*RC`` per launch; the backend
     splits larger dv into several launches over column slices of V and out
-    (each recomputes the scores). Shared-memory rows are padded (+1) so the
-    transposed stores and the strided reads are bank-conflict free. The
-    options add no shared memory; registers: a handful of block-uniform
-    scalars (table row, lo/hi bounds, flags) and two per-row bounds in the
-    visibility step.
+    (each recomputes the scores).
+
+    Shared memory (:func:`attention_layout`): Q, K, P, V (and the two
+    reduction buffers of the portable path), each region 16-byte aligned
+    (``alignment=16`` on hardware, so the row reads compile to LDS.128).
+    Row strides: Q and K ``== 16 bytes (mod 128)``, so the 8 lanes of a
+    vector-load phase (consecutive tx, keys tx + TX*b) hit 8 distinct
+    16-byte bank groups; P ``== 32 (mod 128)``, so its scalar stores from
+    (ty, tx) are conflict-free; the Q/P row reads are broadcasts (one row
+    per phase). Staging is row-major (consecutive threads: consecutive
+    columns, coalesced global reads, contiguous shared stores).
 
     Index arithmetic (registers): Numba's signed array indices carry a
-    negative-index fix-up (compare, select, the dimension's extent kept
-    live), and its floor division and modulo of a signed value carry sign
-    fix-ups. The kernel therefore zero-extends the thread index (so
-    ``tid // TX`` etc. are plain shifts), casts the batch indices and every
-    global row/column index to ``uint32`` (token counts are < 2**31), and
-    stages tiles with compile-time trip counts over an unsigned element
-    index (``tid + NT*it``: fully unrolled, constant shared offsets). The
-    Q^T/K^T reads of the scores loop and the P reads of P @ V use unsigned
-    loop indices; the V reads keep a signed one (unsigned, ptxas pipelines
-    the V loads and float64 needs ~60 more registers). Together this took
-    the production geometries from 241 (float32) / 252 (float64) registers
-    per thread to <= 168, with no spills.
+    negative-index fix-up, and its integer arithmetic is 64-bit. The kernel
+    uses unsigned 32-bit indices everywhere (``U(...)``: truncating the
+    result lets LLVM narrow the arithmetic to 32 bits; token counts are
+    < 2**31): thread coordinates, global rows and columns, and shared
+    offsets, which are a per-thread base computed once plus compile-time
+    offsets. Staging loops are runtime loops with per-thread coordinates
+    computed once (unrolled, their per-trip addresses were hoisted out of
+    the key-tile loop into ~60 registers). The hardware path carries launch
+    bounds asking for 512 resident threads per SM (16 warps; at most 128
+    registers) where shared memory allows; ``gpu-report`` shows both paths.
 
 Scores (:func:`make_scores`)
     Classic T x T shared-memory tiling (one output per thread, d in chunks
@@ -104,13 +120,72 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, int64, uint32
 
+U = uint32
+
 
 def _types(dtype):
     dtype = np.dtype(dtype)
     return (float32 if dtype == np.float32 else float64), dtype.type
 
 
-def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
+def _stride(n, itemsize, rem):
+    """Smallest row stride >= n elements whose byte size is a multiple of 16
+    and is ``rem`` modulo 128 (the bank pattern of the row-wise reads)."""
+    s = n
+    while (s * itemsize) % 16 or (s * itemsize) % 128 != rem:
+        s += 1
+    return s
+
+
+def _vec(n):
+    """Widest vector (4, 2 or 1 elements) that divides n."""
+    return 4 if n % 4 == 0 else (2 if n % 2 == 0 else 1)
+
+
+def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw):
+    """Shared-memory layout of :func:`make_attention` (element offsets and strides)."""
+    isz = np.dtype(dtype).itemsize
+    al = 16 // isz  # elements per 16 bytes: every region starts 16-byte aligned
+    BQ, BK, DVC = TY * RQ, TX * RK, TX * RC
+    lay = dict(QS=_stride(DC, isz, 16), PS=_stride(BK, isz, 32), VS=-(-DVC // al) * al)
+    lay["KS"] = lay["QS"]
+    off = 0
+    for name, size in (
+        ("Q", BQ * lay["QS"]),
+        ("K", BK * lay["KS"]),
+        ("P", BQ * lay["PS"]),
+        ("V", BK * lay["VS"]),
+        ("R1", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
+        ("R2", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
+    ):
+        lay["OFF_" + name] = off
+        off += -(-size // al) * al
+    lay["TOTAL"] = max(off, 1)
+    return lay
+
+
+def shuffles_ok(TY, TX, hw):
+    """Row reductions by warp shuffles: on hardware, when a row's TX threads
+    are lanes of one warp (TX a power of two <= 32) and every warp is full
+    or the block is one partial warp (the shuffle mask names its lanes)."""
+    nt = TY * TX
+    return bool(hw) and TX <= 32 and 32 % TX == 0 and (nt % 32 == 0 or nt < 32)
+
+
+def _stage_plan(COLS, NT):
+    """(fast, rows per trip) of a staging loop over a tile with COLS columns
+    and NT threads: when COLS divides NT (fast), each thread keeps one
+    column and steps through rows NT // COLS apart, so its coordinates are
+    computed once; otherwise the element index ``tid + NT*it`` is split per
+    trip. Either way consecutive threads read consecutive columns, and the
+    loops run (not unrolled: unrolled, the per-trip addresses were hoisted
+    out of the key-tile loop into ~60 registers)."""
+    if NT % COLS == 0:
+        return True, NT // COLS
+    return False, 0
+
+
+def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     """Fused attention kernel for one geometry (see the module docstring).
 
     Signature::
@@ -124,25 +199,48 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
     of the array dtype and mask bool (G1, Hq, Tq, Tk) (any 4-d dummy unless
     has_bias / has_mask), scale of the array dtype, n_qt = ceil(max_rows/BQ),
     windows -1 = unbounded. Launch: grid = G1*Hq*n_qt, block = TY*TX.
+
+    ``hw``: build the hardware path (warp-shuffle row reductions, aligned
+    shared memory, launch bounds); False gives the portable path the
+    simulator runs (shared-memory reductions). Same results.
     """
     nt, sc_t = _types(dtype)
     NT = TY * TX
     BQ = TY * RQ
     BK = TX * RK
     DVC = TX * RC
-    QS = BQ + 1  # row stride of Q^T (one row per head dimension)
-    KS = BK + 1  # row stride of K^T and of P
-    OFF_K = DC * QS
-    OFF_V = OFF_K + max(DC * KS, BQ * KS)
-    OFF_R1 = OFF_V + BK * DVC
-    OFF_R2 = OFF_R1 + BQ * TX
-    TOTAL = OFF_R2 + BQ * TX
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw)
+    SHFL = shuffles_ok(TY, TX, hw)
+    MASK = 0xFFFFFFFF if NT >= 32 else (1 << NT) - 1
+    PV = _vec(DC)  # head dims per vector read of Q and K
+    JV = _vec(BK)  # keys per vector read of P
+    CV = _vec(RC)  # contiguous value columns per thread and group
+    NG = RC // CV
+    QS, KS, PS, VS = (U(lay[x]) for x in ("QS", "KS", "PS", "VS"))
+    OFF_K, OFF_P, OFF_V = (U(lay[x]) for x in ("OFF_K", "OFF_P", "OFF_V"))
+    OFF_R1, OFF_R2, TOTAL = lay["OFF_R1"], lay["OFF_R2"], lay["TOTAL"]
+    QSI, KSI, PSI, VSI = lay["QS"], lay["KS"], lay["PS"], lay["VS"]
+    ALIGN = 16 if hw else None  # the simulator takes no alignment
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
     ONE = sc_t(1.0)
     BIG = 1 << 40  # "unbounded" window side, far beyond any index
+    I31 = (1 << 31) - 1
+    M32 = (1 << 32) - 1
+    FQ, RQP = _stage_plan(DC, NT)
+    FK, RKP = _stage_plan(DC, NT)
+    FV, RVP = _stage_plan(DVC, NT)
+    uTX = U(TX)
+    # Registers: the hardware path asks ptxas for enough resident blocks to
+    # fill 16 warps per SM (at most 65536 / (512) = 128 registers a thread),
+    # when shared memory allows that many blocks.
+    opts = {}
+    if hw:
+        want = max(1, -(-512 // NT))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 
-    @cuda.jit
+    @cuda.jit(**opts)
     def attention_kernel(
         q,
         k,
@@ -160,15 +258,16 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         has_bias,
         has_mask,
     ):
-        sh = cuda.shared.array(TOTAL, nt)
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
         acc = cuda.local.array((RQ, RC), nt)
         s = cuda.local.array((RQ, RK), nt)
         mrow = cuda.local.array(RQ, nt)
         lrow = cuda.local.array(RQ, nt)
         alpha = cuda.local.array(RQ, nt)
-        qa = cuda.local.array(RQ, nt)
-        kb = cuda.local.array(RK, nt)
-        vc = cuda.local.array(RC, nt)
+        qf = cuda.local.array((RQ, PV), nt)
+        kf = cuda.local.array((RK, PV), nt)
+        pf = cuda.local.array((RQ, JV), nt)
+        vf = cuda.local.array(RC, nt)
 
         g2n = q.shape[1]
         d = q.shape[3]
@@ -187,9 +286,11 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         k_off = seq[b1, b2, 3]
         k_len = seq[b1, b2, 4]
         hk = uint32(b2 // (g2n // k.shape[1]))  # grouped-query attention
-        tid = int64(uint32(cuda.threadIdx.x))  # zero-extended: known >= 0
-        tx = tid % TX
-        ty = tid // TX
+        utid = U(cuda.threadIdx.x)
+        utx = utid % uTX
+        uty = utid // uTX
+        tx = int64(utx)
+        ty = int64(uty)
         offset = k_len - q_len
 
         # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
@@ -217,6 +318,16 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         if hi > lo:
             n_kt = (hi - lo + BK - 1) // BK
         q_resident = d <= DC
+        # Unsigned 32-bit shared-memory bases, computed once: the loops add
+        # compile-time offsets to them.
+        qbase = uty * QS
+        kbase = OFF_K + utx * KS
+        pbase = OFF_P + uty * PS
+        vbase = OFF_V + utx * U(CV)
+        # Staging coordinates (the fast plans): one column, a first row.
+        sq_r, sq_p = U(utid // U(max(DC, 1))), U(utid % U(DC))
+        sk_r, sk_p = sq_r, sq_p
+        sv_r, sv_p = U(utid // U(DVC)), U(utid % U(DVC))
 
         for a in range(RQ):
             mrow[a] = NINF
@@ -224,19 +335,28 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
             for c in range(RC):
                 acc[a, c] = ZERO
 
-        # Staging loops: element idx = tid + NT*it of a row-major tile.
+        # Staging loops: element idx = tid + NT*it of a row-major tile
+        # (consecutive threads: consecutive columns, coalesced reads).
         if q_resident and n_kt > 0:
-            for it in range((BQ * DC + NT - 1) // NT):
-                idx = uint32(tid + NT * it)
-                if idx >= BQ * DC:
-                    continue
-                r = idx // DC
-                p = idx % DC
-                i = i0 + r
-                val = ZERO
-                if i < q_len and p < d:
-                    val = q[b1, b2, uint32(q_off + i), uint32(p)]
-                sh[p * QS + r] = val
+            if FQ:  # one column per thread, rows r0, r0 + RQP, ...
+                r = sq_r
+                p = sq_p
+                while r < U(BQ):
+                    val = ZERO
+                    if r < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + r), p]
+                    sh[U(r * QS + p)] = val
+                    r = U(r + U(RQP))
+            else:
+                idx = utid
+                while idx < U(BQ * DC):
+                    r = U(idx // U(DC))
+                    p = U(idx % U(DC))
+                    val = ZERO
+                    if r < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + r), p]
+                    sh[U(r * QS + p)] = val
+                    idx = U(idx + U(NT))
 
         for kt in range(n_kt):
             j0 = lo + kt * BK
@@ -244,98 +364,150 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 for b in range(RK):
                     s[a, b] = ZERO
             # V tile (BK x DVC), zero-padded past hi.
-            for it in range((BK * DVC + NT - 1) // NT):
-                idx = uint32(tid + NT * it)
-                if idx >= BK * DVC:
-                    continue
-                j = idx // DVC
-                c = idx % DVC
-                jj = j0 + j
-                val = ZERO
-                if jj < hi and c < dv:
-                    val = v[b1, hk, uint32(k_off + jj), uint32(c)]
-                sh[OFF_V + idx] = val
-            # S = Q K^T, d in chunks of DC.
+            nk = hi - j0
+            if FV:  # one column per thread, rows r0, r0 + RVP, ...
+                r = sv_r
+                p = sv_p
+                while r < U(BK):
+                    val = ZERO
+                    if r < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + r), p]
+                    sh[U(OFF_V + r * VS + p)] = val
+                    r = U(r + U(RVP))
+            else:
+                idx = utid
+                while idx < U(BK * DVC):
+                    r = U(idx // U(DVC))
+                    p = U(idx % U(DVC))
+                    val = ZERO
+                    if r < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + r), p]
+                    sh[U(OFF_V + r * VS + p)] = val
+                    idx = U(idx + U(NT))
+            # S = Q K^T, d in chunks of DC (zero-padded to the chunk).
             for p0 in range(0, d, DC):
                 if p0 > 0:
                     cuda.syncthreads()
+                dp = d - p0
                 if not q_resident:
-                    for it in range((BQ * DC + NT - 1) // NT):
-                        idx = uint32(tid + NT * it)
-                        if idx >= BQ * DC:
-                            continue
-                        r = idx // DC
-                        p = idx % DC
-                        i = i0 + r
-                        pp = p0 + p
+                    if FQ:  # one column per thread, rows r0, r0 + RQP, ...
+                        r = sq_r
+                        p = sq_p
+                        while r < U(BQ):
+                            val = ZERO
+                            if r < q_len - i0 and p < dp:
+                                val = q[b1, b2, U(q_off + i0 + r), U(p0 + p)]
+                            sh[U(r * QS + p)] = val
+                            r = U(r + U(RQP))
+                    else:
+                        idx = utid
+                        while idx < U(BQ * DC):
+                            r = U(idx // U(DC))
+                            p = U(idx % U(DC))
+                            val = ZERO
+                            if r < q_len - i0 and p < dp:
+                                val = q[b1, b2, U(q_off + i0 + r), U(p0 + p)]
+                            sh[U(r * QS + p)] = val
+                            idx = U(idx + U(NT))
+                if FK:  # one column per thread, rows r0, r0 + RKP, ...
+                    r = sk_r
+                    p = sk_p
+                    while r < U(BK):
                         val = ZERO
-                        if i < q_len and pp < d:
-                            val = q[b1, b2, uint32(q_off + i), uint32(pp)]
-                        sh[p * QS + r] = val
-                for it in range((BK * DC + NT - 1) // NT):
-                    idx = uint32(tid + NT * it)
-                    if idx >= BK * DC:
-                        continue
-                    j = idx // DC
-                    p = idx % DC
-                    jj = j0 + j
-                    pp = p0 + p
-                    val = ZERO
-                    if jj < hi and pp < d:
-                        val = k[b1, hk, uint32(k_off + jj), uint32(pp)]
-                    sh[OFF_K + p * KS + j] = val
+                        if r < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + r), U(p0 + p)]
+                        sh[U(OFF_K + r * KS + p)] = val
+                        r = U(r + U(RKP))
+                else:
+                    idx = utid
+                    while idx < U(BK * DC):
+                        r = U(idx // U(DC))
+                        p = U(idx % U(DC))
+                        val = ZERO
+                        if r < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + r), U(p0 + p)]
+                        sh[U(OFF_K + r * KS + p)] = val
+                        idx = U(idx + U(NT))
                 cuda.syncthreads()
-                pc = min(DC, d - p0)
-                for pi in range(pc):
-                    p = uint32(pi)  # unsigned: no negative-index fix-up
+                # Rows ty + TY*a and keys tx + TX*b, PV consecutive head
+                # dimensions per (vector) read.
+                npv = U((min(DC, d - p0) + PV - 1) // PV)
+                for pi in range(npv):
+                    pq = qbase + pi * U(PV)
+                    pk = kbase + pi * U(PV)
                     for a in range(RQ):
-                        qa[a] = sh[p * QS + ty + TY * a]
+                        for e in range(PV):
+                            qf[a, e] = sh[pq + U(a * TY * QSI + e)]
                     for b in range(RK):
-                        kb[b] = sh[OFF_K + p * KS + tx + TX * b]
-                    for a in range(RQ):
-                        for b in range(RK):
-                            s[a, b] += qa[a] * kb[b]
+                        for e in range(PV):
+                            kf[b, e] = sh[pk + U(b * TX * KSI + e)]
+                    for e in range(PV):
+                        for a in range(RQ):
+                            for b in range(RK):
+                                s[a, b] += qf[a, e] * kf[b, e]
             # Scale, visibility / mask / bias, partial row maxima.
             check = j0 < lo_max or j0 + BK > hi_min
             # Key jj is visible to row i iff lo_base <= jj - i < hi_base,
             # jj < k_len and i < q_len; jj - i = diag + (TX*b - TY*a) with
-            # one per-tile value and compile-time offsets (no per-row
-            # bounds for the compiler to hoist into registers).
+            # one per-tile value and compile-time offsets. In 32 bits: the
+            # window sides clamped to +-(2**31 - 1) (token counts < 2**31,
+            # so |jj - i| is smaller), the window test is one unsigned
+            # compare of (jj - i - lo) mod 2**32 against its width, and the
+            # key and row counts are clamped to the tile.
             diag = j0 - i0 + tx - ty
-            kmax = k_len - j0 - tx  # visible keys need TX*b < kmax
-            rmax = q_len - i0 - ty  # real rows need TY*a < rmax
+            dl = diag - max(lo_base, -I31)
+            wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+            kcnt = U(min(max(k_len - j0 - tx, 0), BK))  # visible keys: TX*b < kcnt
+            rcnt = U(min(max(q_len - i0 - ty, 0), BQ))  # real rows: TY*a < rcnt
+            mcol = k_off + j0 + tx  # mask / bias column of key b: mcol + TX*b
             for a in range(RQ):
                 r = ty + TY * a
-                i = i0 + r
+                mrow_ = U(q_off + i0 + r)
                 mx = NINF
                 for b in range(RK):
                     t = s[a, b] * scale
                     if check or has_bias:
                         vis = True
                         if check:
-                            u = diag + (TX * b - TY * a)
-                            vis = u >= lo_base and u < hi_base and TX * b < kmax and TY * a < rmax
+                            vis = (
+                                U((dl + (TX * b - TY * a)) & M32) < wid
+                                and U(TX * b) < kcnt
+                                and U(TY * a) < rcnt
+                            )
                             if vis and has_mask:
-                                vis = mask[
-                                    b1, b2, uint32(q_off + i), uint32(k_off + j0 + tx + TX * b)
-                                ]
+                                vis = mask[b1, b2, mrow_, U(mcol + TX * b)]
                         if not vis:
                             t = NINF
                         elif has_bias:
-                            t += bias[b1, b2, uint32(q_off + i), uint32(k_off + j0 + tx + TX * b)]
+                            t += bias[b1, b2, mrow_, U(mcol + TX * b)]
                     s[a, b] = t
                     if t > mx or t != t:
                         mx = t
-                sh[OFF_R1 + r * TX + tx] = mx
-            cuda.syncthreads()
+                if SHFL:
+                    o = TX // 2
+                    while o > 0:
+                        t = cuda.shfl_xor_sync(MASK, mx, o)
+                        if t > mx or t != t:
+                            mx = t
+                        o //= 2
+                    alpha[a] = mx
+                else:
+                    sh[OFF_R1 + r * TX + tx] = mx
+            if not SHFL:
+                cuda.syncthreads()
             # Row maxima, rescale factors, P = exp(S - m) into shared memory.
             for a in range(RQ):
                 r = ty + TY * a
                 mt = mrow[a]
-                for x in range(TX):
-                    t = sh[OFF_R1 + r * TX + x]
+                if SHFL:
+                    t = alpha[a]
                     if t > mt or t != t:
                         mt = t
+                else:
+                    for x in range(TX):
+                        t = sh[OFF_R1 + r * TX + x]
+                        if t > mt or t != t:
+                            mt = t
                 ms = mt
                 if mt == NINF:
                     ms = ZERO
@@ -344,48 +516,63 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 ps = ZERO
                 for b in range(RK):
                     e = math.exp(s[a, b] - ms)
-                    sh[OFF_K + r * KS + tx + TX * b] = e
+                    sh[pbase + U(a * TY * PSI + b * TX) + utx] = e
                     ps += e
-                sh[OFF_R2 + r * TX + tx] = ps
+                if SHFL:
+                    o = TX // 2
+                    while o > 0:
+                        ps += cuda.shfl_xor_sync(MASK, ps, o)
+                        o //= 2
+                    lrow[a] = lrow[a] * alpha[a] + ps
+                else:
+                    sh[OFF_R2 + r * TX + tx] = ps
             cuda.syncthreads()
             for a in range(RQ):
-                r = ty + TY * a
-                tot = ZERO
-                for x in range(TX):
-                    tot += sh[OFF_R2 + r * TX + x]
-                lrow[a] = lrow[a] * alpha[a] + tot
+                if not SHFL:
+                    r = ty + TY * a
+                    tot = ZERO
+                    for x in range(TX):
+                        tot += sh[OFF_R2 + r * TX + x]
+                    lrow[a] = lrow[a] * alpha[a] + tot
                 for c in range(RC):
                     acc[a, c] *= alpha[a]
-            # O += P V
-            for j in range(BK):
+            # O += P V: rows ty + TY*a, columns CV*tx + CV*TX*g + (0..CV-1);
+            # JV keys per (vector) read of P, CV columns per read of V.
+            for ji in range(BK // JV):
+                pp_ = pbase + U(ji * JV)
+                pv_ = vbase + U(ji * JV) * VS
                 for a in range(RQ):
-                    qa[a] = sh[OFF_K + (ty + TY * a) * KS + uint32(j)]
-                for c in range(RC):
-                    vc[c] = sh[OFF_V + j * DVC + tx + TX * c]
-                for a in range(RQ):
-                    for c in range(RC):
-                        acc[a, c] += qa[a] * vc[c]
+                    for e in range(JV):
+                        pf[a, e] = sh[pp_ + U(a * TY * PSI + e)]
+                for e in range(JV):  # one key's V row at a time
+                    for g in range(NG):
+                        for w in range(CV):
+                            vf[g * CV + w] = sh[pv_ + U(e * VSI + g * CV * TX + w)]
+                    for a in range(RQ):
+                        for c in range(RC):
+                            acc[a, c] += pf[a, e] * vf[c]
             cuda.syncthreads()
 
         for a in range(RQ):
             i = i0 + ty + TY * a
             if i < q_rows:
+                row = uint32(q_off + i)
                 m = mrow[a]
                 if m == NINF:
                     for c in range(RC):
-                        col = tx + TX * c
+                        col = utx * U(CV) + U((c // CV) * CV * TX + c % CV)
                         if col < dv:
-                            out[b1, b2, q_off + i, col] = ZERO
+                            out[b1, b2, row, col] = ZERO
                     if write_lse and tx == 0:
-                        lse[b1, b2, q_off + i] = NINF
+                        lse[b1, b2, row] = NINF
                 else:
                     inv = ONE / lrow[a]
                     for c in range(RC):
-                        col = tx + TX * c
+                        col = utx * U(CV) + U((c // CV) * CV * TX + c % CV)
                         if col < dv:
-                            out[b1, b2, q_off + i, col] = acc[a, c] * inv
+                            out[b1, b2, row, col] = acc[a, c] * inv
                     if write_lse and tx == 0:
-                        lse[b1, b2, q_off + i] = m + math.log(lrow[a])
+                        lse[b1, b2, row] = m + math.log(lrow[a])
 
     attention_kernel.geometry = dict(
         threads=NT,
@@ -394,14 +581,13 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         head_chunk=DC,
         value_chunk=DVC,
         shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+        path="hardware" if hw else "simulator",
     )
     return attention_kernel
 
 
-def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC):
-    BQ, BK = TY * RQ, TX * RK
-    total = DC * (BQ + 1) + max(DC, BQ) * (BK + 1) + BK * TX * RC + 2 * BQ * TX
-    return total * np.dtype(dtype).itemsize
+def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
+    return attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw)["TOTAL"] * np.dtype(dtype).itemsize
 
 
 def make_scores(dtype, T):
