@@ -381,8 +381,11 @@ def _attention_kernel(dtype, hw=None):
     if kern is None:
         from . import kernels
 
+        # float64 on the tensor cores where the geometry allows (DMMA on a
+        # GPU, emulated on the simulator); otherwise the FMA kernel.
+        make = kernels.make_attention_mma if kernels.mma_ok(dtype, *geo) else kernels.make_attention
         with _lock:
-            kern = _kernels.setdefault(key, kernels.make_attention(dtype, *geo, hw=hw))
+            kern = _kernels.setdefault(key, make(dtype, *geo, hw=hw))
     return kern, geo
 
 

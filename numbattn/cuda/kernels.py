@@ -97,6 +97,17 @@ Fused attention (:func:`make_attention`)
     bounds asking for 512 resident threads per SM (16 warps; at most 128
     registers) where shared memory allows; ``gpu-report`` shows both paths.
 
+Float64 on the tensor cores (:func:`make_attention_mma`)
+    For float64 at geometries :func:`mma_ok` accepts (the default: 4 warps,
+    32 x 16 tiles), the backend builds this kernel instead: the same tiles,
+    staging, visibility, online softmax and outputs, with both products as
+    ``mma.sync.aligned.m8n8k4.row.col.f64`` (DMMA) per warp (8 query rows)
+    and the row reductions over the 4 lanes of a row. DMMA is inline PTX
+    (:func:`_dmma`), so the simulator runs an emulation of each mma.sync
+    (operands through shared memory, the same fragment layout) and
+    shared-memory reductions. Its launch bounds ask for 12 warps per SM (at
+    16, ptxas spills).
+
 Scores (:func:`make_scores`)
     Classic T x T shared-memory tiling (one output per thread, d in chunks
     of T). Sequence (a, h) writes its rows ``Q_OFF + i`` (i < Q_ROWS) across
@@ -142,8 +153,9 @@ def _vec(n):
     return 4 if n % 4 == 0 else (2 if n % 2 == 0 else 1)
 
 
-def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw):
-    """Shared-memory layout of :func:`make_attention` (element offsets and strides)."""
+def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=False):
+    """Shared-memory layout of :func:`make_attention` and
+    :func:`make_attention_mma` (``mma``): element offsets and strides."""
     isz = np.dtype(dtype).itemsize
     al = 16 // isz  # elements per 16 bytes: every region starts 16-byte aligned
     BQ, BK, DVC = TY * RQ, TX * RK, TX * RC
@@ -157,6 +169,7 @@ def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw):
         ("V", BK * lay["VS"]),
         ("R1", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
         ("R2", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
+        ("X", 2 * TY * TX if mma and not hw else 0),  # emulated mma.sync operands
     ):
         lay["OFF_" + name] = off
         off += -(-size // al) * al
@@ -586,8 +599,425 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     return attention_kernel
 
 
+def mma_ok(dtype, TY, TX, RQ, RK, DC, RC):
+    """Whether float64 attention at this geometry runs on the tensor cores
+    (:func:`make_attention_mma`): whole warps of 8 query rows each
+    (``TY*TX == 4*BQ``), key tiles and value chunks in 8-column n-tiles,
+    head chunks in 4-dim k-steps."""
+    NT, BQ, BK, DVC = TY * TX, TY * RQ, TX * RK, TX * RC
+    return (
+        np.dtype(dtype) == np.float64
+        and NT % 32 == 0
+        and NT == 4 * BQ
+        and BK % 8 == 0
+        and DVC % 8 == 0
+        and DC % 4 == 0
+    )
+
+
+_DMMA = []
+
+
+def _dmma():
+    """``dmma(a, b, c0, c1) -> (d0, d1)``: one ``mma.sync.aligned.m8n8k4.row.col.f64``
+    (DMMA) as inline PTX, through an llvmlite ``InlineAsm`` in a numba-cuda
+    ``intrinsic`` (how numba-cuda emits its own inline PTX). Per lane (g =
+    lane // 4, t = lane % 4): a = A[g][t] (8x4, row), b = B[t][g] (4x8, col),
+    (c0, c1) = C[g][2t], C[g][2t + 1]; D = A B + C likewise. Built only off
+    the simulator."""
+    if not _DMMA:
+        from llvmlite import ir
+        from numba.core import types
+        from numba.cuda.extending import intrinsic
+
+        @intrinsic
+        def dmma(typingctx, a, b, c0, c1):
+            f8 = types.float64
+            sig = types.UniTuple(f8, 2)(f8, f8, f8, f8)
+
+            def codegen(context, builder, sig, args):
+                f64 = ir.DoubleType()
+                fnty = ir.FunctionType(ir.LiteralStructType([f64, f64]), [f64] * 4)
+                asm = ir.InlineAsm(
+                    fnty,
+                    "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {$0, $1}, {$2}, {$3}, {$4, $5};",
+                    "=d,=d,d,d,d,d",
+                    side_effect=True,
+                )
+                res = builder.call(asm, args)
+                d0 = builder.extract_value(res, 0)
+                d1 = builder.extract_value(res, 1)
+                return context.make_tuple(builder, sig.return_type, [d0, d1])
+
+            return sig, codegen
+
+        _DMMA.append(dmma)
+    return _DMMA[0]
+
+
+def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
+    """Float64 fused attention on the tensor cores (:func:`mma_ok` geometries).
+
+    Same signature, launch and results as :func:`make_attention`. Warp w of
+    the block owns query rows ``8w .. 8w + 7`` of the tile; lane (g, t) =
+    (lane // 4, lane % 4) owns row ``r = 8w + g``. S = Q K^T is a DMMA per
+    (4-dim k-step, 8-key n-tile): A = Q[r][p + t], B = K[8n + g][p + t],
+    so the lane holds S[r][8n + 2t + e] (e < 2); O += P V likewise with
+    A = P[r][k + t] (P through shared memory) and B = V[k + t][8n + g], so
+    the lane accumulates O[r][8n + 2t + e]. Row maxima and sums combine the
+    four lanes of a row (shuffles on hardware).
+
+    ``hw``: DMMA as inline PTX (:func:`_dmma`), shuffles, launch bounds and
+    aligned shared memory. Otherwise (the simulator, which runs neither
+    shuffles nor inline PTX) each mma.sync is emulated: the warp's lanes
+    put their A and B elements in shared memory, a barrier, each lane
+    computes its two D elements with the fragment layout above, a barrier;
+    the row reductions go through shared memory. Same results within
+    rounding (4-term dot products in another order).
+    """
+    nt, sc_t = _types(dtype)
+    NT = TY * TX
+    BQ = TY * RQ
+    BK = TX * RK
+    DVC = TX * RC
+    NB = BK // 8  # n-tiles of S
+    NO = DVC // 8  # n-tiles of O
+    NB2, NO2 = 2 * NB, 2 * NO
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=True)
+    HW = bool(hw)
+    dmma = _dmma() if HW else None
+    QS, KS, PS, VS = (U(lay[x]) for x in ("QS", "KS", "PS", "VS"))
+    KSI, VSI = lay["KS"], lay["VS"]
+    OFF_K, OFF_P, OFF_V = (U(lay[x]) for x in ("OFF_K", "OFF_P", "OFF_V"))
+    OFF_R1, OFF_R2, OFF_X, TOTAL = lay["OFF_R1"], lay["OFF_R2"], lay["OFF_X"], lay["TOTAL"]
+    ALIGN = 16 if hw else None
+    NINF = sc_t(-np.inf)
+    ZERO = sc_t(0.0)
+    ONE = sc_t(1.0)
+    BIG = 1 << 40
+    I31 = (1 << 31) - 1
+    M32 = (1 << 32) - 1
+    FQ, RQP = _stage_plan(DC, NT)
+    FK, RKP = _stage_plan(DC, NT)
+    FV, RVP = _stage_plan(DVC, NT)
+    opts = {}
+    if hw:
+        # 384 resident threads per SM (12 warps, <= 170 registers): at 512
+        # (128 registers) ptxas spills ~24 bytes (the unrolled P @ V steps
+        # keep their B operands in flight), which costs more than it gains.
+        want = max(1, -(-384 // NT))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+
+    @cuda.jit(**opts)
+    def attention_mma_kernel(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        seq,
+        bias,
+        mask,
+        scale,
+        n_qt,
+        wl,
+        wr,
+        write_lse,
+        has_bias,
+        has_mask,
+    ):
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
+        oacc = cuda.local.array(NO2, nt)
+        sacc = cuda.local.array(NB2, nt)
+
+        g2n = q.shape[1]
+        d = q.shape[3]
+        dv = v.shape[3]
+        bid = cuda.blockIdx.x
+        qt = n_qt - 1 - bid % n_qt
+        rest = bid // n_qt
+        b2 = uint32(rest % g2n)
+        b1 = uint32(rest // g2n)
+        i0 = qt * BQ
+        q_rows = seq[b1, b2, 2]
+        if i0 >= q_rows:
+            return
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        hk = uint32(b2 // (g2n // k.shape[1]))
+        utid = U(cuda.threadIdx.x)
+        lane = U(utid & U(31))
+        g = U(lane >> U(2))
+        t = U(lane & U(3))
+        ur = U(U(utid >> U(5)) * U(8) + g)  # the lane's row in the tile
+        r = int64(ur)
+        t2 = int64(t) * 2
+        xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
+        offset = k_len - q_len
+        lo_base = -BIG
+        hi_base = BIG
+        if wl >= 0:
+            lo_base = offset - wl
+        if wr >= 0:
+            hi_base = offset + wr + 1
+        lo = 0
+        hi = 0
+        if i0 < q_len:
+            lo = max(0, i0 + lo_base)
+            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
+        lo_max = i0 + BQ - 1 + lo_base
+        hi_min = min(k_len, i0 + hi_base)
+        if has_mask or i0 + BQ > q_len:
+            hi_min = -1
+        n_kt = 0
+        if hi > lo:
+            n_kt = (hi - lo + BK - 1) // BK
+        q_resident = d <= DC
+        # Per-row window test constants (see make_attention): computed once.
+        dl0 = t2 - r - i0 - max(lo_base, -I31)
+        wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+        klt = k_len - t2
+        kot = k_off + t2
+        rreal = r < q_len - i0
+        mrow_ = U(q_off + i0 + r)
+        qa = U(ur * QS + t)  # A of S: Q[r][p + t]
+        kb = U(OFF_K + g * KS + t)  # B of S: K[8n + g][p + t]
+        pa = U(OFF_P + ur * PS + t)  # A of O: P[r][k + t]
+        vb = U(OFF_V + t * VS + g)  # B of O: V[k + t][8n + g]
+        sq_r, sq_p = U(utid // U(DC)), U(utid % U(DC))
+        sk_r, sk_p = sq_r, sq_p
+        sv_r, sv_p = U(utid // U(DVC)), U(utid % U(DVC))
+
+        m_r = NINF
+        l_r = ZERO
+        for c in range(2 * NO):
+            oacc[c] = ZERO
+
+        if q_resident and n_kt > 0:
+            if FQ:
+                rr = sq_r
+                p = sq_p
+                while rr < U(BQ):
+                    val = ZERO
+                    if rr < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + rr), p]
+                    sh[U(rr * QS + p)] = val
+                    rr = U(rr + U(RQP))
+            else:
+                idx = utid
+                while idx < U(BQ * DC):
+                    rr = U(idx // U(DC))
+                    p = U(idx % U(DC))
+                    val = ZERO
+                    if rr < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + rr), p]
+                    sh[U(rr * QS + p)] = val
+                    idx = U(idx + U(NT))
+
+        for kt in range(n_kt):
+            j0 = lo + kt * BK
+            nk = hi - j0
+            for c in range(2 * NB):
+                sacc[c] = ZERO
+            if FV:
+                rr = sv_r
+                p = sv_p
+                while rr < U(BK):
+                    val = ZERO
+                    if rr < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + rr), p]
+                    sh[U(OFF_V + rr * VS + p)] = val
+                    rr = U(rr + U(RVP))
+            else:
+                idx = utid
+                while idx < U(BK * DVC):
+                    rr = U(idx // U(DVC))
+                    p = U(idx % U(DVC))
+                    val = ZERO
+                    if rr < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + rr), p]
+                    sh[U(OFF_V + rr * VS + p)] = val
+                    idx = U(idx + U(NT))
+            for p0 in range(0, d, DC):
+                if p0 > 0:
+                    cuda.syncthreads()
+                dp = d - p0
+                if not q_resident:
+                    idx = utid
+                    while idx < U(BQ * DC):
+                        rr = U(idx // U(DC))
+                        p = U(idx % U(DC))
+                        val = ZERO
+                        if rr < q_len - i0 and p < dp:
+                            val = q[b1, b2, U(q_off + i0 + rr), U(p0 + p)]
+                        sh[U(rr * QS + p)] = val
+                        idx = U(idx + U(NT))
+                if FK:
+                    rr = sk_r
+                    p = sk_p
+                    while rr < U(BK):
+                        val = ZERO
+                        if rr < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + rr), U(p0 + p)]
+                        sh[U(OFF_K + rr * KS + p)] = val
+                        rr = U(rr + U(RKP))
+                else:
+                    idx = utid
+                    while idx < U(BK * DC):
+                        rr = U(idx // U(DC))
+                        p = U(idx % U(DC))
+                        val = ZERO
+                        if rr < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + rr), U(p0 + p)]
+                        sh[U(OFF_K + rr * KS + p)] = val
+                        idx = U(idx + U(NT))
+                cuda.syncthreads()
+                nks = U((min(DC, dp) + 3) // 4)
+                for ks in range(nks):
+                    a = sh[U(qa + U(ks * 4))]
+                    for n in range(NB):
+                        b = sh[U(kb + U(ks * 4)) + U(n * 8 * KSI)]
+                        if HW:
+                            d0, d1 = dmma(a, b, sacc[2 * n], sacc[2 * n + 1])
+                        else:
+                            sh[xw + lane] = a
+                            sh[xw + U(32) + lane] = b
+                            cuda.syncthreads()
+                            d0 = sacc[2 * n]
+                            d1 = sacc[2 * n + 1]
+                            for kk in range(4):
+                                av = sh[xw + g * U(4) + U(kk)]
+                                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+                            cuda.syncthreads()
+                        sacc[2 * n] = d0
+                        sacc[2 * n + 1] = d1
+            # Visibility (as in make_attention), key 8n + 2t + e of row r.
+            check = j0 < lo_max or j0 + BK > hi_min
+            dl = U((j0 + dl0) & M32)
+            kcnt = U(min(max(klt - j0, 0), BK))
+            mcol = U(kot + j0)
+            mx = NINF
+            for n in range(NB):
+                for e in range(2):
+                    x = sacc[2 * n + e] * scale
+                    if check or has_bias:
+                        vis = True
+                        if check:
+                            vis = (
+                                U((int64(dl) + (8 * n + e)) & M32) < wid
+                                and U(8 * n + e) < kcnt
+                                and rreal
+                            )
+                            if vis and has_mask:
+                                vis = mask[b1, b2, mrow_, U(mcol + 8 * n + e)]
+                        if not vis:
+                            x = NINF
+                        elif has_bias:
+                            x += bias[b1, b2, mrow_, U(mcol + 8 * n + e)]
+                    sacc[2 * n + e] = x
+                    if x > mx or x != x:
+                        mx = x
+            if HW:
+                for o in (1, 2):
+                    x = cuda.shfl_xor_sync(0xFFFFFFFF, mx, o)
+                    if x > mx or x != x:
+                        mx = x
+            else:
+                sh[OFF_R1 + r * 4 + int64(t)] = mx
+                cuda.syncthreads()
+                for y in range(4):
+                    x = sh[OFF_R1 + r * 4 + y]
+                    if x > mx or x != x:
+                        mx = x
+            mt = m_r
+            if mx > mt or mx != mx:
+                mt = mx
+            ms = mt
+            if mt == NINF:
+                ms = ZERO
+            alpha = math.exp(m_r - ms)
+            m_r = mt
+            ps = ZERO
+            for n in range(NB):
+                for e in range(2):
+                    x = math.exp(sacc[2 * n + e] - ms)
+                    sh[U(OFF_P + ur * PS + U(t2 + 8 * n + e))] = x
+                    ps += x
+            if HW:
+                ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 1)
+                ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 2)
+            else:
+                sh[OFF_R2 + r * 4 + int64(t)] = ps
+                cuda.syncthreads()
+                ps = ZERO
+                for y in range(4):
+                    ps += sh[OFF_R2 + r * 4 + y]
+            l_r = l_r * alpha + ps
+            for c in range(2 * NO):
+                oacc[c] *= alpha
+            cuda.syncthreads()  # P and V visible
+            for ks in range(BK // 4):
+                a = sh[U(pa + U(ks * 4))]
+                for n in range(NO):
+                    b = sh[U(vb + U(ks * 4 * VSI + n * 8))]
+                    if HW:
+                        d0, d1 = dmma(a, b, oacc[2 * n], oacc[2 * n + 1])
+                    else:
+                        sh[xw + lane] = a
+                        sh[xw + U(32) + lane] = b
+                        cuda.syncthreads()
+                        d0 = oacc[2 * n]
+                        d1 = oacc[2 * n + 1]
+                        for kk in range(4):
+                            av = sh[xw + g * U(4) + U(kk)]
+                            d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                            d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+                        cuda.syncthreads()
+                    oacc[2 * n] = d0
+                    oacc[2 * n + 1] = d1
+            cuda.syncthreads()
+
+        i = i0 + r
+        if i < q_rows:
+            row = U(q_off + i)
+            if m_r == NINF:
+                for n in range(NO):
+                    for e in range(2):
+                        col = U(t2 + 8 * n + e)
+                        if col < dv:
+                            out[b1, b2, row, col] = ZERO
+                if write_lse and t == U(0):
+                    lse[b1, b2, row] = NINF
+            else:
+                inv = ONE / l_r
+                for n in range(NO):
+                    for e in range(2):
+                        col = U(t2 + 8 * n + e)
+                        if col < dv:
+                            out[b1, b2, row, col] = oacc[2 * n + e] * inv
+                if write_lse and t == U(0):
+                    lse[b1, b2, row] = m_r + math.log(l_r)
+
+    attention_mma_kernel.geometry = dict(
+        threads=NT,
+        query_tile=BQ,
+        key_tile=BK,
+        head_chunk=DC,
+        value_chunk=DVC,
+        shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+        path="hardware" if hw else "simulator",
+    )
+    return attention_mma_kernel
+
+
 def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
-    return attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw)["TOTAL"] * np.dtype(dtype).itemsize
+    mma = mma_ok(dtype, TY, TX, RQ, RK, DC, RC)
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma)
+    return lay["TOTAL"] * np.dtype(dtype).itemsize
 
 
 def make_scores(dtype, T):

@@ -86,12 +86,21 @@ def test_float64_window_bias_mask():
     _run(np.float64, q, k, v, "f64 window", window=(9, 4), bias=bias, mask=mask, scale=2.0)
 
 
-@pytest.mark.parametrize("dtype,d,dv", [(np.float32, 64, 48), (np.float64, 128, 64)])
-def test_varlen(dtype, d, dv):
-    """Packed sequences (one without queries, one without keys), GQA 4:2,
-    causal: d = 64 (Q resident) and 128 (re-staged per chunk)."""
-    cu_q = np.array([0, 40, 40, 107])
-    cu_k = np.array([0, 70, 75, 75])
+VARLEN_CASES = [
+    # dtype, d, dv, cu_seqlens_q, cu_seqlens_k (one sequence without queries,
+    # one without keys)
+    (np.float32, 64, 48, [0, 40, 40, 107], [0, 70, 75, 75]),
+    (np.float32, 128, 64, [0, 9, 9, 40], [0, 20, 26, 26]),
+    (np.float64, 72, 24, [0, 20, 20, 53], [0, 30, 35, 35]),
+]
+
+
+@pytest.mark.parametrize("dtype,d,dv,cu_q,cu_k", VARLEN_CASES)
+def test_varlen(dtype, d, dv, cu_q, cu_k):
+    """Packed sequences, GQA 4:2, causal: d = 64 (Q resident), 72 and 128
+    (re-staged per chunk); float64 on the tensor cores (emulated on the
+    simulator)."""
+    cu_q, cu_k = np.array(cu_q), np.array(cu_k)
     rng = np.random.default_rng(3)
     h, hk = 4, 2
     tq, tk = int(cu_q[-1]), int(cu_k[-1])
