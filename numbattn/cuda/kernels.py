@@ -83,7 +83,17 @@ Fused attention (:func:`make_attention`)
     16-byte bank groups; P ``== 32 (mod 128)``, so its scalar stores from
     (ty, tx) are conflict-free; the Q/P row reads are broadcasts (one row
     per phase). Staging is row-major (consecutive threads: consecutive
-    columns, coalesced global reads, contiguous shared stores).
+    columns, coalesced global reads, contiguous shared stores). Prefetch:
+    when Q is resident (d <= DC) and NT is a multiple of DC and of DVC, the
+    next key tile's K and V elements are loaded into registers (BK*DC/NT +
+    BK*DVC/NT a thread: 16 for float32) right after the current tile is
+    stored and synchronised, so their global latency overlaps the products
+    and the softmax; the next tile starts by storing them (one barrier for
+    both tiles). Otherwise K (per d-chunk) and V are staged at the tile's
+    start. (Double-buffered shared tiles would exceed the 48 KiB of static
+    shared memory, and numba-cuda 0.30 has no API for the opt-in to more
+    dynamic shared memory (cuFuncSetAttribute), so the buffer is the
+    registers.)
 
     Index arithmetic (registers): Numba's signed array indices carry a
     negative-index fix-up, and its integer arithmetic is 64-bit. The kernel
@@ -249,6 +259,12 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     FQ, RQP = _stage_plan(DC, NT)
     FK, RKP = _stage_plan(DC, NT)
     FV, RVP = _stage_plan(DVC, NT)
+    # Prefetch: with Q resident and both fast staging plans, the next K/V
+    # tile is loaded into registers (TKT + TVT a thread) while this one is
+    # computed, and stored to shared memory at the next tile's start.
+    PF = FK and FV and BK % max(RKP, 1) == 0 and BK % max(RVP, 1) == 0
+    TKT = BK // RKP if PF else 1
+    TVT = BK // RVP if PF else 1
     uTX = U(TX)
     # Registers: the hardware path asks ptxas for enough resident blocks to
     # fill 16 warps per SM (at most 65536 / (512) = 128 registers a thread),
@@ -289,6 +305,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         kf = cuda.local.array((RK, PV), nt)
         pf = cuda.local.array((RQ, JV), nt)
         vf = cuda.local.array(RC, nt)
+        kreg = cuda.local.array(TKT, nt)
+        vreg = cuda.local.array(TVT, nt)
 
         g2n = q.shape[1]
         d = q.shape[3]
@@ -379,6 +397,22 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     sh[U(r * QS + p)] = val
                     idx = U(idx + U(NT))
 
+        pref = PF and q_resident
+        if pref and n_kt > 0:
+            nkn = hi - lo
+            for i in range(TKT):
+                rr = U(sk_r + U(RKP * i))
+                val = ZERO
+                if rr < nkn and sk_p < d:
+                    val = k[b1, hk, U(k_off + lo + rr), sk_p]
+                kreg[i] = val
+            for i in range(TVT):
+                rr = U(sv_r + U(RVP * i))
+                val = ZERO
+                if rr < nkn and sv_p < dv:
+                    val = v[b1, hk, U(k_off + lo + rr), sv_p]
+                vreg[i] = val
+
         for kt in range(n_kt):
             j0 = lo + kt * BK
             for a in range(RQ):
@@ -386,7 +420,27 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     s[a, b] = ZERO
             # V tile (BK x DVC), zero-padded past hi.
             nk = hi - j0
-            if FV:  # one column per thread, rows r0, r0 + RVP, ...
+            if pref:  # the prefetched K and V tiles, then the next ones
+                for i in range(TKT):
+                    sh[U(OFF_K + U(sk_r + U(RKP * i)) * KS + sk_p)] = kreg[i]
+                for i in range(TVT):
+                    sh[U(OFF_V + U(sv_r + U(RVP * i)) * VS + sv_p)] = vreg[i]
+                cuda.syncthreads()
+                if kt + 1 < n_kt:
+                    nkn = hi - (j0 + BK)
+                    for i in range(TKT):
+                        rr = U(sk_r + U(RKP * i))
+                        val = ZERO
+                        if rr < nkn and sk_p < d:
+                            val = k[b1, hk, U(k_off + j0 + BK + rr), sk_p]
+                        kreg[i] = val
+                    for i in range(TVT):
+                        rr = U(sv_r + U(RVP * i))
+                        val = ZERO
+                        if rr < nkn and sv_p < dv:
+                            val = v[b1, hk, U(k_off + j0 + BK + rr), sv_p]
+                        vreg[i] = val
+            elif FV:  # one column per thread, rows r0, r0 + RVP, ...
                 r = sv_r
                 p = sv_p
                 while r < U(BK):
@@ -430,7 +484,9 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                                 val = q[b1, b2, U(q_off + i0 + r), U(p0 + p)]
                             sh[U(r * QS + p)] = val
                             idx = U(idx + U(NT))
-                if FK:  # one column per thread, rows r0, r0 + RKP, ...
+                if pref:
+                    pass  # K staged (and synchronised) with V above
+                elif FK:  # one column per thread, rows r0, r0 + RKP, ...
                     r = sk_r
                     p = sk_p
                     while r < U(BK):
@@ -449,7 +505,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                             val = k[b1, hk, U(k_off + j0 + r), U(p0 + p)]
                         sh[U(OFF_K + r * KS + p)] = val
                         idx = U(idx + U(NT))
-                cuda.syncthreads()
+                if not pref:
+                    cuda.syncthreads()
                 # Rows ty + TY*a and keys tx + TX*b, PV consecutive head
                 # dimensions per (vector) read.
                 npv = U((min(DC, d - p0) + PV - 1) // PV)

@@ -74,16 +74,18 @@ def test_float32_causal_lengths_gqa():
     )  # fmt: skip
 
 
-def test_float64_window_bias_mask():
-    """float64, d = 1 and dv = 128 (two launches): sliding window, bias with
-    -inf entries, mask with a fully masked row, Nq > Nk."""
+@pytest.mark.parametrize("dtype,d,dv", [(np.float64, 1, 128), (np.float32, 64, 40)])
+def test_window_bias_mask(dtype, d, dv):
+    """Sliding window, bias with -inf entries, mask with a fully masked row,
+    Nq > Nk: float64 with d = 1 and dv = 128 (two launches), float32 with
+    d = 64 (Q resident: K/V tiles prefetched into registers)."""
     rng = np.random.default_rng(2)
-    q, k, v = _case(rng, np.float64, 1, 2, 2, 45, 37, 1, 128)
-    bias = randn(rng, (1, 2, 45, 37), np.float64)
+    q, k, v = _case(rng, dtype, 1, 2, 2, 45, 37, d, dv)
+    bias = randn(rng, (1, 2, 45, 37), dtype)
     bias[rng.random(bias.shape) < 0.1] = -np.inf
     mask = rng.random((1, 2, 45, 37)) > 0.2
     mask[0, 1, 5] = False
-    _run(np.float64, q, k, v, "f64 window", window=(9, 4), bias=bias, mask=mask, scale=2.0)
+    _run(dtype, q, k, v, "window", window=(9, 4), bias=bias, mask=mask, scale=0.5)
 
 
 VARLEN_CASES = [
