@@ -38,10 +38,13 @@ CUDA_SCORES_TILE = 16
 # Each thread owns CUDA_ROWS_PER_THREAD query rows and scores
 # CUDA_KEYS_PER_THREAD keys per tile (a register micro-tile), so a block has
 # (QUERY_TILE / ROWS_PER_THREAD) * (KEY_TILE / KEYS_PER_THREAD) threads.
+# The defaults give 256 (float32) and 128 (float64) threads whose hardware
+# paths fit 16 warps per SM on cc 9.0 without spills (launch bounds cap the
+# registers at 128; `gpu-report` shows the figures).
 CUDA_QUERY_TILE_F64 = 32
 CUDA_KEY_TILE_F64 = 16
-CUDA_ROWS_PER_THREAD = 4
-CUDA_ROWS_PER_THREAD_F64 = 2
+CUDA_ROWS_PER_THREAD = 2
+CUDA_ROWS_PER_THREAD_F64 = 1
 CUDA_KEYS_PER_THREAD = 4
 #: Head dimensions staged per step; Q stays resident in shared memory when
 #: d <= CUDA_HEAD_CHUNK (larger d works, re-staging Q per chunk: slower).

@@ -66,7 +66,8 @@ def run(tools, tmp_path_factory):
 
 
 def _files(save, rec, suffix):
-    return save / f"{rec['kernel']}_{rec['dtype']}_{rec['target']}{suffix}"
+    path = "" if rec["path"] == "hardware" else "_" + rec["path"]
+    return save / f"{rec['kernel']}_{rec['dtype']}_{rec['target']}{path}{suffix}"
 
 
 def _static(records):
@@ -76,11 +77,13 @@ def _static(records):
 def test_one_record_per_variant(run):
     records, _ = run
     static = _static(records)
-    assert sorted((r["kernel"], r["dtype"]) for r in static) == sorted(
-        (k, d) for k in KERNELS for d in DTYPES
+    # The fused attention kernel has a hardware and a simulator path.
+    assert sorted((r["kernel"], r["dtype"], r["path"]) for r in static) == sorted(
+        [(k, d, "hardware") for k in KERNELS for d in DTYPES]
+        + [("attention", d, "simulator") for d in DTYPES]
     )
     for r in static:
-        assert r["path"] == "hardware" and r["target"] == "sm_90"
+        assert r["target"] == "sm_90"
         for key in ("threads_per_block", "registers", "spill_bytes", "local_bytes",
                     "shared_bytes", "blocks_per_sm", "warps_per_sm"):  # fmt: skip
             assert isinstance(r[key], int) and not isinstance(r[key], bool), key
@@ -201,13 +204,39 @@ def test_hottest_loops_are_the_documented_ones(run):
         loop = r["inner_loop"]
         if r["kernel"] == "attention":
             assert loop["barriers"] >= 3 and len(loop["nested"]) >= 2
-            products = [x for x in loop["nested"] if x["fma"]]
-            assert products and max(x["fma_share"] for x in products) > loop["fma_share"]
+            products = [x for x in loop["nested"] if x["fma"] + x["mma"]]
+            assert (
+                products
+                and max((x["fma"] + x["mma"]) / x["instructions"] for x in products)
+                > (loop["fma"] + loop["mma"]) / loop["instructions"]
+            )
         if r["kernel"] == "scores":
             assert loop["barriers"] == 2
             assert loop["fma"] == r["geometry"]["tile"]
     # No spills at the production geometry.
     assert all(r["spill_bytes"] == 0 for r in _static(run[0]))
+
+
+def test_attention_hardware_path(run):
+    """The hardware paths of the fused attention kernel: row reductions by
+    warp shuffles (none, and more barriers, in the simulator path), vector
+    shared loads only, no local memory in the loop; float32 at 16 warps
+    per SM on cc 9.0, float64 on the tensor cores (DMMA from inline PTX; the
+    simulator path emulates it) at 12."""
+    att = {(r["dtype"], r["path"]): r for r in _static(run[0]) if r["kernel"] == "attention"}
+    for dt in DTYPES:
+        hw, sim = att[dt, "hardware"], att[dt, "simulator"]
+        assert hw["inner_loop"]["shuffles"] > 0 and sim["inner_loop"]["shuffles"] == 0
+        assert sim["inner_loop"]["barriers"] > hw["inner_loop"]["barriers"]
+        assert hw["spill_bytes"] == 0 and hw["inner_loop"]["local_accesses"] == 0
+        # Every shared load of the key-tile loop (Q, K, P and V reads) is a vector.
+        loop = hw["inner_loop"]
+        assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
+    assert att["float32", "hardware"]["warps_per_sm"] >= 16
+    assert att["float64", "hardware"]["warps_per_sm"] >= 12
+    assert att["float64", "hardware"]["inner_loop"]["mma"] > 0
+    assert att["float64", "simulator"]["inner_loop"]["mma"] == 0
+    assert att["float32", "hardware"]["inner_loop"]["mma"] == 0
 
 
 def test_occupancy_fields(run):
@@ -250,7 +279,7 @@ def test_table(run):
             == [
                 r["kernel"],
                 r["dtype"],
-                "hardware",
+                r["path"],
                 "9.0",
                 str(r["threads_per_block"]),
                 str(r["registers"]),

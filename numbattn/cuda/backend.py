@@ -327,7 +327,7 @@ def attention_geometry(dtype) -> tuple:
         dtype,
         geo,
         geo[0] * geo[1],
-        attention_shared_bytes(dtype, *geo),
+        attention_shared_bytes(dtype, *geo, hw=not _simulator()),
         _ATTENTION_HINT.format(sfx=sfx),
     )
     return geo
@@ -371,16 +371,21 @@ def softmax_geometry(dtype) -> tuple[int, int]:
     return nt, cache
 
 
-def _attention_kernel(dtype):
+def _attention_kernel(dtype, hw=None):
+    """(kernel, geometry); ``hw``: the hardware path (default: unless on the simulator)."""
     dtype = np.dtype(dtype)
     geo = attention_geometry(dtype)
-    key = ("attention", dtype, geo)
+    hw = (not _simulator()) if hw is None else bool(hw)
+    key = ("attention", dtype, geo, hw)
     kern = _kernels.get(key)
     if kern is None:
         from . import kernels
 
+        # float64 on the tensor cores where the geometry allows (DMMA on a
+        # GPU, emulated on the simulator); otherwise the FMA kernel.
+        make = kernels.make_attention_mma if kernels.mma_ok(dtype, *geo) else kernels.make_attention
         with _lock:
-            kern = _kernels.setdefault(key, kernels.make_attention(dtype, *geo))
+            kern = _kernels.setdefault(key, make(dtype, *geo, hw=hw))
     return kern, geo
 
 
@@ -534,27 +539,34 @@ def merge_signature(dtype) -> str:
 def kernel_launches(dtype) -> list[dict]:
     """Every kernel the backend launches for ``dtype`` at the geometry of
     numbattn.config: ``{"kernel", "dispatcher", "signature", "threads",
-    "geometry"}`` (what ``python -m numbattn gpu-report`` compiles)."""
+    "geometry"}`` and ``"path"`` where the simulator runs other code than a
+    GPU (the attention kernel: ``"hardware"`` and ``"simulator"``), which
+    ``python -m numbattn gpu-report`` compiles."""
     dtype = np.dtype(dtype)
-    att, geo = _attention_kernel(dtype)
+    att, geo = _attention_kernel(dtype, hw=True)
+    att_sim, _ = _attention_kernel(dtype, hw=False)
     sc, t = _scores_kernel(dtype)
     sm, nt = _softmax_kernel(dtype)
     ty, tx, rq, rk, dc, rc = geo
+    attention_geo = dict(
+        query_tile=ty * rq,
+        key_tile=tx * rk,
+        rows_per_thread=rq,
+        keys_per_thread=rk,
+        head_chunk=dc,
+        value_chunk=tx * rc,
+    )
     return [
         dict(
             kernel="attention",
-            dispatcher=att,
+            path=path,
+            dispatcher=disp,
             signature=attention_signature(dtype),
             threads=ty * tx,
-            geometry=dict(
-                query_tile=ty * rq,
-                key_tile=tx * rk,
-                rows_per_thread=rq,
-                keys_per_thread=rk,
-                head_chunk=dc,
-                value_chunk=tx * rc,
-            ),
-        ),
+            geometry=attention_geo,
+        )
+        for path, disp in (("hardware", att), ("simulator", att_sim))
+    ] + [
         dict(
             kernel="scores",
             dispatcher=sc,

@@ -7,8 +7,12 @@ Numba, so each factory closes over its tile sizes; :mod:`numbattn.cuda.backend`
 caches one kernel per (dtype, geometry) and picks the geometry from
 :mod:`numbattn.config` at call time.
 
-No warp shuffles and no libdevice-only intrinsics are used, so every kernel
-also runs under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``). No
+Kernels with hardware-only code (the fused attention kernel: warp
+shuffles, launch bounds, aligned shared memory) are built in two paths by
+their factory's ``hw`` flag; the backend builds the hardware path on a GPU
+and the portable one under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, which has no shuffles and no inline PTX); the
+two give the same results within tolerance. No libdevice-only intrinsics. No
 ``fastmath``: NVVM contracts multiply-adds into FMAs by default, and exp/log
 stay the accurate libdevice versions (float32 ``math.exp`` maps to
 ``__nv_expf``), which keeps float32 within 1e-5 and float64 within 1e-12 of
@@ -40,53 +44,88 @@ Fused attention (:func:`make_attention`)
     ``BK = TX*RK`` keys:
 
     1. scores: the thread computes an RQ x RK register micro-tile
-       (keys ``tx + TX*b``) from Q^T (resident in shared memory when
-       d <= DC, else re-staged per d-chunk) and K^T staged in shared memory
-       per chunk of DC dims: RQ+RK shared loads per RQ*RK FMAs;
+       (keys ``tx + TX*b``) from Q (resident in shared memory when d <= DC,
+       else re-staged per d-chunk) and K staged in shared memory per chunk
+       of DC dims, both row-major; it reads PV (4) consecutive head
+       dimensions of a row at once (one LDS.128 for float32), so a step
+       costs RQ + RK vector loads for PV*RQ*RK FMAs. The chunk is
+       zero-padded, so the trip count is ceil(min(DC, d - p0) / PV);
     2. visibility: a tile that every row of the block sees entirely (all
        rows real, ``j0 >= lo`` of the last row, ``j0 + BK <= hi`` of the
        first) and no mask takes the fast path, ``s * scale`` (``+ bias``
        when given); otherwise each element is tested against its row's
-       range ``[lo_i, hi_i)`` and the mask, and the bias is read only for
-       visible elements;
-    3. online softmax: row maxima and sums over the TX threads sharing a row
-       go through two small shared buffers (no shuffles); every thread of a
-       row computes the same values in the same order, so they agree;
-       P = exp(S - m) is written to shared memory (aliasing the K^T tile,
-       dead by then); a row whose scores are all -inf so far (window, mask,
-       -inf bias) keeps m = -inf and exponentiates against 0, never NaN.
-       A masked score (-inf) is stored as -0.0 in P, an unmasked one that
-       underflows as +0.0 (the same in every product with a finite value);
+       window (one unsigned 32-bit compare), the key and row counts and
+       the mask, and the bias is read only for visible elements;
+    3. online softmax: row maxima and sums over the TX threads sharing a
+       row: on hardware by warp shuffles (``shfl_xor_sync`` butterflies
+       within the row's TX lanes, when TX divides 32), in the portable path
+       the simulator runs through two small shared buffers and a barrier
+       each; either way every thread of a row gets the same values (the
+       butterfly adds each pair in both lanes alike), so they agree. P =
+       exp(S - m) is written to its own shared region; a row whose scores
+       are all -inf so far (window, mask, -inf bias) keeps m = -inf and
+       exponentiates against 0, never NaN;
     4. P @ V: the thread accumulates an RQ x RC register tile of the output
-       (columns ``tx + TX*c``) from P and the V tile in shared memory.
-       Masked keys are never read: when the V tile holds a NaN or inf
-       (each thread flags what it staged; the barrier after the row maxima
-       is a ``syncthreads_or`` that makes the flag block-uniform), P @ V
-       skips the -0.0 entries of P instead of forming 0 * NaN; otherwise
-       the plain loop runs. A -inf bias masks whatever the dot product.
+       (columns ``CV*tx + CV*TX*g + w``: groups of CV (4) adjacent columns)
+       from P (JV keys per vector read) and the row-major V tile (one vector
+       read per group and key).
+
+    Masked keys are never read (as FlashAttention): a masked score (-inf:
+    window, lengths, mask, or a -inf bias, which masks whatever the dot
+    product) is stored as -0.0 in P, an unmasked one that underflows as
+    +0.0. Each thread flags a NaN or inf it stages into V; the barrier
+    before P @ V is a ``syncthreads_or`` that makes the flag block-uniform,
+    and only then does P @ V run a second copy of its loop that skips the
+    -0.0 entries instead of forming 0 * NaN (the float64 tensor-core kernel
+    sums key by key there). The plain loop carries no such test.
 
     Rows ``Q_LEN <= i < Q_ROWS`` and rows that see no key get zeros and
     lse = -inf. dv is limited to ``DVC = TX*RC`` per launch; the backend
     splits larger dv into several launches over column slices of V and out
-    (each recomputes the scores). Shared-memory rows are padded (+1) so the
-    transposed stores and the strided reads are bank-conflict free. The
-    options add no shared memory; registers: a handful of block-uniform
-    scalars (table row, lo/hi bounds, flags) and two per-row bounds in the
-    visibility step.
+    (each recomputes the scores).
+
+    Shared memory (:func:`attention_layout`): Q, K, P, V (and the two
+    reduction buffers of the portable path), each region 16-byte aligned
+    (``alignment=16`` on hardware, so the row reads compile to LDS.128).
+    Row strides: Q and K ``== 16 bytes (mod 128)``, so the 8 lanes of a
+    vector-load phase (consecutive tx, keys tx + TX*b) hit 8 distinct
+    16-byte bank groups; P ``== 32 (mod 128)``, so its scalar stores from
+    (ty, tx) are conflict-free; the Q/P row reads are broadcasts (one row
+    per phase). Staging is row-major (consecutive threads: consecutive
+    columns, coalesced global reads, contiguous shared stores). Prefetch:
+    when Q is resident (d <= DC) and NT is a multiple of DC and of DVC, the
+    next key tile's K and V elements are loaded into registers (BK*DC/NT +
+    BK*DVC/NT a thread: 16 for float32) right after the current tile is
+    stored and synchronised, so their global latency overlaps the products
+    and the softmax; the next tile starts by storing them (one barrier for
+    both tiles). Otherwise K (per d-chunk) and V are staged at the tile's
+    start. (Double-buffered shared tiles would exceed the 48 KiB of static
+    shared memory, and numba-cuda 0.30 has no API for the opt-in to more
+    dynamic shared memory (cuFuncSetAttribute), so the buffer is the
+    registers.)
 
     Index arithmetic (registers): Numba's signed array indices carry a
-    negative-index fix-up (compare, select, the dimension's extent kept
-    live), and its floor division and modulo of a signed value carry sign
-    fix-ups. The kernel therefore zero-extends the thread index (so
-    ``tid // TX`` etc. are plain shifts), casts the batch indices and every
-    global row/column index to ``uint32`` (token counts are < 2**31), and
-    stages tiles with compile-time trip counts over an unsigned element
-    index (``tid + NT*it``: fully unrolled, constant shared offsets). The
-    Q^T/K^T reads of the scores loop and the P reads of P @ V use unsigned
-    loop indices; the V reads keep a signed one (unsigned, ptxas pipelines
-    the V loads and float64 needs ~60 more registers). Together this took
-    the production geometries from 241 (float32) / 252 (float64) registers
-    per thread to <= 168, with no spills.
+    negative-index fix-up, and its integer arithmetic is 64-bit. The kernel
+    uses unsigned 32-bit indices everywhere (``U(...)``: truncating the
+    result lets LLVM narrow the arithmetic to 32 bits; token counts are
+    < 2**31): thread coordinates, global rows and columns, and shared
+    offsets, which are a per-thread base computed once plus compile-time
+    offsets. Staging loops are runtime loops with per-thread coordinates
+    computed once (unrolled, their per-trip addresses were hoisted out of
+    the key-tile loop into ~60 registers). The hardware path carries launch
+    bounds asking for 512 resident threads per SM (16 warps; at most 128
+    registers) where shared memory allows; ``gpu-report`` shows both paths.
+
+Float64 on the tensor cores (:func:`make_attention_mma`)
+    For float64 at geometries :func:`mma_ok` accepts (the default: 4 warps,
+    32 x 16 tiles), the backend builds this kernel instead: the same tiles,
+    staging, visibility, online softmax and outputs, with both products as
+    ``mma.sync.aligned.m8n8k4.row.col.f64`` (DMMA) per warp (8 query rows)
+    and the row reductions over the 4 lanes of a row. DMMA is inline PTX
+    (:func:`_dmma`), so the simulator runs an emulation of each mma.sync
+    (operands through shared memory, the same fragment layout) and
+    shared-memory reductions. Its launch bounds ask for 12 warps per SM (at
+    16, ptxas spills).
 
 Scores (:func:`make_scores`)
     Classic T x T shared-memory tiling (one output per thread, d in chunks
@@ -111,13 +150,80 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
 
+U = uint32
+
+
+def _on_simulator() -> bool:
+    from numba.cuda.core import config as ncfg
+
+    return bool(ncfg.ENABLE_CUDASIM)
+
 
 def _types(dtype):
     dtype = np.dtype(dtype)
     return (float32 if dtype == np.float32 else float64), dtype.type
 
 
-def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
+def _stride(n, itemsize, rem):
+    """Smallest row stride >= n elements whose byte size is a multiple of 16
+    and is ``rem`` modulo 128 (the bank pattern of the row-wise reads)."""
+    s = n
+    while (s * itemsize) % 16 or (s * itemsize) % 128 != rem:
+        s += 1
+    return s
+
+
+def _vec(n):
+    """Widest vector (4, 2 or 1 elements) that divides n."""
+    return 4 if n % 4 == 0 else (2 if n % 2 == 0 else 1)
+
+
+def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=False):
+    """Shared-memory layout of :func:`make_attention` and
+    :func:`make_attention_mma` (``mma``): element offsets and strides."""
+    isz = np.dtype(dtype).itemsize
+    al = 16 // isz  # elements per 16 bytes: every region starts 16-byte aligned
+    BQ, BK, DVC = TY * RQ, TX * RK, TX * RC
+    lay = dict(QS=_stride(DC, isz, 16), PS=_stride(BK, isz, 32), VS=-(-DVC // al) * al)
+    lay["KS"] = lay["QS"]
+    off = 0
+    for name, size in (
+        ("Q", BQ * lay["QS"]),
+        ("K", BK * lay["KS"]),
+        ("P", BQ * lay["PS"]),
+        ("V", BK * lay["VS"]),
+        ("R1", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
+        ("R2", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
+        ("X", 2 * TY * TX if mma and not hw else 0),  # emulated mma.sync operands
+    ):
+        lay["OFF_" + name] = off
+        off += -(-size // al) * al
+    lay["TOTAL"] = max(off, 1)
+    return lay
+
+
+def shuffles_ok(TY, TX, hw):
+    """Row reductions by warp shuffles: on hardware, when a row's TX threads
+    are lanes of one warp (TX a power of two <= 32) and every warp is full
+    or the block is one partial warp (the shuffle mask names its lanes)."""
+    nt = TY * TX
+    return bool(hw) and TX <= 32 and 32 % TX == 0 and (nt % 32 == 0 or nt < 32)
+
+
+def _stage_plan(COLS, NT):
+    """(fast, rows per trip) of a staging loop over a tile with COLS columns
+    and NT threads: when COLS divides NT (fast), each thread keeps one
+    column and steps through rows NT // COLS apart, so its coordinates are
+    computed once; otherwise the element index ``tid + NT*it`` is split per
+    trip. Either way consecutive threads read consecutive columns, and the
+    loops run (not unrolled: unrolled, the per-trip addresses were hoisted
+    out of the key-tile loop into ~60 registers)."""
+    if NT % COLS == 0:
+        return True, NT // COLS
+    return False, 0
+
+
+def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     """Fused attention kernel for one geometry (see the module docstring).
 
     Signature::
@@ -131,26 +237,57 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
     of the array dtype and mask bool (G1, Hq, Tq, Tk) (any 4-d dummy unless
     has_bias / has_mask), scale of the array dtype, n_qt = ceil(max_rows/BQ),
     windows -1 = unbounded. Launch: grid = G1*Hq*n_qt, block = TY*TX.
+
+    ``hw``: build the hardware path (warp-shuffle row reductions, aligned
+    shared memory, launch bounds); False gives the portable path the
+    simulator runs (shared-memory reductions). Same results.
     """
     nt, sc_t = _types(dtype)
     NT = TY * TX
     BQ = TY * RQ
     BK = TX * RK
     DVC = TX * RC
-    QS = BQ + 1  # row stride of Q^T (one row per head dimension)
-    KS = BK + 1  # row stride of K^T and of P
-    OFF_K = DC * QS
-    OFF_V = OFF_K + max(DC * KS, BQ * KS)
-    OFF_R1 = OFF_V + BK * DVC
-    OFF_R2 = OFF_R1 + BQ * TX
-    TOTAL = OFF_R2 + BQ * TX
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw)
+    SHFL = shuffles_ok(TY, TX, hw)
+    MASK = 0xFFFFFFFF if NT >= 32 else (1 << NT) - 1
+    PV = _vec(DC)  # head dims per vector read of Q and K
+    JV = _vec(BK)  # keys per vector read of P
+    CV = _vec(RC)  # contiguous value columns per thread and group
+    NG = RC // CV
+    QS, KS, PS, VS = (U(lay[x]) for x in ("QS", "KS", "PS", "VS"))
+    OFF_K, OFF_P, OFF_V = (U(lay[x]) for x in ("OFF_K", "OFF_P", "OFF_V"))
+    OFF_R1, OFF_R2, TOTAL = lay["OFF_R1"], lay["OFF_R2"], lay["TOTAL"]
+    QSI, KSI, PSI, VSI = lay["QS"], lay["KS"], lay["PS"], lay["VS"]
+    ALIGN = 16 if hw else None  # the simulator takes no alignment
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
     NZERO = sc_t(-0.0)  # P of a masked key
     ONE = sc_t(1.0)
     BIG = 1 << 40  # "unbounded" window side, far beyond any index
+    I31 = (1 << 31) - 1
+    M32 = (1 << 32) - 1
+    FQ, RQP = _stage_plan(DC, NT)
+    FK, RKP = _stage_plan(DC, NT)
+    FV, RVP = _stage_plan(DVC, NT)
+    # Prefetch: with Q resident and both fast staging plans, the next K/V
+    # tile is loaded into registers (TKT + TVT a thread) while this one is
+    # computed, and stored to shared memory at the next tile's start.
+    PF = FK and FV and BK % max(RKP, 1) == 0 and BK % max(RVP, 1) == 0
+    TKT = BK // RKP if PF else 1
+    TVT = BK // RVP if PF else 1
+    uTX = U(TX)
+    # Registers: the hardware path asks ptxas for enough resident blocks to
+    # fill 16 warps per SM (at most 65536 / (512) = 128 registers a thread),
+    # when shared memory allows that many blocks.
+    opts = {}
+    # Whole warps only (the test geometries have tiny blocks); the simulator
+    # takes no launch bounds (it builds, never runs, the hardware path).
+    if hw and NT % 32 == 0 and not _on_simulator():
+        want = max(1, -(-512 // NT))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 
-    @cuda.jit
+    @cuda.jit(**opts)
     def attention_kernel(
         q,
         k,
@@ -168,15 +305,18 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         has_bias,
         has_mask,
     ):
-        sh = cuda.shared.array(TOTAL, nt)
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
         acc = cuda.local.array((RQ, RC), nt)
         s = cuda.local.array((RQ, RK), nt)
         mrow = cuda.local.array(RQ, nt)
         lrow = cuda.local.array(RQ, nt)
         alpha = cuda.local.array(RQ, nt)
-        qa = cuda.local.array(RQ, nt)
-        kb = cuda.local.array(RK, nt)
-        vc = cuda.local.array(RC, nt)
+        qf = cuda.local.array((RQ, PV), nt)
+        kf = cuda.local.array((RK, PV), nt)
+        pf = cuda.local.array((RQ, JV), nt)
+        vf = cuda.local.array(RC, nt)
+        kreg = cuda.local.array(TKT, nt)
+        vreg = cuda.local.array(TVT, nt)
 
         g2n = q.shape[1]
         d = q.shape[3]
@@ -195,9 +335,11 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         k_off = seq[b1, b2, 3]
         k_len = seq[b1, b2, 4]
         hk = uint32(b2 // (g2n // k.shape[1]))  # grouped-query attention
-        tid = int64(uint32(cuda.threadIdx.x))  # zero-extended: known >= 0
-        tx = tid % TX
-        ty = tid // TX
+        utid = U(cuda.threadIdx.x)
+        utx = utid % uTX
+        uty = utid // uTX
+        tx = int64(utx)
+        ty = int64(uty)
         offset = k_len - q_len
 
         # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
@@ -225,6 +367,16 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         if hi > lo:
             n_kt = (hi - lo + BK - 1) // BK
         q_resident = d <= DC
+        # Unsigned 32-bit shared-memory bases, computed once: the loops add
+        # compile-time offsets to them.
+        qbase = uty * QS
+        kbase = OFF_K + utx * KS
+        pbase = OFF_P + uty * PS
+        vbase = OFF_V + utx * U(CV)
+        # Staging coordinates (the fast plans): one column, a first row.
+        sq_r, sq_p = U(utid // U(max(DC, 1))), U(utid % U(DC))
+        sk_r, sk_p = sq_r, sq_p
+        sv_r, sv_p = U(utid // U(DVC)), U(utid % U(DVC))
 
         for a in range(RQ):
             mrow[a] = NINF
@@ -232,122 +384,228 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
             for c in range(RC):
                 acc[a, c] = ZERO
 
-        # Staging loops: element idx = tid + NT*it of a row-major tile.
+        # Staging loops: element idx = tid + NT*it of a row-major tile
+        # (consecutive threads: consecutive columns, coalesced reads).
         if q_resident and n_kt > 0:
-            for it in range((BQ * DC + NT - 1) // NT):
-                idx = uint32(tid + NT * it)
-                if idx >= BQ * DC:
-                    continue
-                r = idx // DC
-                p = idx % DC
-                i = i0 + r
+            if FQ:  # one column per thread, rows r0, r0 + RQP, ...
+                r = sq_r
+                p = sq_p
+                while r < U(BQ):
+                    val = ZERO
+                    if r < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + r), p]
+                    sh[U(r * QS + p)] = val
+                    r = U(r + U(RQP))
+            else:
+                idx = utid
+                while idx < U(BQ * DC):
+                    r = U(idx // U(DC))
+                    p = U(idx % U(DC))
+                    val = ZERO
+                    if r < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + r), p]
+                    sh[U(r * QS + p)] = val
+                    idx = U(idx + U(NT))
+
+        pref = PF and q_resident
+        if pref and n_kt > 0:
+            nkn = hi - lo
+            for i in range(TKT):
+                rr = U(sk_r + U(RKP * i))
                 val = ZERO
-                if i < q_len and p < d:
-                    val = q[b1, b2, uint32(q_off + i), uint32(p)]
-                sh[p * QS + r] = val
+                if rr < nkn and sk_p < d:
+                    val = k[b1, hk, U(k_off + lo + rr), sk_p]
+                kreg[i] = val
+            for i in range(TVT):
+                rr = U(sv_r + U(RVP * i))
+                val = ZERO
+                if rr < nkn and sv_p < dv:
+                    val = v[b1, hk, U(k_off + lo + rr), sv_p]
+                vreg[i] = val
 
         for kt in range(n_kt):
             j0 = lo + kt * BK
             for a in range(RQ):
                 for b in range(RK):
                     s[a, b] = ZERO
-            # V tile (BK x DVC), zero-padded past hi; bad: a NaN or inf staged.
-            bad = int32(0)  # int: syncthreads_or takes no bool on hardware
-            for it in range((BK * DVC + NT - 1) // NT):
-                idx = uint32(tid + NT * it)
-                if idx >= BK * DVC:
-                    continue
-                j = idx // DVC
-                c = idx % DVC
-                jj = j0 + j
-                val = ZERO
-                if jj < hi and c < dv:
-                    val = v[b1, hk, uint32(k_off + jj), uint32(c)]
+            # V tile (BK x DVC), zero-padded past hi; bad: a NaN or inf staged
+            # (an int: syncthreads_or takes no bool on hardware).
+            nk = hi - j0
+            bad = int32(0)
+            if pref:  # the prefetched K and V tiles, then the next ones
+                for i in range(TKT):
+                    sh[U(OFF_K + U(sk_r + U(RKP * i)) * KS + sk_p)] = kreg[i]
+                for i in range(TVT):
+                    val = vreg[i]
                     if not math.isfinite(val):
                         bad = int32(1)
-                sh[OFF_V + idx] = val
-            # S = Q K^T, d in chunks of DC.
+                    sh[U(OFF_V + U(sv_r + U(RVP * i)) * VS + sv_p)] = val
+                cuda.syncthreads()
+                if kt + 1 < n_kt:
+                    nkn = hi - (j0 + BK)
+                    for i in range(TKT):
+                        rr = U(sk_r + U(RKP * i))
+                        val = ZERO
+                        if rr < nkn and sk_p < d:
+                            val = k[b1, hk, U(k_off + j0 + BK + rr), sk_p]
+                        kreg[i] = val
+                    for i in range(TVT):
+                        rr = U(sv_r + U(RVP * i))
+                        val = ZERO
+                        if rr < nkn and sv_p < dv:
+                            val = v[b1, hk, U(k_off + j0 + BK + rr), sv_p]
+                        vreg[i] = val
+            elif FV:  # one column per thread, rows r0, r0 + RVP, ...
+                r = sv_r
+                p = sv_p
+                while r < U(BK):
+                    val = ZERO
+                    if r < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + r), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
+                    sh[U(OFF_V + r * VS + p)] = val
+                    r = U(r + U(RVP))
+            else:
+                idx = utid
+                while idx < U(BK * DVC):
+                    r = U(idx // U(DVC))
+                    p = U(idx % U(DVC))
+                    val = ZERO
+                    if r < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + r), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
+                    sh[U(OFF_V + r * VS + p)] = val
+                    idx = U(idx + U(NT))
+            # S = Q K^T, d in chunks of DC (zero-padded to the chunk).
             for p0 in range(0, d, DC):
                 if p0 > 0:
                     cuda.syncthreads()
+                dp = d - p0
                 if not q_resident:
-                    for it in range((BQ * DC + NT - 1) // NT):
-                        idx = uint32(tid + NT * it)
-                        if idx >= BQ * DC:
-                            continue
-                        r = idx // DC
-                        p = idx % DC
-                        i = i0 + r
-                        pp = p0 + p
+                    if FQ:  # one column per thread, rows r0, r0 + RQP, ...
+                        r = sq_r
+                        p = sq_p
+                        while r < U(BQ):
+                            val = ZERO
+                            if r < q_len - i0 and p < dp:
+                                val = q[b1, b2, U(q_off + i0 + r), U(p0 + p)]
+                            sh[U(r * QS + p)] = val
+                            r = U(r + U(RQP))
+                    else:
+                        idx = utid
+                        while idx < U(BQ * DC):
+                            r = U(idx // U(DC))
+                            p = U(idx % U(DC))
+                            val = ZERO
+                            if r < q_len - i0 and p < dp:
+                                val = q[b1, b2, U(q_off + i0 + r), U(p0 + p)]
+                            sh[U(r * QS + p)] = val
+                            idx = U(idx + U(NT))
+                if pref:
+                    pass  # K staged (and synchronised) with V above
+                elif FK:  # one column per thread, rows r0, r0 + RKP, ...
+                    r = sk_r
+                    p = sk_p
+                    while r < U(BK):
                         val = ZERO
-                        if i < q_len and pp < d:
-                            val = q[b1, b2, uint32(q_off + i), uint32(pp)]
-                        sh[p * QS + r] = val
-                for it in range((BK * DC + NT - 1) // NT):
-                    idx = uint32(tid + NT * it)
-                    if idx >= BK * DC:
-                        continue
-                    j = idx // DC
-                    p = idx % DC
-                    jj = j0 + j
-                    pp = p0 + p
-                    val = ZERO
-                    if jj < hi and pp < d:
-                        val = k[b1, hk, uint32(k_off + jj), uint32(pp)]
-                    sh[OFF_K + p * KS + j] = val
-                cuda.syncthreads()
-                pc = min(DC, d - p0)
-                for pi in range(pc):
-                    p = uint32(pi)  # unsigned: no negative-index fix-up
+                        if r < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + r), U(p0 + p)]
+                        sh[U(OFF_K + r * KS + p)] = val
+                        r = U(r + U(RKP))
+                else:
+                    idx = utid
+                    while idx < U(BK * DC):
+                        r = U(idx // U(DC))
+                        p = U(idx % U(DC))
+                        val = ZERO
+                        if r < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + r), U(p0 + p)]
+                        sh[U(OFF_K + r * KS + p)] = val
+                        idx = U(idx + U(NT))
+                if not pref:
+                    cuda.syncthreads()
+                # Rows ty + TY*a and keys tx + TX*b, PV consecutive head
+                # dimensions per (vector) read.
+                npv = U((min(DC, d - p0) + PV - 1) // PV)
+                for pi in range(npv):
+                    pq = qbase + pi * U(PV)
+                    pk = kbase + pi * U(PV)
                     for a in range(RQ):
-                        qa[a] = sh[p * QS + ty + TY * a]
+                        for e in range(PV):
+                            qf[a, e] = sh[pq + U(a * TY * QSI + e)]
                     for b in range(RK):
-                        kb[b] = sh[OFF_K + p * KS + tx + TX * b]
-                    for a in range(RQ):
-                        for b in range(RK):
-                            s[a, b] += qa[a] * kb[b]
+                        for e in range(PV):
+                            kf[b, e] = sh[pk + U(b * TX * KSI + e)]
+                    for e in range(PV):
+                        for a in range(RQ):
+                            for b in range(RK):
+                                s[a, b] += qf[a, e] * kf[b, e]
             # Scale, visibility / mask / bias, partial row maxima.
             check = j0 < lo_max or j0 + BK > hi_min
             # Key jj is visible to row i iff lo_base <= jj - i < hi_base,
             # jj < k_len and i < q_len; jj - i = diag + (TX*b - TY*a) with
-            # one per-tile value and compile-time offsets (no per-row
-            # bounds for the compiler to hoist into registers).
+            # one per-tile value and compile-time offsets. In 32 bits: the
+            # window sides clamped to +-(2**31 - 1) (token counts < 2**31,
+            # so |jj - i| is smaller), the window test is one unsigned
+            # compare of (jj - i - lo) mod 2**32 against its width, and the
+            # key and row counts are clamped to the tile.
             diag = j0 - i0 + tx - ty
-            kmax = k_len - j0 - tx  # visible keys need TX*b < kmax
-            rmax = q_len - i0 - ty  # real rows need TY*a < rmax
+            dl = diag - max(lo_base, -I31)
+            wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+            kcnt = U(min(max(k_len - j0 - tx, 0), BK))  # visible keys: TX*b < kcnt
+            rcnt = U(min(max(q_len - i0 - ty, 0), BQ))  # real rows: TY*a < rcnt
+            mcol = k_off + j0 + tx  # mask / bias column of key b: mcol + TX*b
             for a in range(RQ):
                 r = ty + TY * a
-                i = i0 + r
+                mrow_ = U(q_off + i0 + r)
                 mx = NINF
                 for b in range(RK):
                     t = s[a, b] * scale
                     if check or has_bias:
                         vis = True
                         if check:
-                            u = diag + (TX * b - TY * a)
-                            vis = u >= lo_base and u < hi_base and TX * b < kmax and TY * a < rmax
+                            vis = (
+                                U((dl + (TX * b - TY * a)) & M32) < wid
+                                and U(TX * b) < kcnt
+                                and U(TY * a) < rcnt
+                            )
                             if vis and has_mask:
-                                vis = mask[
-                                    b1, b2, uint32(q_off + i), uint32(k_off + j0 + tx + TX * b)
-                                ]
+                                vis = mask[b1, b2, mrow_, U(mcol + TX * b)]
                         if not vis:
                             t = NINF
                         elif has_bias:
-                            bv = bias[b1, b2, uint32(q_off + i), uint32(k_off + j0 + tx + TX * b)]
+                            bv = bias[b1, b2, mrow_, U(mcol + TX * b)]
                             t = NINF if bv == NINF else t + bv  # -inf bias masks
                     s[a, b] = t
                     if t > mx or t != t:
                         mx = t
-                sh[OFF_R1 + r * TX + tx] = mx
-            vbad = cuda.syncthreads_or(bad)  # block-uniform: a non-finite V
+                if SHFL:
+                    o = TX // 2
+                    while o > 0:
+                        t = cuda.shfl_xor_sync(MASK, mx, o)
+                        if t > mx or t != t:
+                            mx = t
+                        o //= 2
+                    alpha[a] = mx
+                else:
+                    sh[OFF_R1 + r * TX + tx] = mx
+            if not SHFL:
+                cuda.syncthreads()
             # Row maxima, rescale factors, P = exp(S - m) into shared memory.
             for a in range(RQ):
                 r = ty + TY * a
                 mt = mrow[a]
-                for x in range(TX):
-                    t = sh[OFF_R1 + r * TX + x]
+                if SHFL:
+                    t = alpha[a]
                     if t > mt or t != t:
                         mt = t
+                else:
+                    for x in range(TX):
+                        t = sh[OFF_R1 + r * TX + x]
+                        if t > mt or t != t:
+                            mt = t
                 ms = mt
                 if mt == NINF:
                     ms = ZERO
@@ -356,61 +614,84 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
                 ps = ZERO
                 for b in range(RK):
                     t = s[a, b]
-                    e = NZERO if t == NINF else math.exp(t - ms)
-                    sh[OFF_K + r * KS + tx + TX * b] = e
+                    e = NZERO if t == NINF else math.exp(t - ms)  # -0.0: masked
+                    sh[pbase + U(a * TY * PSI + b * TX) + utx] = e
                     ps += e
-                sh[OFF_R2 + r * TX + tx] = ps
-            cuda.syncthreads()
+                if SHFL:
+                    o = TX // 2
+                    while o > 0:
+                        ps += cuda.shfl_xor_sync(MASK, ps, o)
+                        o //= 2
+                    lrow[a] = lrow[a] * alpha[a] + ps
+                else:
+                    sh[OFF_R2 + r * TX + tx] = ps
+            vbad = cuda.syncthreads_or(bad)  # block-uniform: a non-finite V
             for a in range(RQ):
-                r = ty + TY * a
-                tot = ZERO
-                for x in range(TX):
-                    tot += sh[OFF_R2 + r * TX + x]
-                lrow[a] = lrow[a] * alpha[a] + tot
+                if not SHFL:
+                    r = ty + TY * a
+                    tot = ZERO
+                    for x in range(TX):
+                        tot += sh[OFF_R2 + r * TX + x]
+                    lrow[a] = lrow[a] * alpha[a] + tot
                 for c in range(RC):
                     acc[a, c] *= alpha[a]
-            # O += P V
-            if vbad:  # skip masked keys (P = -0.0): never 0 * NaN
-                for j in range(BK):
+            # O += P V: rows ty + TY*a, columns CV*tx + CV*TX*g + (0..CV-1);
+            # JV keys per (vector) read of P, CV columns per read of V.
+            # Masked keys are never read: when the tile holds a NaN or inf,
+            # a second copy of the loop skips P = -0.0 (0 * NaN would poison
+            # the row); the plain loop stays free of that test.
+            if vbad:
+                for ji in range(BK // JV):
+                    pp_ = pbase + U(ji * JV)
+                    pv_ = vbase + U(ji * JV) * VS
                     for a in range(RQ):
-                        qa[a] = sh[OFF_K + (ty + TY * a) * KS + uint32(j)]
-                    for c in range(RC):
-                        vc[c] = sh[OFF_V + j * DVC + tx + TX * c]
-                    for a in range(RQ):
-                        pa = qa[a]
-                        if pa != ZERO or math.copysign(ONE, pa) > ZERO:
-                            for c in range(RC):
-                                acc[a, c] += pa * vc[c]
+                        for e in range(JV):
+                            pf[a, e] = sh[pp_ + U(a * TY * PSI + e)]
+                    for e in range(JV):  # one key's V row at a time
+                        for g in range(NG):
+                            for w in range(CV):
+                                vf[g * CV + w] = sh[pv_ + U(e * VSI + g * CV * TX + w)]
+                        for a in range(RQ):
+                            pa = pf[a, e]
+                            if pa != ZERO or math.copysign(ONE, pa) > ZERO:
+                                for c in range(RC):
+                                    acc[a, c] += pa * vf[c]
             else:
-                for j in range(BK):
+                for ji in range(BK // JV):
+                    pp_ = pbase + U(ji * JV)
+                    pv_ = vbase + U(ji * JV) * VS
                     for a in range(RQ):
-                        qa[a] = sh[OFF_K + (ty + TY * a) * KS + uint32(j)]
-                    for c in range(RC):
-                        vc[c] = sh[OFF_V + j * DVC + tx + TX * c]
-                    for a in range(RQ):
-                        for c in range(RC):
-                            acc[a, c] += qa[a] * vc[c]
+                        for e in range(JV):
+                            pf[a, e] = sh[pp_ + U(a * TY * PSI + e)]
+                    for e in range(JV):  # one key's V row at a time
+                        for g in range(NG):
+                            for w in range(CV):
+                                vf[g * CV + w] = sh[pv_ + U(e * VSI + g * CV * TX + w)]
+                        for a in range(RQ):
+                            for c in range(RC):
+                                acc[a, c] += pf[a, e] * vf[c]
             cuda.syncthreads()
 
         for a in range(RQ):
             i = i0 + ty + TY * a
             if i < q_rows:
+                row = uint32(q_off + i)
                 m = mrow[a]
                 if m == NINF:
                     for c in range(RC):
-                        col = tx + TX * c
+                        col = utx * U(CV) + U((c // CV) * CV * TX + c % CV)
                         if col < dv:
-                            out[b1, b2, q_off + i, col] = ZERO
+                            out[b1, b2, row, col] = ZERO
                     if write_lse and tx == 0:
-                        lse[b1, b2, q_off + i] = NINF
+                        lse[b1, b2, row] = NINF
                 else:
                     inv = ONE / lrow[a]
                     for c in range(RC):
-                        col = tx + TX * c
+                        col = utx * U(CV) + U((c // CV) * CV * TX + c % CV)
                         if col < dv:
-                            out[b1, b2, q_off + i, col] = acc[a, c] * inv
+                            out[b1, b2, row, col] = acc[a, c] * inv
                     if write_lse and tx == 0:
-                        lse[b1, b2, q_off + i] = m + math.log(lrow[a])
+                        lse[b1, b2, row] = m + math.log(lrow[a])
 
     attention_kernel.geometry = dict(
         threads=NT,
@@ -419,14 +700,453 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC):
         head_chunk=DC,
         value_chunk=DVC,
         shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+        path="hardware" if hw else "simulator",
     )
     return attention_kernel
 
 
-def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC):
-    BQ, BK = TY * RQ, TX * RK
-    total = DC * (BQ + 1) + max(DC, BQ) * (BK + 1) + BK * TX * RC + 2 * BQ * TX
-    return total * np.dtype(dtype).itemsize
+def mma_ok(dtype, TY, TX, RQ, RK, DC, RC):
+    """Whether float64 attention at this geometry runs on the tensor cores
+    (:func:`make_attention_mma`): whole warps of 8 query rows each
+    (``TY*TX == 4*BQ``), key tiles and value chunks in 8-column n-tiles,
+    head chunks in 4-dim k-steps."""
+    NT, BQ, BK, DVC = TY * TX, TY * RQ, TX * RK, TX * RC
+    return (
+        np.dtype(dtype) == np.float64
+        and NT % 32 == 0
+        and NT == 4 * BQ
+        and BK % 8 == 0
+        and DVC % 8 == 0
+        and DC % 4 == 0
+    )
+
+
+_DMMA = []
+
+
+def _dmma():
+    """``dmma(a, b, c0, c1) -> (d0, d1)``: one ``mma.sync.aligned.m8n8k4.row.col.f64``
+    (DMMA) as inline PTX, through an llvmlite ``InlineAsm`` in a numba-cuda
+    ``intrinsic`` (how numba-cuda emits its own inline PTX). Per lane (g =
+    lane // 4, t = lane % 4): a = A[g][t] (8x4, row), b = B[t][g] (4x8, col),
+    (c0, c1) = C[g][2t], C[g][2t + 1]; D = A B + C likewise. Built only off
+    the simulator."""
+    if not _DMMA:
+        from llvmlite import ir
+        from numba.core import types
+        from numba.cuda.extending import intrinsic
+
+        @intrinsic
+        def dmma(typingctx, a, b, c0, c1):
+            f8 = types.float64
+            sig = types.UniTuple(f8, 2)(f8, f8, f8, f8)
+
+            def codegen(context, builder, sig, args):
+                f64 = ir.DoubleType()
+                fnty = ir.FunctionType(ir.LiteralStructType([f64, f64]), [f64] * 4)
+                asm = ir.InlineAsm(
+                    fnty,
+                    "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {$0, $1}, {$2}, {$3}, {$4, $5};",
+                    "=d,=d,d,d,d,d",
+                    side_effect=True,
+                )
+                res = builder.call(asm, args)
+                d0 = builder.extract_value(res, 0)
+                d1 = builder.extract_value(res, 1)
+                return context.make_tuple(builder, sig.return_type, [d0, d1])
+
+            return sig, codegen
+
+        _DMMA.append(dmma)
+    return _DMMA[0]
+
+
+def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
+    """Float64 fused attention on the tensor cores (:func:`mma_ok` geometries).
+
+    Same signature, launch and results as :func:`make_attention`. Warp w of
+    the block owns query rows ``8w .. 8w + 7`` of the tile; lane (g, t) =
+    (lane // 4, lane % 4) owns row ``r = 8w + g``. S = Q K^T is a DMMA per
+    (4-dim k-step, 8-key n-tile): A = Q[r][p + t], B = K[8n + g][p + t],
+    so the lane holds S[r][8n + 2t + e] (e < 2); O += P V likewise with
+    A = P[r][k + t] (P through shared memory) and B = V[k + t][8n + g], so
+    the lane accumulates O[r][8n + 2t + e]. Row maxima and sums combine the
+    four lanes of a row (shuffles on hardware).
+
+    ``hw``: DMMA as inline PTX (:func:`_dmma`), shuffles, launch bounds and
+    aligned shared memory. Otherwise (the simulator, which runs neither
+    shuffles nor inline PTX) each mma.sync is emulated: the warp's lanes
+    put their A and B elements in shared memory, a barrier, each lane
+    computes its two D elements with the fragment layout above, a barrier;
+    the row reductions go through shared memory. Same results within
+    rounding (4-term dot products in another order).
+    """
+    nt, sc_t = _types(dtype)
+    NT = TY * TX
+    BQ = TY * RQ
+    BK = TX * RK
+    DVC = TX * RC
+    NB = BK // 8  # n-tiles of S
+    NO = DVC // 8  # n-tiles of O
+    NB2, NO2 = 2 * NB, 2 * NO
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=True)
+    HW = bool(hw)
+    dmma = _dmma() if HW and not _on_simulator() else None
+    QS, KS, PS, VS = (U(lay[x]) for x in ("QS", "KS", "PS", "VS"))
+    KSI, VSI = lay["KS"], lay["VS"]
+    OFF_K, OFF_P, OFF_V = (U(lay[x]) for x in ("OFF_K", "OFF_P", "OFF_V"))
+    OFF_R1, OFF_R2, OFF_X, TOTAL = lay["OFF_R1"], lay["OFF_R2"], lay["OFF_X"], lay["TOTAL"]
+    ALIGN = 16 if hw else None
+    NINF = sc_t(-np.inf)
+    ZERO = sc_t(0.0)
+    NZERO = sc_t(-0.0)  # P of a masked key
+    ONE = sc_t(1.0)
+    BIG = 1 << 40
+    I31 = (1 << 31) - 1
+    M32 = (1 << 32) - 1
+    FQ, RQP = _stage_plan(DC, NT)
+    FK, RKP = _stage_plan(DC, NT)
+    FV, RVP = _stage_plan(DVC, NT)
+    opts = {}
+    # Whole warps only (the test geometries have tiny blocks); the simulator
+    # takes no launch bounds (it builds, never runs, the hardware path).
+    if hw and NT % 32 == 0 and not _on_simulator():
+        # 384 resident threads per SM (12 warps, <= 170 registers): at 512
+        # (128 registers) ptxas spills ~24 bytes (the unrolled P @ V steps
+        # keep their B operands in flight), which costs more than it gains.
+        want = max(1, -(-384 // NT))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+
+    @cuda.jit(**opts)
+    def attention_mma_kernel(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        seq,
+        bias,
+        mask,
+        scale,
+        n_qt,
+        wl,
+        wr,
+        write_lse,
+        has_bias,
+        has_mask,
+    ):
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
+        oacc = cuda.local.array(NO2, nt)
+        sacc = cuda.local.array(NB2, nt)
+
+        g2n = q.shape[1]
+        d = q.shape[3]
+        dv = v.shape[3]
+        bid = cuda.blockIdx.x
+        qt = n_qt - 1 - bid % n_qt
+        rest = bid // n_qt
+        b2 = uint32(rest % g2n)
+        b1 = uint32(rest // g2n)
+        i0 = qt * BQ
+        q_rows = seq[b1, b2, 2]
+        if i0 >= q_rows:
+            return
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        hk = uint32(b2 // (g2n // k.shape[1]))
+        utid = U(cuda.threadIdx.x)
+        lane = U(utid & U(31))
+        g = U(lane >> U(2))
+        t = U(lane & U(3))
+        ur = U(U(utid >> U(5)) * U(8) + g)  # the lane's row in the tile
+        r = int64(ur)
+        t2 = int64(t) * 2
+        xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
+        offset = k_len - q_len
+        lo_base = -BIG
+        hi_base = BIG
+        if wl >= 0:
+            lo_base = offset - wl
+        if wr >= 0:
+            hi_base = offset + wr + 1
+        lo = 0
+        hi = 0
+        if i0 < q_len:
+            lo = max(0, i0 + lo_base)
+            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
+        lo_max = i0 + BQ - 1 + lo_base
+        hi_min = min(k_len, i0 + hi_base)
+        if has_mask or i0 + BQ > q_len:
+            hi_min = -1
+        n_kt = 0
+        if hi > lo:
+            n_kt = (hi - lo + BK - 1) // BK
+        q_resident = d <= DC
+        # Per-row window test constants (see make_attention): computed once.
+        dl0 = t2 - r - i0 - max(lo_base, -I31)
+        wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+        klt = k_len - t2
+        kot = k_off + t2
+        rreal = r < q_len - i0
+        mrow_ = U(q_off + i0 + r)
+        qa = U(ur * QS + t)  # A of S: Q[r][p + t]
+        kb = U(OFF_K + g * KS + t)  # B of S: K[8n + g][p + t]
+        pa = U(OFF_P + ur * PS + t)  # A of O: P[r][k + t]
+        vb = U(OFF_V + t * VS + g)  # B of O: V[k + t][8n + g]
+        sq_r, sq_p = U(utid // U(DC)), U(utid % U(DC))
+        sk_r, sk_p = sq_r, sq_p
+        sv_r, sv_p = U(utid // U(DVC)), U(utid % U(DVC))
+
+        m_r = NINF
+        l_r = ZERO
+        for c in range(2 * NO):
+            oacc[c] = ZERO
+
+        if q_resident and n_kt > 0:
+            if FQ:
+                rr = sq_r
+                p = sq_p
+                while rr < U(BQ):
+                    val = ZERO
+                    if rr < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + rr), p]
+                    sh[U(rr * QS + p)] = val
+                    rr = U(rr + U(RQP))
+            else:
+                idx = utid
+                while idx < U(BQ * DC):
+                    rr = U(idx // U(DC))
+                    p = U(idx % U(DC))
+                    val = ZERO
+                    if rr < q_len - i0 and p < d:
+                        val = q[b1, b2, U(q_off + i0 + rr), p]
+                    sh[U(rr * QS + p)] = val
+                    idx = U(idx + U(NT))
+
+        for kt in range(n_kt):
+            j0 = lo + kt * BK
+            nk = hi - j0
+            for c in range(2 * NB):
+                sacc[c] = ZERO
+            bad = int32(0)  # a NaN or inf staged in V (int: for syncthreads_or)
+            if FV:
+                rr = sv_r
+                p = sv_p
+                while rr < U(BK):
+                    val = ZERO
+                    if rr < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + rr), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
+                    sh[U(OFF_V + rr * VS + p)] = val
+                    rr = U(rr + U(RVP))
+            else:
+                idx = utid
+                while idx < U(BK * DVC):
+                    rr = U(idx // U(DVC))
+                    p = U(idx % U(DVC))
+                    val = ZERO
+                    if rr < nk and p < dv:
+                        val = v[b1, hk, U(k_off + j0 + rr), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
+                    sh[U(OFF_V + rr * VS + p)] = val
+                    idx = U(idx + U(NT))
+            for p0 in range(0, d, DC):
+                if p0 > 0:
+                    cuda.syncthreads()
+                dp = d - p0
+                if not q_resident:
+                    idx = utid
+                    while idx < U(BQ * DC):
+                        rr = U(idx // U(DC))
+                        p = U(idx % U(DC))
+                        val = ZERO
+                        if rr < q_len - i0 and p < dp:
+                            val = q[b1, b2, U(q_off + i0 + rr), U(p0 + p)]
+                        sh[U(rr * QS + p)] = val
+                        idx = U(idx + U(NT))
+                if FK:
+                    rr = sk_r
+                    p = sk_p
+                    while rr < U(BK):
+                        val = ZERO
+                        if rr < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + rr), U(p0 + p)]
+                        sh[U(OFF_K + rr * KS + p)] = val
+                        rr = U(rr + U(RKP))
+                else:
+                    idx = utid
+                    while idx < U(BK * DC):
+                        rr = U(idx // U(DC))
+                        p = U(idx % U(DC))
+                        val = ZERO
+                        if rr < nk and p < dp:
+                            val = k[b1, hk, U(k_off + j0 + rr), U(p0 + p)]
+                        sh[U(OFF_K + rr * KS + p)] = val
+                        idx = U(idx + U(NT))
+                cuda.syncthreads()
+                nks = U((min(DC, dp) + 3) // 4)
+                for ks in range(nks):
+                    a = sh[U(qa + U(ks * 4))]
+                    for n in range(NB):
+                        b = sh[U(kb + U(ks * 4)) + U(n * 8 * KSI)]
+                        if HW:
+                            d0, d1 = dmma(a, b, sacc[2 * n], sacc[2 * n + 1])
+                        else:
+                            sh[xw + lane] = a
+                            sh[xw + U(32) + lane] = b
+                            cuda.syncthreads()
+                            d0 = sacc[2 * n]
+                            d1 = sacc[2 * n + 1]
+                            for kk in range(4):
+                                av = sh[xw + g * U(4) + U(kk)]
+                                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+                            cuda.syncthreads()
+                        sacc[2 * n] = d0
+                        sacc[2 * n + 1] = d1
+            # Visibility (as in make_attention), key 8n + 2t + e of row r.
+            check = j0 < lo_max or j0 + BK > hi_min
+            dl = U((j0 + dl0) & M32)
+            kcnt = U(min(max(klt - j0, 0), BK))
+            mcol = U(kot + j0)
+            mx = NINF
+            for n in range(NB):
+                for e in range(2):
+                    x = sacc[2 * n + e] * scale
+                    if check or has_bias:
+                        vis = True
+                        if check:
+                            vis = (
+                                U((int64(dl) + (8 * n + e)) & M32) < wid
+                                and U(8 * n + e) < kcnt
+                                and rreal
+                            )
+                            if vis and has_mask:
+                                vis = mask[b1, b2, mrow_, U(mcol + 8 * n + e)]
+                        if not vis:
+                            x = NINF
+                        elif has_bias:
+                            bv = bias[b1, b2, mrow_, U(mcol + 8 * n + e)]
+                            x = NINF if bv == NINF else x + bv  # -inf bias masks
+                    sacc[2 * n + e] = x
+                    if x > mx or x != x:
+                        mx = x
+            if HW:
+                for o in (1, 2):
+                    x = cuda.shfl_xor_sync(0xFFFFFFFF, mx, o)
+                    if x > mx or x != x:
+                        mx = x
+            else:
+                sh[OFF_R1 + r * 4 + int64(t)] = mx
+                cuda.syncthreads()
+                for y in range(4):
+                    x = sh[OFF_R1 + r * 4 + y]
+                    if x > mx or x != x:
+                        mx = x
+            mt = m_r
+            if mx > mt or mx != mx:
+                mt = mx
+            ms = mt
+            if mt == NINF:
+                ms = ZERO
+            alpha = math.exp(m_r - ms)
+            m_r = mt
+            ps = ZERO
+            for n in range(NB):
+                for e in range(2):
+                    x = sacc[2 * n + e]
+                    x = NZERO if x == NINF else math.exp(x - ms)  # -0.0: masked
+                    sh[U(OFF_P + ur * PS + U(t2 + 8 * n + e))] = x
+                    ps += x
+            if HW:
+                ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 1)
+                ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 2)
+            else:
+                sh[OFF_R2 + r * 4 + int64(t)] = ps
+                cuda.syncthreads()
+                ps = ZERO
+                for y in range(4):
+                    ps += sh[OFF_R2 + r * 4 + y]
+            l_r = l_r * alpha + ps
+            for c in range(2 * NO):
+                oacc[c] *= alpha
+            vbad = cuda.syncthreads_or(bad)  # P and V visible; block-uniform flag
+            if vbad:
+                # A NaN or inf in V: masked keys are never read, so no
+                # tensor-core product (0 * NaN); each lane sums its own
+                # elements O[r][8n + 2t + e] key by key, skipping P = -0.0
+                # (key-outer, so the accumulators keep constant indices).
+                for j in range(BK):
+                    pj = sh[U(OFF_P + ur * PS + U(j))]
+                    if pj != ZERO or math.copysign(ONE, pj) > ZERO:
+                        vrow = U(OFF_V + U(j) * VS + U(t2))
+                        for n in range(NO):
+                            for e in range(2):
+                                oacc[2 * n + e] += pj * sh[U(vrow + U(8 * n + e))]
+            else:  # O += P V on the tensor cores
+                for ks in range(BK // 4):
+                    a = sh[U(pa + U(ks * 4))]
+                    for n in range(NO):
+                        b = sh[U(vb + U(ks * 4 * VSI + n * 8))]
+                        if HW:
+                            d0, d1 = dmma(a, b, oacc[2 * n], oacc[2 * n + 1])
+                        else:
+                            sh[xw + lane] = a
+                            sh[xw + U(32) + lane] = b
+                            cuda.syncthreads()
+                            d0 = oacc[2 * n]
+                            d1 = oacc[2 * n + 1]
+                            for kk in range(4):
+                                av = sh[xw + g * U(4) + U(kk)]
+                                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+                            cuda.syncthreads()
+                        oacc[2 * n] = d0
+                        oacc[2 * n + 1] = d1
+            cuda.syncthreads()
+
+        i = i0 + r
+        if i < q_rows:
+            row = U(q_off + i)
+            if m_r == NINF:
+                for n in range(NO):
+                    for e in range(2):
+                        col = U(t2 + 8 * n + e)
+                        if col < dv:
+                            out[b1, b2, row, col] = ZERO
+                if write_lse and t == U(0):
+                    lse[b1, b2, row] = NINF
+            else:
+                inv = ONE / l_r
+                for n in range(NO):
+                    for e in range(2):
+                        col = U(t2 + 8 * n + e)
+                        if col < dv:
+                            out[b1, b2, row, col] = oacc[2 * n + e] * inv
+                if write_lse and t == U(0):
+                    lse[b1, b2, row] = m_r + math.log(l_r)
+
+    attention_mma_kernel.geometry = dict(
+        threads=NT,
+        query_tile=BQ,
+        key_tile=BK,
+        head_chunk=DC,
+        value_chunk=DVC,
+        shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+        path="hardware" if hw else "simulator",
+    )
+    return attention_mma_kernel
+
+
+def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
+    mma = mma_ok(dtype, TY, TX, RQ, RK, DC, RC)
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma)
+    return lay["TOTAL"] * np.dtype(dtype).itemsize
 
 
 def make_scores(dtype, T):

@@ -8,9 +8,10 @@ installs them). One record per compiled kernel variant:
 
 ``kernel``, ``dtype``, ``path``
     ``path`` is ``"hardware"`` for the code a GPU runs. Kernels whose
-    simulator path differs from the hardware one (warp shuffles, inline PTX
-    replaced by portable code under ``NUMBA_ENABLE_CUDASIM``) will add a
-    ``"simulator"`` record; none do today.
+    simulator path differs from the hardware one (warp shuffles, inline PTX,
+    launch bounds and aligned shared memory replaced by portable code under
+    ``NUMBA_ENABLE_CUDASIM``) add a ``"simulator"`` record: the fused
+    attention kernel, whose files are saved as ``<kernel>_<dtype>_sm_XY_simulator.*``.
 ``cc``, ``target``, ``threads_per_block``, ``geometry``
     The compute capability (``"9.0"``), its ptxas target (``"sm_90"``), the
     block size and tile sizes the backend launches with.
@@ -35,7 +36,7 @@ installs them). One record per compiled kernel variant:
     one element), ``shared_stores``,
     ``global_loads`` (LDG, and the generic LD that Numba's array accesses
     compile to), ``local_accesses`` (LDL/STL: spills in the loop),
-    ``mufu`` (exp/log/rcp), ``barriers`` (BAR), the loop's ``start`` and
+    ``mufu`` (exp/log/rcp), ``barriers`` (BAR), ``shuffles`` (SHFL), the loop's ``start`` and
     ``end`` offsets, and ``nested``: the same counts for each loop inside it
     (the dynamic hot spots: the Q.K^T and P.V products of attention).
 ``ptxas``
@@ -208,7 +209,8 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
 def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
     """Loops as (first, last) instruction indices: a branch to a label at or
     before it closes a loop from that label to the branch (several branches
-    to one head make one loop). The self-branch after EXIT is no loop."""
+    to one head make one loop; partly overlapping stretches are merged).
+    The self-branch after EXIT is no loop."""
     ends: dict[int, int] = {}
     for i, ins in enumerate(instrs):
         if ins.base not in ("BRA", "JMP"):
@@ -219,7 +221,23 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, i
         head = labels[m.group(1)]
         if head < i:
             ends[head] = max(ends.get(head, i), i)
-    return sorted(ends.items())
+    # Loops are nested or disjoint; two stretches that overlap without one
+    # holding the other are one loop whose blocks ptxas laid out around
+    # another back branch (e.g. a key-tile loop with its slow paths placed
+    # after an inner loop's end): merge them.
+    loops = sorted(ends.items())
+    merged = True
+    while merged:
+        merged = False
+        for x, (a1, b1) in enumerate(loops):
+            for a2, b2 in loops[x + 1 :]:
+                if a1 < a2 <= b1 < b2:
+                    loops = sorted(set(loops) - {(a1, b1), (a2, b2)} | {(a1, b2)})
+                    merged = True
+                    break
+            if merged:
+                break
+    return loops
 
 
 def count(instrs: list[Instr]) -> dict:
@@ -243,6 +261,7 @@ def count(instrs: list[Instr]) -> dict:
         "local_accesses": sum(i.base in ("LDL", "STL") for i in ops),
         "mufu": sum(i.base == "MUFU" for i in ops),
         "barriers": sum(i.base == "BAR" for i in ops),
+        "shuffles": sum(i.base == "SHFL" for i in ops),
     }
 
 
@@ -304,7 +323,9 @@ def compile_ptx(dispatcher, signature: str, cc: str) -> str:
 
 def _static_record(launch: dict, dtype: str, cc: str, tools: dict, work: Path) -> dict:
     target = "sm_" + cc.replace(".", "")
-    stem = work / f"{launch['kernel']}_{dtype}_{target}"
+    path = launch.get("path", "hardware")
+    suffix = "" if path == "hardware" else "_" + path
+    stem = work / f"{launch['kernel']}_{dtype}_{target}{suffix}"
     ptx_path, cubin, sass_path = (stem.with_suffix(s) for s in (".ptx", ".cubin", ".sass"))
     ptx_path.write_text(compile_ptx(launch["dispatcher"], launch["signature"], cc))
     res = parse_ptxas(
@@ -317,7 +338,7 @@ def _static_record(launch: dict, dtype: str, cc: str, tools: dict, work: Path) -
     rec = {
         "kernel": launch["kernel"],
         "dtype": dtype,
-        "path": "hardware",
+        "path": path,
         "cc": cc,
         "target": target,
         "threads_per_block": threads,
@@ -412,9 +433,10 @@ def report(cc: str = "9.0", save_dir: str | os.PathLike | None = None, device=Tr
         if dev is not None:
             if dev["cc"] != cc:
                 records += [_static_record(la, dt, dev["cc"], tools, work) for dt, la in launches]
-            by_key = {(r["kernel"], r["dtype"], r["cc"]): r for r in records}
+            by_key = {(r["kernel"], r["dtype"], r["path"], r["cc"]): r for r in records}
             for dt, la in launches:
-                by_key[(la["kernel"], dt, dev["cc"])]["device"] = _device_facts(la, dev)
+                key = (la["kernel"], dt, la.get("path", "hardware"), dev["cc"])
+                by_key[key]["device"] = _device_facts(la, dev)
     return records
 
 
@@ -470,7 +492,8 @@ def table(records: list[dict]) -> str:
     lines.append(f"ptxas {', '.join(sorted(str(p) for p in ptxas))}; occupancy limited by:")
     for r in records:
         lines.append(
-            f"  {r['kernel']} {r['dtype']} {r['cc']}: {', '.join(r['limited_by']) or '-'} "
+            f"  {r['kernel']} {r['dtype']} {r['path']} {r['cc']}: "
+            f"{', '.join(r['limited_by']) or '-'} "
             f"(occupancy {r['occupancy']})"
         )
     devs = [r for r in records if "device" in r]
@@ -481,7 +504,7 @@ def table(records: list[dict]) -> str:
         for r in devs:
             f = r["device"]
             lines.append(
-                f"  {r['kernel']} {r['dtype']}: {f['registers']} registers, "
+                f"  {r['kernel']} {r['dtype']} {r['path']}: {f['registers']} registers, "
                 f"{f['shared_bytes']} shared bytes, {f['local_bytes']} local bytes, "
                 f"at most {f['max_threads_per_block']} threads per block, "
                 f"{f['blocks_per_sm']} blocks per SM"
