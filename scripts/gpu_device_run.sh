@@ -10,6 +10,7 @@
 #
 #   bash scripts/gpu_device_run.sh                    # on the GPU machine, every step
 #   STEPS="tests memcheck" bash scripts/gpu_device_run.sh
+#   SHAPES=0 STEPS=timings bash scripts/gpu_device_run.sh   # only (4, 16, 4096, 64)
 #   TINY=1 bash scripts/gpu_device_run.sh             # rehearsal under the CUDA simulator
 set -u -o pipefail
 O=${OUT:-/tmp/numbattn-gpu}
@@ -33,8 +34,14 @@ step_env() {
   $PY -m numbattn info
   $PY -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" || true
 }
-step_timings() { timeout 150 $PY scripts/gpu_device.py timings --out "$O" "${T[@]}" 2>&1 | grep -v '^time {'; }
-step_tests() { gpu && timeout 120 $PY -m pytest tests/gpu -q -p no:cacheprovider --durations=5 2>&1 | tail -30; }
+step_timings() {
+  local sh=()
+  [ -n "${SHAPES:-}" ] && sh=(--shapes "$SHAPES")
+  timeout 150 $PY scripts/gpu_device.py timings --out "$O" "${sh[@]}" "${T[@]}" 2>&1 | grep -v '^time {'
+}
+step_tests() {
+  gpu && timeout 180 $PY -m pytest tests/gpu tests/test_gpu_report.py -q -p no:cacheprovider --durations=5 2>&1 | tail -30
+}
 sanitize() {
   if gpu && have compute-sanitizer; then
     timeout "$2" compute-sanitizer --tool "$1" --print-limit 10 $PY scripts/gpu_device.py sanitize 2>&1 | tail -14
@@ -58,7 +65,7 @@ step_ncu() {
   fi
 }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
-step_decode() { timeout 45 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
 step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
