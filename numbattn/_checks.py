@@ -1,42 +1,25 @@
 """Argument validation shared by the CPU and CUDA backends.
 
-Every check works on NumPy arrays. Host arguments are checked as they are;
-GPU arguments are checked through a *shadow*: a NumPy array with the same
-shape, strides, dtype and address built from ``__cuda_array_interface__``.
-A shadow is never read or written, only inspected (shape, dtype, flags and
-address arithmetic for overlap), so both backends raise identical errors,
-and all of them are raised before any output is touched.
+A leaf layer: it imports NumPy and :mod:`numbattn._interop`, never a
+backend. Every check works on NumPy arrays. Host arguments are checked as
+they are; GPU arguments are checked through a *shadow*
+(:func:`numbattn._interop.interface_shadow`), so both backends raise
+identical errors, and all of them are raised before any output is touched.
+Values that must be read on the host (integer lengths on a GPU) are copied
+there by the backend (``backend.to_host``) before they reach these checks.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 
+from ._interop import device_interface, interface_shadow
+
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-class _ArrayInterfaceView:
-    """Exposes a CUDA array interface as a host ``__array_interface__``."""
-
-    def __init__(self, cai: dict):
-        self.__array_interface__ = {
-            "shape": tuple(cai["shape"]),
-            "typestr": cai["typestr"],
-            "data": (cai["data"][0], bool(cai["data"][1])),
-            "strides": cai.get("strides"),
-            "version": 3,
-        }
-
-
-def device_interface(obj) -> dict | None:
-    """The ``__cuda_array_interface__`` of ``obj``, or None for host objects."""
-    try:
-        return obj.__cuda_array_interface__
-    except (AttributeError, RuntimeError, TypeError):
-        return None
 
 
 def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
@@ -50,20 +33,8 @@ def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
     if isinstance(obj, np.ndarray):
         return obj, False
     cai = device_interface(obj)
-    if cai is None and type(obj).__module__.startswith("numba.cuda.simulator"):
-        from .cuda import _sim  # simulator arrays get an interface on demand
-
-        _sim.install()
-        cai = device_interface(obj)
     if cai is not None:
-        shape = tuple(cai["shape"])
-        if math.prod(shape) == 0 or cai["data"][0] == 0:
-            # NumPy refuses a NULL pointer; an empty array has no address anyway.
-            arr = np.empty(shape, dtype=np.dtype(cai["typestr"]))
-            if cai["data"][1]:
-                arr.flags.writeable = False
-            return arr, True
-        return np.asarray(_ArrayInterfaceView(cai)), True
+        return interface_shadow(cai), True
     raise TypeError(
         f"{name} must be a numpy.ndarray or a GPU array exposing "
         f"__cuda_array_interface__ (CuPy, PyTorch CUDA, Numba device array), "
@@ -206,17 +177,12 @@ def check_output(
             raise ValueError(f"{name} must not overlap {other_name} (they share memory)")
 
 
-def _host_integers(name: str, obj, what: str) -> np.ndarray:
-    """An integer array's values on the host (GPU arrays are copied back)."""
+def _host_integers(name: str, obj: Any, what: str) -> np.ndarray:
+    """An integer array's values (GPU arrays were copied to the host by the caller)."""
     if isinstance(obj, np.ma.MaskedArray):
         raise TypeError(_masked_message(name))
     if isinstance(obj, np.ndarray):
         arr = obj
-    elif device_interface(obj) is not None or type(obj).__module__.startswith("numba.cuda"):
-        from .cuda import backend
-
-        backend.require_cuda()
-        arr = backend.as_kernel_array(obj).copy_to_host()  # synchronises
     elif isinstance(obj, (list, tuple)):
         arr = np.asarray(obj)
         if arr.size == 0:

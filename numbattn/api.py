@@ -15,6 +15,8 @@ import numpy as np
 
 from . import _checks as chk
 from . import _sequences as seqs
+from ._backend import Backend
+from ._interop import device_interface, looks_like_device_array
 from ._layout import BatchPlan, host_index, host_restride
 
 __all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attention"]
@@ -24,7 +26,7 @@ __all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attentio
 Array = Any
 
 
-def _backend(on_device: bool):
+def _backend(on_device: bool) -> Backend:
     if on_device:
         from .cuda import backend
 
@@ -35,12 +37,36 @@ def _backend(on_device: bool):
     return backend
 
 
+def _adopt(obj):
+    """``obj``, after giving a CUDA-simulator array its ``__cuda_array_interface__``
+    (the simulator's arrays lack one until the CUDA layer installs it)."""
+    if (
+        not isinstance(obj, np.ndarray)
+        and type(obj).__module__.startswith("numba.cuda.simulator")
+        and device_interface(obj) is None
+    ):
+        from .cuda import _sim
+
+        _sim.install()
+    return obj
+
+
+def _host_values(obj):
+    """Integer lengths on the host: GPU arrays are copied back by the CUDA backend."""
+    if isinstance(obj, (np.ndarray, list, tuple)) or not looks_like_device_array(obj):
+        return obj
+    from .cuda import backend
+
+    backend.require_cuda()
+    return backend.to_host(obj)  # synchronises
+
+
 def _prepare(named: dict[str, Any]):
     """Shadows for every non-None argument, and whether they are on the GPU."""
     shadows, where = {}, {}
     for name, obj in named.items():
         if obj is not None:
-            shadows[name], where[name] = chk.shadow(name, obj)
+            shadows[name], where[name] = chk.shadow(name, _adopt(obj))
     return shadows, chk.check_same_device(where)
 
 
@@ -101,10 +127,14 @@ def _dense_table(leading, nq, nk, key_lengths, query_lengths):
     table = np.zeros((b, seqs.COLUMNS), dtype=np.int64)
     table[:, seqs.Q_ROWS] = nq
     table[:, seqs.Q_LEN] = (
-        nq if query_lengths is None else chk.check_lengths("query_lengths", query_lengths, b, nq)
+        nq
+        if query_lengths is None
+        else chk.check_lengths("query_lengths", _host_values(query_lengths), b, nq)
     )
     table[:, seqs.K_LEN] = (
-        nk if key_lengths is None else chk.check_lengths("key_lengths", key_lengths, b, nk)
+        nk
+        if key_lengths is None
+        else chk.check_lengths("key_lengths", _host_values(key_lengths), b, nk)
     )
     return seqs.broadcast(table, leading, axis0=True)
 
@@ -507,8 +537,8 @@ def varlen_attention(
     left, right = _window(window, causal, tq + tk)
     inputs = {"q": sq, "k": sk, "v": sv}
     views = _check_options(shadows, dtype, (h, tq, tk), inputs)
-    cu_q = chk.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "q")
-    cu_k = chk.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, "k")
+    cu_q = chk.check_cu_seqlens("cu_seqlens_q", _host_values(cu_seqlens_q), tq, "q")
+    cu_k = chk.check_cu_seqlens("cu_seqlens_k", _host_values(cu_seqlens_k), tk, "k")
     if cu_k.shape != cu_q.shape:
         raise ValueError(
             f"cu_seqlens_k must have the same length as cu_seqlens_q ({cu_q.size}, B + 1), "
