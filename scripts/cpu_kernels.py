@@ -52,19 +52,14 @@ def _dense(q, k, causal):
 def attention_kernel(q, k, v, o, lse, scale, causal, qt, kt):
     """The fused kernel on dense inputs (old call convention of this script)."""
     seq, rows, right = _dense(q, k, causal)
-    bias, mask, _, _ = BE._options(q.dtype, None, None)
-    K.attention_kernel(
-        q, k, v, o, lse, bias, mask, seq, rows, True, False, False, scale, -1, right, qt, kt,
-        BE._threads(),
-    )  # fmt: skip
+    args = BE.attention_args(q, k, v, o, lse, seq, rows, None, None, scale, -1, right, qt, kt)
+    K.attention_kernel(*args)
 
 
 def scores_kernel(q, k, s, scale, causal, qt, kt):
     seq, rows, right = _dense(q, k, causal)
-    bias, mask, _, _ = BE._options(q.dtype, None, None)
-    K.scores_kernel(
-        q, k, s, bias, mask, seq, rows, False, False, scale, -1, right, qt, kt, BE._threads()
-    )
+    args = BE.scores_args(q, k, s, seq, rows, None, None, scale, -1, right, qt, kt)
+    K.scores_kernel(*args)
 
 
 # ---------------------------------------------------------------------------

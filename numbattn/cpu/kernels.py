@@ -92,6 +92,7 @@ from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
 
 from .._jit import njit, serial_copy  # njit: cache=True also works read-only
+from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs, arg_kinds
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False)
@@ -851,17 +852,20 @@ _ELEMENT = {"bool": (types.boolean, np.dtype(np.bool_)), "int": (types.int64, np
 class _OneLayoutKernel:
     """Callable wrapper that runs one 'A'-layout specialisation per dtype.
 
-    ``arg_kinds`` describes the positional arguments: ``(role, ndim)`` for an
-    array of the call's float dtype, ``role`` being ``'in'`` (read-only) or
-    ``'out'`` (writable); ``('bool', ndim)`` / ``('int', ndim)`` for a
-    read-only bool / int64 array (mask, sequence table); or a Numba scalar
-    type. The float dtype is that of the first argument. Calls whose arrays
-    do not match these dtypes fall back to the dispatcher.
+    ``args_type`` (a NamedTuple of :mod:`numbattn.cpu.args`) describes the
+    positional arguments; its fields' kinds (:func:`numbattn.cpu.args.arg_kinds`)
+    are ``(role, ndim)`` for an array of the call's float dtype, ``role``
+    being ``'in'`` (read-only) or ``'out'`` (writable); ``('bool', ndim)`` /
+    ``('int', ndim)`` for a read-only bool / int64 array (mask, sequence
+    table); or the name of a Numba scalar type. The float dtype is that of the first
+    argument. Calls whose arrays do not match these dtypes fall back to the
+    dispatcher.
     """
 
-    def __init__(self, dispatcher, arg_kinds):
+    def __init__(self, dispatcher, args_type):
         self._dispatcher = dispatcher
-        self._kinds = arg_kinds
+        self.args_type = args_type
+        self._kinds = arg_kinds(args_type)
         self._entry = {}
         self._serial = None
         functools.update_wrapper(self, dispatcher.py_func)
@@ -874,7 +878,7 @@ class _OneLayoutKernel:
         Compiled on first use, cached on disk under its own name."""
         if self._serial is None:
             py_func = serial_copy(self._dispatcher.py_func)
-            self._serial = _OneLayoutKernel(njit(**_SERIAL_OPTS)(py_func), self._kinds)
+            self._serial = _OneLayoutKernel(njit(**_SERIAL_OPTS)(py_func), self.args_type)
         return self._serial
 
     def signature_for(self, dtype):
@@ -889,7 +893,7 @@ class _OneLayoutKernel:
                 else:
                     sig.append(types.Array(nbt, ndim, "A", readonly=(role == "in")))
             else:
-                sig.append(kind)
+                sig.append(getattr(types, kind))  # "int64", "float64", "boolean"
         return tuple(sig)
 
     def _compile(self, dtype):
@@ -920,24 +924,8 @@ class _OneLayoutKernel:
         return f"<numbattn CPU kernel {self.__name__}>"
 
 
-_I4, _O4, _I3, _O3 = ("in", 4), ("out", 4), ("in", 3), ("out", 3)
-_MASK, _SEQ = ("bool", 4), ("int", 3)
-_i64, _f64, _bool = types.int64, types.float64, types.boolean
-
-#: scores_kernel(q, k, out, bias, mask, seq, max_rows, has_bias, has_mask,
-#: scale, window_left, window_right, q_tile, k_tile, n_threads)
-scores_kernel = _OneLayoutKernel(
-    _scores_impl,
-    (_I4, _I4, _O4, _I4, _MASK, _SEQ, _i64, _bool, _bool, _f64, _i64, _i64, _i64, _i64, _i64),
-)
-softmax_kernel = _OneLayoutKernel(_softmax_impl, (_I3, _O3))
-#: attention_kernel(q, k, v, out, lse, bias, mask, seq, max_rows, has_lse,
-#: has_bias, has_mask, scale, window_left, window_right, q_tile, k_tile,
-#: n_threads)
-attention_kernel = _OneLayoutKernel(
-    _attention_impl,
-    (_I4, _I4, _I4, _O4, _O3, _I4, _MASK, _SEQ, _i64, _bool, _bool, _bool)
-    + (_f64, _i64, _i64, _i64, _i64, _i64),
-)
-#: merge_kernel(o1, l1, o2, l2, out, lse)
-merge_kernel = _OneLayoutKernel(_merge_impl, (_I4, _I3, _I4, _I3, _O4, _O3))
+#: The kernels; their arguments are described (and built) by numbattn.cpu.args.
+scores_kernel = _OneLayoutKernel(_scores_impl, ScoresArgs)
+softmax_kernel = _OneLayoutKernel(_softmax_impl, SoftmaxArgs)
+attention_kernel = _OneLayoutKernel(_attention_impl, AttentionArgs)
+merge_kernel = _OneLayoutKernel(_merge_impl, MergeArgs)
