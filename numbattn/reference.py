@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "attention",
     "causal_mask",
     "merge_attention",
+    "relative_error",
     "scores",
     "softmax",
     "varlen_attention",
@@ -229,3 +231,26 @@ def merge_attention(outs, lses):
         w = np.where(total == 0, 0.0, e / total)
         lse = shift + np.log(total)
     return (w[..., None] * outs).sum(axis=0), lse
+
+
+def relative_error(out: ArrayLike, ref: ArrayLike) -> float:
+    """``||out - ref|| / ||ref||`` (2-norm, float64) over the finite entries of
+    ``ref`` (the absolute error when those are all 0); ``inf`` when the shapes
+    differ or the non-finite entries do not match exactly (NaN where ``ref``
+    is finite, a wrong or missing infinity, a non-finite value where ``ref``
+    is finite). The one error measure of the tests, scripts and benchmark."""
+    o = np.asarray(out, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if o.shape != r.shape:
+        return math.inf
+    finite = np.isfinite(r)
+    if not np.array_equal(np.isnan(o), np.isnan(r)):
+        return math.inf
+    nonfinite = ~finite & ~np.isnan(r)
+    if not np.array_equal(o[nonfinite], r[nonfinite]):
+        return math.inf
+    if not np.all(np.isfinite(o[finite])):
+        return math.inf
+    num = float(np.linalg.norm(o[finite] - r[finite]))
+    den = float(np.linalg.norm(r[finite]))
+    return num if den == 0 else num / den
