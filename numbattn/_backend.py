@@ -61,7 +61,7 @@ class Backend(Protocol):
         ...
 
     def restride(
-        self, arr: KernelArray, shape: Sequence[int], strides: Sequence[int]
+        self, arr: KernelArray, shape: tuple[int, ...], strides: tuple[int, ...]
     ) -> KernelArray:
         """A view of ``arr``'s memory with the given shape and byte strides."""
         ...

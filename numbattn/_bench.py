@@ -449,9 +449,9 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     # 3. NumPy baseline, on the host arrays (also for --device cuda).
     scale = scale_of(p)
     if p.kernel == "attention":
-        np_fn = lambda: numpy_attention(*host, scale, p.causal)  # noqa: E731
+        np_fn = lambda: numpy_attention(host[0], host[1], host[2], scale, p.causal)  # noqa: E731
     elif p.kernel == "scores":
-        np_fn = lambda: numpy_scores(*host, scale, p.causal)  # noqa: E731
+        np_fn = lambda: numpy_scores(host[0], host[1], scale, p.causal)  # noqa: E731
     else:
         np_fn = lambda: numpy_softmax(*host)  # noqa: E731
     np_fn()  # warm-up (page faults, BLAS threads)

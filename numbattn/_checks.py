@@ -22,7 +22,7 @@ from ._interop import device_interface, interface_shadow
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
+def shadow(name: str, obj: Any) -> tuple[np.ndarray, bool]:
     """Return ``(array_to_check, is_device)`` for a public argument.
 
     Raises TypeError for anything that is neither a NumPy array nor a GPU
@@ -106,7 +106,7 @@ def check_leading(name: str, arr: np.ndarray, expected: tuple, ref: str, trailin
         )
 
 
-def check_scale(scale, d: int) -> float:
+def check_scale(scale: Any, d: int) -> float:
     """A finite real number; None means 1/sqrt(d) (1 when d == 0)."""
     if scale is None:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0
@@ -123,7 +123,7 @@ def check_scale(scale, d: int) -> float:
     return value
 
 
-def check_flag(name: str, value) -> bool:
+def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -134,7 +134,7 @@ def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     if a.size == 0 or b.size == 0 or not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=100_000))
+        return bool(np.shares_memory(a, b, max_work=100_000))  # type: ignore[arg-type]
     except np.exceptions.TooHardError:
         return True  # be conservative: refuse rather than risk corrupt output
 
@@ -196,7 +196,7 @@ def _host_integers(name: str, obj: Any, what: str) -> np.ndarray:
     return arr
 
 
-def check_lengths(name: str, obj, batch: int, limit: int) -> np.ndarray:
+def check_lengths(name: str, obj: Any, batch: int, limit: int) -> np.ndarray:
     """Per-sequence lengths: integers of shape (batch,) in [0, limit]."""
     arr = _host_integers(name, obj, f"of shape ({batch},)")
     if arr.shape != (batch,):
@@ -209,7 +209,7 @@ def check_lengths(name: str, obj, batch: int, limit: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def check_cu_seqlens(name: str, obj, total: int, ref: str) -> np.ndarray:
+def check_cu_seqlens(name: str, obj: Any, total: int, ref: str) -> np.ndarray:
     """FlashAttention's cumulative lengths: int32/int64, 0 first, non-decreasing, ``total`` last."""
     arr = _host_integers(name, obj, "of shape (B + 1,)")
     # Copied to native int64 below, so a non-native byte order is fine here.
@@ -230,7 +230,7 @@ def check_cu_seqlens(name: str, obj, total: int, ref: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def check_window(window) -> tuple[int, int]:
+def check_window(window: Any) -> tuple[int, int]:
     """``(left, right)`` integers >= -1 (-1: unbounded); None = (-1, -1)."""
     if window is None:
         return -1, -1
@@ -247,7 +247,9 @@ def check_window(window) -> tuple[int, int]:
     return left, right
 
 
-def check_broadcast(name: str, arr: np.ndarray, shape: tuple, kind: str, dtype=None) -> np.ndarray:
+def check_broadcast(
+    name: str, arr: np.ndarray, shape: tuple, kind: str, dtype: np.dtype | None = None
+) -> np.ndarray:
     """A view of ``arr`` broadcast to ``shape`` (never materialised)."""
     if kind == "bool":
         if arr.dtype != np.bool_:

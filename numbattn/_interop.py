@@ -31,7 +31,7 @@ class _ArrayInterfaceView:
 def device_interface(obj: object) -> dict[str, Any] | None:
     """The ``__cuda_array_interface__`` of ``obj``, or None for host objects."""
     try:
-        return obj.__cuda_array_interface__  # type: ignore[attr-defined,no-any-return]
+        return obj.__cuda_array_interface__  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError, TypeError):
         return None
 

@@ -118,7 +118,7 @@ def _frozen(arr):
 # Stand-ins for absent options, so that one compiled specialisation per dtype
 # serves every call (the kernels never read them: has_bias/has_mask/has_lse).
 _DUMMY_MASK = _frozen(np.zeros((1, 1, 1, 1), dtype=np.bool_))
-_DUMMY = {
+_DUMMY: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {
     np.dtype(dt): (_frozen(np.zeros((1, 1, 1, 1), dt)), np.zeros((1, 1, 1), dt))
     for dt in (np.float32, np.float64)
 }
