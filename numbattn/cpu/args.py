@@ -4,7 +4,7 @@ One :class:`~typing.NamedTuple` per kernel family. Its fields are the
 kernel's parameters, in order and with the same names (a test compares them
 with the ``@njit`` implementations' parameters), and each field's
 ``Annotated`` metadata is its *kind*, from which
-:class:`numbattn.cpu.kernels._OneLayoutKernel` builds the one Numba
+:class:`numbattn.cpu.dispatch.OneLayoutKernel` builds the one Numba
 signature it compiles per dtype:
 
 * ``IN3`` / ``IN4`` / ``OUT3`` / ``OUT4``: an array of the call's float
