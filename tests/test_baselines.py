@@ -27,3 +27,18 @@ def test_asv_baselines_agree(dtype, causal):
     ref_out = reference.attention(q, k, v, scale=0.3, causal=causal)[0]
     assert_close(a, ref_out, np.float32)  # NumPy in dtype: float32-level agreement
     assert_close(s, reference.scores(q, k, scale=0.3, causal=causal), dtype)
+
+
+def test_one_relative_error():
+    from numbattn import _bench
+    from tests import helpers
+
+    assert helpers.rel_err is reference.relative_error
+    assert _bench.rel_err is reference.relative_error
+    ref = np.array([1.0, -np.inf, np.nan, 0.0])
+    assert reference.relative_error(ref, ref) == 0.0
+    assert reference.relative_error(ref[:3], ref) == np.inf  # shapes differ
+    assert reference.relative_error([1.0, np.inf, np.nan, 0.0], ref) == np.inf
+    assert reference.relative_error([1.0, -np.inf, 0.0, 0.0], ref) == np.inf
+    assert reference.relative_error([np.nan, -np.inf, np.nan, 0.0], ref) == np.inf
+    assert reference.relative_error([2.0, -np.inf, np.nan, 0.0], ref) == 1.0
