@@ -22,17 +22,25 @@ from .cpu import backend as _cpu_backend  # noqa: F401  (fork guard; imports no 
 __version__ = "0.1.0"
 
 
-def cuda_available() -> bool:
-    """True when numba-cuda (NVIDIA implementation) and a usable GPU are present.
+def cuda_problem() -> str | None:
+    """None when the CUDA backend is usable, else why not (one sentence).
 
-    Never raises; see :func:`numbattn.cuda.backend.require_cuda` for the
-    reason when it returns False.
+    The one place that decides (it asks :func:`numbattn.cuda.backend.cuda_problem`);
+    never raises.
     """
     try:
         from .cuda import backend
-    except ImportError:
-        return False
-    return backend.cuda_problem() is None
+    except ImportError as exc:  # pragma: no cover - broken installations
+        return f"numbattn.cuda.backend cannot be imported ({type(exc).__name__}: {exc})"
+    return backend.cuda_problem()
+
+
+def cuda_available() -> bool:
+    """True when numba-cuda (NVIDIA implementation) and a usable GPU are present.
+
+    Never raises; :func:`cuda_problem` says why when it returns False.
+    """
+    return cuda_problem() is None
 
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "attention",
     "config",
     "cuda_available",
+    "cuda_problem",
     "merge_attention",
     "reference",
     "scores",

@@ -140,7 +140,7 @@ def _shape(text: str) -> tuple[int, int, int, int]:
         parts = ()
     if len(parts) != 4 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected B,H,N,d (four positive integers), got {text!r}")
-    return parts  # type: ignore[return-value]
+    return parts[0], parts[1], parts[2], parts[3]
 
 
 def _csv(choices):
@@ -178,7 +178,7 @@ def cmd_bench(args) -> int:
         if problem is not None:
             print(f"numbattn bench: CUDA is not usable here: {problem}", file=sys.stderr)
             return 2
-        backend = B.CudaBackend()
+        backend: B.CpuBackend = B.CudaBackend()
     else:
         backend = B.CpuBackend()
 

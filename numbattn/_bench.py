@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .baselines import causal_mask, numpy_attention, numpy_scores, numpy_softmax
+from .reference import relative_error
 
 KERNELS = ("attention", "scores", "softmax")
 
@@ -139,33 +141,6 @@ def scale_of(p: Problem) -> float:
 # --------------------------------------------------------------------------
 
 
-def _causal_mask(nq: int, nk: int) -> np.ndarray:
-    return np.arange(nk)[None, :] <= np.arange(nq)[:, None] + (nk - nq)
-
-
-def numpy_scores(q, k, scale, causal=False):
-    s = q @ k.swapaxes(-1, -2)
-    s *= s.dtype.type(scale)
-    if causal:
-        np.copyto(s, -np.inf, where=~_causal_mask(q.shape[-2], k.shape[-2]))
-    return s
-
-
-def numpy_softmax(x, out=None):
-    m = x.max(axis=-1, keepdims=True)
-    e = np.subtract(x, m, out=out)
-    np.exp(e, out=e)
-    e /= e.sum(axis=-1, keepdims=True)
-    return e
-
-
-def numpy_attention(q, k, v, scale, causal=False):
-    """softmax(scale * q @ k^T) @ v per (B, H) slice: batched, stable softmax."""
-    s = numpy_scores(q, k, scale, causal)
-    numpy_softmax(s, out=s)
-    return s @ v
-
-
 def _torch():
     try:
         import torch
@@ -185,7 +160,7 @@ def torch_fns(torch) -> dict[str, Callable]:
         s = torch.matmul(q, k.transpose(-1, -2)) * scale
         if causal:
             nq, nk = q.shape[-2], k.shape[-2]
-            mask = torch.from_numpy(~_causal_mask(nq, nk)).to(s.device)
+            mask = torch.from_numpy(~causal_mask(nq, nk)).to(s.device)
             s = s.masked_fill(mask, float("-inf"))
         return s
 
@@ -200,24 +175,7 @@ def torch_fns(torch) -> dict[str, Callable]:
 # --------------------------------------------------------------------------
 
 
-def rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref|| over finite reference entries; inf when the
-    non-finite entries differ (NaN where ref is finite, wrong infinities)."""
-    out = np.asarray(out, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if out.shape != ref.shape:
-        return math.inf
-    finite = np.isfinite(ref)
-    if not np.array_equal(np.isnan(out), np.isnan(ref)):
-        return math.inf
-    nonfinite = ~finite & ~np.isnan(ref)
-    if not np.array_equal(out[nonfinite], ref[nonfinite]):
-        return math.inf
-    if not np.all(np.isfinite(out[finite])):
-        return math.inf
-    num = float(np.linalg.norm(out[finite] - ref[finite]))
-    den = float(np.linalg.norm(ref[finite]))
-    return num if den == 0 else num / den
+rel_err = relative_error
 
 
 def reference_outputs(p: Problem, inputs) -> list[np.ndarray]:
@@ -342,34 +300,13 @@ class CudaBackend(CpuBackend):
 
 
 def cuda_problem() -> str | None:
-    """None when CUDA is usable by numbattn, else a human-readable reason.
-
-    Defensive: works whether or not numbattn.cuda is complete in this build.
-    """
+    """None when CUDA can be timed here, else why not: the simulator is no
+    GPU to time; otherwise :func:`numbattn.cuda_problem` decides."""
     import numbattn
 
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         return "NUMBA_ENABLE_CUDASIM is set: Numba's CUDA simulator is not a GPU to time"
-    try:
-        from numbattn.cuda import backend
-    except Exception as exc:
-        return f"numbattn.cuda.backend cannot be imported ({type(exc).__name__}: {exc})"
-    problem_fn = getattr(backend, "cuda_problem", None)
-    if problem_fn is not None:
-        try:
-            problem = problem_fn()
-        except Exception as exc:
-            return f"numbattn.cuda.backend.cuda_problem() raised {type(exc).__name__}: {exc}"
-        if problem is not None:
-            return str(problem)
-    avail = getattr(numbattn, "cuda_available", None)
-    try:
-        ok = bool(avail()) if avail is not None else False
-    except Exception as exc:
-        return f"numbattn.cuda_available() raised {type(exc).__name__}: {exc}"
-    if not ok:
-        return "numbattn.cuda_available() is False"
-    return None
+    return numbattn.cuda_problem()
 
 
 class TorchRunner:
@@ -448,7 +385,6 @@ class Options:
     min_repeat: int = 3
     max_repeat: int = 50
     baselines: bool = True
-    torch: bool = True
     threads: int = 0
     progress: Callable[[str], None] = lambda msg: None
 
@@ -513,9 +449,9 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     # 3. NumPy baseline, on the host arrays (also for --device cuda).
     scale = scale_of(p)
     if p.kernel == "attention":
-        np_fn = lambda: numpy_attention(*host, scale, p.causal)  # noqa: E731
+        np_fn = lambda: numpy_attention(host[0], host[1], host[2], scale, p.causal)  # noqa: E731
     elif p.kernel == "scores":
-        np_fn = lambda: numpy_scores(*host, scale, p.causal)  # noqa: E731
+        np_fn = lambda: numpy_scores(host[0], host[1], scale, p.causal)  # noqa: E731
     else:
         np_fn = lambda: numpy_softmax(*host)  # noqa: E731
     np_fn()  # warm-up (page faults, BLAS threads)
@@ -601,10 +537,3 @@ def table(records: list[dict]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def stderr_progress(prefix: str) -> Callable[[str], None]:
-    def emit(msg: str) -> None:
-        print(f"{prefix} {msg}", file=sys.stderr, flush=True)
-
-    return emit

@@ -1,45 +1,28 @@
 """Argument validation shared by the CPU and CUDA backends.
 
-Every check works on NumPy arrays. Host arguments are checked as they are;
-GPU arguments are checked through a *shadow*: a NumPy array with the same
-shape, strides, dtype and address built from ``__cuda_array_interface__``.
-A shadow is never read or written, only inspected (shape, dtype, flags and
-address arithmetic for overlap), so both backends raise identical errors,
-and all of them are raised before any output is touched.
+A leaf layer: it imports NumPy and :mod:`numbattn._interop`, never a
+backend. Every check works on NumPy arrays. Host arguments are checked as
+they are; GPU arguments are checked through a *shadow*
+(:func:`numbattn._interop.interface_shadow`), so both backends raise
+identical errors, and all of them are raised before any output is touched.
+Values that must be read on the host (integer lengths on a GPU) are copied
+there by the backend (``backend.to_host``) before they reach these checks.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
+
+from ._interop import device_interface, interface_shadow
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-class _ArrayInterfaceView:
-    """Exposes a CUDA array interface as a host ``__array_interface__``."""
-
-    def __init__(self, cai: dict):
-        self.__array_interface__ = {
-            "shape": tuple(cai["shape"]),
-            "typestr": cai["typestr"],
-            "data": (cai["data"][0], bool(cai["data"][1])),
-            "strides": cai.get("strides"),
-            "version": 3,
-        }
-
-
-def device_interface(obj) -> dict | None:
-    """The ``__cuda_array_interface__`` of ``obj``, or None for host objects."""
-    try:
-        return obj.__cuda_array_interface__
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-
-
-def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
+def shadow(name: str, obj: Any) -> tuple[np.ndarray, bool]:
     """Return ``(array_to_check, is_device)`` for a public argument.
 
     Raises TypeError for anything that is neither a NumPy array nor a GPU
@@ -50,20 +33,8 @@ def shadow(name: str, obj) -> tuple[np.ndarray, bool]:
     if isinstance(obj, np.ndarray):
         return obj, False
     cai = device_interface(obj)
-    if cai is None and type(obj).__module__.startswith("numba.cuda.simulator"):
-        from .cuda import _sim  # simulator arrays get an interface on demand
-
-        _sim.install()
-        cai = device_interface(obj)
     if cai is not None:
-        shape = tuple(cai["shape"])
-        if math.prod(shape) == 0 or cai["data"][0] == 0:
-            # NumPy refuses a NULL pointer; an empty array has no address anyway.
-            arr = np.empty(shape, dtype=np.dtype(cai["typestr"]))
-            if cai["data"][1]:
-                arr.flags.writeable = False
-            return arr, True
-        return np.asarray(_ArrayInterfaceView(cai)), True
+        return interface_shadow(cai), True
     raise TypeError(
         f"{name} must be a numpy.ndarray or a GPU array exposing "
         f"__cuda_array_interface__ (CuPy, PyTorch CUDA, Numba device array), "
@@ -135,7 +106,7 @@ def check_leading(name: str, arr: np.ndarray, expected: tuple, ref: str, trailin
         )
 
 
-def check_scale(scale, d: int) -> float:
+def check_scale(scale: Any, d: int) -> float:
     """A finite real number; None means 1/sqrt(d) (1 when d == 0)."""
     if scale is None:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0
@@ -152,7 +123,7 @@ def check_scale(scale, d: int) -> float:
     return value
 
 
-def check_flag(name: str, value) -> bool:
+def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -163,7 +134,7 @@ def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
     if a.size == 0 or b.size == 0 or not np.may_share_memory(a, b):
         return False
     try:
-        return bool(np.shares_memory(a, b, max_work=100_000))
+        return bool(np.shares_memory(a, b, max_work=100_000))  # type: ignore[arg-type]
     except np.exceptions.TooHardError:
         return True  # be conservative: refuse rather than risk corrupt output
 
@@ -206,17 +177,12 @@ def check_output(
             raise ValueError(f"{name} must not overlap {other_name} (they share memory)")
 
 
-def _host_integers(name: str, obj, what: str) -> np.ndarray:
-    """An integer array's values on the host (GPU arrays are copied back)."""
+def _host_integers(name: str, obj: Any, what: str) -> np.ndarray:
+    """An integer array's values (GPU arrays were copied to the host by the caller)."""
     if isinstance(obj, np.ma.MaskedArray):
         raise TypeError(_masked_message(name))
     if isinstance(obj, np.ndarray):
         arr = obj
-    elif device_interface(obj) is not None or type(obj).__module__.startswith("numba.cuda"):
-        from .cuda import backend
-
-        backend.require_cuda()
-        arr = backend.as_kernel_array(obj).copy_to_host()  # synchronises
     elif isinstance(obj, (list, tuple)):
         arr = np.asarray(obj)
         if arr.size == 0:
@@ -230,7 +196,7 @@ def _host_integers(name: str, obj, what: str) -> np.ndarray:
     return arr
 
 
-def check_lengths(name: str, obj, batch: int, limit: int) -> np.ndarray:
+def check_lengths(name: str, obj: Any, batch: int, limit: int) -> np.ndarray:
     """Per-sequence lengths: integers of shape (batch,) in [0, limit]."""
     arr = _host_integers(name, obj, f"of shape ({batch},)")
     if arr.shape != (batch,):
@@ -243,7 +209,7 @@ def check_lengths(name: str, obj, batch: int, limit: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def check_cu_seqlens(name: str, obj, total: int, ref: str) -> np.ndarray:
+def check_cu_seqlens(name: str, obj: Any, total: int, ref: str) -> np.ndarray:
     """FlashAttention's cumulative lengths: int32/int64, 0 first, non-decreasing, ``total`` last."""
     arr = _host_integers(name, obj, "of shape (B + 1,)")
     # Copied to native int64 below, so a non-native byte order is fine here.
@@ -264,7 +230,7 @@ def check_cu_seqlens(name: str, obj, total: int, ref: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def check_window(window) -> tuple[int, int]:
+def check_window(window: Any) -> tuple[int, int]:
     """``(left, right)`` integers >= -1 (-1: unbounded); None = (-1, -1)."""
     if window is None:
         return -1, -1
@@ -281,7 +247,9 @@ def check_window(window) -> tuple[int, int]:
     return left, right
 
 
-def check_broadcast(name: str, arr: np.ndarray, shape: tuple, kind: str, dtype=None) -> np.ndarray:
+def check_broadcast(
+    name: str, arr: np.ndarray, shape: tuple, kind: str, dtype: np.dtype | None = None
+) -> np.ndarray:
     """A view of ``arr`` broadcast to ``shape`` (never materialised)."""
     if kind == "bool":
         if arr.dtype != np.bool_:

@@ -46,25 +46,29 @@ def _filename_base(py_func, py_file: str) -> str:
     return f"{fullname}-{py_func.__code__.co_firstlineno}.py{major}{minor}{abiflags}"
 
 
-class _ReadOnlyLocatorMixin:
+class _ReadOnlyLocatorMixin:  # mixed into Numba's cache locators (untyped)
     """Accepts a cache directory, writable or not, that already holds an
     up-to-date index for this function; never creates or writes anything."""
 
     read_only = True
 
     def __init__(self, py_func, py_file):
-        super().__init__(py_func, py_file)
+        super().__init__(py_func, py_file)  # type: ignore[call-arg]
         self._base = _filename_base(py_func, py_file)
 
     def ensure_cache_path(self):
         try:  # Numba's own reader: {} when absent, stale or of another version
             index = caching.IndexDataCacheFile(
-                self.get_cache_path(), self._base, self.get_source_stamp()
+                self.get_cache_path(),  # type: ignore[attr-defined]
+                self._base,
+                self.get_source_stamp(),  # type: ignore[attr-defined]
             )._load_index()
         except Exception:
             index = None
         if not index:
-            raise OSError(f"no up-to-date cache index in {self.get_cache_path()}")
+            raise OSError(
+                f"no up-to-date cache index in {self.get_cache_path()}"  # type: ignore[attr-defined]
+            )
 
 
 def _read_only(base):

@@ -90,7 +90,7 @@ class BatchPlan:
         nouter = len(self.outer_axes)
         outer_shape = tuple(self.leading[a] for a in self.outer_axes)
         for idx in itertools.product(*(range(n) for n in outer_shape)):
-            result = []
+            result: list = []
             for arr, sh, index_, restride_ in zip(arrays, shadows, index, restride):
                 if arr is None:
                     result.append(None)

@@ -9,12 +9,15 @@ window with causal folded in.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _checks as chk
 from . import _sequences as seqs
+from ._backend import Backend
+from ._interop import device_interface, looks_like_device_array
 from ._layout import BatchPlan, host_index, host_restride
 
 __all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attention"]
@@ -24,27 +27,60 @@ __all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attentio
 Array = Any
 
 
-def _backend(on_device: bool):
+def _backend(on_device: bool) -> Backend:
     if on_device:
-        from .cuda import backend
+        from .cuda import backend as cuda_backend
 
-        backend.require_cuda()
-        return backend
-    from .cpu import backend
+        cuda_backend.require_cuda()
+        return cuda_backend
+    from .cpu import backend as cpu_backend
 
-    return backend
+    return cpu_backend
 
 
-def _prepare(named: dict[str, Any]):
+def _adopt(obj: Any) -> Any:
+    """``obj``, after giving a CUDA-simulator array its ``__cuda_array_interface__``
+    (the simulator's arrays lack one until the CUDA layer installs it)."""
+    if (
+        not isinstance(obj, np.ndarray)
+        and type(obj).__module__.startswith("numba.cuda.simulator")
+        and device_interface(obj) is None
+    ):
+        from .cuda import _sim
+
+        _sim.install()
+    return obj
+
+
+def _host_values(obj: Any) -> Any:
+    """Integer lengths on the host: GPU arrays are copied back by the CUDA backend."""
+    if isinstance(obj, (np.ndarray, list, tuple)) or not looks_like_device_array(obj):
+        return obj
+    from .cuda import backend
+
+    backend.require_cuda()
+    return backend.to_host(obj)  # synchronises
+
+
+def _prepare(named: dict[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
     """Shadows for every non-None argument, and whether they are on the GPU."""
     shadows, where = {}, {}
     for name, obj in named.items():
         if obj is not None:
-            shadows[name], where[name] = chk.shadow(name, obj)
+            shadows[name], where[name] = chk.shadow(name, _adopt(obj))
     return shadows, chk.check_same_device(where)
 
 
-def _output(backend, name, obj, shadow, shape, dtype, like, stream):
+def _output(
+    backend: Backend,
+    name: str,
+    obj: Any,
+    shadow: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    like: Any,
+    stream: Any,
+) -> tuple[Any, np.ndarray]:
     """The caller's buffer, or a new one in the caller's array library."""
     if obj is not None:
         return obj, shadow
@@ -52,13 +88,21 @@ def _output(backend, name, obj, shadow, shape, dtype, like, stream):
     return obj, chk.shadow(name, obj)[0]
 
 
-def _broadcast(backend, obj, view):
+def _broadcast(backend: Backend, obj: Any, view: np.ndarray) -> Any:
     """A backend array of ``obj`` viewed with the shape/strides of ``view``
     (a broadcast of its shadow): nothing is materialised."""
     return backend.restride(backend.as_kernel_array(obj), view.shape, view.strides)
 
 
-def _launch(backend, kernel, leading, device_arrays, host_arrays, stream, keep_last=False):
+def _launch(
+    backend: Backend,
+    kernel: Callable[..., None],
+    leading: tuple[int, ...],
+    device_arrays: list[tuple[Any, Any]],
+    host_arrays: list[np.ndarray],
+    stream: Any,
+    keep_last: bool = False,
+) -> None:
     """Run ``kernel`` once per outer batch index on (G1, G2, ...) views.
 
     ``device_arrays``: (obj, shadow) pairs on the call's device ((None, None)
@@ -76,7 +120,7 @@ def _launch(backend, kernel, leading, device_arrays, host_arrays, stream, keep_l
         kernel(*views, stream=stream)
 
 
-def _window(window, causal: bool, limit: int) -> tuple[int, int]:
+def _window(window: Any, causal: bool, limit: int) -> tuple[int, int]:
     """Validated (left, right) with causal folded in (causal is right = 0).
 
     A side >= ``limit`` (Nq + Nk, or Tq + Tk packed: more than any sequence's
@@ -88,7 +132,9 @@ def _window(window, causal: bool, limit: int) -> tuple[int, int]:
     return left, (0 if causal else right)
 
 
-def _dense_table(leading, nq, nk, key_lengths, query_lengths):
+def _dense_table(
+    leading: tuple[int, ...], nq: int, nk: int, key_lengths: Any, query_lengths: Any
+) -> np.ndarray:
     """Sequence table for dense attention, as leading + (5,) (a view)."""
     if key_lengths is None and query_lengths is None:
         return seqs.broadcast(seqs.dense_table(nq, nk), leading, axis0=False)
@@ -101,10 +147,14 @@ def _dense_table(leading, nq, nk, key_lengths, query_lengths):
     table = np.zeros((b, seqs.COLUMNS), dtype=np.int64)
     table[:, seqs.Q_ROWS] = nq
     table[:, seqs.Q_LEN] = (
-        nq if query_lengths is None else chk.check_lengths("query_lengths", query_lengths, b, nq)
+        nq
+        if query_lengths is None
+        else chk.check_lengths("query_lengths", _host_values(query_lengths), b, nq)
     )
     table[:, seqs.K_LEN] = (
-        nk if key_lengths is None else chk.check_lengths("key_lengths", key_lengths, b, nk)
+        nk
+        if key_lengths is None
+        else chk.check_lengths("key_lengths", _host_values(key_lengths), b, nk)
     )
     return seqs.broadcast(table, leading, axis0=True)
 
@@ -113,7 +163,7 @@ def _max_rows(table: np.ndarray) -> int:
     return int(table[..., seqs.Q_ROWS].max()) if table.size else 0
 
 
-def _check_qkv(shadows):
+def _check_qkv(shadows: dict[str, np.ndarray]) -> np.dtype:
     """dtype, ndim, d and Nk checks shared by every attention-like call."""
     sq, sk = shadows["q"], shadows["k"]
     dtype = chk.check_dtype("q", sq)
@@ -126,7 +176,12 @@ def _check_qkv(shadows):
     return dtype
 
 
-def _check_options(shadows, dtype, full_shape, inputs):
+def _check_options(
+    shadows: dict[str, np.ndarray],
+    dtype: np.dtype,
+    full_shape: tuple[int, ...],
+    inputs: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
     """bias/mask dtype and broadcast; returns their broadcast shadows."""
     views = {}
     for name, kind in (("bias", "float"), ("mask", "bool")):
@@ -225,7 +280,9 @@ def scores(
         bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
         max_rows = _max_rows(table)
 
-        def run(q_, k_, out_, bias_, mask_, seq_, stream):
+        def run(
+            q_: Any, k_: Any, out_: Any, bias_: Any, mask_: Any, seq_: np.ndarray, stream: Any
+        ) -> None:
             backend.scores(
                 q_, k_, out_, seq_, max_rows, bias_, mask_, scale, left, right, stream=stream
             )
@@ -242,9 +299,15 @@ def scores(
     return out
 
 
-def _options(backend, shadows, views, bias, mask):
+def _options(
+    backend: Backend,
+    shadows: dict[str, np.ndarray],
+    views: dict[str, np.ndarray],
+    bias: Any,
+    mask: Any,
+) -> list[tuple[Any, Any]]:
     """(array, broadcast shadow) pairs for bias and mask, (None, None) if absent."""
-    result = []
+    result: list[tuple[Any, Any]] = []
     for name, obj in (("bias", bias), ("mask", mask)):
         if name in views:
             result.append((_broadcast(backend, obj, views[name]), views[name]))
@@ -396,11 +459,21 @@ def attention(
     stream = backend.resolve_stream(stream, (q, k, v))
     out, sout = _output(backend, "out", out, shadows.get("out"), out_shape, dtype, q, stream)
     slse = shadows.get("lse")
-    if sout.size or (lse is not None and slse.size):
+    if sout.size or (slse is not None and slse.size):
         bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
         max_rows = _max_rows(table)
 
-        def run(q_, k_, v_, out_, lse_, bias_, mask_, seq_, stream):
+        def run(
+            q_: Any,
+            k_: Any,
+            v_: Any,
+            out_: Any,
+            lse_: Any,
+            bias_: Any,
+            mask_: Any,
+            seq_: np.ndarray,
+            stream: Any,
+        ) -> None:
             backend.attention(
                 q_, k_, v_, out_, lse_, seq_, max_rows, bias_, mask_, scale, left, right,
                 stream=stream,
@@ -418,7 +491,15 @@ def attention(
     return out
 
 
-def _check_outputs(shadows, out, lse, out_shape, lse_shape, dtype, inputs):
+def _check_outputs(
+    shadows: dict[str, np.ndarray],
+    out: Any,
+    lse: Any,
+    out_shape: tuple[int, ...],
+    lse_shape: tuple[int, ...],
+    dtype: np.dtype,
+    inputs: dict[str, np.ndarray],
+) -> None:
     if out is not None:
         chk.check_output("out", shadows["out"], out_shape, dtype, inputs)
     if lse is not None:
@@ -507,8 +588,8 @@ def varlen_attention(
     left, right = _window(window, causal, tq + tk)
     inputs = {"q": sq, "k": sk, "v": sv}
     views = _check_options(shadows, dtype, (h, tq, tk), inputs)
-    cu_q = chk.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "q")
-    cu_k = chk.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, "k")
+    cu_q = chk.check_cu_seqlens("cu_seqlens_q", _host_values(cu_seqlens_q), tq, "q")
+    cu_k = chk.check_cu_seqlens("cu_seqlens_k", _host_values(cu_seqlens_k), tk, "k")
     if cu_k.shape != cu_q.shape:
         raise ValueError(
             f"cu_seqlens_k must have the same length as cu_seqlens_q ({cu_q.size}, B + 1), "
@@ -529,7 +610,7 @@ def varlen_attention(
     table[:, seqs.K_LEN] = np.diff(cu_k)
     table4 = seqs.broadcast(table, (nseq, h), axis0=True)
 
-    def per_sequence(obj, shadow):
+    def per_sequence(obj: Any, shadow: Any) -> Any:
         """(tokens, heads, ...) as (B, heads, tokens, ...) with a zero stride over B."""
         if obj is None:
             return None
@@ -547,16 +628,17 @@ def varlen_attention(
             if arr is None
             else backend.restride(arr, (nseq,) + view.shape, (0,) + view.strides)
         )
+    q_, k_, v_, out_, lse_, bias_, mask_ = args
+    max_rows = int(table[:, seqs.Q_ROWS].max())
     backend.attention(
-        *args[:5], table4, int(table[:, seqs.Q_ROWS].max()), *args[5:], scale, left, right,
-        stream=stream,
-    )  # fmt: skip
+        q_, k_, v_, out_, lse_, table4, max_rows, bias_, mask_, scale, left, right, stream=stream
+    )
     return out
 
 
 def merge_attention(
-    outs,
-    lses,
+    outs: Sequence[Array],
+    lses: Sequence[Array],
     *,
     out: Array | None = None,
     lse: Array | None = None,

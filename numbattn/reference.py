@@ -30,13 +30,17 @@ kernels do the same, in the input dtype).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "attention",
     "causal_mask",
     "merge_attention",
+    "relative_error",
     "scores",
     "softmax",
     "varlen_attention",
@@ -44,7 +48,15 @@ __all__ = [
 ]
 
 
-def visible(nq, nk, *, causal=False, window=None, q_len=None, k_len=None) -> np.ndarray:
+def visible(
+    nq: int,
+    nk: int,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    q_len: int | None = None,
+    k_len: int | None = None,
+) -> np.ndarray:
     """Boolean (nq, nk) array, True where key j is visible to query i."""
     q_len = nq if q_len is None else int(q_len)
     k_len = nk if k_len is None else int(k_len)
@@ -71,7 +83,7 @@ def causal_mask(nq: int, nk: int) -> np.ndarray:
     return visible(nq, nk, causal=True)
 
 
-def _repeat_heads(k, q_heads):
+def _repeat_heads(k: np.ndarray, q_heads: int | None) -> np.ndarray:
     """Grouped-query attention: repeat each of k's heads for its query heads."""
     if k.ndim >= 3 and k.shape[-3] != q_heads:
         k = np.repeat(k, q_heads // k.shape[-3], axis=-3)
@@ -79,17 +91,17 @@ def _repeat_heads(k, q_heads):
 
 
 def scores(
-    q,
-    k,
+    q: ArrayLike,
+    k: ArrayLike,
     *,
-    scale=None,
-    causal=False,
-    key_lengths=None,
-    query_lengths=None,
-    bias=None,
-    mask=None,
-    window=None,
-):
+    scale: float | None = None,
+    causal: bool = False,
+    key_lengths: ArrayLike | None = None,
+    query_lengths: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    window: tuple[int, int] | None = None,
+) -> np.ndarray:
     """S[..., i, j] = scale * <q[..., i, :], k[..., j, :]> + bias, -inf where masked.
 
     A -inf bias entry masks its key: the score is -inf even where the dot
@@ -112,8 +124,8 @@ def scores(
     vis = np.empty(s.shape, dtype=bool)
     batch = s.shape[0] if s.ndim > 2 else 1
     for b in range(batch):
-        q_len = None if query_lengths is None else query_lengths[b]
-        k_len = None if key_lengths is None else key_lengths[b]
+        q_len = None if query_lengths is None else int(np.asarray(query_lengths)[b])
+        k_len = None if key_lengths is None else int(np.asarray(key_lengths)[b])
         rows = visible(nq, nk, causal=causal, window=window, q_len=q_len, k_len=k_len)
         if s.ndim > 2:
             vis[b] = rows
@@ -126,7 +138,7 @@ def scores(
     return np.where(vis, s, -np.inf)
 
 
-def softmax(x):
+def softmax(x: ArrayLike) -> np.ndarray:
     """Row-wise softmax over the last axis.
 
     A row that is entirely -inf gives zeros; a row containing NaN gives NaN.
@@ -142,7 +154,7 @@ def softmax(x):
         return np.where(total == 0, 0.0, e / total)
 
 
-def logsumexp(s):
+def logsumexp(s: np.ndarray) -> np.ndarray:
     """log(sum(exp(s))) over the last axis; -inf for an empty or all -inf row."""
     if s.shape[-1] == 0:
         return np.full(s.shape[:-1], -np.inf)
@@ -152,7 +164,9 @@ def logsumexp(s):
         return np.log(np.exp(s - finite_m[..., None]).sum(axis=-1)) + finite_m
 
 
-def attention(q, k, v, **options):
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, **options: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """O = softmax(scores(q, k, **options)) @ v and the row log-sum-exp.
 
     Takes the options of :func:`scores`. Returns ``(out, lse)``: out has
@@ -167,7 +181,7 @@ def attention(q, k, v, **options):
     return _weighted_values(softmax(s), s, v), logsumexp(s)
 
 
-def _weighted_values(p, s, v):
+def _weighted_values(p: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     """p @ v, summing over keys with s > -inf only (0 * NaN never formed)."""
     if np.isfinite(v).all():
         return p @ v  # masked entries of p are exactly 0 and v is finite
@@ -178,7 +192,17 @@ def _weighted_values(p, s, v):
     return terms.sum(axis=-2)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, mask=None, **options):
+def varlen_attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
     """Packed variable-length attention (FlashAttention's cu_seqlens convention).
 
     q is (Tq, H, d), k and v (Tk, Hk, d) and (Tk, Hk, dv); sequence b owns
@@ -187,13 +211,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, mask=Non
     ``bias`` and ``mask`` broadcast to (H, Tq, Tk) in packed token positions.
     Returns ``(out, lse)`` of shapes (Tq, H, dv) and (Tq, H).
     """
+    cu_q, cu_k = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     tq, h = q.shape[:2]
     out = np.zeros((tq, h, v.shape[-1]))
     lse = np.full((tq, h), -np.inf)
-    for b in range(len(cu_seqlens_q) - 1):
-        qs = slice(int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]))
-        ks = slice(int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1]))
+    for b in range(len(cu_q) - 1):
+        qs = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        ks = slice(int(cu_k[b]), int(cu_k[b + 1]))
         extra = {}
         if bias is not None:
             extra["bias"] = np.broadcast_to(bias, (h, tq, k.shape[0]))[:, qs, ks]
@@ -207,7 +232,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, mask=Non
     return out, lse
 
 
-def merge_attention(outs, lses):
+def merge_attention(
+    outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]
+) -> tuple[np.ndarray, np.ndarray]:
     """Combine partial attention results over disjoint key sets.
 
     ``outs[p]`` (..., Nq, dv) and ``lses[p]`` (..., Nq) are the results of
@@ -219,13 +246,36 @@ def merge_attention(outs, lses):
     lse -inf weigh nothing; a row whose lses are all -inf gives zeros and
     -inf; a NaN lse makes its row NaN.
     """
-    outs = np.stack([np.asarray(o, dtype=np.float64) for o in outs])
-    lses = np.stack([np.asarray(x, dtype=np.float64) for x in lses])
-    m = lses.max(axis=0)  # NaN if any part is NaN
+    o_all = np.stack([np.asarray(o, dtype=np.float64) for o in outs])
+    l_all = np.stack([np.asarray(x, dtype=np.float64) for x in lses])
+    m = l_all.max(axis=0)  # NaN if any part is NaN
     shift = np.where(np.isneginf(m), 0.0, m)  # all parts empty: every e_p is 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        e = np.exp(lses - shift)
+        e = np.exp(l_all - shift)
         total = e.sum(axis=0)
         w = np.where(total == 0, 0.0, e / total)
         lse = shift + np.log(total)
-    return (w[..., None] * outs).sum(axis=0), lse
+    return (w[..., None] * o_all).sum(axis=0), lse
+
+
+def relative_error(out: ArrayLike, ref: ArrayLike) -> float:
+    """``||out - ref|| / ||ref||`` (2-norm, float64) over the finite entries of
+    ``ref`` (the absolute error when those are all 0); ``inf`` when the shapes
+    differ or the non-finite entries do not match exactly (NaN where ``ref``
+    is finite, a wrong or missing infinity, a non-finite value where ``ref``
+    is finite). The one error measure of the tests, scripts and benchmark."""
+    o = np.asarray(out, dtype=np.float64)
+    r = np.asarray(ref, dtype=np.float64)
+    if o.shape != r.shape:
+        return math.inf
+    finite = np.isfinite(r)
+    if not np.array_equal(np.isnan(o), np.isnan(r)):
+        return math.inf
+    nonfinite = ~finite & ~np.isnan(r)
+    if not np.array_equal(o[nonfinite], r[nonfinite]):
+        return math.inf
+    if not np.all(np.isfinite(o[finite])):
+        return math.inf
+    num = float(np.linalg.norm(o[finite] - r[finite]))
+    den = float(np.linalg.norm(r[finite]))
+    return num if den == 0 else num / den

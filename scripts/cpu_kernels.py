@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from numbattn import config
 from numbattn import reference as ref
+from numbattn.baselines import numpy_attention, numpy_softmax
 from numbattn.cpu import kernels as K
+from numbattn.reference import relative_error
 
 try:
     import torch
@@ -52,37 +54,19 @@ def _dense(q, k, causal):
 def attention_kernel(q, k, v, o, lse, scale, causal, qt, kt):
     """The fused kernel on dense inputs (old call convention of this script)."""
     seq, rows, right = _dense(q, k, causal)
-    bias, mask, _, _ = BE._options(q.dtype, None, None)
-    K.attention_kernel(
-        q, k, v, o, lse, bias, mask, seq, rows, True, False, False, scale, -1, right, qt, kt,
-        BE._threads(),
-    )  # fmt: skip
+    args = BE.attention_args(q, k, v, o, lse, seq, rows, None, None, scale, -1, right, qt, kt)
+    K.attention_kernel(*args)
 
 
 def scores_kernel(q, k, s, scale, causal, qt, kt):
     seq, rows, right = _dense(q, k, causal)
-    bias, mask, _, _ = BE._options(q.dtype, None, None)
-    K.scores_kernel(
-        q, k, s, bias, mask, seq, rows, False, False, scale, -1, right, qt, kt, BE._threads()
-    )
+    args = BE.scores_args(q, k, s, seq, rows, None, None, scale, -1, right, qt, kt)
+    K.scores_kernel(*args)
 
 
 # ---------------------------------------------------------------------------
 # Correctness
 # ---------------------------------------------------------------------------
-
-
-def _relerr(a, b):
-    """Relative 2-norm error over finite reference entries; None if the
-    NaN / +-inf patterns differ."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    for pred in (np.isnan, np.isposinf, np.isneginf):
-        if not np.array_equal(pred(a), pred(b)):
-            return None
-    fin = np.isfinite(b)
-    nb = np.linalg.norm(b[fin])
-    return np.linalg.norm(a[fin] - b[fin]) / (nb if nb > 0 else 1.0)
 
 
 def _make(rng, shape, dt, layout):
@@ -135,12 +119,12 @@ def check(verbose=False):
                         tag = (dt.__name__, (g1, g2, nq, d), nk, dv, layout, causal, qt, kt)
                         s = np.full((g1, g2, nq, nk), np.nan, dt)
                         scores_kernel(q, k, s, sc, causal, qt, kt)
-                        expect(("scores",) + tag, _relerr(s, rs), tol)
+                        expect(("scores",) + tag, relative_error(s, rs), tol)
                         o = np.full((g1, g2, nq, dv), np.nan, dt)
                         lse = np.full((g1, g2, nq), np.nan, dt)
                         attention_kernel(q, k, v, o, lse, sc, causal, qt, kt)
-                        expect(("attention out",) + tag, _relerr(o, ro), tol)
-                        expect(("attention lse",) + tag, _relerr(lse, rl), tol)
+                        expect(("attention out",) + tag, relative_error(o, ro), tol)
+                        expect(("attention lse",) + tag, relative_error(lse, rl), tol)
         # Non-contiguous outputs; NaN confined to its row; large scores.
         q = _make(rng, (2, 3, 10, 8), dt, "C")
         k = _make(rng, (2, 3, 12, 8), dt, "C")
@@ -150,8 +134,8 @@ def check(verbose=False):
         lse = np.full((3, 2, 10), np.nan, dt).transpose(1, 0, 2)
         attention_kernel(q, k, v, o, lse, 0.3, True, 3, 5)
         ro, rl = ref.attention(q, k, v, scale=0.3, causal=True)
-        expect(("attention strided out + NaN row", dt.__name__), _relerr(o, ro), tol)
-        expect(("attention strided lse + NaN row", dt.__name__), _relerr(lse, rl), tol)
+        expect(("attention strided out + NaN row", dt.__name__), relative_error(o, ro), tol)
+        expect(("attention strided lse + NaN row", dt.__name__), relative_error(lse, rl), tol)
         q = _make(rng, (1, 2, 37, 16), dt, "C") * 30
         k = _make(rng, (1, 2, 41, 16), dt, "C") * 30
         v = _make(rng, (1, 2, 41, 7), dt, "C")
@@ -162,10 +146,10 @@ def check(verbose=False):
         # |S| ~ 1e3 here: float32 error is dominated by the rounding of S itself.
         expect(
             ("attention |S|~1e3 out", dt.__name__),
-            _relerr(o, ro),
+            relative_error(o, ro),
             1e-3 if dt == np.float32 else 1e-11,
         )
-        expect(("attention |S|~1e3 lse", dt.__name__), _relerr(lse, rl), tol)
+        expect(("attention |S|~1e3 lse", dt.__name__), relative_error(lse, rl), tol)
         # Softmax, incl. in place, NaN and -inf rows, strided.
         for shape in [(2, 3, 17), (1, 1, 1), (3, 2, 0), (0, 2, 5), (2, 2, 300)]:
             for layout in ("C", "T", "step"):
@@ -186,9 +170,9 @@ def check(verbose=False):
                 r = ref.softmax(x)
                 out = np.full(shape, np.nan, dt)
                 K.softmax_kernel(x, out)
-                expect(("softmax", dt.__name__, shape, layout), _relerr(out, r), tol)
+                expect(("softmax", dt.__name__, shape, layout), relative_error(out, r), tol)
                 K.softmax_kernel(x, x)
-                expect(("softmax in place", dt.__name__, shape, layout), _relerr(x, r), tol)
+                expect(("softmax in place", dt.__name__, shape, layout), relative_error(x, r), tol)
     return failures
 
 
@@ -218,22 +202,6 @@ def side_by_side(fns, repeat):
             f()
             times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(ts)) for name, ts in times.items()}
-
-
-def np_attention(q, k, v, scale, causal):
-    s = q @ k.swapaxes(-1, -2) * scale
-    if causal:
-        nq, nk = s.shape[-2:]
-        s = np.where(ref.causal_mask(nq, nk), s, -np.inf)
-    e = np.exp(s - s.max(-1, keepdims=True))
-    e /= e.sum(-1, keepdims=True)
-    return e @ v
-
-
-def np_softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    e /= e.sum(-1, keepdims=True)
-    return e
 
 
 ROWS = []
@@ -267,7 +235,7 @@ def bench(repeat, quick):
             sdpa = torch.nn.functional.scaled_dot_product_attention
             fns["torch sdpa"] = lambda: sdpa(tq, tk, tv, is_causal=causal, scale=scale)
         if with_numpy:
-            fns["numpy"] = lambda: np_attention(q, k, v, scale, causal)
+            fns["numpy"] = lambda: numpy_attention(q, k, v, scale, causal)
         flops = 4 * B * H * N * N * d / (2 if causal else 1)
         return side_by_side(fns, repeat), flops
 
@@ -326,7 +294,10 @@ def bench(repeat, quick):
     # softmax
     x = rng.standard_normal((8, 2048, 2048)).astype(np.float32)
     y = np.empty_like(x)
-    fns = {"numbattn": lambda x=x, y=y: K.softmax_kernel(x, y), "numpy": lambda x=x: np_softmax(x)}
+    fns = {
+        "numbattn": lambda x=x, y=y: K.softmax_kernel(x, y),
+        "numpy": lambda x=x: numpy_softmax(x),
+    }
     row("softmax f32 (8, 2048, 2048)", side_by_side(fns, repeat), "numbattn")
     del x, y
     # Peak memory: scripts/peak_memory.py (fresh processes; an RSS reading here would
@@ -436,7 +407,7 @@ def bench_tiny(repeat):
         scale = np.float32(1 / math.sqrt(d))
         fns = {
             "numbattn": lambda: numbattn.attention(q, k, v, out=out),
-            "numpy": lambda: np_attention(q, k, v, scale, False),
+            "numpy": lambda: numpy_attention(q, k, v, scale, False),
         }
         if torch is not None:
             tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))

@@ -38,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from numbattn.reference import relative_error as rel_err
+
 RTOL = {"float32": 1e-5, "float64": 1e-12}
 LINES: list[str] = []
 
@@ -108,22 +110,6 @@ def optional_libs(args, sim):
 
 
 # ---------------------------------------------------------------- reference
-
-
-def rel_err(out, ref):
-    """||out - ref|| / ||ref|| over finite ref entries (inf on a non-finite mismatch)."""
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    fin = np.isfinite(ref)
-    if not np.array_equal(np.isnan(out), np.isnan(ref)):
-        return math.inf
-    if not np.array_equal(out[~fin & ~np.isnan(ref)], ref[~fin & ~np.isnan(ref)]):
-        return math.inf
-    if not np.all(np.isfinite(out[fin])):
-        return math.inf
-    den = np.linalg.norm(ref[fin])
-    num = np.linalg.norm(out[fin] - ref[fin])
-    return float(num / den) if den else float(num)
 
 
 def reference_head(q, k, v, scale, causal, torch, cupy):
@@ -246,7 +232,7 @@ def main(argv=None) -> int:
             CUDA_SOFTMAX_THREADS=8,
         ).items():
             setattr(cfg, name, val)
-    problem = backend.cuda_problem()
+    problem = numbattn.cuda_problem()
     if problem:
         log(f"CUDA backend unavailable: {problem}")
         return 2

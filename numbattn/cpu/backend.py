@@ -11,6 +11,7 @@ import numpy as np
 from .. import config
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
+from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
 
 name = "cpu"
 
@@ -57,7 +58,8 @@ def serial() -> bool:
     return _serial
 
 
-def _call(kernel, *args):
+def _call(kernel, args: tuple) -> None:
+    """Run ``kernel(*args)`` (its serial twin after an unsafe fork)."""
     if _serial:
         kernel.serial(*args)
         return
@@ -81,6 +83,11 @@ def resolve_stream(stream, arrays):
 
 
 def as_kernel_array(obj, stream=None):
+    return obj
+
+
+def to_host(obj):
+    """Host arrays are already on the host."""
     return obj
 
 
@@ -111,7 +118,7 @@ def _frozen(arr):
 # Stand-ins for absent options, so that one compiled specialisation per dtype
 # serves every call (the kernels never read them: has_bias/has_mask/has_lse).
 _DUMMY_MASK = _frozen(np.zeros((1, 1, 1, 1), dtype=np.bool_))
-_DUMMY = {
+_DUMMY: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {
     np.dtype(dt): (_frozen(np.zeros((1, 1, 1, 1), dt)), np.zeros((1, 1, 1), dt))
     for dt in (np.float32, np.float64)
 }
@@ -127,34 +134,100 @@ def _options(dtype, bias, mask):
     )
 
 
+def scores_args(
+    q,
+    k,
+    out,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> ScoresArgs:
+    """The scores kernel's arguments for the backend call of the same name
+    (tiles: numbattn.config's unless given). Run with ``scores_kernel(*args)``."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    return ScoresArgs(
+        q=q,
+        k=k,
+        out=out,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        q_tile=config.CPU_QUERY_TILE if q_tile is None else q_tile,
+        k_tile=config.CPU_KEY_TILE if k_tile is None else k_tile,
+        n_threads=_threads(),
+    )
+
+
 def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None):
     from .kernels import scores_kernel
 
-    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
     _call(
         scores_kernel,
-        q,
-        k,
-        out,
-        bias_,
-        mask_,
-        seq,
-        int(max_rows),
-        has_bias,
-        has_mask,
-        float(scale),
-        int(window_left),
-        int(window_right),
-        config.CPU_QUERY_TILE,
-        config.CPU_KEY_TILE,
-        _threads(),
+        scores_args(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right),
     )
 
 
 def softmax(x, out, stream=None):
     from .kernels import softmax_kernel
 
-    _call(softmax_kernel, x, out)
+    _call(softmax_kernel, SoftmaxArgs(x=x, out=out))
+
+
+def attention_args(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> AttentionArgs:
+    """The attention kernel's arguments for the backend call of the same name
+    (``lse`` may be None; tiles: numbattn.config's unless given). Run with
+    ``attention_kernel(*args)``."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    has_lse = lse is not None
+    if not has_lse:
+        lse = _DUMMY.get(np.dtype(q.dtype), _DUMMY[np.dtype(np.float64)])[1]
+    return AttentionArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        has_lse=has_lse,
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        q_tile=config.CPU_QUERY_TILE if q_tile is None else q_tile,
+        k_tile=config.CPU_KEY_TILE if k_tile is None else k_tile,
+        n_threads=_threads(),
+    )
 
 
 def attention(
@@ -162,34 +235,17 @@ def attention(
 ):
     from .kernels import attention_kernel
 
-    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
-    has_lse = lse is not None
-    if not has_lse:
-        lse = _DUMMY.get(np.dtype(q.dtype), _DUMMY[np.dtype(np.float64)])[1]
     _call(
         attention_kernel,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        bias_,
-        mask_,
-        seq,
-        int(max_rows),
-        has_lse,
-        has_bias,
-        has_mask,
-        float(scale),
-        int(window_left),
-        int(window_right),
-        config.CPU_QUERY_TILE,
-        config.CPU_KEY_TILE,
-        _threads(),
+        attention_args(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right
+        ),
     )
 
 
 def merge(o1, l1, o2, l2, out, lse, stream=None):
     from .kernels import merge_kernel
 
-    _call(merge_kernel, o1, l1, o2, l2, out, lse)
+    if lse is None:  # not wanted: the kernel writes it to scratch
+        lse = np.empty(o1.shape[:3], dtype=o1.dtype)
+    _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))

@@ -7,9 +7,11 @@ validates nothing.
 Design
 ------
 * **One specialisation per dtype.** The public names (``scores_kernel``,
-  ``softmax_kernel``, ``attention_kernel``) are thin :class:`_OneLayoutKernel`
-  wrappers around ordinary ``@njit(parallel=True, nogil=True, cache=True)``
-  dispatchers. On the first call for a dtype the wrapper compiles (or loads
+  ``softmax_kernel``, ``attention_kernel``, ``merge_kernel``) are thin
+  :class:`~numbattn.cpu.dispatch.OneLayoutKernel` wrappers around ordinary
+  ``@njit(parallel=True, nogil=True, cache=True)`` dispatchers, each with
+  its typed argument description (:mod:`numbattn.cpu.args`, which the
+  backend builds by keyword). On the first call for a dtype the wrapper compiles (or loads
   from the on-disk cache) the signature in which every array is typed as
   Numba's generic ``'A'`` layout (inputs additionally ``readonly``), and from
   then on calls that compiled entry point directly. C-contiguous, strided,
@@ -83,7 +85,6 @@ Design
   the helper loops; the kernels themselves are compiled without fastmath.
 """
 
-import functools
 import math
 
 import numpy as np
@@ -91,7 +92,9 @@ from llvmlite import ir
 from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
 
-from .._jit import njit, serial_copy  # njit: cache=True also works read-only
+from .._jit import njit  # njit: cache=True also works read-only
+from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .dispatch import OneLayoutKernel
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False)
@@ -841,103 +844,8 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
             lse[a, b, i] = dt(float(mx) + math.log(tot))
 
 
-# ---------------------------------------------------------------------------
-# One 'A'-layout specialisation per dtype
-# ---------------------------------------------------------------------------
-
-_ELEMENT = {"bool": (types.boolean, np.dtype(np.bool_)), "int": (types.int64, np.dtype(np.int64))}
-
-
-class _OneLayoutKernel:
-    """Callable wrapper that runs one 'A'-layout specialisation per dtype.
-
-    ``arg_kinds`` describes the positional arguments: ``(role, ndim)`` for an
-    array of the call's float dtype, ``role`` being ``'in'`` (read-only) or
-    ``'out'`` (writable); ``('bool', ndim)`` / ``('int', ndim)`` for a
-    read-only bool / int64 array (mask, sequence table); or a Numba scalar
-    type. The float dtype is that of the first argument. Calls whose arrays
-    do not match these dtypes fall back to the dispatcher.
-    """
-
-    def __init__(self, dispatcher, arg_kinds):
-        self._dispatcher = dispatcher
-        self._kinds = arg_kinds
-        self._entry = {}
-        self._serial = None
-        functools.update_wrapper(self, dispatcher.py_func)
-
-    @property
-    def serial(self):
-        """The same kernel compiled without ``parallel=True`` (prange runs as
-        range, on the calling thread), for processes where Numba's threads
-        must not start (numbattn.cpu.backend: forked after GNU OpenMP started).
-        Compiled on first use, cached on disk under its own name."""
-        if self._serial is None:
-            py_func = serial_copy(self._dispatcher.py_func)
-            self._serial = _OneLayoutKernel(njit(**_SERIAL_OPTS)(py_func), self._kinds)
-        return self._serial
-
-    def signature_for(self, dtype):
-        """The Numba signature compiled for ``dtype``."""
-        nbt = types.float32 if np.dtype(dtype) == np.float32 else types.float64
-        sig = []
-        for kind in self._kinds:
-            if isinstance(kind, tuple):
-                role, ndim = kind
-                if role in _ELEMENT:
-                    sig.append(types.Array(_ELEMENT[role][0], ndim, "A", readonly=True))
-                else:
-                    sig.append(types.Array(nbt, ndim, "A", readonly=(role == "in")))
-            else:
-                sig.append(kind)
-        return tuple(sig)
-
-    def _compile(self, dtype):
-        sig = self.signature_for(dtype)
-        self._dispatcher.compile(sig)
-        fn = self._dispatcher.overloads[sig].entry_point
-        self._entry[dtype] = fn
-        return fn
-
-    def __call__(self, *args):
-        dtype = args[0].dtype
-        fn = self._entry.get(dtype)
-        if fn is None:
-            if dtype != np.float32 and dtype != np.float64:
-                return self._dispatcher(*args)
-            fn = self._compile(dtype)
-        for arg, kind in zip(args, self._kinds):
-            if isinstance(kind, tuple):
-                want = _ELEMENT[kind[0]][1] if kind[0] in _ELEMENT else dtype
-                if arg.dtype != want or arg.ndim != kind[1]:
-                    return self._dispatcher(*args)
-        return fn(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._dispatcher, name)
-
-    def __repr__(self):
-        return f"<numbattn CPU kernel {self.__name__}>"
-
-
-_I4, _O4, _I3, _O3 = ("in", 4), ("out", 4), ("in", 3), ("out", 3)
-_MASK, _SEQ = ("bool", 4), ("int", 3)
-_i64, _f64, _bool = types.int64, types.float64, types.boolean
-
-#: scores_kernel(q, k, out, bias, mask, seq, max_rows, has_bias, has_mask,
-#: scale, window_left, window_right, q_tile, k_tile, n_threads)
-scores_kernel = _OneLayoutKernel(
-    _scores_impl,
-    (_I4, _I4, _O4, _I4, _MASK, _SEQ, _i64, _bool, _bool, _f64, _i64, _i64, _i64, _i64, _i64),
-)
-softmax_kernel = _OneLayoutKernel(_softmax_impl, (_I3, _O3))
-#: attention_kernel(q, k, v, out, lse, bias, mask, seq, max_rows, has_lse,
-#: has_bias, has_mask, scale, window_left, window_right, q_tile, k_tile,
-#: n_threads)
-attention_kernel = _OneLayoutKernel(
-    _attention_impl,
-    (_I4, _I4, _I4, _O4, _O3, _I4, _MASK, _SEQ, _i64, _bool, _bool, _bool)
-    + (_f64, _i64, _i64, _i64, _i64, _i64),
-)
-#: merge_kernel(o1, l1, o2, l2, out, lse)
-merge_kernel = _OneLayoutKernel(_merge_impl, (_I4, _I3, _I4, _I3, _O4, _O3))
+#: The kernels; their arguments are described (and built) by numbattn.cpu.args.
+scores_kernel = OneLayoutKernel(_scores_impl, ScoresArgs, _SERIAL_OPTS)
+softmax_kernel = OneLayoutKernel(_softmax_impl, SoftmaxArgs, _SERIAL_OPTS)
+attention_kernel = OneLayoutKernel(_attention_impl, AttentionArgs, _SERIAL_OPTS)
+merge_kernel = OneLayoutKernel(_merge_impl, MergeArgs, _SERIAL_OPTS)

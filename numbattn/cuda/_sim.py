@@ -9,10 +9,12 @@ the simulator. Never used with a real GPU.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
+from .._interop import device_interface, interface_shadow
 
 
-def _interface(self) -> dict:
+def _interface(self: Any) -> dict[str, Any]:
     a = self._ary
     return {
         "shape": tuple(a.shape),
@@ -31,13 +33,14 @@ def install() -> None:
         FakeCUDAArray.__cuda_array_interface__ = property(_interface)
 
 
-def from_interface(obj):
+def from_interface(obj: Any) -> Any:
     """A FakeCUDAArray viewing the host memory an interface object describes."""
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-    from .._checks import shadow
+    cai = device_interface(obj)
+    if cai is None:
+        raise TypeError(f"{type(obj).__qualname__} exposes no __cuda_array_interface__")
+    return FakeCUDAArray(interface_shadow(cai))
 
-    return FakeCUDAArray(shadow("array", obj)[0])
 
-
-__all__ = ["from_interface", "install", "np"]
+__all__ = ["from_interface", "install"]

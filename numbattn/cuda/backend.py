@@ -218,7 +218,9 @@ def as_kernel_array(obj, stream=None):
         return cuda.as_cuda_array(obj, sync=False)
 
 
-_TORCH_DTYPES = {"float32": "float32", "float64": "float64"}
+def to_host(obj) -> np.ndarray:
+    """A host copy of a GPU array (synchronises)."""
+    return as_kernel_array(obj).copy_to_host()
 
 
 def empty(shape, dtype, like=None, stream=None):
@@ -229,7 +231,7 @@ def empty(shape, dtype, like=None, stream=None):
     if lib == "torch":
         import torch
 
-        t = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype.name]), device=like.device)
+        t = torch.empty(shape, dtype=getattr(torch, dtype.name), device=like.device)
         return t, as_kernel_array(t, stream)
     if lib == "cupy":
         import cupy
@@ -677,7 +679,7 @@ def _window(w) -> int:
 # ``seq``: the host int64 sequence table of numbattn._sequences)
 
 
-def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=0):
+def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None):
     """Masked, biased scores of every (sequence, query row, column)."""
     g1, g2 = q.shape[:2]
     ncol = out.shape[3]
@@ -707,7 +709,7 @@ def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_righ
     _launch(kern, sig, grid, t * t, stream, args)
 
 
-def softmax(x, out, stream=0):
+def softmax(x, out, stream=None):
     g1, g2, n = x.shape
     if g1 * g2 == 0 or n == 0:
         return
@@ -717,7 +719,7 @@ def softmax(x, out, stream=0):
 
 
 def attention(
-    q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, stream=0
+    q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None
 ):
     """Fused attention over the sequences of ``seq``; ``lse`` may be None (not written)."""
     g1, g2 = q.shape[:2]
@@ -778,7 +780,7 @@ def _merge_kernel(dtype):
     return kern
 
 
-def merge(o1, l1, o2, l2, out, lse, stream=0):
+def merge(o1, l1, o2, l2, out, lse, stream=None):
     """Combine two partial results over disjoint key sets (``out``/``lse`` may
     be ``o1``/``l1``: in place); ``lse`` may be None (not written)."""
     g1, g2, nq = o1.shape[:3]

@@ -60,6 +60,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -371,7 +372,7 @@ def current_device() -> dict | None:
 
     dev = cuda.get_current_device()
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    info = {"name": name, "cc": "{}.{}".format(*dev.compute_capability)}
+    info: dict[str, Any] = {"name": name, "cc": "{}.{}".format(*dev.compute_capability)}
     attrs = {
         "threads": "MAX_THREADS_PER_MULTIPROCESSOR",
         "blocks": "MAX_BLOCKS_PER_MULTIPROCESSOR",
@@ -380,7 +381,7 @@ def current_device() -> dict | None:
         "shared_per_block_optin": "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN",
         "reserved_shared_per_block": "RESERVED_SHARED_MEMORY_PER_BLOCK",
     }
-    sm = {}
+    sm: dict[str, int | None] = {}
     for key, attr in attrs.items():
         try:
             sm[key] = int(getattr(dev, attr))

@@ -10,16 +10,7 @@ import pytest
 
 import numbattn
 
-
-def _problem():
-    try:
-        from numbattn.cuda import backend
-    except ImportError as exc:  # pragma: no cover
-        return str(exc)
-    return backend.cuda_problem()
-
-
-PROBLEM = _problem()
+PROBLEM = numbattn.cuda_problem()
 
 
 def pytest_collection_modifyitems(config, items):

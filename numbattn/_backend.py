@@ -1,0 +1,125 @@
+"""The backend interface: what :mod:`numbattn.api` asks of a backend.
+
+:mod:`numbattn.cpu.backend` and :mod:`numbattn.cuda.backend` are modules
+that both satisfy :class:`Backend` (mypy checks it where ``api`` picks one;
+``tests/test_backend_protocol.py`` checks names, parameters and defaults).
+A leaf module: it imports no backend.
+
+Conventions shared by both:
+
+* Kernel arrays are the backend's own (NumPy arrays on the CPU, Numba
+  device arrays on CUDA) with exactly two leading batch axes (G1, G2) and
+  any strides; ``seq`` is the host int64 sequence table of
+  :mod:`numbattn._sequences`.
+* ``stream`` is what :meth:`Backend.resolve_stream` returned; ``None`` (the
+  default everywhere) means the device's default stream (CUDA) or no stream
+  (CPU).
+* ``lse=None`` in :meth:`Backend.attention` and :meth:`Backend.merge`: the
+  log-sum-exp is not wanted (the CPU merge writes it to scratch).
+* ``bias`` / ``mask`` ``None``: absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+#: A backend's kernel array (numpy.ndarray or a Numba device array).
+KernelArray = Any
+
+
+class Backend(Protocol):
+    """One device's host glue, called by :mod:`numbattn.api` only."""
+
+    #: "cpu" or "cuda" (reported by the benchmark).
+    name: str
+
+    def resolve_stream(self, stream: Any, arrays: Sequence[Any]) -> Any:
+        """The stream to run on, from the public ``stream=`` argument and the
+        call's arrays (CPU: refuses any stream, returns None)."""
+        ...
+
+    def as_kernel_array(self, obj: Any, stream: Any = None) -> KernelArray:
+        """A view (no copy) of a public array that the kernels accept."""
+        ...
+
+    def to_host(self, obj: Any) -> np.ndarray:
+        """A host NumPy copy (or the array itself on the CPU) of a small
+        argument that must be read on the host, such as integer lengths."""
+        ...
+
+    def empty(
+        self, shape: Sequence[int], dtype: Any, like: Any = None, stream: Any = None
+    ) -> tuple[Any, KernelArray]:
+        """A new output ``(public_object, kernel_array)``, in ``like``'s library."""
+        ...
+
+    def index(self, arr: KernelArray, idx: Any) -> KernelArray:
+        """``arr[idx]`` as a view."""
+        ...
+
+    def restride(
+        self, arr: KernelArray, shape: tuple[int, ...], strides: tuple[int, ...]
+    ) -> KernelArray:
+        """A view of ``arr``'s memory with the given shape and byte strides."""
+        ...
+
+    def constant(self, value: float, dtype: Any) -> KernelArray:
+        """A read-only 1-element array holding ``value``."""
+        ...
+
+    def scores(
+        self,
+        q: KernelArray,
+        k: KernelArray,
+        out: KernelArray,
+        seq: np.ndarray,
+        max_rows: int,
+        bias: KernelArray | None,
+        mask: KernelArray | None,
+        scale: float,
+        window_left: int,
+        window_right: int,
+        stream: Any = None,
+    ) -> None:
+        """Masked, biased scores ``scale * q @ k^T`` of every sequence."""
+        ...
+
+    def softmax(self, x: KernelArray, out: KernelArray, stream: Any = None) -> None:
+        """Row-wise softmax (``out`` may be ``x``)."""
+        ...
+
+    def attention(
+        self,
+        q: KernelArray,
+        k: KernelArray,
+        v: KernelArray,
+        out: KernelArray,
+        lse: KernelArray | None,
+        seq: np.ndarray,
+        max_rows: int,
+        bias: KernelArray | None,
+        mask: KernelArray | None,
+        scale: float,
+        window_left: int,
+        window_right: int,
+        stream: Any = None,
+    ) -> None:
+        """Fused attention over the sequences of ``seq``."""
+        ...
+
+    def merge(
+        self,
+        o1: KernelArray,
+        l1: KernelArray,
+        o2: KernelArray,
+        l2: KernelArray,
+        out: KernelArray,
+        lse: KernelArray | None,
+        stream: Any = None,
+    ) -> None:
+        """Combine two partial results over disjoint key sets (``out``/``lse``
+        may be ``o1``/``l1``: in place)."""
+        ...
