@@ -385,9 +385,11 @@ def _attention_kernel(dtype, hw=None):
 
         # float64 on the tensor cores where the geometry allows (DMMA on a
         # GPU, emulated on the simulator); otherwise the FMA kernel.
-        make = kernels.make_attention_mma if kernels.mma_ok(dtype, *geo) else kernels.make_attention
+        ty, tx, rq, rk, dc, rc = geo
+        mma = kernels.mma_ok(dtype, ty, tx, rq, rk, dc, rc)
+        make = kernels.make_attention_mma if mma else kernels.make_attention
         with _lock:
-            kern = _kernels.setdefault(key, make(dtype, *geo, hw=hw))
+            kern = _kernels.setdefault(key, make(dtype, ty, tx, rq, rk, dc, rc, hw=hw))
     return kern, geo
 
 
