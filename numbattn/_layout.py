@@ -14,6 +14,7 @@ need exactly one launch.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -50,7 +51,7 @@ def _groups(
 def _merged(shape, strides, axes) -> tuple[int, int]:
     """Size and stride of a merged run of axes: the stride of its innermost
     non-unit axis (0 if every axis has size 1)."""
-    size = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    size = math.prod(shape[a] for a in axes)  # not np.prod: ~5 us a call, per array
     stride = next((strides[a] for a in reversed(axes) if shape[a] != 1), 0)
     return size, stride
 
