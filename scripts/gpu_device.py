@@ -17,10 +17,10 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +38,7 @@ def log(*parts) -> None:
     print(" ".join(str(p) for p in parts), flush=True)
 
 
+@functools.cache
 def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)
@@ -61,26 +62,8 @@ def _sim() -> bool:
 
 
 def _time_ms(fn, reps: int, warmup: int = 2) -> float:
-    """Median CUDA-event time (wall clock on the simulator)."""
-    from numba import cuda
-
-    for _ in range(warmup):
-        fn()
-    cuda.synchronize()
-    times = []
-    for _ in range(max(1, reps)):
-        if _sim():
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            continue
-        e0, e1 = cuda.event(timing=True), cuda.event(timing=True)
-        e0.record(0)
-        fn()
-        e1.record(0)
-        e1.synchronize()
-        times.append(cuda.event_elapsed_time(e0, e1))
-    return statistics.median(times)
+    """Median CUDA-event time (wall clock on the simulator): gpu_check's timer."""
+    return _gpu_check().Timer(_sim()).median_ms(fn, reps, warmup)
 
 
 def _check(label: str, err: float, dtype) -> None:
