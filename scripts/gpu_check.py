@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     import numbattn
     from numbattn.cuda import backend
 
-    sim = backend._simulator()
+    sim = backend.simulator()
     if args.tiny:
         import numbattn.config as cfg
 
