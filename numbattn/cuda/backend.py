@@ -783,6 +783,37 @@ def attention(
         _launch(kern, sig, grid, ty * tx, stream, part)
 
 
+def bare_attention_launch(q, k, v, out, lse, stream=0):
+    """A zero-argument callable launching the attention kernel on dense
+    ``(B, H, N, d)`` device arrays (no bias, mask or window; scale
+    ``1/sqrt(d)``; ``lse`` may be None) through Numba's own dispatcher,
+    ``kernel[grid, block, stream](*args)``, with every argument prepared
+    beforehand: the baseline of ``scripts/gpu_check.py``'s host time per call.
+
+    ValueError when ``v``'s last dimension needs more than one launch (wider
+    than numbattn.config's CUDA_VALUE_CHUNK, rounded up to the block width).
+    """
+    from .. import _sequences
+
+    b, h, nq = q.shape[:3]
+    nk, dv = k.shape[2], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    kern, (ty, tx, rq, _rk, _dc, rc) = _attention_kernel(dtype)
+    if dv > tx * rc:
+        raise ValueError(
+            f"bare_attention_launch needs one launch: v's last dimension {dv} is wider "
+            f"than the kernel's value chunk {tx * rc} (numbattn.config.CUDA_VALUE_CHUNK)"
+        )
+    n_qt = -(-nq // (ty * rq))
+    seq = _sequences.broadcast(_sequences.dense_table(nq, nk), (b, h), axis0=False)
+    table = _seq_table(seq, stream)
+    args = attention_args(
+        q, k, v, out, lse, table, n_qt, None, None, 1.0 / math.sqrt(q.shape[3]), -1, -1
+    )
+    grid, block = b * h * n_qt, ty * tx
+    return lambda: kern[grid, block, stream](*args)
+
+
 _MERGE_THREADS = 128
 
 
