@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     import numbattn
     from numbattn.cuda import backend
 
-    sim = backend._simulator()
+    sim = backend.simulator()
     if args.tiny:
         import numbattn.config as cfg
 
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
 
     # ---- kernel resources ------------------------------------------------
     for dtype in args.dtypes:
-        kern, geo = backend._attention_kernel(dtype)
+        geo = backend.attention_geometry(dtype)
         info = dict(
             geometry=geo,
             threads=geo[0] * geo[1],
@@ -424,25 +424,16 @@ def main(argv=None) -> int:
     hn = 4 if args.tiny else 64
     hq = cuda.to_device(rng.standard_normal((1, 2, hn, D)).astype(hdt))
     hk = cuda.to_device(rng.standard_normal((1, 2, hn, D)).astype(hdt))
-    hv = cuda.to_device(rng.standard_normal((1, 2, hn, DV)).astype(hdt))
-    hout = cuda.device_array((1, 2, hn, DV), hdt)
+    hgeo = backend.attention_geometry(hdt)
+    hdv = min(DV, hgeo[1] * hgeo[5])  # one launch per call, as the bare baseline needs
+    hv = cuda.to_device(rng.standard_normal((1, 2, hn, hdv)).astype(hdt))
+    hout = cuda.device_array((1, 2, hn, hdv), hdt)
     hlse = cuda.device_array((1, 2, hn), hdt)
-    kern, geo = backend._attention_kernel(hdt)
-    grid, block = 2 * -(-hn // (geo[0] * geo[2])), geo[0] * geo[1]
-    sc = hdt.type(1.0 / math.sqrt(D))
     calls, rounds = (1, 1) if args.tiny else (200, 5)
     sync = cuda.synchronize
-    from numbattn import _sequences
-
-    htable = backend._seq_table(
-        _sequences.broadcast(_sequences.dense_table(hn, hn), (1, 2), axis0=False), 0
-    )
-    hbias, hmask = backend._dummy(hdt, 4), backend._dummy(np.bool_, 4)
-    hnqt = -(-hn // (geo[0] * geo[2]))
+    bare_launch = backend.bare_attention_launch(hq, hk, hv, hout, hlse)
     hosts = {
-        "bare numba launch (device arrays)": lambda: kern[grid, block, 0](
-            hq, hk, hv, hout, hlse, htable, hbias, hmask, sc, hnqt, -1, -1, True, False, False
-        ),
+        "bare numba launch (device arrays)": bare_launch,
         "numbattn.attention(out=, lse=) device arrays": lambda: numbattn.attention(
             hq, hk, hv, out=hout, lse=hlse
         ),

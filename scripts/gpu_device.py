@@ -58,7 +58,7 @@ def _torch():
 def _sim() -> bool:
     from numbattn.cuda import backend
 
-    return backend._simulator()
+    return backend.simulator()
 
 
 def _time_ms(fn, reps: int, warmup: int = 2) -> float:

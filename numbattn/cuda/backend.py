@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import config
 from . import limits
+from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs, signature
 
 name = "cuda"
 
@@ -98,7 +99,9 @@ def require_cuda() -> None:
     _ok = True
 
 
-def _simulator() -> bool:
+def simulator() -> bool:
+    """Whether numba-cuda runs on its CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``);
+    the first call installs numbattn's simulator support (:mod:`numbattn.cuda._sim`)."""
     sim = _state.get("sim")
     if sim is None:
         from numba.cuda.core import config as ncfg
@@ -168,7 +171,7 @@ def resolve_stream(stream, arrays):
 def _device_array_types():
     types_ = _state.get("devtypes")
     if types_ is None:
-        if _simulator():
+        if simulator():
             from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
             types_ = (FakeCUDAArray,)
@@ -206,7 +209,7 @@ def as_kernel_array(obj, stream=None):
     """A Numba device-array view (no copy) of a GPU array."""
     if isinstance(obj, _device_array_types()):
         return obj
-    if _simulator():
+    if simulator():
         from . import _sim
 
         return _sim.from_interface(obj)
@@ -254,7 +257,7 @@ def restride(arr, shape, strides):
     shape, strides = tuple(shape), tuple(strides)
     if tuple(arr.shape) == shape and tuple(arr.strides) == strides:
         return arr
-    if _simulator():
+    if simulator():
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         host = arr._ary
@@ -329,7 +332,7 @@ def attention_geometry(dtype) -> tuple:
         dtype,
         geo,
         geo[0] * geo[1],
-        attention_shared_bytes(dtype, *geo, hw=not _simulator()),
+        attention_shared_bytes(dtype, *geo, hw=not simulator()),
         _ATTENTION_HINT.format(sfx=sfx),
     )
     return geo
@@ -377,7 +380,7 @@ def _attention_kernel(dtype, hw=None):
     """(kernel, geometry); ``hw``: the hardware path (default: unless on the simulator)."""
     dtype = np.dtype(dtype)
     geo = attention_geometry(dtype)
-    hw = (not _simulator()) if hw is None else bool(hw)
+    hw = (not simulator()) if hw is None else bool(hw)
     key = ("attention", dtype, geo, hw)
     kern = _kernels.get(key)
     if kern is None:
@@ -470,7 +473,7 @@ def _launch(kern, sig: str, grid: int, block: int, stream, args) -> None:
     On a GPU, the first launch of a (kernel, signature, block) checks that
     the compiled kernel can run blocks that size (:func:`check_compiled`).
     """
-    if _simulator() or _state.get("slow_launch"):
+    if simulator() or _state.get("slow_launch"):
         kern[grid, block, stream](*args)
         return
     key = (id(kern), sig, block)
@@ -508,42 +511,31 @@ def compiled_kernel(kind: str, dtype):
     return None
 
 
-def _arr(t: str, nd: int) -> str:
-    return f"{t}[{','.join([':'] * nd)}]"
-
-
 def attention_signature(dtype) -> str:
-    tn = np.dtype(dtype).name
-    return (
-        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 3)}, "
-        f"{_arr('int64', 3)}, {_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, "
-        "b1, b1, b1)"
-    )
+    """The Numba signature the attention kernels are compiled for (:class:`AttentionArgs`)."""
+    return signature(AttentionArgs, dtype)
 
 
 def scores_signature(dtype) -> str:
-    tn = np.dtype(dtype).name
-    return (
-        f"void({_arr(tn, 4)}, {_arr(tn, 4)}, {_arr(tn, 4)}, {_arr('int64', 3)}, "
-        f"{_arr(tn, 4)}, {_arr('b1', 4)}, {tn}, int64, int64, int64, b1, b1)"
-    )
+    """The Numba signature the scores kernel is compiled for (:class:`ScoresArgs`)."""
+    return signature(ScoresArgs, dtype)
 
 
 def softmax_signature(dtype) -> str:
-    tn = np.dtype(dtype).name
-    return f"void({_arr(tn, 3)}, {_arr(tn, 3)})"
+    """The Numba signature the softmax kernel is compiled for (:class:`SoftmaxArgs`)."""
+    return signature(SoftmaxArgs, dtype)
 
 
 def merge_signature(dtype) -> str:
-    tn = np.dtype(dtype).name
-    a3, a4 = _arr(tn, 3), _arr(tn, 4)
-    return f"void({a4}, {a3}, {a4}, {a3}, {a4}, {a3}, b1)"
+    """The Numba signature the merge kernel is compiled for (:class:`MergeArgs`)."""
+    return signature(MergeArgs, dtype)
 
 
 def kernel_launches(dtype) -> list[dict]:
     """Every kernel the backend launches for ``dtype`` at the geometry of
-    numbattn.config: ``{"kernel", "dispatcher", "signature", "threads",
-    "geometry"}`` and ``"path"`` where the simulator runs other code than a
+    numbattn.config: ``{"kernel", "dispatcher", "args", "signature",
+    "threads", "geometry"}`` (``args``: the typed description of the kernel's
+    arguments, from which ``signature`` is built) and ``"path"`` where the simulator runs other code than a
     GPU (the attention kernel: ``"hardware"`` and ``"simulator"``), which
     ``python -m numbattn gpu-report`` compiles."""
     dtype = np.dtype(dtype)
@@ -565,6 +557,7 @@ def kernel_launches(dtype) -> list[dict]:
             kernel="attention",
             path=path,
             dispatcher=disp,
+            args=AttentionArgs,
             signature=attention_signature(dtype),
             threads=ty * tx,
             geometry=attention_geo,
@@ -574,6 +567,7 @@ def kernel_launches(dtype) -> list[dict]:
         dict(
             kernel="scores",
             dispatcher=sc,
+            args=ScoresArgs,
             signature=scores_signature(dtype),
             threads=t * t,
             geometry=dict(tile=t),
@@ -581,6 +575,7 @@ def kernel_launches(dtype) -> list[dict]:
         dict(
             kernel="softmax",
             dispatcher=sm,
+            args=SoftmaxArgs,
             signature=softmax_signature(dtype),
             threads=nt,
             geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
@@ -588,6 +583,7 @@ def kernel_launches(dtype) -> list[dict]:
         dict(
             kernel="merge",
             dispatcher=_merge_kernel(dtype),
+            args=MergeArgs,
             signature=merge_signature(dtype),
             threads=_MERGE_THREADS,
             geometry=dict(threads=_MERGE_THREADS),
@@ -681,6 +677,28 @@ def _window(w) -> int:
 # ``seq``: the host int64 sequence table of numbattn._sequences)
 
 
+def scores_args(q, k, out, table, n_it, bias, mask, scale, window_left, window_right) -> ScoresArgs:
+    """The scores kernel's arguments, built by name: ``table`` is the device
+    sequence table, ``n_it`` the row tiles per sequence; ``bias``/``mask`` may
+    be None (a cached dummy is passed and its flag is False)."""
+    dtype = q.dtype  # a device array's: already a np.dtype
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
+    return ScoresArgs(
+        q=q,
+        k=k,
+        out=out,
+        seq=table,
+        bias=bias,
+        mask=mask,
+        scale=dtype.type(scale),
+        n_it=n_it,
+        wl=_window(window_left),
+        wr=_window(window_right),
+        has_bias=has_bias,
+        has_mask=has_mask,
+    )
+
+
 def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None):
     """Masked, biased scores of every (sequence, query row, column)."""
     g1, g2 = q.shape[:2]
@@ -692,23 +710,8 @@ def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_righ
     if grid == 0:
         return
     table = _seq_table(seq, stream)
-    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
-    sig = scores_signature(dtype)
-    args = (
-        q,
-        k,
-        out,
-        table,
-        bias,
-        mask,
-        dtype.type(scale),
-        n_it,
-        _window(window_left),
-        _window(window_right),
-        has_bias,
-        has_mask,
-    )
-    _launch(kern, sig, grid, t * t, stream, args)
+    args = scores_args(q, k, out, table, n_it, bias, mask, scale, window_left, window_right)
+    _launch(kern, scores_signature(dtype), grid, t * t, stream, args)
 
 
 def softmax(x, out, stream=None):
@@ -717,7 +720,35 @@ def softmax(x, out, stream=None):
         return
     dtype = np.dtype(x.dtype)
     kern, nt = _softmax_kernel(dtype)
-    _launch(kern, softmax_signature(dtype), g1 * g2, nt, stream, (x, out))
+    _launch(kern, softmax_signature(dtype), g1 * g2, nt, stream, SoftmaxArgs(x=x, out=out))
+
+
+def attention_args(
+    q, k, v, out, lse, table, n_qt, bias, mask, scale, window_left, window_right
+) -> AttentionArgs:
+    """The attention kernels' arguments, built by name: ``table`` is the device
+    sequence table, ``n_qt`` the query tiles per sequence; ``lse``, ``bias``
+    and ``mask`` may be None (a cached dummy is passed and its flag is False)."""
+    dtype = q.dtype  # a device array's: already a np.dtype
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
+    write_lse = lse is not None
+    return AttentionArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse if write_lse else _dummy(dtype, 3),
+        seq=table,
+        bias=bias,
+        mask=mask,
+        scale=dtype.type(scale),
+        n_qt=n_qt,
+        wl=_window(window_left),
+        wr=_window(window_right),
+        write_lse=write_lse,
+        has_bias=has_bias,
+        has_mask=has_mask,
+    )
 
 
 def attention(
@@ -734,38 +765,53 @@ def attention(
     if grid == 0:
         return
     table = _seq_table(seq, stream)
-    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
-    write_lse = lse is not None
-    if lse is None:
-        lse = _dummy(dtype, 3)
+    args = attention_args(
+        q, k, v, out, lse, table, n_qt, bias, mask, scale, window_left, window_right
+    )
     sig = attention_signature(dtype)
-    sc = dtype.type(scale)
-    wl, wr = _window(window_left), _window(window_right)
     if dv <= dvc:
-        args = (q, k, v, out, lse, table, bias, mask, sc, n_qt, wl, wr, write_lse, has_bias)
-        _launch(kern, sig, grid, ty * tx, stream, args + (has_mask,))
+        _launch(kern, sig, grid, ty * tx, stream, args)
         return
     # dv wider than the register accumulators: one launch per column slice.
     for c0 in range(0, dv, dvc):
         c1 = min(dv, c0 + dvc)
-        args = (
-            q,
-            k,
-            v[:, :, :, c0:c1],
-            out[:, :, :, c0:c1],
-            lse,
-            table,
-            bias,
-            mask,
-            sc,
-            n_qt,
-            wl,
-            wr,
-            write_lse and c0 == 0,
-            has_bias,
-            has_mask,
+        part = args._replace(
+            v=v[:, :, :, c0:c1],
+            out=out[:, :, :, c0:c1],
+            write_lse=args.write_lse and c0 == 0,
         )
-        _launch(kern, sig, grid, ty * tx, stream, args)
+        _launch(kern, sig, grid, ty * tx, stream, part)
+
+
+def bare_attention_launch(q, k, v, out, lse, stream=0):
+    """A zero-argument callable launching the attention kernel on dense
+    ``(B, H, N, d)`` device arrays (no bias, mask or window; scale
+    ``1/sqrt(d)``; ``lse`` may be None) through Numba's own dispatcher,
+    ``kernel[grid, block, stream](*args)``, with every argument prepared
+    beforehand: the baseline of ``scripts/gpu_check.py``'s host time per call.
+
+    ValueError when ``v``'s last dimension needs more than one launch (wider
+    than numbattn.config's CUDA_VALUE_CHUNK, rounded up to the block width).
+    """
+    from .. import _sequences
+
+    b, h, nq = q.shape[:3]
+    nk, dv = k.shape[2], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    kern, (ty, tx, rq, _rk, _dc, rc) = _attention_kernel(dtype)
+    if dv > tx * rc:
+        raise ValueError(
+            f"bare_attention_launch needs one launch: v's last dimension {dv} is wider "
+            f"than the kernel's value chunk {tx * rc} (numbattn.config.CUDA_VALUE_CHUNK)"
+        )
+    n_qt = -(-nq // (ty * rq))
+    seq = _sequences.broadcast(_sequences.dense_table(nq, nk), (b, h), axis0=False)
+    table = _seq_table(seq, stream)
+    args = attention_args(
+        q, k, v, out, lse, table, n_qt, None, None, 1.0 / math.sqrt(q.shape[3]), -1, -1
+    )
+    grid, block = b * h * n_qt, ty * tx
+    return lambda: kern[grid, block, stream](*args)
 
 
 _MERGE_THREADS = 128
@@ -792,14 +838,14 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     dtype = np.dtype(o1.dtype)
     kern = _merge_kernel(dtype)
     write_lse = lse is not None
-    if lse is None:
-        lse = _dummy(dtype, 3)
-    grid = -(-rows // _MERGE_THREADS)
-    _launch(
-        kern,
-        merge_signature(dtype),
-        grid,
-        _MERGE_THREADS,
-        stream,
-        (o1, l1, o2, l2, out, lse, write_lse),
+    args = MergeArgs(
+        o1=o1,
+        l1=l1,
+        o2=o2,
+        l2=l2,
+        out=out,
+        lse=lse if write_lse else _dummy(dtype, 3),
+        write_lse=write_lse,
     )
+    grid = -(-rows // _MERGE_THREADS)
+    _launch(kern, merge_signature(dtype), grid, _MERGE_THREADS, stream, args)

@@ -190,6 +190,26 @@ def test_attention_default_geometry():
             setattr(cfg, n, val)
 
 
+def test_bare_attention_launch():
+    """The public bare-launch baseline (scripts/gpu_check.py's host time per
+    call) computes dense attention with the typed arguments, lse included."""
+    from numbattn.cuda import backend
+
+    rng = np.random.default_rng(5)
+    for dtype in DTYPES:
+        q, k = randn(rng, (1, 2, 9, 3), dtype), randn(rng, (1, 2, 11, 3), dtype)
+        v = randn(rng, (1, 2, 11, 5), dtype)
+        out, lse = cuda.device_array((1, 2, 9, 5), dtype), cuda.device_array((1, 2, 9), dtype)
+        launch = backend.bare_attention_launch(dev(q), dev(k), dev(v), out, lse)
+        launch()
+        ro, rl = reference.attention(q, k, v)
+        assert_close(host(out), ro, dtype, "bare out")
+        assert_close(host(lse), rl, dtype, "bare lse")
+    wide = dev(randn(rng, (1, 2, 11, 9), np.float32))
+    with pytest.raises(ValueError, match="one launch"):
+        backend.bare_attention_launch(dev(q), dev(k), wide, None, None)
+
+
 # ---------------------------------------------------------------------- scores
 
 

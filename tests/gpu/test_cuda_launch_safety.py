@@ -136,7 +136,7 @@ def test_production_kernels_fit_their_blocks():
     for dtype in (np.float32, np.float64):
         for launch in backend.kernel_launches(dtype):
             assert launch["threads"] <= limits.MAX_THREADS_PER_BLOCK
-            if not backend._simulator():
+            if not backend.simulator():
                 compiled = launch["dispatcher"].compile(launch["signature"])
                 backend.check_compiled(launch["dispatcher"], compiled, launch["threads"])
                 problem = limits.launch_problem(
