@@ -657,7 +657,7 @@ _tables: dict = {}
 
 
 def _seq_table(seq, stream):
-    """Device view (G1, G2, 5) of the host int64 sequence table ``seq``.
+    """Device view (G1, G2, 6) of the host int64 sequence table ``seq``.
 
     Only the distinct rows are uploaded: a zero (or unit-extent) stride along
     G1 or G2 keeps one row there, and the device copy is re-strided with zero
