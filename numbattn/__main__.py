@@ -9,7 +9,7 @@
     (outputs poisoned with NaN first; relative error ||out-ref||/||ref|| within
     1e-5 for float32, 1e-12 for float64), then times it and the baselines
     (batched NumPy; torch, SDPA for attention, when installed) and prints a
-    table, or JSON with ``--json``. Progress goes to stderr. It first measures
+    table, or JSON with ``--json``. Progress goes to stderr. On the CPU it first measures
     the machine's ceilings for each dtype in a separate process (NumPy matmul
     4096^3 for the GEMM rate, a streaming copy for the bandwidth) and reports
     each kernel's fraction of them ("of peak"); each implementation is timed
@@ -245,7 +245,7 @@ def cmd_bench(args) -> int:
         f"{'NumPy, ' + torch_note if opts.baselines else 'skipped'}"
     )
     peaks: dict = {}
-    if not args.no_peak:
+    if not args.no_peak and backend.name == "cpu":  # a host ceiling rates host kernels only
         size = args.peak_size or (512 if args.quick else 4096)
         for dtype in dict.fromkeys(p.dtype for p in problems):
             say(f"machine peaks {dtype}: NumPy matmul {size}^3 and streaming, own process ...")
