@@ -387,6 +387,12 @@ class Options:
     baselines: bool = True
     threads: int = 0
     progress: Callable[[str], None] = lambda msg: None
+    #: Seconds to wait before timing each implementation, so that the thread
+    #: pool of whatever ran before (OpenBLAS spins ~0.1 s after each call)
+    #: is asleep; see README "Using numbattn beside NumPy and PyTorch".
+    settle: float = 0.3
+    #: machine_peaks() per dtype, for the "of peak" fraction (None: not measured).
+    peaks: dict | None = None
 
 
 def _rate(p: Problem, seconds: float) -> float:
@@ -415,6 +421,7 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     ok = bool(err <= tol)
     del out, lse, got, refs
     opts.progress(f"check {'ok' if ok else 'FAILED'} (rel. err {err:.2e}, tol {tol:.0e})")
+    time.sleep(opts.settle)  # the reference ran on NumPy's BLAS threads
 
     # 2. numbattn timing (public API, new output each call, as users call it).
     backend.timed(lambda: backend.call(p, dev))  # warm-up
@@ -437,12 +444,15 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
         "repeats": len(tm.times),
         "rate": _rate(p, tm.median),
         "rate_unit": unit,
+        "of_peak": None,
         "numpy_s": None,
         "vs_numpy": None,
         "torch_s": None,
         "vs_torch": None,
     }
-    opts.progress(f"numbattn {fmt_time(tm.median)} ({rec['rate']:.2f} {unit})")
+    rec["of_peak"] = of_peak(rec, opts.peaks)
+    frac = "" if rec["of_peak"] is None else f", {rec['of_peak']:.0%} of peak"
+    opts.progress(f"numbattn {fmt_time(tm.median)} ({rec['rate']:.2f} {unit}{frac})")
     if not opts.baselines:
         return rec
 
@@ -454,6 +464,7 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
         np_fn = lambda: numpy_scores(host[0], host[1], scale, p.causal)  # noqa: E731
     else:
         np_fn = lambda: numpy_softmax(*host)  # noqa: E731
+    time.sleep(opts.settle)
     np_fn()  # warm-up (page faults, BLAS threads)
     np_fn()
     tn = repeat_timed(
@@ -470,6 +481,7 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     if torch_runner is not None:
         tensors = torch_runner.tensors(host)
         fn = torch_runner.fn(p, tensors)
+        time.sleep(opts.settle)  # NumPy's BLAS threads, just used, spin a while
         torch_runner.timed(fn)  # warm-up (thread pool, kernel selection)
         torch_runner.timed(fn)
         samples = Timing()
@@ -506,10 +518,11 @@ def _ratio(r: float | None) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """Plain-text table; 'vs NumPy' / 'vs torch' are speed-ups (baseline time /
+    """Plain-text table; 'of peak' is the fraction of the machine's ceiling
+    (:func:`of_peak`); 'vs NumPy' / 'vs torch' are speed-ups (baseline time /
     numbattn time: above 1 means numbattn is faster)."""
-    head = ["kernel", "backend", "dtype", "shape", "causal", "median", "rate", "vs NumPy",
-            "vs torch", "check"]  # fmt: skip
+    head = ["kernel", "backend", "dtype", "shape", "causal", "median", "rate", "of peak",
+            "vs NumPy", "vs torch", "check"]  # fmt: skip
     rows = [head]
     for r in records:
         rows.append(
@@ -521,13 +534,14 @@ def table(records: list[dict]) -> str:
                 "yes" if r["causal"] else "no",
                 fmt_time(r["median_s"]),
                 f"{r['rate']:.2f} {r['rate_unit']}",
+                "-" if r.get("of_peak") is None else f"{r['of_peak']:.0%}",
                 _ratio(r["vs_numpy"]),
                 _ratio(r["vs_torch"]),
                 "ok" if r["check"]["ok"] else f"FAIL {r['check']['rel_err']:.1e}",
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    right = {5, 6, 7, 8}
+    right = {5, 6, 7, 8, 9}
     lines = []
     for n, row in enumerate(rows):
         cells = [
@@ -536,4 +550,133 @@ def table(records: list[dict]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# The machine's ceilings: GEMM rate and streaming bandwidth
+# --------------------------------------------------------------------------
+
+# Run in a child process of its own (``python -c``): NumPy's BLAS threads
+# keep spinning for a while after each call (OpenBLAS: about 2**28 cycles,
+# OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next on the same cores,
+# so the ceilings are measured where no numbattn or torch call can meet them.
+_PEAKS_SCRIPT = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+
+dtype, n, threads, min_time = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+dt = np.dtype(dtype)
+
+def samples(fn, min_repeat=3, max_repeat=50):
+    fn()
+    out, total = [], 0.0
+    while len(out) < max_repeat and (len(out) < min_repeat or total < min_time):
+        t0 = time.perf_counter()
+        fn()
+        s = time.perf_counter() - t0
+        out.append(s)
+        total += s
+    out.sort()
+    return out
+
+rng = np.random.default_rng(0)
+a = rng.standard_normal((n, n)).astype(dt)
+b = rng.standard_normal((n, n)).astype(dt)
+c = np.empty((n, n), dt)
+g = samples(lambda: np.matmul(a, b, out=c))
+flops = 2.0 * n**3
+del a, b, c
+
+# Streaming: y = x * 1 over 128 MiB arrays (far beyond the caches), one
+# contiguous chunk per thread (NumPy's loops release the GIL).
+m = (128 << 20) // dt.itemsize
+x = np.ones(m, dt)
+y = np.empty(m, dt)
+one = dt.type(1.0)
+bounds = [(i * m // threads, (i + 1) * m // threads) for i in range(threads)]
+pool = ThreadPoolExecutor(threads)
+def part(r):
+    np.multiply(x[r[0]:r[1]], one, out=y[r[0]:r[1]])
+def stream():
+    list(pool.map(part, bounds))
+s = samples(stream)
+pool.shutdown()
+
+blas = None
+try:
+    from threadpoolctl import threadpool_info
+    for p in threadpool_info():
+        if p.get("user_api") == "blas":
+            blas = " ".join(str(p.get(k)) for k in ("internal_api", "version", "architecture")
+                            if p.get(k))
+            break
+except Exception:
+    pass
+
+med = lambda v: v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+print(json.dumps({
+    "dtype": dtype, "threads": threads, "blas": blas,
+    "gemm": {"n": n, "rate": flops / med(g) / 1e9, "best": flops / g[0] / 1e9,
+             "repeats": len(g)},
+    "stream": {"mib": 2 * m * dt.itemsize / 2**20, "rate": 2 * m * dt.itemsize / med(s) / 1e9,
+               "best": 2 * m * dt.itemsize / s[0] / 1e9, "repeats": len(s)},
+}))
+"""
+
+
+def machine_peaks(dtype: str, threads: int, n: int = 4096, min_time: float = 0.5) -> dict:
+    """The machine's ceilings for ``dtype``, measured in a separate process:
+
+    - ``gemm``: NumPy's ``matmul`` of two n x n matrices (2 n**3 flop), in
+      GFLOP/s: the BLAS peak that attention and scores are rated against;
+    - ``stream``: ``y = x * 1`` over 128 MiB arrays, in GB/s of bytes read +
+      written (as softmax is counted).
+
+    Medians (``rate``) and best samples (``best``), with ``threads`` BLAS and
+    copy threads. The child process keeps BLAS's spinning threads away from
+    the other timings. Raises RuntimeError when the child fails.
+    """
+    import subprocess
+    import sys
+
+    threads = max(1, int(threads))
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    args = [sys.executable, "-c", _PEAKS_SCRIPT, dtype, str(n), str(threads), str(min_time)]
+    try:
+        r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("measuring the machine's peaks took over 600 s") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring the machine's peaks failed: {r.stderr.strip()[-500:]}")
+    import json
+
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def of_peak(rec: dict, peaks: dict | None) -> float | None:
+    """The fraction of the machine's ceiling that ``rec`` reaches: its GFLOP/s
+    over the GEMM rate, or (softmax) its GB/s over the streaming bandwidth,
+    for its dtype; None without peaks."""
+    if not peaks or rec["dtype"] not in peaks:
+        return None
+    pk = peaks[rec["dtype"]]
+    ceiling = pk["stream"]["rate"] if rec["rate_unit"] == "GB/s" else pk["gemm"]["rate"]
+    return rec["rate"] / ceiling if ceiling > 0 else None
+
+
+def peaks_text(peaks: dict) -> str:
+    """One line per dtype describing the measured ceilings."""
+    lines = []
+    for dtype, pk in peaks.items():
+        g, s = pk["gemm"], pk["stream"]
+        blas = f", {pk['blas']}" if pk.get("blas") else ""
+        lines.append(
+            f"{dtype}: GEMM {g['rate']:.1f} GFLOP/s (NumPy matmul {g['n']}^3{blas}), "
+            f"stream {s['rate']:.1f} GB/s (y = x * 1, {s['mib']:.0f} MiB moved), "
+            f"{pk['threads']} threads, own process; medians"
+        )
     return "\n".join(lines)

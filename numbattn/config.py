@@ -8,8 +8,11 @@ force multi-tile paths on tiny inputs without triggering a recompilation::
 
 # --- CPU (numbattn.cpu) ----------------------------------------------------
 #: Query rows handled by one parallel work item of the fused kernel and of
-#: ``scores``. Also the granularity of load balancing across threads.
-CPU_QUERY_TILE = 64
+#: ``scores``. Also the granularity of load balancing across threads. Each
+#: work item packs its K and V tiles again, so taller tiles amortise the
+#: packing: 128 ran 1.03-1.5x faster than 64 at the four shapes of issue 12
+#: (fp32 and fp64, causal too; README "Performance").
+CPU_QUERY_TILE = 128
 #: Keys per online-softmax step of the fused kernel (and per ``scores`` tile).
 #: The working set is about CPU_QUERY_TILE x CPU_KEY_TILE scores plus a
 #: packed K and V tile, sized to stay in L1/L2.

@@ -74,6 +74,13 @@ def test_bench_quick_json():
             assert x["vs_torch"] > 0
     # progress is reported on stderr, stdout holds only the JSON document
     assert "[1/" in r.stderr
+    # the machine's ceilings, measured in the same run, and each kernel's fraction
+    assert set(doc["peaks"]) == {"float32", "float64"}
+    for x in results:
+        pk = doc["peaks"][x["dtype"]]
+        ceiling = pk["stream" if x["kernel"] == "softmax" else "gemm"]["rate"]
+        assert ceiling > 0
+        assert x["of_peak"] == pytest.approx(x["rate"] / ceiling)
 
 
 def test_bench_table_and_options():
@@ -136,3 +143,40 @@ def test_work_counts():
     sm = _bench.Problem("softmax", 2, 3, 128, 64, "float64")
     assert sm.shape == (2, 3, 128, 128)
     assert sm.work() == (2.0 * 2 * 3 * 128 * 128 * 8, "GB/s")
+
+
+def test_of_peak_and_text():
+    peaks = {
+        "float32": {
+            "dtype": "float32", "threads": 2, "blas": "openblas 0.3 SkylakeX",
+            "gemm": {"n": 64, "rate": 200.0, "best": 210.0, "repeats": 3},
+            "stream": {"mib": 256.0, "rate": 40.0, "best": 41.0, "repeats": 3},
+        }
+    }  # fmt: skip
+    rec = {"dtype": "float32", "rate": 50.0, "rate_unit": "GFLOP/s"}
+    assert _bench.of_peak(rec, peaks) == 0.25
+    assert _bench.of_peak(dict(rec, rate_unit="GB/s"), peaks) == 1.25
+    assert _bench.of_peak(dict(rec, dtype="float64"), peaks) is None
+    assert _bench.of_peak(rec, None) is None
+    text = _bench.peaks_text(peaks)
+    assert "GEMM 200.0 GFLOP/s" in text and "stream 40.0 GB/s" in text and "SkylakeX" in text
+
+
+def test_machine_peaks_child_process():
+    pk = _bench.machine_peaks("float64", 1, n=64, min_time=0.0)
+    assert pk["dtype"] == "float64" and pk["threads"] == 1
+    assert pk["gemm"]["n"] == 64 and pk["gemm"]["rate"] > 0 and pk["gemm"]["repeats"] >= 3
+    assert pk["stream"]["rate"] > 0
+
+
+def test_info_lists_pools_and_warnings():
+    r = run_cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert isinstance(info["warnings"], list)
+    pools = info["thread_pools"]
+    if pools is None:  # threadpoolctl not installed
+        return
+    assert any(p["user_api"] == "blas" for p in pools)  # NumPy's BLAS
+    if info["threading"]["layer"] == "omp":
+        assert any(p["user_api"] == "openmp" for p in pools)
