@@ -251,7 +251,6 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
 
 
-
 def attention_backward_args(
     q,
     k,

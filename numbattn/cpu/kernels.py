@@ -1034,7 +1034,6 @@ def _attention_backward_impl(
 
     # 2. dK, dV per key tile; dQ per slice.
     krows_max = max(max_keys, 0)
-    n_kt = (krows_max + kt - 1) // kt
     n_kitems = g1 * hk * ns
     kchunk = (n_kitems + nthr - 1) // nthr
     rows = (max(1, min(qtt, max_rows)) + _MR - 1) // _MR * _MR
