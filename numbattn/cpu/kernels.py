@@ -874,6 +874,12 @@ merge_kernel = OneLayoutKernel(_merge_impl, MergeArgs, _SERIAL_OPTS)
 # accumulators hold splits x (real rows, d) per head: splits is 1 when there
 # are enough key heads for the threads, so memory stays O(N). Results are
 # bitwise reproducible for a given thread count (splits depends on it).
+#
+# Masked pairs never leak: P is exactly 0 there, dS is forced to 0 where P
+# is 0 (dP may be NaN for a masked key's NaN value), rows with no visible
+# key (lse -inf) and padding rows are packed as zeros, and a key tile with
+# a non-finite key accumulates dS K key by key over P > 0 (as the forward
+# does for values).
 
 
 @njit(nogil=True, cache=True)
@@ -1052,6 +1058,7 @@ def _attention_backward_impl(
         w = _work_item(pos, kchunk, nthr)
         if w >= n_kitems:
             continue
+        kbad = False
         a = w // (hk * ns)
         kb = (w // ns) % hk
         sl = w % ns
@@ -1076,6 +1083,8 @@ def _attention_backward_impl(
             if kn > 0:
                 _pack_transposed(k, a, kb, k_off + j0, kn, ktr)
                 _pack_rows(k, a, kb, k_off + j0, kn, kr)
+                # A NaN or inf key: dQ += dS K key by key over P > 0 only.
+                kbad = not math.isfinite(_sum(kr.reshape(kr.size), kn * d))
                 _pack_transposed(v, a, kb, k_off + j0, kn, vt)
             for g in range(group if kn > 0 else 0):
                 b = b0 + g
@@ -1096,9 +1105,10 @@ def _attention_backward_impl(
                     mp = (m + _MR - 1) // _MR * _MR
                     _pack_rows(q, a, b, q_off + i0, m, qs)
                     _pack_rows(dout, a, b, q_off + i0, m, dos)
-                    for r in range(m, mp):
-                        _fill(qs[r], d, zero)
-                        _fill(dos[r], dvn, zero)
+                    for r in range(mp):  # padding rows, rows with no visible key
+                        if r >= m or lse[a, b, q_off + i0 + r] == ninf:
+                            _fill(qs[r], d, zero)
+                            _fill(dos[r], dvn, zero)
                     # Columns kn .. knp stay 0: the dV / dK products read them.
                     for r in range(mp):
                         _zero_row(s[r], 0, knp)
@@ -1136,7 +1146,13 @@ def _attention_backward_impl(
                         _ds_row(srow, dp[r], kn, delta[a, b, q_off + i])
                     # dQ_slice += dS K; dV += P^T dO; dK += dS^T Q.
                     dqs = acc[sl, ab + i0 : ab + i0 + mp]
-                    _gemm_acc(dp, kr, dqs, mp, d, kn, d, tri)
+                    if kbad:
+                        for r in range(m):
+                            for jj in range(kn):
+                                if s[r, jj] != zero:
+                                    _axpy(dqs[r], kr[jj], dp[r, jj], d)
+                    else:
+                        _gemm_acc(dp, kr, dqs, mp, d, kn, d, tri)
                     _gemm_tn_acc(s, dos, dva, knp, dvn, mp)
                     _gemm_tn_acc(dp, qs, dka, knp, d, mp)
             for jj in range(kw):
