@@ -197,7 +197,7 @@ def torch_fns(torch) -> dict[str, Callable]:
         def prepare():
             for x in leaves:
                 x.grad = None
-            graph[:] = [t_attention(*leaves, scale, causal)]
+            graph[:] = [t_attention(leaves[0], leaves[1], leaves[2], scale, causal)]
 
         def run():
             graph.pop().backward(dout)
