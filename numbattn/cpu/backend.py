@@ -11,7 +11,7 @@ import numpy as np
 from .. import config
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import AttentionArgs, AttentionBackwardArgs, MergeArgs, ScoresArgs, SoftmaxArgs
 
 name = "cpu"
 
@@ -249,3 +249,107 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     if lse is None:  # not wanted: the kernel writes it to scratch
         lse = np.empty(o1.shape[:3], dtype=o1.dtype)
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
+
+
+def attention_backward_args(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> AttentionBackwardArgs:
+    """The backward kernel's arguments for the backend call of the same name
+    (tiles: numbattn.config's unless given). Run with
+    ``attention_backward_kernel(*args)``.
+
+    ``splits``: key-tile slices per key head, each with its own dQ
+    accumulator (rows x d): enough work items for twice the threads, so a
+    single head still keeps every thread busy; 1 when there are enough
+    heads (then the accumulators are one dq-sized array), and never more
+    than ``config.CPU_BWD_SPLIT_BYTES`` of accumulators allow."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    k_tile = config.CPU_BWD_KEY_TILE if k_tile is None else k_tile
+    n_threads = _threads()
+    heads = q.shape[0] * k.shape[1]
+    key_tiles = -(-int(max_keys) // max(1, k_tile))
+    # Memory cap: the accumulators (splits x rows x d) stay within
+    # CPU_BWD_SPLIT_BYTES, or one dq-sized array when dq alone is larger.
+    acc_bytes = q.shape[0] * q.shape[1] * (int(max_rows) + 3) * q.shape[3] * q.itemsize
+    cap = config.CPU_BWD_SPLIT_BYTES // max(1, acc_bytes)
+    splits = max(1, min(-(-2 * n_threads // max(1, heads)), key_tiles, cap))
+    return AttentionBackwardArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        dout=dout,
+        delta=delta,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        key_rows=int(key_rows),
+        max_keys=int(max_keys),
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        q_tile=config.CPU_BWD_QUERY_TILE if q_tile is None else q_tile,
+        k_tile=k_tile,
+        splits=splits,
+        n_threads=n_threads,
+    )
+
+
+def attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    stream=None,
+):
+    from .kernels import attention_backward_kernel
+
+    _call(
+        attention_backward_kernel,
+        attention_backward_args(
+            q, k, v, out, lse, dout, delta, dq, dk, dv, seq, max_rows, key_rows, max_keys,
+            bias, mask, scale, window_left, window_right,
+        ),
+    )  # fmt: skip
