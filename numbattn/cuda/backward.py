@@ -1,0 +1,501 @@
+"""CUDA kernels of the attention backward pass (FlashAttention-2's recurrence).
+
+Given the forward's ``out`` and ``lse`` and the incoming gradient ``dout``,
+with ``P = exp(S - lse)`` recomputed tile by tile (``S = scale * q k^T +
+bias``, masked entries excluded) and ``D = rowsum(dout * out)``::
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),
+    dQ = scale * dS K,   dK = scale * dS^T Q.
+
+No Nq x Nk array exists: two kernels recompute P, each accumulating its
+outputs in registers, and neither uses atomics, so the gradients are
+**deterministic** (bitwise the same on every run and for every launch
+order; the float sums run in a fixed order):
+
+1. the *query* kernel (``kv=False``), one block per (batch element, query
+   head, tile of BR query rows), computes D for its rows (written to a
+   scratch array ``delta`` shaped like ``lse``), then streams the key tiles
+   its rows can see and accumulates ``dQ``;
+2. the *key* kernel (``kv=True``), one block per (batch element, key head,
+   tile of BR key rows), keeps K and V of its keys in shared memory and
+   streams, for each query head of the key head's group (grouped-query
+   attention: dK and dV are summed over the group in registers, in head
+   order), the query tiles that can see its keys, accumulating ``dK`` and
+   ``dV``. It reads the D the query kernel wrote (same stream: ordered).
+
+One factory (:func:`make_backward`) builds both: the block's *own* rows
+(queries, or keys) stay resident in shared memory (A1 = Q or K, width d;
+A2 = dO or V, width dv) and the *streamed* rows arrive BC at a time (B1 = K
+or Q, B2 = V or dO). Per streamed tile:
+
+* S = A1 B1^T and dP = A2 B2^T (transposed for the key kernel): thread
+  (tr, tc) computes an RR x RC register micro-tile (own rows ``tr + TR*a``,
+  streamed rows ``tc + TC*b``), reading PV consecutive head dimensions per
+  (vector) shared-memory load, as the forward kernel;
+* visibility (lengths, window, causal: the bottom-right diagonal offset of
+  the sequence table, computed in one place per block; mask; a -inf bias),
+  ``P = exp(S - lse)`` and ``dS = P (dP - D)`` for visible elements, exact
+  zeros elsewhere (a masked key or query contributes nothing, and rows whose
+  lse is -inf, which see no key, get zero gradients, never NaN);
+* P and dS go to shared memory, and each thread accumulates RR own rows x
+  (d or dv)/TC columns (groups of CV adjacent columns) of the outputs:
+  ``dQ += dS K`` (query kernel), ``dV += P^T dO`` and ``dK += dS^T Q`` (key
+  kernel); ``scale`` is applied once at the end.
+
+The visited range of streamed tiles is the one the block's rows can see
+(causal, window and lengths cost nothing outside it): visiting it
+heaviest-first (last query tiles, first key tiles). Rows and keys outside
+the lengths are never read: tiles are zero-filled past them. The key
+kernel writes dK/dV for all its key rows: rows past K_LEN get zeros
+(``k_rows`` tells it how many rows a sequence owns: the whole of k's axis
+for dense batches, K_LEN for packed varlen sequences).
+
+Head dimensions are compile-time: the backend builds one kernel per
+(dtype, geometry, DP, DVP), DP and DVP being d and dv rounded up to CV*TC
+columns (padded columns are zero and cost a little arithmetic). The whole
+rows stay in shared memory (48 KiB static): the backend picks the largest
+tiles of numbattn.config that fit (:func:`backward_shared_bytes`).
+
+No warp-level code: the hardware path (``hw``) differs from the portable
+one the simulator runs only by launch bounds and 16-byte aligned shared
+memory (vector loads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, int64, uint32
+
+from .kernels import _on_simulator, _stride, _types, _vec
+
+U = uint32
+
+
+def backward_vec(dtype) -> int:
+    """Columns per vector access (16 bytes: 4 float32, 2 float64)."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def padded_dim(n: int, dtype, TC: int) -> int:
+    """Head dimension ``n`` rounded up to a multiple of CV*TC (at least that)."""
+    unit = backward_vec(dtype) * TC
+    return max(unit, -(-int(n) // unit) * unit)
+
+
+def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
+    """Shared-memory layout of :func:`make_backward`: element offsets and strides."""
+    isz = np.dtype(dtype).itemsize
+    al = 16 // isz
+    BR, BC = TR * RR, TC * RC
+    # Row strides == 16 bytes (mod 128): the lanes of a vector-load phase read
+    # distinct rows at distinct bank groups; P/dS rows == 32 (mod 128).
+    lay = dict(AS=_stride(DP, isz, 16), AVS=_stride(DVP, isz, 16), PS=_stride(BC, isz, 32))
+    off = 0
+    for name, size in (
+        ("A1", BR * lay["AS"]),
+        ("A2", BR * lay["AVS"]),
+        ("B1", BC * lay["AS"]),
+        ("B2", BC * lay["AVS"]),
+        ("PT", BR * lay["PS"] if kv else 0),
+        ("DS", BR * lay["PS"]),
+        ("L", BC if kv else 0),  # lse of the streamed queries (key kernel)
+        ("DD", BC if kv else BR),  # D of the streamed (key) or own (query) rows
+    ):
+        lay["OFF_" + name] = off
+        off += -(-size // al) * al
+    lay["TOTAL"] = max(off, 1)
+    return lay
+
+
+def backward_shared_bytes(dtype, kv, TR, TC, RR, RC, DP, DVP) -> int:
+    lay = backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP)
+    return lay["TOTAL"] * np.dtype(dtype).itemsize
+
+
+def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
+    """The query (``kv=False``) or key (``kv=True``) kernel of the backward pass.
+
+    Signature (:class:`numbattn.cuda.args.BackwardArgs`)::
+
+        kernel(q, k, v, out, dout, lse, delta, dq, dk, dv, seq, bias, mask,
+               scale, n_tiles, k_rows, wl, wr, has_bias, has_mask)
+
+    q, out, dout, dq (G1, Hq, Tq, d or dv); k, v, dk, dv (G1, Hk, Tk, d or
+    dv) with d <= DP, dv <= DVP; lse and delta (G1, Hq, Tq) (the query
+    kernel writes delta, the key kernel reads it); seq, bias, mask, scale,
+    windows as the forward kernels. ``n_tiles``: own-row tiles per sequence;
+    ``k_rows``: rows of dk/dv a sequence writes (-1: its K_LEN). Launch:
+    grid = G1 * (Hq or Hk) * n_tiles, block = TR*TC threads.
+    """
+    nt, sc_t = _types(dtype)
+    KV = bool(kv)
+    NT = TR * TC
+    BR, BC = TR * RR, TC * RC
+    CV = backward_vec(dtype)  # adjacent output columns per group, dims per vector read
+    PV = CV
+    JV = _vec(BC)  # streamed rows per vector read of P / dS
+    NCD = DP // TC  # output columns per thread, width d
+    NCV = DVP // TC if KV else 1  # width dv (dV, key kernel)
+    NCX = max(NCD, NCV)
+    lay = backward_layout(dtype, KV, TR, TC, RR, RC, DP, DVP)
+    AS, AVS, PS = (U(lay[x]) for x in ("AS", "AVS", "PS"))
+    ASI, AVSI, PSI = lay["AS"], lay["AVS"], lay["PS"]
+    OFF_A1, OFF_A2, OFF_B1, OFF_B2 = (U(lay[x]) for x in ("OFF_A1", "OFF_A2", "OFF_B1", "OFF_B2"))
+    OFF_PT, OFF_DS, OFF_L, OFF_DD = (U(lay[x]) for x in ("OFF_PT", "OFF_DS", "OFF_L", "OFF_DD"))
+    TOTAL = lay["TOTAL"]
+    ALIGN = 16 if hw else None
+    NINF = sc_t(-np.inf)
+    PINF = sc_t(np.inf)
+    ZERO = sc_t(0.0)
+    BIG = 1 << 40  # "unbounded" window side
+    I31 = (1 << 31) - 1
+    M32 = (1 << 32) - 1
+    # The key index minus the query index of element (a, b) is
+    # SG * (own - streamed): keys are the own rows of the key kernel.
+    SG = 1 if KV else -1
+    uTC = U(TC)
+    opts = {}
+    if hw and NT % 32 == 0 and not _on_simulator():
+        # At most 128 registers (float32: 16 warps per SM) or 168 (float64),
+        # as shared memory allows.
+        want = max(1, -(-(512 if np.dtype(dtype) == np.float32 else 384) // NT))
+        smem = TOTAL * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+
+    @cuda.jit(**opts)
+    def backward_kernel(
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        delta,
+        dq,
+        dk,
+        dv,
+        seq,
+        bias,
+        mask,
+        scale,
+        n_tiles,
+        k_rows,
+        wl,
+        wr,
+        has_bias,
+        has_mask,
+    ):
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
+        s = cuda.local.array((RR, RC), nt)
+        dp = cuda.local.array((RR, RC), nt)
+        af = cuda.local.array((RR, PV), nt)
+        bf = cuda.local.array((RC, PV), nt)
+        pf = cuda.local.array((RR, JV), nt)
+        df = cuda.local.array((RR, JV), nt)
+        cf = cuda.local.array(NCX, nt)
+        acc1 = cuda.local.array((RR, NCD), nt)  # dQ (query kernel) or dK
+        acc2 = cuda.local.array((RR, NCV), nt)  # dV (key kernel)
+        own_l = cuda.local.array(RR, nt)  # query kernel: lse of its rows
+        own_d = cuda.local.array(RR, nt)  # query kernel: D of its rows
+
+        hq_n = q.shape[1]
+        group = hq_n // k.shape[1]
+        d = q.shape[3]
+        dvw = v.shape[3]
+        g2n = k.shape[1] if KV else hq_n
+        bid = cuda.blockIdx.x
+        # Heaviest tiles first under causal masking: the first key tiles,
+        # the last query tiles.
+        tile = bid % n_tiles if KV else n_tiles - 1 - bid % n_tiles
+        rest = bid // n_tiles
+        b2 = U(rest % g2n)
+        b1 = U(rest // g2n)
+        o0 = tile * BR
+        h0 = b2 * U(group) if KV else b2  # a query head of this block's table rows
+        k_off = seq[b1, h0, 3]
+        k_len = seq[b1, h0, 4]
+        if KV:
+            own_off = k_off
+            own_len = k_len
+            own_rows = k_len if k_rows < 0 else k_rows
+        else:
+            own_off = seq[b1, h0, 0]
+            own_len = seq[b1, h0, 1]
+            own_rows = seq[b1, h0, 2]
+        if o0 >= own_rows:
+            return  # whole block: past this sequence's rows
+        utid = U(cuda.threadIdx.x)
+        utc = utid % uTC
+        utr = utid // uTC
+        tc = int64(utc)
+        tr = int64(utr)
+        hk = U(b2 if KV else b2 // U(group))
+
+        # Own rows, resident: A1 (Q or K, width d), A2 (dO or V, width dv),
+        # zero-filled past own_len and past the head dimensions.
+        idx = utid
+        while idx < U(BR * DP):
+            r = U(idx // U(DP))
+            p = U(idx % U(DP))
+            val = ZERO
+            if r < own_len - o0 and p < d:
+                if KV:
+                    val = k[b1, hk, U(own_off + o0 + r), p]
+                else:
+                    val = q[b1, b2, U(own_off + o0 + r), p]
+            sh[U(OFF_A1 + r * AS + p)] = val
+            idx = U(idx + U(NT))
+        idx = utid
+        while idx < U(BR * DVP):
+            r = U(idx // U(DVP))
+            p = U(idx % U(DVP))
+            val = ZERO
+            if r < own_len - o0 and p < dvw:
+                if KV:
+                    val = v[b1, hk, U(own_off + o0 + r), p]
+                else:
+                    val = dout[b1, b2, U(own_off + o0 + r), p]
+            sh[U(OFF_A2 + r * AVS + p)] = val
+            idx = U(idx + U(NT))
+        if not KV:
+            # D = rowsum(dO * O) of the own rows (one thread a row), for
+            # this kernel and, through delta, the key kernel.
+            if utid < U(BR):
+                r = utid
+                tot = ZERO
+                if r < own_len - o0:
+                    row = U(own_off + o0 + r)
+                    for c in range(dvw):
+                        tot += dout[b1, b2, row, c] * out[b1, b2, row, c]
+                sh[OFF_DD + r] = tot
+                if r < own_rows - o0:
+                    delta[b1, b2, U(own_off + o0 + r)] = tot
+        cuda.syncthreads()
+        for a in range(RR):
+            for c in range(NCD):
+                acc1[a, c] = ZERO
+            for c in range(NCV):
+                acc2[a, c] = ZERO
+            if not KV:
+                r = tr + TR * a
+                x = PINF  # rows past own_len: no visible key
+                if r < own_len - o0:
+                    x = lse[b1, b2, U(own_off + o0 + r)]
+                    if x == NINF:
+                        x = PINF  # no visible key: exp(s - inf) = 0
+                own_l[a] = x
+                own_d[a] = sh[OFF_DD + U(r)]
+
+        n_heads = group if KV else 1
+        for g in range(n_heads):
+            h = U(h0 + U(g)) if KV else b2
+            q_off = seq[b1, h, 0]
+            q_len = seq[b1, h, 1]
+            offset = k_len - q_len  # the diagonal offset: visibility's one input
+            lo_base = -BIG  # key j visible to query i iff lo_base <= j - i < hi_base
+            hi_base = BIG
+            if wl >= 0:
+                lo_base = offset - wl
+            if wr >= 0:
+                hi_base = offset + wr + 1
+            # Streamed rows [slo, shi) that any own row can see.
+            slo = 0
+            shi = 0
+            if KV:
+                j1 = min(o0 + BR, k_len)
+                if j1 > o0:
+                    slo = max(0, o0 - hi_base + 1)
+                    shi = min(q_len, j1 - lo_base)
+                s_len = q_len
+                s_off = q_off
+            else:
+                if o0 < q_len:
+                    slo = max(0, o0 + lo_base)
+                    shi = min(k_len, min(o0 + BR, q_len) - 1 + hi_base)
+                s_len = k_len
+                s_off = k_off
+            n_st = 0
+            if shi > slo:
+                n_st = (shi - slo + BC - 1) // BC
+            ocnt = U(min(max(own_len - o0 - tr, 0), BR))  # real own rows: TR*a < ocnt
+            for st in range(n_st):
+                s0 = slo + st * BC
+                ns = shi - s0
+                # Streamed rows: B1 (K or Q, width d), B2 (V or dO, width dv).
+                idx = utid
+                while idx < U(BC * DP):
+                    r = U(idx // U(DP))
+                    p = U(idx % U(DP))
+                    val = ZERO
+                    if r < ns and p < d:
+                        if KV:
+                            val = q[b1, h, U(s_off + s0 + r), p]
+                        else:
+                            val = k[b1, hk, U(s_off + s0 + r), p]
+                    sh[U(OFF_B1 + r * AS + p)] = val
+                    idx = U(idx + U(NT))
+                idx = utid
+                while idx < U(BC * DVP):
+                    r = U(idx // U(DVP))
+                    p = U(idx % U(DVP))
+                    val = ZERO
+                    if r < ns and p < dvw:
+                        if KV:
+                            val = dout[b1, h, U(s_off + s0 + r), p]
+                        else:
+                            val = v[b1, hk, U(s_off + s0 + r), p]
+                    sh[U(OFF_B2 + r * AVS + p)] = val
+                    idx = U(idx + U(NT))
+                if KV:
+                    if utid < U(BC):
+                        lx = PINF
+                        dx = ZERO
+                        if utid < ns:
+                            row = U(s_off + s0 + utid)
+                            lx = lse[b1, h, row]
+                            if lx == NINF:
+                                lx = PINF
+                            dx = delta[b1, h, row]
+                        sh[OFF_L + utid] = lx
+                        sh[OFF_DD + utid] = dx
+                cuda.syncthreads()
+                # S = A1 B1^T, dP = A2 B2^T: own rows tr + TR*a, streamed
+                # rows tc + TC*b, PV consecutive dims per (vector) read.
+                for a in range(RR):
+                    for b in range(RC):
+                        s[a, b] = ZERO
+                        dp[a, b] = ZERO
+                npv = U((d + PV - 1) // PV)
+                pa = OFF_A1 + utr * AS
+                pb = OFF_B1 + utc * AS
+                for pi in range(npv):
+                    for a in range(RR):
+                        for e in range(PV):
+                            af[a, e] = sh[pa + U(a * TR * ASI + e)]
+                    for b in range(RC):
+                        for e in range(PV):
+                            bf[b, e] = sh[pb + U(b * TC * ASI + e)]
+                    for e in range(PV):
+                        for a in range(RR):
+                            for b in range(RC):
+                                s[a, b] += af[a, e] * bf[b, e]
+                    pa = U(pa + U(PV))
+                    pb = U(pb + U(PV))
+                npv = U((dvw + PV - 1) // PV)
+                pa = OFF_A2 + utr * AVS
+                pb = OFF_B2 + utc * AVS
+                for pi in range(npv):
+                    for a in range(RR):
+                        for e in range(PV):
+                            af[a, e] = sh[pa + U(a * TR * AVSI + e)]
+                    for b in range(RC):
+                        for e in range(PV):
+                            bf[b, e] = sh[pb + U(b * TC * AVSI + e)]
+                    for e in range(PV):
+                        for a in range(RR):
+                            for b in range(RC):
+                                dp[a, b] += af[a, e] * bf[b, e]
+                    pa = U(pa + U(PV))
+                    pb = U(pb + U(PV))
+                # Visibility: key - query = SG*(own - streamed) = diag +
+                # SG*(TR*a - TC*b); the window test is one unsigned compare
+                # (as the forward kernel), the counts clamp to the tile.
+                diag = SG * ((o0 - s0) + (tr - tc))
+                dl = diag - max(lo_base, -I31)
+                wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+                scnt = U(min(max(min(s_len, shi) - s0 - tc, 0), BC))  # TC*b < scnt
+                for a in range(RR):
+                    r = tr + TR * a
+                    orow = own_off + o0 + r
+                    for b in range(RC):
+                        c = tc + TC * b
+                        srow = s_off + s0 + c
+                        vis = (
+                            U((dl + SG * (TR * a - TC * b)) & M32) < wid
+                            and U(TR * a) < ocnt
+                            and U(TC * b) < scnt
+                        )
+                        if KV:
+                            qrow = U(srow)
+                            kcol = U(orow)
+                        else:
+                            qrow = U(orow)
+                            kcol = U(srow)
+                        if vis and has_mask:
+                            vis = mask[b1, h, qrow, kcol]
+                        pv = ZERO
+                        dsv = ZERO
+                        if vis:
+                            x = s[a, b] * scale
+                            if has_bias:
+                                x += bias[b1, h, qrow, kcol]
+                            if KV:
+                                lx = sh[OFF_L + U(c)]
+                                dx = sh[OFF_DD + U(c)]
+                            else:
+                                lx = own_l[a]
+                                dx = own_d[a]
+                            if x != NINF:  # a -inf bias masks
+                                pv = math.exp(x - lx)
+                                dsv = pv * (dp[a, b] - dx)
+                        if KV:
+                            sh[U(OFF_PT + U(r) * PS + U(c))] = pv
+                        sh[U(OFF_DS + U(r) * PS + U(c))] = dsv
+                cuda.syncthreads()
+                # dQ += dS K (query kernel); dK += dS^T Q and dV += P^T dO
+                # (key kernel): own rows tr + TR*a, columns
+                # CV*tc + CV*TC*g + w; JV streamed rows per read of dS / P.
+                pp = OFF_DS + utr * PS
+                pt = OFF_PT + utr * PS
+                pb = OFF_B1 + utc * U(CV)
+                pv2 = OFF_B2 + utc * U(CV)
+                for ci in range(BC // JV):
+                    for a in range(RR):
+                        for e in range(JV):
+                            df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                            if KV:
+                                pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                    for e in range(JV):
+                        cr = ci * JV + e
+                        for x in range(NCD):
+                            cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                        for a in range(RR):
+                            for x in range(NCD):
+                                acc1[a, x] += df[a, e] * cf[x]
+                        if KV:
+                            for x in range(NCV):
+                                cf[x] = sh[pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)]
+                            for a in range(RR):
+                                for x in range(NCV):
+                                    acc2[a, x] += pf[a, e] * cf[x]
+                cuda.syncthreads()
+
+        for a in range(RR):
+            r = o0 + tr + TR * a
+            if r < own_rows:
+                row = U(own_off + r)
+                for x in range(NCD):
+                    col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
+                    if col < d:
+                        if KV:
+                            dk[b1, b2, row, col] = acc1[a, x] * scale
+                        else:
+                            dq[b1, b2, row, col] = acc1[a, x] * scale
+                if KV:
+                    for x in range(NCV):
+                        col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
+                        if col < dvw:
+                            dv[b1, b2, row, col] = acc2[a, x]
+
+    backward_kernel.geometry = dict(
+        threads=NT,
+        own_tile=BR,
+        streamed_tile=BC,
+        head_dims=DP,
+        value_dims=DVP,
+        shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+        path="hardware" if hw else "simulator",
+    )
+    return backward_kernel
