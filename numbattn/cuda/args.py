@@ -109,7 +109,8 @@ class BackwardArgs(NamedTuple):
     """``backward_kernel`` (both kernels of :mod:`numbattn.cuda.backward`):
     gradients of attention, ``n_tiles`` own-row tiles per sequence; the
     query kernel writes ``dq`` and ``delta``, the key kernel ``dk`` and ``dv``
-    (``k_rows``: dk/dv rows per sequence, -1 for its key length)."""
+    (``k_rows``: dk/dv rows per sequence beyond its key length, as
+    ``key_rows`` of :meth:`numbattn._backend.Backend.attention_backward`)."""
 
     q: Arr4
     k: Arr4

@@ -46,9 +46,9 @@ The visited range of streamed tiles is the one the block's rows can see
 (causal, window and lengths cost nothing outside it): visiting it
 heaviest-first (last query tiles, first key tiles). Rows and keys outside
 the lengths are never read: tiles are zero-filled past them. The key
-kernel writes dK/dV for all its key rows: rows past K_LEN get zeros
-(``k_rows`` tells it how many rows a sequence owns: the whole of k's axis
-for dense batches, K_LEN for packed varlen sequences).
+kernel writes dK/dV for all the key rows a sequence owns, ``max(K_LEN,
+k_rows)`` (``k_rows``: the whole of k's axis for dense batches, 0 for
+packed varlen sequences): rows past K_LEN get zeros.
 
 Head dimensions are compile-time: the backend builds one kernel per
 (dtype, geometry, DP, DVP), DP and DVP being d and dv rounded up to CV*TC
@@ -126,7 +126,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     dv) with d <= DP, dv <= DVP; lse and delta (G1, Hq, Tq) (the query
     kernel writes delta, the key kernel reads it); seq, bias, mask, scale,
     windows as the forward kernels. ``n_tiles``: own-row tiles per sequence;
-    ``k_rows``: rows of dk/dv a sequence writes (-1: its K_LEN). Launch:
+    ``k_rows``: a sequence writes dk/dv rows ``K_OFF .. K_OFF + max(K_LEN,
+    k_rows) - 1`` (dense: Nk; packed varlen: 0). Launch:
     grid = G1 * (Hq or Hk) * n_tiles, block = TR*TC threads.
     """
     nt, sc_t = _types(dtype)
@@ -158,9 +159,11 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     uTC = U(TC)
     opts = {}
     if hw and NT % 32 == 0 and not _on_simulator():
-        # At most 128 registers (float32: 16 warps per SM) or 168 (float64),
-        # as shared memory allows.
-        want = max(1, -(-(512 if np.dtype(dtype) == np.float32 else 384) // NT))
+        # Resident threads per SM asked of ptxas (registers: 65536 / that),
+        # as shared memory allows: 512 (128 registers) for the float32 query
+        # kernel, 384 (168) for the rest (at 128, the float32 key kernel,
+        # with dK and dV in registers, spills).
+        want = max(1, -(-(512 if np.dtype(dtype) == np.float32 and not KV else 384) // NT))
         smem = TOTAL * np.dtype(dtype).itemsize + 1024
         opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 
@@ -219,7 +222,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
         if KV:
             own_off = k_off
             own_len = k_len
-            own_rows = k_len if k_rows < 0 else k_rows
+            own_rows = max(k_len, k_rows)
         else:
             own_off = seq[b1, h0, 0]
             own_len = seq[b1, h0, 1]
