@@ -538,7 +538,8 @@ def kernel_launches(dtype) -> list[dict]:
     "threads", "geometry"}`` (``args``: the typed description of the kernel's
     arguments, from which ``signature`` is built) and ``"path"`` where the simulator runs other code than a
     GPU (the attention kernel: ``"hardware"`` and ``"simulator"``), which
-    ``python -m numbattn gpu-report`` compiles."""
+    ``python -m numbattn gpu-report`` compiles; the backward kernels at
+    d = dv = 64 (:func:`backward_launches`)."""
     dtype = np.dtype(dtype)
     att, geo = _attention_kernel(dtype, hw=True)
     att_sim, _ = _attention_kernel(dtype, hw=False)
@@ -553,43 +554,47 @@ def kernel_launches(dtype) -> list[dict]:
         head_chunk=dc,
         value_chunk=tx * rc,
     )
-    return [
-        dict(
-            kernel="attention",
-            path=path,
-            dispatcher=disp,
-            args=AttentionArgs,
-            signature=attention_signature(dtype),
-            threads=ty * tx,
-            geometry=attention_geo,
-        )
-        for path, disp in (("hardware", att), ("simulator", att_sim))
-    ] + [
-        dict(
-            kernel="scores",
-            dispatcher=sc,
-            args=ScoresArgs,
-            signature=scores_signature(dtype),
-            threads=t * t,
-            geometry=dict(tile=t),
-        ),
-        dict(
-            kernel="softmax",
-            dispatcher=sm,
-            args=SoftmaxArgs,
-            signature=softmax_signature(dtype),
-            threads=nt,
-            geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
-        ),
-        dict(
-            kernel="merge",
-            dispatcher=_merge_kernel(dtype),
-            args=MergeArgs,
-            signature=merge_signature(dtype),
-            threads=_MERGE_THREADS,
-            geometry=dict(threads=_MERGE_THREADS),
-        ),
-    ]
+    return (
+        [
+            dict(
+                kernel="attention",
+                path=path,
+                dispatcher=disp,
+                args=AttentionArgs,
+                signature=attention_signature(dtype),
+                threads=ty * tx,
+                geometry=attention_geo,
+            )
+            for path, disp in (("hardware", att), ("simulator", att_sim))
+        ]
+        + [
+            dict(
+                kernel="scores",
+                dispatcher=sc,
+                args=ScoresArgs,
+                signature=scores_signature(dtype),
+                threads=t * t,
+                geometry=dict(tile=t),
+            ),
+            dict(
+                kernel="softmax",
+                dispatcher=sm,
+                args=SoftmaxArgs,
+                signature=softmax_signature(dtype),
+                threads=nt,
+                geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
+            ),
+            dict(
+                kernel="merge",
+                dispatcher=_merge_kernel(dtype),
+                args=MergeArgs,
+                signature=merge_signature(dtype),
+                threads=_MERGE_THREADS,
+                geometry=dict(threads=_MERGE_THREADS),
+            ),
+        ]
+        + backward_launches(dtype)
+    )
 
 
 def _dummy(dtype, ndim):
@@ -852,7 +857,6 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     _launch(kern, merge_signature(dtype), grid, _MERGE_THREADS, stream, args)
 
 
-
 # --------------------------------------------------------------------------
 # Backward (numbattn/cuda/backward.py)
 
@@ -901,7 +905,10 @@ def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
         from .backward import make_backward
 
         with _lock:
-            kern = _kernels.setdefault(key, make_backward(dtype, kv, *geo, hw=hw))
+            tr, tc, rr, rc, dp, dvp = geo
+            kern = _kernels.setdefault(
+                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw)
+            )
     return kern
 
 
@@ -911,8 +918,10 @@ def backward_signature(dtype) -> str:
 
 
 def backward_launches(dtype, d: int = 64, dv: int = 64) -> list[dict]:
-    """The backward kernels for head dims (d, dv) at numbattn.config's
-    geometry, described as :func:`kernel_launches` describes the others."""
+    """The backward kernels' hardware paths for head dims (d, dv) at
+    numbattn.config's geometry, described as :func:`kernel_launches`
+    describes the others (their simulator paths differ only by launch
+    bounds and shared-memory alignment)."""
     dtype = np.dtype(dtype)
     geo = backward_geometry(dtype, d, dv)
     tr, tc, rr, rc, dp, dvp = geo
@@ -927,15 +936,13 @@ def backward_launches(dtype, d: int = 64, dv: int = 64) -> list[dict]:
     return [
         dict(
             kernel=name,
-            path=path,
-            dispatcher=_backward_kernel(dtype, kv, geo, hw=path == "hardware"),
+            dispatcher=_backward_kernel(dtype, kv, geo, hw=True),
             args=BackwardArgs,
             signature=backward_signature(dtype),
             threads=tr * tc,
             geometry=geometry,
         )
         for name, kv in (("backward_dq", False), ("backward_dkdv", True))
-        for path in ("hardware", "simulator")
     ]
 
 

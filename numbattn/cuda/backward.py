@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, int64, uint32
+from numba import cuda, int32, int64, uint32
 
 from .kernels import _on_simulator, _stride, _types, _vec
 
@@ -326,7 +326,9 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
             for st in range(n_st):
                 s0 = slo + st * BC
                 ns = shi - s0
-                # Streamed rows: B1 (K or Q, width d), B2 (V or dO, width dv).
+                # Streamed rows: B1 (K or Q, width d), B2 (V or dO, width dv);
+                # bad: a NaN or inf staged (an int: for syncthreads_or).
+                bad = int32(0)
                 idx = utid
                 while idx < U(BC * DP):
                     r = U(idx // U(DP))
@@ -337,6 +339,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                             val = q[b1, h, U(s_off + s0 + r), p]
                         else:
                             val = k[b1, hk, U(s_off + s0 + r), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
                     sh[U(OFF_B1 + r * AS + p)] = val
                     idx = U(idx + U(NT))
                 idx = utid
@@ -349,6 +353,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                             val = dout[b1, h, U(s_off + s0 + r), p]
                         else:
                             val = v[b1, hk, U(s_off + s0 + r), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
                     sh[U(OFF_B2 + r * AVS + p)] = val
                     idx = U(idx + U(NT))
                 if KV:
@@ -373,7 +379,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                 npv = U((d + PV - 1) // PV)
                 pa = OFF_A1 + utr * AS
                 pb = OFF_B1 + utc * AS
-                for pi in range(npv):
+                for _pi in range(npv):
                     for a in range(RR):
                         for e in range(PV):
                             af[a, e] = sh[pa + U(a * TR * ASI + e)]
@@ -389,7 +395,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                 npv = U((dvw + PV - 1) // PV)
                 pa = OFF_A2 + utr * AVS
                 pb = OFF_B2 + utc * AVS
-                for pi in range(npv):
+                for _pi in range(npv):
                     for a in range(RR):
                         for e in range(PV):
                             af[a, e] = sh[pa + U(a * TR * AVSI + e)]
@@ -446,7 +452,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                         if KV:
                             sh[U(OFF_PT + U(r) * PS + U(c))] = pv
                         sh[U(OFF_DS + U(r) * PS + U(c))] = dsv
-                cuda.syncthreads()
+                vbad = cuda.syncthreads_or(bad)  # block-uniform
                 # dQ += dS K (query kernel); dK += dS^T Q and dV += P^T dO
                 # (key kernel): own rows tr + TR*a, columns
                 # CV*tc + CV*TC*g + w; JV streamed rows per read of dS / P.
@@ -454,25 +460,51 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                 pt = OFF_PT + utr * PS
                 pb = OFF_B1 + utc * U(CV)
                 pv2 = OFF_B2 + utc * U(CV)
-                for ci in range(BC // JV):
-                    for a in range(RR):
-                        for e in range(JV):
-                            df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
-                            if KV:
-                                pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
-                    for e in range(JV):
-                        cr = ci * JV + e
-                        for x in range(NCD):
-                            cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                # A NaN or inf in the streamed tile: masked entries (exact zeros)
+                # are skipped, never multiplied (0 * NaN); the plain copy of
+                # the loop carries no such test.
+                if vbad:
+                    for ci in range(BC // JV):
                         for a in range(RR):
+                            for e in range(JV):
+                                df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                                if KV:
+                                    pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                        for e in range(JV):
+                            cr = ci * JV + e
                             for x in range(NCD):
-                                acc1[a, x] += df[a, e] * cf[x]
-                        if KV:
-                            for x in range(NCV):
-                                cf[x] = sh[pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)]
+                                cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
                             for a in range(RR):
+                                for x in range(NCD):
+                                    if df[a, e] != ZERO:
+                                        acc1[a, x] += df[a, e] * cf[x]
+                            if KV:
                                 for x in range(NCV):
-                                    acc2[a, x] += pf[a, e] * cf[x]
+                                    cf[x] = sh[pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)]
+                                for a in range(RR):
+                                    for x in range(NCV):
+                                        if pf[a, e] != ZERO:
+                                            acc2[a, x] += pf[a, e] * cf[x]
+                else:
+                    for ci in range(BC // JV):
+                        for a in range(RR):
+                            for e in range(JV):
+                                df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                                if KV:
+                                    pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                        for e in range(JV):
+                            cr = ci * JV + e
+                            for x in range(NCD):
+                                cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                            for a in range(RR):
+                                for x in range(NCD):
+                                    acc1[a, x] += df[a, e] * cf[x]
+                            if KV:
+                                for x in range(NCV):
+                                    cf[x] = sh[pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)]
+                                for a in range(RR):
+                                    for x in range(NCV):
+                                        acc2[a, x] += pf[a, e] * cf[x]
                 cuda.syncthreads()
 
         for a in range(RR):
