@@ -68,7 +68,7 @@ import math
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
-from .kernels import _on_simulator, _stride, _types, _vec
+from .kernels import _dmma, _on_simulator, _stride, _types, _vec
 
 U = uint32
 
@@ -84,8 +84,17 @@ def padded_dim(n: int, dtype, TC: int) -> int:
     return max(unit, -(-int(n) // unit) * unit)
 
 
+def backward_mma_ok(dtype, TR, TC, RR, RC) -> bool:
+    """Whether float64 at this geometry runs on the tensor cores (DMMA):
+    whole warps of 8 own rows each (``TR*TC == 4*BR``) and streamed tiles
+    in 8-row n-tiles."""
+    NT, BR, BC = TR * TC, TR * RR, TC * RC
+    return np.dtype(dtype) == np.float64 and NT % 32 == 0 and NT == 4 * BR and BC % 8 == 0
+
+
 def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
     """Shared-memory layout of :func:`make_backward`: element offsets and strides."""
+    mma = backward_mma_ok(dtype, TR, TC, RR, RC)
     isz = np.dtype(dtype).itemsize
     al = 16 // isz
     BR, BC = TR * RR, TC * RC
@@ -102,6 +111,7 @@ def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
         ("DS", BR * lay["PS"]),
         ("L", BC if kv else 0),  # lse of the streamed queries (key kernel)
         ("DD", BC if kv else BR),  # D of the streamed (key) or own (query) rows
+        ("X", 2 * TR * TC if mma else 0),  # emulated mma.sync operands (simulator)
     ):
         lay["OFF_" + name] = off
         off += -(-size // al) * al
@@ -112,6 +122,37 @@ def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
 def backward_shared_bytes(dtype, kv, TR, TC, RR, RC, DP, DVP) -> int:
     lay = backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP)
     return lay["TOTAL"] * np.dtype(dtype).itemsize
+
+
+_EMUL: list = []
+
+
+def _emulated_mma():
+    """``emul(sh, xw, lane, g, t, a, b, c0, c1) -> (d0, d1)``: one
+    ``mma.sync.aligned.m8n8k4.row.col.f64`` for the simulator (no inline PTX),
+    as :func:`numbattn.cuda.kernels.make_attention_mma` emulates it: the warp's
+    lanes put their A and B elements in its 64-element scratch ``xw`` of
+    shared memory, a barrier, each lane computes its two D elements with the
+    fragment layout of :func:`numbattn.cuda.kernels._dmma`, a barrier. Every
+    thread of the block must call it the same number of times."""
+    if not _EMUL:
+
+        @cuda.jit(device=True)
+        def emul(sh, xw, lane, g, t, a, b, c0, c1):
+            sh[xw + lane] = a
+            sh[xw + U(32) + lane] = b
+            cuda.syncthreads()
+            d0 = c0
+            d1 = c1
+            for kk in range(4):
+                av = sh[xw + g * U(4) + U(kk)]
+                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+            cuda.syncthreads()
+            return d0, d1
+
+        _EMUL.append(emul)
+    return _EMUL[0]
 
 
 def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
@@ -146,6 +187,15 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     OFF_A1, OFF_A2, OFF_B1, OFF_B2 = (U(lay[x]) for x in ("OFF_A1", "OFF_A2", "OFF_B1", "OFF_B2"))
     OFF_PT, OFF_DS, OFF_L, OFF_DD = (U(lay[x]) for x in ("OFF_PT", "OFF_DS", "OFF_L", "OFF_DD"))
     TOTAL = lay["TOTAL"]
+    OFF_X = U(lay["OFF_X"])
+    MMA = backward_mma_ok(dtype, TR, TC, RR, RC)
+    HW = bool(hw)
+    NB = BC // 8  # n-tiles of S (tensor cores)
+    NOD = DP // 8  # n-tiles of the outputs, width d
+    NOV = DVP // 8 if KV else 1  # width dv
+    MS, MA1, MA2 = (2 * NB, 2 * NOD, 2 * NOV) if MMA else (1, 1, 1)
+    dmma = _dmma() if MMA and HW and not _on_simulator() else None
+    emul = _emulated_mma()
     ALIGN = 16 if hw else None
     NINF = sc_t(-np.inf)
     PINF = sc_t(np.inf)
@@ -202,6 +252,10 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
         acc2 = cuda.local.array((RR, NCV), nt)  # dV (key kernel)
         own_l = cuda.local.array(RR, nt)  # query kernel: lse of its rows
         own_d = cuda.local.array(RR, nt)  # query kernel: D of its rows
+        ms = cuda.local.array(MS, nt)  # tensor cores: S, dP and outputs of a lane
+        mdp = cuda.local.array(MS, nt)
+        macc1 = cuda.local.array(MA1, nt)
+        macc2 = cuda.local.array(MA2, nt)
 
         hq_n = q.shape[1]
         group = hq_n // k.shape[1]
@@ -235,6 +289,15 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
         tc = int64(utc)
         tr = int64(utr)
         hk = U(b2 if KV else b2 // U(group))
+        # Tensor cores: lane (g, t) of warp w owns row mr = 8w + g of the tile.
+        lane = U(utid & U(31))
+        ug = U(lane >> U(2))
+        ut = U(lane & U(3))
+        ut2 = U(ut * U(2))
+        t2 = int64(ut2)
+        umr = U(U(utid >> U(5)) * U(8) + ug)
+        mr = int64(umr)
+        xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
 
         # Own rows, resident: A1 (Q or K, width d), A2 (dO or V, width dv),
         # zero-filled past own_len and past the head dimensions.
@@ -276,20 +339,34 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                 if r < own_rows - o0:
                     delta[b1, b2, U(own_off + o0 + r)] = tot
         cuda.syncthreads()
-        for a in range(RR):
-            for c in range(NCD):
-                acc1[a, c] = ZERO
-            for c in range(NCV):
-                acc2[a, c] = ZERO
+        if MMA:
+            for c in range(2 * NOD):
+                macc1[c] = ZERO
+            for c in range(2 * NOV):
+                macc2[c] = ZERO
             if not KV:
-                r = tr + TR * a
-                x = PINF  # rows past own_len: no visible key
-                if r < own_len - o0:
-                    x = lse[b1, b2, U(own_off + o0 + r)]
+                x = PINF
+                if mr < own_len - o0:
+                    x = lse[b1, b2, U(own_off + o0 + mr)]
                     if x == NINF:
-                        x = PINF  # no visible key: exp(s - inf) = 0
-                own_l[a] = x
-                own_d[a] = sh[OFF_DD + U(r)]
+                        x = PINF
+                own_l[0] = x
+                own_d[0] = sh[OFF_DD + U(mr)]
+        else:
+            for a in range(RR):
+                for c in range(NCD):
+                    acc1[a, c] = ZERO
+                for c in range(NCV):
+                    acc2[a, c] = ZERO
+                if not KV:
+                    r = tr + TR * a
+                    x = PINF  # rows past own_len: no visible key
+                    if r < own_len - o0:
+                        x = lse[b1, b2, U(own_off + o0 + r)]
+                        if x == NINF:
+                            x = PINF  # no visible key: exp(s - inf) = 0
+                    own_l[a] = x
+                    own_d[a] = sh[OFF_DD + U(r)]
 
         n_heads = group if KV else 1
         for g in range(n_heads):
@@ -370,159 +447,294 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                         sh[OFF_L + utid] = lx
                         sh[OFF_DD + utid] = dx
                 cuda.syncthreads()
-                # S = A1 B1^T, dP = A2 B2^T: own rows tr + TR*a, streamed
-                # rows tc + TC*b, PV consecutive dims per (vector) read.
-                for a in range(RR):
-                    for b in range(RC):
-                        s[a, b] = ZERO
-                        dp[a, b] = ZERO
-                npv = U((d + PV - 1) // PV)
-                pa = OFF_A1 + utr * AS
-                pb = OFF_B1 + utc * AS
-                for _pi in range(npv):
-                    for a in range(RR):
-                        for e in range(PV):
-                            af[a, e] = sh[pa + U(a * TR * ASI + e)]
-                    for b in range(RC):
-                        for e in range(PV):
-                            bf[b, e] = sh[pb + U(b * TC * ASI + e)]
-                    for e in range(PV):
-                        for a in range(RR):
-                            for b in range(RC):
-                                s[a, b] += af[a, e] * bf[b, e]
-                    pa = U(pa + U(PV))
-                    pb = U(pb + U(PV))
-                npv = U((dvw + PV - 1) // PV)
-                pa = OFF_A2 + utr * AVS
-                pb = OFF_B2 + utc * AVS
-                for _pi in range(npv):
-                    for a in range(RR):
-                        for e in range(PV):
-                            af[a, e] = sh[pa + U(a * TR * AVSI + e)]
-                    for b in range(RC):
-                        for e in range(PV):
-                            bf[b, e] = sh[pb + U(b * TC * AVSI + e)]
-                    for e in range(PV):
-                        for a in range(RR):
-                            for b in range(RC):
-                                dp[a, b] += af[a, e] * bf[b, e]
-                    pa = U(pa + U(PV))
-                    pb = U(pb + U(PV))
-                # Visibility: key - query = SG*(own - streamed) = diag +
-                # SG*(TR*a - TC*b); the window test is one unsigned compare
-                # (as the forward kernel), the counts clamp to the tile.
-                diag = SG * ((o0 - s0) + (tr - tc))
-                dl = diag - max(lo_base, -I31)
-                wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
-                scnt = U(min(max(min(s_len, shi) - s0 - tc, 0), BC))  # TC*b < scnt
-                for a in range(RR):
-                    r = tr + TR * a
-                    orow = own_off + o0 + r
-                    for b in range(RC):
-                        c = tc + TC * b
-                        srow = s_off + s0 + c
-                        vis = (
-                            U((dl + SG * (TR * a - TC * b)) & M32) < wid
-                            and U(TR * a) < ocnt
-                            and U(TC * b) < scnt
-                        )
-                        if KV:
-                            qrow = U(srow)
-                            kcol = U(orow)
-                        else:
-                            qrow = U(orow)
-                            kcol = U(srow)
-                        if vis and has_mask:
-                            vis = mask[b1, h, qrow, kcol]
-                        pv = ZERO
-                        dsv = ZERO
-                        if vis:
-                            x = s[a, b] * scale
-                            if has_bias:
-                                x += bias[b1, h, qrow, kcol]
-                            if KV:
-                                lx = sh[OFF_L + U(c)]
-                                dx = sh[OFF_DD + U(c)]
+                if MMA:
+                    # Tensor cores: lane (g, t) of warp w holds S[mr][8n + 2t + e]
+                    # (mr = 8w + g) after one DMMA per (4-dim k-step, n-tile).
+                    for c in range(2 * NB):
+                        ms[c] = ZERO
+                        mdp[c] = ZERO
+                    pa = U(OFF_A1 + umr * AS + ut)
+                    pb = U(OFF_B1 + ug * AS + ut)
+                    for ks in range(U((d + 3) // 4)):
+                        av = sh[U(pa + U(4 * ks))]
+                        for n in range(NB):
+                            bv = sh[U(pb + U(4 * ks) + U(n * 8 * ASI))]
+                            if HW:
+                                d0, d1 = dmma(av, bv, ms[2 * n], ms[2 * n + 1])
                             else:
-                                lx = own_l[a]
-                                dx = own_d[a]
-                            if x != NINF:  # a -inf bias masks
-                                pv = math.exp(x - lx)
-                                dsv = pv * (dp[a, b] - dx)
-                        if KV:
-                            sh[U(OFF_PT + U(r) * PS + U(c))] = pv
-                        sh[U(OFF_DS + U(r) * PS + U(c))] = dsv
-                vbad = cuda.syncthreads_or(bad)  # block-uniform
-                # dQ += dS K (query kernel); dK += dS^T Q and dV += P^T dO
-                # (key kernel): own rows tr + TR*a, columns
-                # CV*tc + CV*TC*g + w; JV streamed rows per read of dS / P.
-                pp = OFF_DS + utr * PS
-                pt = OFF_PT + utr * PS
-                pb = OFF_B1 + utc * U(CV)
-                pv2 = OFF_B2 + utc * U(CV)
-                # A NaN or inf in the streamed tile: masked entries (exact zeros)
-                # are skipped, never multiplied (0 * NaN); the plain copy of
-                # the loop carries no such test.
-                if vbad:
-                    for ci in range(BC // JV):
-                        for a in range(RR):
-                            for e in range(JV):
-                                df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
-                                if KV:
-                                    pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
-                        for e in range(JV):
-                            cr = ci * JV + e
-                            for x in range(NCD):
-                                cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
-                            for a in range(RR):
-                                for x in range(NCD):
-                                    if df[a, e] != ZERO:
-                                        acc1[a, x] += df[a, e] * cf[x]
+                                d0, d1 = emul(
+                                    sh, xw, lane, ug, ut, av, bv, ms[2 * n], ms[2 * n + 1]
+                                )
+                            ms[2 * n] = d0
+                            ms[2 * n + 1] = d1
+                    pa = U(OFF_A2 + umr * AVS + ut)
+                    pb = U(OFF_B2 + ug * AVS + ut)
+                    for ks in range(U((dvw + 3) // 4)):
+                        av = sh[U(pa + U(4 * ks))]
+                        for n in range(NB):
+                            bv = sh[U(pb + U(4 * ks) + U(n * 8 * AVSI))]
+                            if HW:
+                                d0, d1 = dmma(av, bv, mdp[2 * n], mdp[2 * n + 1])
+                            else:
+                                d0, d1 = emul(
+                                    sh, xw, lane, ug, ut, av, bv, mdp[2 * n], mdp[2 * n + 1]
+                                )
+                            mdp[2 * n] = d0
+                            mdp[2 * n + 1] = d1
+                    orow = own_off + o0 + mr
+                    ocnt_ = own_len - o0
+                    scnt_ = shi - s0
+                    for n in range(NB):
+                        for e in range(2):
+                            c = 8 * n + t2 + e
+                            diff = SG * ((o0 + mr) - (s0 + c))
+                            vis = lo_base <= diff and diff < hi_base and mr < ocnt_ and c < scnt_
+                            srow = s_off + s0 + c
                             if KV:
-                                for x in range(NCV):
-                                    cf[x] = sh[pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)]
-                                for a in range(RR):
-                                    for x in range(NCV):
-                                        if pf[a, e] != ZERO:
-                                            acc2[a, x] += pf[a, e] * cf[x]
+                                qrow = U(srow)
+                                kcol = U(orow)
+                            else:
+                                qrow = U(orow)
+                                kcol = U(srow)
+                            if vis and has_mask:
+                                vis = mask[b1, h, qrow, kcol]
+                            pv = ZERO
+                            dsv = ZERO
+                            if vis:
+                                x = ms[2 * n + e] * scale
+                                if has_bias:
+                                    x += bias[b1, h, qrow, kcol]
+                                if KV:
+                                    lx = sh[OFF_L + U(c)]
+                                    dx = sh[OFF_DD + U(c)]
+                                else:
+                                    lx = own_l[0]
+                                    dx = own_d[0]
+                                if x != NINF:
+                                    pv = math.exp(x - lx)
+                                    dsv = pv * (mdp[2 * n + e] - dx)
+                            if KV:
+                                sh[U(OFF_PT + umr * PS + U(c))] = pv
+                            sh[U(OFF_DS + umr * PS + U(c))] = dsv
                 else:
-                    for ci in range(BC // JV):
+                    # S = A1 B1^T, dP = A2 B2^T: own rows tr + TR*a, streamed
+                    # rows tc + TC*b, PV consecutive dims per (vector) read.
+                    for a in range(RR):
+                        for b in range(RC):
+                            s[a, b] = ZERO
+                            dp[a, b] = ZERO
+                    npv = U((d + PV - 1) // PV)
+                    pa = OFF_A1 + utr * AS
+                    pb = OFF_B1 + utc * AS
+                    for _pi in range(npv):
                         for a in range(RR):
-                            for e in range(JV):
-                                df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
-                                if KV:
-                                    pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
-                        for e in range(JV):
-                            cr = ci * JV + e
-                            for x in range(NCD):
-                                cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                            for e in range(PV):
+                                af[a, e] = sh[pa + U(a * TR * ASI + e)]
+                        for b in range(RC):
+                            for e in range(PV):
+                                bf[b, e] = sh[pb + U(b * TC * ASI + e)]
+                        for e in range(PV):
                             for a in range(RR):
-                                for x in range(NCD):
-                                    acc1[a, x] += df[a, e] * cf[x]
+                                for b in range(RC):
+                                    s[a, b] += af[a, e] * bf[b, e]
+                        pa = U(pa + U(PV))
+                        pb = U(pb + U(PV))
+                    npv = U((dvw + PV - 1) // PV)
+                    pa = OFF_A2 + utr * AVS
+                    pb = OFF_B2 + utc * AVS
+                    for _pi in range(npv):
+                        for a in range(RR):
+                            for e in range(PV):
+                                af[a, e] = sh[pa + U(a * TR * AVSI + e)]
+                        for b in range(RC):
+                            for e in range(PV):
+                                bf[b, e] = sh[pb + U(b * TC * AVSI + e)]
+                        for e in range(PV):
+                            for a in range(RR):
+                                for b in range(RC):
+                                    dp[a, b] += af[a, e] * bf[b, e]
+                        pa = U(pa + U(PV))
+                        pb = U(pb + U(PV))
+                    # Visibility: key - query = SG*(own - streamed) = diag +
+                    # SG*(TR*a - TC*b); the window test is one unsigned compare
+                    # (as the forward kernel), the counts clamp to the tile.
+                    diag = SG * ((o0 - s0) + (tr - tc))
+                    dl = diag - max(lo_base, -I31)
+                    wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+                    scnt = U(min(max(min(s_len, shi) - s0 - tc, 0), BC))  # TC*b < scnt
+                    for a in range(RR):
+                        r = tr + TR * a
+                        orow = own_off + o0 + r
+                        for b in range(RC):
+                            c = tc + TC * b
+                            srow = s_off + s0 + c
+                            vis = (
+                                U((dl + SG * (TR * a - TC * b)) & M32) < wid
+                                and U(TR * a) < ocnt
+                                and U(TC * b) < scnt
+                            )
                             if KV:
-                                for x in range(NCV):
-                                    cf[x] = sh[pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)]
+                                qrow = U(srow)
+                                kcol = U(orow)
+                            else:
+                                qrow = U(orow)
+                                kcol = U(srow)
+                            if vis and has_mask:
+                                vis = mask[b1, h, qrow, kcol]
+                            pv = ZERO
+                            dsv = ZERO
+                            if vis:
+                                x = s[a, b] * scale
+                                if has_bias:
+                                    x += bias[b1, h, qrow, kcol]
+                                if KV:
+                                    lx = sh[OFF_L + U(c)]
+                                    dx = sh[OFF_DD + U(c)]
+                                else:
+                                    lx = own_l[a]
+                                    dx = own_d[a]
+                                if x != NINF:  # a -inf bias masks
+                                    pv = math.exp(x - lx)
+                                    dsv = pv * (dp[a, b] - dx)
+                            if KV:
+                                sh[U(OFF_PT + U(r) * PS + U(c))] = pv
+                            sh[U(OFF_DS + U(r) * PS + U(c))] = dsv
+                vbad = cuda.syncthreads_or(bad)  # block-uniform
+                if MMA:
+                    if vbad:  # key by key, skipping masked entries (as above)
+                        for j in range(BC):
+                            dsj = sh[U(OFF_DS + umr * PS + U(j))]
+                            if dsj != ZERO:
+                                for n in range(NOD):
+                                    for e in range(2):
+                                        bv = sh[U(OFF_B1 + U(j) * AS + U(8 * n + e) + ut2)]
+                                        macc1[2 * n + e] += dsj * bv
+                            if KV:
+                                pj = sh[U(OFF_PT + umr * PS + U(j))]
+                                if pj != ZERO:
+                                    for n in range(NOV):
+                                        for e in range(2):
+                                            bv = sh[U(OFF_B2 + U(j) * AVS + U(8 * n + e) + ut2)]
+                                            macc2[2 * n + e] += pj * bv
+                    else:  # A = dS or P [mr][4ks + t], B = B1 or B2 [4ks + t][8n + g]
+                        for ks in range(BC // 4):
+                            av = sh[U(OFF_DS + umr * PS + U(4 * ks) + ut)]
+                            for n in range(NOD):
+                                bv = sh[U(OFF_B1 + (U(4 * ks) + ut) * AS + U(8 * n) + ug)]
+                                if HW:
+                                    d0, d1 = dmma(av, bv, macc1[2 * n], macc1[2 * n + 1])
+                                else:
+                                    d0, d1 = emul(
+                                        sh, xw, lane, ug, ut, av, bv, macc1[2 * n], macc1[2 * n + 1]
+                                    )
+                                macc1[2 * n] = d0
+                                macc1[2 * n + 1] = d1
+                            if KV:
+                                av = sh[U(OFF_PT + umr * PS + U(4 * ks) + ut)]
+                                for n in range(NOV):
+                                    bv = sh[U(OFF_B2 + (U(4 * ks) + ut) * AVS + U(8 * n) + ug)]
+                                    if HW:
+                                        d0, d1 = dmma(av, bv, macc2[2 * n], macc2[2 * n + 1])
+                                    else:
+                                        d0, d1 = emul(
+                                            sh, xw, lane, ug, ut, av, bv,
+                                            macc2[2 * n], macc2[2 * n + 1],
+                                        )  # fmt: skip
+                                    macc2[2 * n] = d0
+                                    macc2[2 * n + 1] = d1
+                else:
+                    # dQ += dS K (query kernel); dK += dS^T Q and dV += P^T dO
+                    # (key kernel): own rows tr + TR*a, columns
+                    # CV*tc + CV*TC*g + w; JV streamed rows per read of dS / P.
+                    pp = OFF_DS + utr * PS
+                    pt = OFF_PT + utr * PS
+                    pb = OFF_B1 + utc * U(CV)
+                    pv2 = OFF_B2 + utc * U(CV)
+                    # A NaN or inf in the streamed tile: masked entries (exact zeros)
+                    # are skipped, never multiplied (0 * NaN); the plain copy of
+                    # the loop carries no such test.
+                    if vbad:
+                        for ci in range(BC // JV):
+                            for a in range(RR):
+                                for e in range(JV):
+                                    df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                                    if KV:
+                                        pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                            for e in range(JV):
+                                cr = ci * JV + e
+                                for x in range(NCD):
+                                    cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
                                 for a in range(RR):
+                                    for x in range(NCD):
+                                        if df[a, e] != ZERO:
+                                            acc1[a, x] += df[a, e] * cf[x]
+                                if KV:
                                     for x in range(NCV):
-                                        acc2[a, x] += pf[a, e] * cf[x]
+                                        cf[x] = sh[
+                                            pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)
+                                        ]
+                                    for a in range(RR):
+                                        for x in range(NCV):
+                                            if pf[a, e] != ZERO:
+                                                acc2[a, x] += pf[a, e] * cf[x]
+                    else:
+                        for ci in range(BC // JV):
+                            for a in range(RR):
+                                for e in range(JV):
+                                    df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                                    if KV:
+                                        pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                            for e in range(JV):
+                                cr = ci * JV + e
+                                for x in range(NCD):
+                                    cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                                for a in range(RR):
+                                    for x in range(NCD):
+                                        acc1[a, x] += df[a, e] * cf[x]
+                                if KV:
+                                    for x in range(NCV):
+                                        cf[x] = sh[
+                                            pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)
+                                        ]
+                                    for a in range(RR):
+                                        for x in range(NCV):
+                                            acc2[a, x] += pf[a, e] * cf[x]
                 cuda.syncthreads()
 
-        for a in range(RR):
-            r = o0 + tr + TR * a
-            if r < own_rows:
-                row = U(own_off + r)
-                for x in range(NCD):
-                    col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
-                    if col < d:
-                        if KV:
-                            dk[b1, b2, row, col] = acc1[a, x] * scale
-                        else:
-                            dq[b1, b2, row, col] = acc1[a, x] * scale
+        if MMA:
+            if o0 + mr < own_rows:
+                row = U(own_off + o0 + mr)
+                for n in range(NOD):
+                    for e in range(2):
+                        col = U(8 * n + e) + ut2
+                        if col < d:
+                            if KV:
+                                dk[b1, b2, row, col] = macc1[2 * n + e] * scale
+                            else:
+                                dq[b1, b2, row, col] = macc1[2 * n + e] * scale
                 if KV:
-                    for x in range(NCV):
+                    for n in range(NOV):
+                        for e in range(2):
+                            col = U(8 * n + e) + ut2
+                            if col < dvw:
+                                dv[b1, b2, row, col] = macc2[2 * n + e]
+        else:
+            for a in range(RR):
+                r = o0 + tr + TR * a
+                if r < own_rows:
+                    row = U(own_off + r)
+                    for x in range(NCD):
                         col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
-                        if col < dvw:
-                            dv[b1, b2, row, col] = acc2[a, x]
+                        if col < d:
+                            if KV:
+                                dk[b1, b2, row, col] = acc1[a, x] * scale
+                            else:
+                                dq[b1, b2, row, col] = acc1[a, x] * scale
+                    if KV:
+                        for x in range(NCV):
+                            col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
+                            if col < dvw:
+                                dv[b1, b2, row, col] = acc2[a, x]
 
     backward_kernel.geometry = dict(
         threads=NT,

@@ -240,3 +240,44 @@ def test_nan_in_masked_positions(dtype):
         x[:, :, 4] = np.inf
     gq, gk, gv = check_backward(dtype, q, k, v, do, "nan masked", mask=mask, window=(2, 1))
     assert np.all(gk[:, :, 6] == 0) and np.all(gv[:, :, 6] == 0) and np.all(gq[:, :, 4] == 0)
+
+
+#: float64 on the tensor cores (DMMA; emulated on the simulator): one warp
+#: of 8 own rows, 8-row streamed tiles.
+MMA_TILES = dict(
+    CUDA_BWD_ROW_TILE_F64=8,
+    CUDA_BWD_COL_TILE_F64=8,
+    CUDA_BWD_ROWS_PER_THREAD_F64=2,
+    CUDA_BWD_COLS_PER_THREAD_F64=1,
+)
+
+
+@pytest.fixture
+def mma_tiles(monkeypatch):
+    from numbattn.cuda import backend, backward
+
+    for name, value in MMA_TILES.items():
+        monkeypatch.setattr(numbattn.config, name, value)
+    assert backward.backward_mma_ok(np.float64, *backend.backward_geometry(np.float64, 5, 6)[:4])
+
+
+def test_float64_tensor_cores(mma_tiles):
+    """The DMMA kernels (fragment layout, visibility per fragment element,
+    outputs as n-tiles) with tails, lengths, window, GQA, bias and mask."""
+    dtype = np.float64
+    rng = np.random.default_rng(11)
+    q, k, v, do = _inputs(rng, dtype, 2, 4, 2, 11, 19, 5, 6)
+    check_backward(dtype, q, k, v, do, "mma", scale=0.6)
+    check_backward(
+        dtype, q, k, v, do, "mma lengths window", causal=True, window=(4, 1),
+        key_lengths=np.array([6, 19]), query_lengths=np.array([11, 2]),
+    )  # fmt: skip
+    bias = randn(rng, (11, 19), dtype)
+    bias[rng.random((11, 19)) < 0.2] = -np.inf
+    bias[5] = -np.inf
+    mask = rng.random((4, 1, 19)) > 0.3
+    check_backward(dtype, q, k, v, do, "mma bias mask", bias=bias, mask=mask)
+
+
+def test_float64_tensor_cores_nan_in_masked_positions(mma_tiles):
+    test_nan_in_masked_positions(np.float64)
