@@ -861,6 +861,9 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
 # Backward (numbattn/cuda/backward.py)
 
 
+_bwd_geometries: dict = {}
+
+
 def backward_geometry(dtype, d: int, dv: int) -> tuple:
     """(TR, TC, RR, RC, DP, DVP) of the backward kernels for head dims d, dv.
 
@@ -876,6 +879,10 @@ def backward_geometry(dtype, d: int, dv: int) -> tuple:
     sfx = "_F64" if dtype == np.float64 else ""
     rr, br = _divides("CUDA_BWD_ROWS_PER_THREAD" + sfx, "CUDA_BWD_ROW_TILE" + sfx)
     rc, bc = _divides("CUDA_BWD_COLS_PER_THREAD" + sfx, "CUDA_BWD_COL_TILE" + sfx)
+    key = (dtype, int(d), int(dv), rr, br, rc, bc)
+    geo = _bwd_geometries.get(key)
+    if geo is not None:
+        return geo
     while True:
         tr, tc = br // rr, bc // rc
         dp, dvp = padded_dim(d, dtype, tc), padded_dim(dv, dtype, tc)
@@ -883,6 +890,7 @@ def backward_geometry(dtype, d: int, dv: int) -> tuple:
         shared = backward_shared_bytes(dtype, True, *geo)
         problem = limits.launch_problem(tr * tc, shared)
         if problem is None:
+            _bwd_geometries[key] = geo
             return geo
         if bc // 2 >= rc and (bc // 2) % rc == 0 and bc > rc:
             bc //= 2

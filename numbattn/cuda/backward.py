@@ -56,9 +56,31 @@ columns (padded columns are zero and cost a little arithmetic). The whole
 rows stay in shared memory (48 KiB static): the backend picks the largest
 tiles of numbattn.config that fit (:func:`backward_shared_bytes`).
 
-No warp-level code: the hardware path (``hw``) differs from the portable
-one the simulator runs only by launch bounds and 16-byte aligned shared
-memory (vector loads).
+Float64 on the tensor cores
+    At geometries :func:`backward_mma_ok` accepts (the default float64 one:
+    2 warps, 16 own rows, 16-row streamed tiles), every product is a
+    ``mma.sync.aligned.m8n8k4.row.col.f64`` (DMMA, the forward's
+    :func:`numbattn.cuda.kernels._dmma`): warp w owns rows ``8w .. 8w + 7``
+    and lane (g, t) = (lane // 4, lane % 4) holds ``S[8w + g][8n + 2t + e]``
+    (e < 2) after one DMMA per (4-dim k-step, 8-row n-tile), A = A1[r][p +
+    t], B = B1[8n + g][p + t]; the outputs likewise with A = dS or P [r][c +
+    t] (through shared memory) and B = B1 or B2 [c + t][8n + g], so the lane
+    accumulates its outputs' elements ``[r][8n + 2t + e]``. The simulator
+    (no inline PTX) runs an emulation of each mma.sync with the same
+    fragment layout (:func:`_emulated_mma`).
+
+Non-finite inputs
+    A masked entry contributes exactly nothing: when a streamed tile holds a
+    NaN or inf (each thread flags what it stages; the barrier before the
+    output products is a ``syncthreads_or``), a second copy of the output
+    loop skips the zero entries of P and dS instead of multiplying them
+    (the tensor-core kernel sums key by key there), so a NaN in a key no
+    row sees, or in a fully masked query row, reaches no gradient. (A
+    visible entry whose P underflows to exactly 0 is skipped too.)
+
+The float32 kernel has no warp-level code: its hardware path (``hw``)
+differs from the portable one the simulator runs only by launch bounds and
+16-byte aligned shared memory (vector loads).
 """
 
 from __future__ import annotations
