@@ -23,6 +23,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -317,6 +318,16 @@ def _grad_err(got, ref) -> float:
     return max(errs)
 
 
+#: cmd_backward times one other geometry per dtype (float32: 16 x 16
+#: threads; float64: the FMA kernel instead of the tensor cores) while the
+#: step is younger than ALT_BUDGET_S seconds (the step should stay near a minute).
+BACKWARD_ALTERNATIVES = {
+    "float32": {"CUDA_BWD_COLS_PER_THREAD": 2},
+    "float64": {"CUDA_BWD_COLS_PER_THREAD_F64": 4},
+}
+ALT_BUDGET_S = float(os.environ.get("BWD_ALT_BUDGET_S", "45"))
+
+
 def cmd_backward(args) -> None:
     """numbattn.attention_backward (issue 14) on the device.
 
@@ -332,6 +343,7 @@ def cmd_backward(args) -> None:
     import numbattn
     from numbattn import reference
 
+    t_start = time.monotonic()
     torch = _torch()
     rng = np.random.default_rng(6)
     to = cuda.to_device
@@ -397,6 +409,7 @@ def cmd_backward(args) -> None:
     log(f"# backward timings at (B, H, N, d) = {(b, h, n, d)}; TFLOP/s count {flops:.3g} flop")
     for dtype in (np.float32, np.float64):
         name = np.dtype(dtype).name
+        ref_nc = None
         host = [rng.standard_normal((b, h, n, d)).astype(dtype) for _ in range(4)]
         qd, kd, vd, dod = (to(x) for x in host)
         dq, dk, dv = (cuda.device_array((b, h, n, d), dtype) for _ in range(3))
@@ -437,6 +450,8 @@ def cmd_backward(args) -> None:
                 ref = reference.attention_backward(*(x[sl] for x in host), causal=causal)
                 got = [g[sl] for g in got]
             _check(f"backward {label} at {(b, h, n, d)} vs float64", _grad_err(got, ref), dtype)
+            if not causal:
+                ref_nc = ref
             ms = _time_ms(bwd, reps, warm)
             tf = flops * (0.5 if causal else 1.0) / ms / 1e9
             row = f"time backward {label}: numbattn {ms:.3f} ms ({tf:.2f} TFLOP/s)"
@@ -445,6 +460,30 @@ def cmd_backward(args) -> None:
                     f"; torch SDPA backward {tms:.3f} ms; numbattn time / torch time {ms / tms:.2f}"
                 )
             log(row)
+        # Another geometry at the same shape, when the step has time left
+        # (each compiles two kernels): data for tuning numbattn.config.
+        if ref_nc is not None and time.monotonic() - t_start < ALT_BUDGET_S:
+            alt = BACKWARD_ALTERNATIVES[name]
+            saved = {knob: getattr(numbattn.config, knob) for knob in alt}
+            try:
+                for knob, val in alt.items():
+                    setattr(numbattn.config, knob, val)
+                lse = cuda.device_array((b, h, n), dtype)
+                out = numbattn.attention(qd, kd, vd, lse=lse)
+
+                def alt_bwd():
+                    numbattn.attention_backward(qd, kd, vd, out, lse, dod, dq=dq, dk=dk, dv=dv)
+
+                alt_bwd()
+                got = [x.copy_to_host() for x in (dq, dk, dv)]
+                if torch is None:
+                    got = [g[:1, :2] for g in got]
+                _check(f"backward {name} causal=0 {alt}", _grad_err(got, ref_nc), dtype)
+                ms = _time_ms(alt_bwd, reps, warm)
+                log(f"time backward {name} causal=0 with {alt}: numbattn {ms:.3f} ms")
+            finally:
+                for knob, val in saved.items():
+                    setattr(numbattn.config, knob, val)
 
 
 def cmd_sanitize_backward(args) -> None:
