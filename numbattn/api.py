@@ -474,8 +474,11 @@ def attention(
     out : array, shape (..., Nq, dv), optional
         Buffer to write into; returned.
     lse : array, shape (..., Nq), optional
-        Receives each row's natural-log log-sum-exp of its scaled, masked
-        scores (what :func:`merge_attention` and backward passes need).
+        Receives each row's natural-log log-sum-exp of its scaled, biased,
+        masked scores, ``log(sum_j exp(scale * q_i.k_j + bias_ij))`` over the
+        visible keys j (-inf for a row with none), in the input dtype: what
+        :func:`merge_attention` and :func:`attention_backward` (which
+        recomputes ``P = exp(s - lse)``) need.
     stream : optional
         CUDA stream for GPU inputs (see :func:`scores`).
 
