@@ -71,7 +71,7 @@ step_ncu() {
     dev profile
   fi
 }
-step_backward() { timeout 150 $PY scripts/gpu_device.py backward "${T[@]}"; }
+step_backward() { timeout "$(gpu && echo 150 || echo 1200)" $PY scripts/gpu_device.py backward "${T[@]}"; }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
 step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }

@@ -32,8 +32,8 @@ or Q, B2 = V or dO). Per streamed tile:
   (tr, tc) computes an RR x RC register micro-tile (own rows ``tr + TR*a``,
   streamed rows ``tc + TC*b``), reading PV consecutive head dimensions per
   (vector) shared-memory load, as the forward kernel;
-* visibility (lengths, window, causal: the bottom-right diagonal offset of
-  the sequence table, computed in one place per block; mask; a -inf bias),
+* visibility (lengths, window, causal: the diagonal offset, the table's
+  ALIGN column, read in one place per query head; mask; a -inf bias),
   ``P = exp(S - lse)`` and ``dS = P (dP - D)`` for visible elements, exact
   zeros elsewhere (a masked key or query contributes nothing, and rows whose
   lse is -inf, which see no key, get zero gradients, never NaN);
@@ -395,7 +395,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
             h = U(h0 + U(g)) if KV else b2
             q_off = seq[b1, h, 0]
             q_len = seq[b1, h, 1]
-            offset = k_len - q_len  # the diagonal offset: visibility's one input
+            offset = seq[b1, h, 5]  # ALIGN: the diagonal (numbattn._sequences)
             lo_base = -BIG  # key j visible to query i iff lo_base <= j - i < hi_base
             hi_base = BIG
             if wl >= 0:
