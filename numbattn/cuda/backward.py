@@ -231,11 +231,17 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     uTC = U(TC)
     opts = {}
     if hw and NT % 32 == 0 and not _on_simulator():
-        # Resident threads per SM asked of ptxas (registers: 65536 / that),
-        # as shared memory allows: 512 (128 registers) for the float32 query
-        # kernel, 384 (168) for the rest (at 128, the float32 key kernel,
-        # with dK and dV in registers, spills).
-        want = max(1, -(-(512 if np.dtype(dtype) == np.float32 and not KV else 384) // NT))
+        # Resident threads per SM asked of ptxas (registers: 65536 / that,
+        # in whole warps per sub-partition), as shared memory allows: 512
+        # (128 registers) for the float32 query kernel, 384 (168) for the
+        # float32 key kernel and the float64 query kernel, 256 for the
+        # float64 key kernel (dK and dV in registers: fewer spill).
+        want = 384
+        if np.dtype(dtype) == np.float32 and not KV:
+            want = 512
+        elif MMA and KV:
+            want = 256
+        want = max(1, -(-want // NT))
         smem = TOTAL * np.dtype(dtype).itemsize + 1024
         opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 

@@ -281,3 +281,35 @@ def test_float64_tensor_cores(mma_tiles):
 
 def test_float64_tensor_cores_nan_in_masked_positions(mma_tiles):
     test_nan_in_masked_positions(np.float64)
+
+
+def _shipped_backward_knobs() -> dict:
+    """The CUDA_BWD_* values numbattn/config.py ships (conftest shrinks them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_shipped_config", numbattn.config.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {n: getattr(mod, n) for n in dir(mod) if n.startswith("CUDA_BWD_")}
+
+
+@pytest.mark.parametrize("dtype,d,dv", [(np.float32, 40, 72), (np.float64, 24, 40)])
+def test_production_geometry(monkeypatch, dtype, d, dv):
+    """The shipped geometry (float32: 128 threads, 32-row tiles; float64: the
+    tensor-core kernel, 64 threads), dv != d both padded, two own tiles with
+    tails, causal with Nq < Nk, lengths and GQA (small: the simulator runs
+    one Python thread per CUDA thread). On a GPU this runs the
+    hardware paths (launch bounds, vector loads, DMMA)."""
+    from numbattn.cuda import backend, backward
+
+    for name, value in _shipped_backward_knobs().items():
+        monkeypatch.setattr(numbattn.config, name, value)
+    geo = backend.backward_geometry(dtype, d, dv)
+    assert backward.backward_mma_ok(dtype, *geo[:4]) == (dtype == np.float64)
+    rng = np.random.default_rng(12)
+    nq, nk = (33, 38) if dtype == np.float32 else (17, 21)
+    q, k, v, do = _inputs(rng, dtype, 1, 2, 1, nq, nk, d, dv)
+    check_backward(
+        dtype, q, k, v, do, "production", causal=True,
+        key_lengths=np.array([nk - 3]), query_lengths=np.array([nq - 1]),
+    )  # fmt: skip
