@@ -86,6 +86,7 @@ differs from the portable one the simulator runs only by launch bounds and
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numba import cuda, int32, int64, uint32
@@ -216,7 +217,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     NOD = DP // 8  # n-tiles of the outputs, width d
     NOV = DVP // 8 if KV else 1  # width dv
     MS, MA1, MA2 = (2 * NB, 2 * NOD, 2 * NOV) if MMA else (1, 1, 1)
-    dmma = _dmma() if MMA and HW and not _on_simulator() else None
+    dmma: Any = _dmma() if MMA and HW and not _on_simulator() else None
     emul = _emulated_mma()
     ALIGN = 16 if hw else None
     NINF = sc_t(-np.inf)
