@@ -313,3 +313,20 @@ def test_production_geometry(monkeypatch, dtype, d, dv):
         dtype, q, k, v, do, "production", causal=True,
         key_lengths=np.array([nk - 3]), query_lengths=np.array([nq - 1]),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("tiles", ["fma", "mma"])
+def test_diagonal(monkeypatch, tiles):
+    """An explicit diagonal (the table's ALIGN column): one for the batch and
+    one per batch element, with causal and a window, past either end."""
+    if tiles == "mma":
+        for name, value in MMA_TILES.items():
+            monkeypatch.setattr(numbattn.config, name, value)
+    dtype = np.float64 if tiles == "mma" else np.float32
+    rng = np.random.default_rng(13)
+    q, k, v, do = _inputs(rng, dtype, 2, 2, 1, 10, 13, 5, 4)
+    check_backward(dtype, q, k, v, do, "diagonal -2 causal", diagonal=-2, causal=True)
+    check_backward(
+        dtype, q, k, v, do, "diagonal per batch, window", diagonal=np.array([5, -12]),
+        window=(2, 3),
+    )  # fmt: skip
