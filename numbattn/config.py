@@ -70,7 +70,9 @@ CUDA_SOFTMAX_CACHE_BYTES = 16384
 # ROWS_PER_THREAD x COLS_PER_THREAD scores, so a block has
 # (ROW_TILE / ROWS_PER_THREAD) * (COL_TILE / COLS_PER_THREAD) threads. Whole
 # head rows stay in shared memory: for wide heads the backend halves the
-# tiles (COL_TILE first) until the block fits 48 KiB.
+# tiles (COL_TILE first) until the block fits 48 KiB. float64 runs on the
+# tensor cores (DMMA) when the block is 4 threads per own row and the
+# streamed tile a multiple of 8 (the defaults: 64 threads, 16 x 16 tiles).
 CUDA_BWD_ROW_TILE = 32
 CUDA_BWD_COL_TILE = 32
 CUDA_BWD_ROWS_PER_THREAD = 2
