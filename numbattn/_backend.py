@@ -123,3 +123,66 @@ class Backend(Protocol):
         """Combine two partial results over disjoint key sets (``out``/``lse``
         may be ``o1``/``l1``: in place)."""
         ...
+
+    def attention_backward(
+        self,
+        q: KernelArray,
+        k: KernelArray,
+        v: KernelArray,
+        out: KernelArray,
+        lse: KernelArray,
+        dout: KernelArray,
+        delta: KernelArray,
+        dq: KernelArray,
+        dk: KernelArray,
+        dv: KernelArray,
+        seq: np.ndarray,
+        max_rows: int,
+        key_rows: int,
+        max_keys: int,
+        bias: KernelArray | None,
+        mask: KernelArray | None,
+        scale: float,
+        window_left: int,
+        window_right: int,
+        stream: Any = None,
+    ) -> None:
+        """Gradients of fused attention over the sequences of ``seq``
+        (FlashAttention-2's backward; see BWD_INTERFACE.md).
+
+        Arrays are (G1, G2, ...) as in :meth:`attention`: ``q``, ``out``,
+        ``dout``, ``dq`` have G2 query heads, ``k``, ``v``, ``dk``, ``dv``
+        G2 / group key heads (query head h reads key head h // group);
+        ``lse`` and ``delta`` are (G1, G2, rows) like the forward's lse.
+        Inputs: ``out`` and ``lse`` as :meth:`attention` wrote them (lse is
+        the natural log of the sum over visible keys of ``exp(s)``, ``s =
+        scale * q.k (+ bias)``; -inf for a row with no visible key) and
+        ``dout`` = dL/d(out). ``delta`` is call-owned scratch of q's dtype,
+        uninitialised on entry, for ``D = rowsum(dout * out)`` of every real
+        row (the backend fills and reads it; the API never reads it).
+
+        For every batch element (a, h), with the table's columns and the
+        visibility rule of :mod:`numbattn._sequences` (``off`` computed in
+        one place, from the table), P = exp(s - lse) over visible keys
+        (exactly 0 elsewhere, and for a row whose lse is -inf), dP = dout
+        V^T, dS = P * (dP - D), and the backend writes, overwriting:
+
+        * ``dq`` rows Q_OFF .. Q_OFF + Q_ROWS - 1: ``scale * dS @ K`` for
+          the first Q_LEN rows, zeros for the rest (and for rows with no
+          visible key);
+        * ``dk`` / ``dv`` rows K_OFF .. K_OFF + max(K_LEN, key_rows) - 1 of
+          key head kb: ``scale * sum_h dS_h^T @ Q_h`` / ``sum_h P_h^T @
+          dout_h`` summed over the query heads h of kb's group (all
+          heads of a group share K_OFF and K_LEN), zeros for rows at or past
+          K_LEN and for keys no row sees. Dense calls pass ``key_rows`` =
+          Nk (one sequence owns every key row); packed varlen calls pass 0
+          (each sequence writes its own keys only: rows of other sequences
+          must not be touched, dk/dv views have a zero stride over G1).
+
+        ``max_rows`` is the largest Q_ROWS, ``max_keys`` the largest
+        ``max(K_LEN, key_rows)`` (the grids' sizes). The dQ sum over key
+        tiles may use atomics (say whether the backend is deterministic);
+        dK and dV must not race across the query heads of a group.
+        ``bias`` / ``mask``: constants, as in :meth:`attention`.
+        """
+        ...

@@ -20,7 +20,15 @@ from ._backend import Backend
 from ._interop import device_interface, looks_like_device_array
 from ._layout import BatchPlan, host_index, host_restride
 
-__all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attention"]
+__all__ = [
+    "attention",
+    "attention_backward",
+    "merge_attention",
+    "scores",
+    "softmax",
+    "varlen_attention",
+    "varlen_attention_backward",
+]
 
 #: A numpy.ndarray, or a GPU array exposing ``__cuda_array_interface__``
 #: (CuPy array, PyTorch CUDA tensor, Numba device array).
@@ -734,3 +742,322 @@ def merge_attention(
         )
         acc = (out, sout, lse, slse)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Backward pass
+# ---------------------------------------------------------------------------
+
+
+def _check_backward(
+    shadows: dict[str, np.ndarray],
+    dtype: np.dtype,
+    out_shape: tuple[int, ...],
+    lse_shape: tuple[int, ...],
+    inputs: dict[str, np.ndarray],
+    grad_shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """out / lse / dout (read) and dq / dk / dv (written) of a backward call."""
+    for name, shape in (("out", out_shape), ("dout", out_shape), ("lse", lse_shape)):
+        arr = shadows[name]
+        chk.check_dtype(name, arr, dtype)
+        if arr.shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (as the forward's {name if name != 'dout' else 'out'}), "
+                f"got {arr.shape}"
+            )
+        inputs[name] = arr
+    written: dict[str, np.ndarray] = {}
+    for name, shape in grad_shapes.items():
+        if name in shadows:
+            chk.check_output(name, shadows[name], shape, dtype, dict(inputs, **written))
+            written[name] = shadows[name]
+
+
+def _grad_buffers(
+    backend: Backend,
+    shadows: dict[str, np.ndarray],
+    given: dict[str, Any],
+    grad_shapes: dict[str, tuple[int, ...]],
+    dtype: np.dtype,
+    like: Any,
+    stream: Any,
+) -> dict[str, tuple[Any, np.ndarray]]:
+    """(array, shadow) of dq, dk, dv: the caller's, or new ones."""
+    return {
+        name: _output(backend, name, given[name], shadows.get(name), shape, dtype, like, stream)
+        for name, shape in grad_shapes.items()
+    }
+
+
+def attention_backward(
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_lengths: Array | None = None,
+    query_lengths: Array | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    window: tuple[int, int] | None = None,
+    dq: Array | None = None,
+    dk: Array | None = None,
+    dv: Array | None = None,
+    stream: Any = None,
+) -> tuple[Array, Array, Array]:
+    """Gradients of :func:`attention` with respect to q, k and v.
+
+    FlashAttention-2's backward pass: from the forward's ``out`` and ``lse``
+    it computes ``D = rowsum(dout * out)`` and, tile by tile, recomputes
+    ``P = exp(S - lse)`` and accumulates ``dv += P^T dout``, ``dS = P * (dout
+    v^T - D)``, ``dq += scale * dS k``, ``dk += scale * dS^T q``. No (Nq, Nk)
+    array is allocated: extra memory is O(N). The result equals
+    :func:`numbattn.reference.attention_backward`.
+
+    Parameters
+    ----------
+    q, k, v : arrays, shapes (..., Nq, d), (..., Nk, d), (..., Nk, dv)
+        The forward's inputs, as for :func:`attention` (any strides,
+        grouped-query heads, ``dv`` may differ from ``d``).
+    out : array, shape (..., Nq, dv)
+        The forward's output.
+    lse : array, shape (..., Nq)
+        The forward's ``lse``: per row, the natural log of the sum over
+        visible keys of ``exp(scale * q.k + bias)``; -inf for a row with no
+        visible key. Must come from the same call (same options).
+    dout : array, shape (..., Nq, dv)
+        Gradient of the loss with respect to ``out``.
+    scale, causal, key_lengths, query_lengths, bias, mask, window
+        The forward's options, unchanged. ``bias`` and ``mask`` are
+        constants: no gradient is computed for them.
+    dq, dk, dv : arrays shaped like q, k, v, optional
+        Buffers for the gradients (same dtype and device as the inputs,
+        writeable, no zero strides, overlapping neither an input nor each
+        other); every element is overwritten.
+    stream : optional
+        CUDA stream for GPU inputs (see :func:`scores`).
+
+    Returns
+    -------
+    (dq, dk, dv) : arrays shaped like q, k and v
+        The given buffers, or new arrays of the inputs' kind. Rows of a
+        query with no visible key (past its length, causal with Nq > Nk,
+        masks) have dq = 0 and contribute nothing; keys no query sees (past
+        their length, masked) get dk = dv = 0; never NaN from masking.
+        Grouped-query attention: dk and dv of a key head are summed over
+        its group of query heads.
+
+    Raises
+    ------
+    TypeError
+        As :func:`attention`, for ``out``, ``lse``, ``dout`` and the
+        gradient buffers too.
+    ValueError
+        As :func:`attention`; ``out``, ``dout`` or ``lse`` of the wrong
+        shape; a gradient buffer of the wrong shape, read-only, with a
+        zero stride, or overlapping an input or another gradient buffer.
+        Nothing is written when an error is raised.
+    """
+    shadows, on_device = _prepare(
+        {
+            "q": q, "k": k, "v": v, "out": out, "lse": lse, "dout": dout,
+            "bias": bias, "mask": mask, "dq": dq, "dk": dk, "dv": dv,
+        }
+    )  # fmt: skip
+    sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
+    dtype = _check_qkv(shadows)
+    leading = sq.shape[:-2]
+    group = chk.check_heads(sq, sk, sv)
+    chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
+    chk.check_dim("v", sv.shape[-2], sk.shape[-2], "key count Nk =", "k")
+    scale = chk.check_scale(scale, sq.shape[-1])
+    causal = chk.check_flag("causal", causal)
+    nq, nk = sq.shape[-2], sk.shape[-2]
+    left, right = _window(window, causal, nq + nk)
+    inputs = {"q": sq, "k": sk, "v": sv}
+    views = _check_options(shadows, dtype, leading + (nq, nk), inputs)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
+    grad_shapes = {"dq": sq.shape, "dk": sk.shape, "dv": sv.shape}
+    out_shape = leading + (nq, sv.shape[-1])
+    _check_backward(shadows, dtype, out_shape, leading + (nq,), inputs, grad_shapes)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, (q, k, v))
+    grads = _grad_buffers(
+        backend, shadows, {"dq": dq, "dk": dk, "dv": dv}, grad_shapes, dtype, q, stream
+    )
+    if any(s.size for _, s in grads.values()):
+        delta = backend.empty(leading + (nq,), dtype, like=None, stream=stream)[0]
+        sdelta = chk.shadow("delta", delta)[0]
+        bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+        max_rows = _max_rows(table)
+
+        def run(
+            q_: Any,
+            k_: Any,
+            v_: Any,
+            out_: Any,
+            lse_: Any,
+            dout_: Any,
+            delta_: Any,
+            dq_: Any,
+            dk_: Any,
+            dv_: Any,
+            bias_: Any,
+            mask_: Any,
+            seq_: np.ndarray,
+            stream: Any,
+        ) -> None:
+            backend.attention_backward(
+                q_, k_, v_, out_, lse_, dout_, delta_, dq_, dk_, dv_, seq_, max_rows, nk, nk,
+                bias_, mask_, scale, left, right, stream=stream,
+            )  # fmt: skip
+
+        _launch(
+            backend,
+            run,
+            leading,
+            [(q, sq), (k, sk), (v, sv), (out, shadows["out"]), (lse, shadows["lse"])]
+            + [(dout, shadows["dout"]), (delta, sdelta), grads["dq"], grads["dk"], grads["dv"]]
+            + [bias_arr, mask_arr],
+            [table],
+            stream,
+            keep_last=group != 1,
+        )
+    return grads["dq"][0], grads["dk"][0], grads["dv"][0]
+
+
+def varlen_attention_backward(
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    cu_seqlens_q: Array,
+    cu_seqlens_k: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    dq: Array | None = None,
+    dk: Array | None = None,
+    dv: Array | None = None,
+    stream: Any = None,
+) -> tuple[Array, Array, Array]:
+    """Gradients of :func:`varlen_attention` with respect to q, k and v.
+
+    As :func:`attention_backward`, for packed sequences.
+
+    Parameters
+    ----------
+    q, k, v : arrays, shapes (Tq, H, d), (Tk, Hk, d), (Tk, Hk, dv)
+        The forward's packed inputs.
+    out : array, shape (Tq, H, dv)
+    lse : array, shape (Tq, H)
+        The forward's output and log-sum-exp (:func:`varlen_attention`).
+    dout : array, shape (Tq, H, dv)
+        Gradient of the loss with respect to ``out``.
+    cu_seqlens_q, cu_seqlens_k : int32 or int64 array, shape (B + 1,)
+        As :func:`varlen_attention`.
+    scale, causal, window, bias, mask
+        The forward's options (bias and mask get no gradient).
+    dq, dk, dv : arrays shaped like q, k, v, optional
+        Buffers for the gradients, as :func:`attention_backward`.
+    stream : optional
+        CUDA stream for GPU inputs.
+
+    Returns
+    -------
+    (dq, dk, dv) : arrays shaped like q, k and v
+        Tokens of no sequence cannot exist (cu_seqlens cover every token);
+        keys no query of their sequence sees get zeros.
+
+    Raises
+    ------
+    TypeError
+        As :func:`attention_backward`; cu_seqlens not int32/int64.
+    ValueError
+        As :func:`attention_backward` and :func:`varlen_attention`.
+    """
+    shadows, on_device = _prepare(
+        {
+            "q": q, "k": k, "v": v, "out": out, "lse": lse, "dout": dout,
+            "bias": bias, "mask": mask, "dq": dq, "dk": dk, "dv": dv,
+        }
+    )  # fmt: skip
+    sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
+    dtype = _check_qkv(shadows)
+    for name, what in (("q", "(Tq, H, d)"), ("k", "(Tk, Hk, d)"), ("v", "(Tk, Hk, dv)")):
+        if shadows[name].ndim != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions {what}, got shape {shadows[name].shape}"
+            )
+    chk.check_heads(*(s.swapaxes(0, 1) for s in (sq, sk, sv)))
+    chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
+    chk.check_dim("v", sv.shape[0], sk.shape[0], "token count Tk =", "k")
+    scale = chk.check_scale(scale, sq.shape[-1])
+    causal = chk.check_flag("causal", causal)
+    tq, h = sq.shape[:2]
+    tk = sk.shape[0]
+    left, right = _window(window, causal, tq + tk)
+    inputs = {"q": sq, "k": sk, "v": sv}
+    views = _check_options(shadows, dtype, (h, tq, tk), inputs)
+    cu_q = chk.check_cu_seqlens("cu_seqlens_q", _host_values(cu_seqlens_q), tq, "q")
+    cu_k = chk.check_cu_seqlens("cu_seqlens_k", _host_values(cu_seqlens_k), tk, "k")
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(
+            f"cu_seqlens_k must have the same length as cu_seqlens_q ({cu_q.size}, B + 1), "
+            f"got {cu_k.size}"
+        )
+    grad_shapes = {"dq": sq.shape, "dk": sk.shape, "dv": sv.shape}
+    _check_backward(shadows, dtype, (tq, h, sv.shape[-1]), (tq, h), inputs, grad_shapes)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, (q, k, v))
+    grads = _grad_buffers(
+        backend, shadows, {"dq": dq, "dk": dk, "dv": dv}, grad_shapes, dtype, q, stream
+    )
+    nseq = cu_q.size - 1
+    result = grads["dq"][0], grads["dk"][0], grads["dv"][0]
+    if nseq == 0 or h == 0:
+        return result  # no token at all: every gradient is empty
+    table = np.empty((nseq, seqs.COLUMNS), dtype=np.int64)
+    table[:, seqs.Q_OFF] = cu_q[:-1]
+    table[:, seqs.Q_LEN] = table[:, seqs.Q_ROWS] = np.diff(cu_q)
+    table[:, seqs.K_OFF] = cu_k[:-1]
+    table[:, seqs.K_LEN] = np.diff(cu_k)
+    table4 = seqs.broadcast(table, (nseq, h), axis0=True)
+    delta = backend.empty((tq, h), dtype, like=None, stream=stream)[0]
+    sdelta = chk.shadow("delta", delta)[0]
+
+    def per_sequence(obj: Any, shadow: Any) -> Any:
+        """(tokens, heads, ...) as (B, heads, tokens, ...) with a zero stride over B."""
+        view = shadow.swapaxes(0, 1)
+        return backend.restride(
+            backend.as_kernel_array(obj, stream), (nseq,) + view.shape, (0,) + view.strides
+        )
+
+    pairs = [(q, sq), (k, sk), (v, sv), (out, shadows["out"]), (lse, shadows["lse"])]
+    pairs += [(dout, shadows["dout"]), (delta, sdelta), grads["dq"], grads["dk"], grads["dv"]]
+    args = [per_sequence(o, s) for o, s in pairs]
+    bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+    for arr, view in (bias_arr, mask_arr):
+        args.append(
+            None
+            if arr is None
+            else backend.restride(arr, (nseq,) + view.shape, (0,) + view.strides)
+        )
+    q_, k_, v_, out_, lse_, dout_, delta_, dq_, dk_, dv_, bias_, mask_ = args
+    max_rows = int(table[:, seqs.Q_ROWS].max())
+    max_keys = int(table[:, seqs.K_LEN].max())
+    backend.attention_backward(
+        q_, k_, v_, out_, lse_, dout_, delta_, dq_, dk_, dv_, table4, max_rows, 0, max_keys,
+        bias_, mask_, scale, left, right, stream=stream,
+    )  # fmt: skip
+    return result

@@ -249,3 +249,62 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     if lse is None:  # not wanted: the kernel writes it to scratch
         lse = np.empty(o1.shape[:3], dtype=o1.dtype)
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
+
+
+def attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    stream=None,
+):
+    """TEMPORARY (interface commit): NumPy float64 per sequence; replaced by kernels."""
+    from .. import reference
+
+    g1, g2 = q.shape[:2]
+    group = g2 // k.shape[1] if k.shape[1] else 1
+    dk_acc = np.zeros(dk.shape)
+    dv_acc = np.zeros(dv.shape)
+    seen_k = np.zeros(dk.shape[:3], bool)
+    for a in range(g1):
+        for h in range(g2):
+            q_off, q_len, q_rows, k_off, k_len = (int(x) for x in seq[a, h, :5])
+            kb = h // group
+            dq[a, h, q_off : q_off + q_rows] = 0
+            seen_k[a, kb, k_off : k_off + max(k_len, key_rows)] = True
+            if q_len == 0 or k_len == 0:
+                continue
+            qs, ks = slice(q_off, q_off + q_len), slice(k_off, k_off + k_len)
+            m = np.ones((q_len, k_len), bool)
+            if mask is not None:
+                m = np.asarray(mask[a, h, qs, ks])
+            b = None if bias is None else np.asarray(bias[a, h, qs, ks])
+            left = window_left
+            right = window_right
+            gq, gk, gv = reference.attention_backward(
+                q[a, h, qs], k[a, kb, ks], v[a, kb, ks], dout[a, h, qs], scale=scale,
+                window=(left, right), mask=m, bias=b,
+            )  # fmt: skip
+            dq[a, h, qs] = gq
+            dk_acc[a, kb, ks] += gk
+            dv_acc[a, kb, ks] += gv
+    for a in range(dk.shape[0]):
+        for kb in range(dk.shape[1]):
+            rows = np.nonzero(seen_k[a, kb])[0]
+            dk[a, kb, rows] = dk_acc[a, kb, rows]
+            dv[a, kb, rows] = dv_acc[a, kb, rows]

@@ -849,3 +849,30 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     )
     grid = -(-rows // _MERGE_THREADS)
     _launch(kern, merge_signature(dtype), grid, _MERGE_THREADS, stream, args)
+
+
+def attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    stream=None,
+):
+    """Placeholder on branch bwd: the CUDA backward kernels come from branch
+    bwd-gpu, whose definition replaces this one at merge."""
+    raise NotImplementedError("the CUDA attention backward is not on this branch (bwd-gpu)")
