@@ -112,9 +112,7 @@ class _Attention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, q: Any, k: Any, v: Any, bias: Any, mask: Any, opts: _Options
-    ) -> Any:
+    def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, mask: Any, opts: _Options) -> Any:
         out = lse = None
         if q.dim() >= 2 and v.dim() >= 2:  # else numbattn raises about the shapes
             out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
@@ -286,5 +284,5 @@ def attention(
     )
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return _Attention.apply(q, k, v, bias, mask, opts)  # type: ignore[no-any-return]
-    return _Attention.apply(q, k, v, bias, mask, opts)  # type: ignore[no-any-return]
+            return _Attention.apply(q, k, v, bias, mask, opts)
+    return _Attention.apply(q, k, v, bias, mask, opts)
