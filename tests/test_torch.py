@@ -187,6 +187,18 @@ def test_fully_masked_rows_have_zero_gradients(rng):
         assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 3, 0), (0, 2, 3, 4), (2, 2, 0, 4)], ids=str)
+def test_empty_dimensions(shape, rng):
+    """Nk = 0 (no row sees a key: zeros, zero gradients), B = 0, Nq = 0."""
+    b, h, nq, nk = shape
+    q, k, v = qkv(rng, torch.float64, b=b, h=h, nq=nq, nk=nk, d=4, dv=5)
+    out = nt.attention(q, k, v)
+    assert out.shape == (b, h, nq, 5) and (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
 class Tiny(torch.nn.Module):
     """One causal self-attention layer: fused qkv projection, output projection."""
 
