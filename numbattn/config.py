@@ -14,6 +14,11 @@ CPU_QUERY_TILE = 64
 #: The working set is about CPU_QUERY_TILE x CPU_KEY_TILE scores plus a
 #: packed K and V tile, sized to stay in L1/L2.
 CPU_KEY_TILE = 128
+#: Query rows per step of the backward pass (rounded up to a multiple of 4).
+CPU_BWD_QUERY_TILE = 64
+#: Keys per work unit of the backward pass: each key tile's dK and dV stay
+#: in registers-sized scratch while the query tiles that see it stream by.
+CPU_BWD_KEY_TILE = 64
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each

@@ -108,6 +108,38 @@ class MergeArgs(NamedTuple):
     lse: Out3
 
 
+class AttentionBackwardArgs(NamedTuple):
+    """``attention_backward_kernel``: dq, dk, dv of fused attention per sequence
+    (``delta``: scratch for rowsum(dout * out); ``splits``: key-tile slices
+    per key head, each with its own dQ accumulator)."""
+
+    q: In4
+    k: In4
+    v: In4
+    out: In4
+    lse: In3
+    dout: In4
+    delta: Out3
+    dq: Out4
+    dk: Out4
+    dv: Out4
+    bias: In4
+    mask: Mask
+    seq: Seq
+    max_rows: Int
+    key_rows: Int
+    max_keys: Int
+    has_bias: Flag
+    has_mask: Flag
+    scale: Float
+    left: Int
+    right: Int
+    q_tile: Int
+    k_tile: Int
+    splits: Int
+    n_threads: Int
+
+
 def arg_kinds(args_type: type) -> tuple[Kind, ...]:
     """The kinds of ``args_type``'s fields, in order."""
     hints = get_type_hints(args_type, include_extras=True)

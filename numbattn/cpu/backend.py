@@ -11,7 +11,7 @@ import numpy as np
 from .. import config
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import AttentionArgs, AttentionBackwardArgs, MergeArgs, ScoresArgs, SoftmaxArgs
 
 name = "cpu"
 
@@ -251,6 +251,72 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
 
 
+def attention_backward_args(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> AttentionBackwardArgs:
+    """The backward kernel's arguments for the backend call of the same name
+    (tiles: numbattn.config's unless given). Run with
+    ``attention_backward_kernel(*args)``.
+
+    ``splits``: key-tile slices per key head, each with its own dQ
+    accumulator (rows x d): enough work items for twice the threads, so a
+    single head still keeps every thread busy; 1 when there are enough
+    heads (then the accumulators are one dq-sized array)."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    k_tile = config.CPU_BWD_KEY_TILE if k_tile is None else k_tile
+    n_threads = _threads()
+    heads = q.shape[0] * k.shape[1]
+    key_tiles = -(-int(max_keys) // max(1, k_tile))
+    splits = max(1, min(-(-2 * n_threads // max(1, heads)), key_tiles))
+    return AttentionBackwardArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        dout=dout,
+        delta=delta,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        key_rows=int(key_rows),
+        max_keys=int(max_keys),
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        q_tile=config.CPU_BWD_QUERY_TILE if q_tile is None else q_tile,
+        k_tile=k_tile,
+        splits=splits,
+        n_threads=n_threads,
+    )
+
+
 def attention_backward(
     q,
     k,
@@ -273,38 +339,12 @@ def attention_backward(
     window_right,
     stream=None,
 ):
-    """TEMPORARY (interface commit): NumPy float64 per sequence; replaced by kernels."""
-    from .. import reference
+    from .kernels import attention_backward_kernel
 
-    g1, g2 = q.shape[:2]
-    group = g2 // k.shape[1] if k.shape[1] else 1
-    dk_acc = np.zeros(dk.shape)
-    dv_acc = np.zeros(dv.shape)
-    seen_k = np.zeros(dk.shape[:3], bool)
-    for a in range(g1):
-        for h in range(g2):
-            q_off, q_len, q_rows, k_off, k_len = (int(x) for x in seq[a, h, :5])
-            kb = h // group
-            dq[a, h, q_off : q_off + q_rows] = 0
-            seen_k[a, kb, k_off : k_off + max(k_len, key_rows)] = True
-            if q_len == 0 or k_len == 0:
-                continue
-            qs, ks = slice(q_off, q_off + q_len), slice(k_off, k_off + k_len)
-            m = np.ones((q_len, k_len), bool)
-            if mask is not None:
-                m = np.asarray(mask[a, h, qs, ks])
-            b = None if bias is None else np.asarray(bias[a, h, qs, ks])
-            left = window_left
-            right = window_right
-            gq, gk, gv = reference.attention_backward(
-                q[a, h, qs], k[a, kb, ks], v[a, kb, ks], dout[a, h, qs], scale=scale,
-                window=(left, right), mask=m, bias=b,
-            )  # fmt: skip
-            dq[a, h, qs] = gq
-            dk_acc[a, kb, ks] += gk
-            dv_acc[a, kb, ks] += gv
-    for a in range(dk.shape[0]):
-        for kb in range(dk.shape[1]):
-            rows = np.nonzero(seen_k[a, kb])[0]
-            dk[a, kb, rows] = dk_acc[a, kb, rows]
-            dv[a, kb, rows] = dv_acc[a, kb, rows]
+    _call(
+        attention_backward_kernel,
+        attention_backward_args(
+            q, k, v, out, lse, dout, delta, dq, dk, dv, seq, max_rows, key_rows, max_keys,
+            bias, mask, scale, window_left, window_right,
+        ),
+    )  # fmt: skip

@@ -93,7 +93,7 @@ from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
 
 from .._jit import njit  # njit: cache=True also works read-only
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import AttentionArgs, AttentionBackwardArgs, MergeArgs, ScoresArgs, SoftmaxArgs
 from .dispatch import OneLayoutKernel
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
@@ -849,3 +849,333 @@ scores_kernel = OneLayoutKernel(_scores_impl, ScoresArgs, _SERIAL_OPTS)
 softmax_kernel = OneLayoutKernel(_softmax_impl, SoftmaxArgs, _SERIAL_OPTS)
 attention_kernel = OneLayoutKernel(_attention_impl, AttentionArgs, _SERIAL_OPTS)
 merge_kernel = OneLayoutKernel(_merge_impl, MergeArgs, _SERIAL_OPTS)
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+#
+# FlashAttention-2's backward, deterministic and without atomics, in three
+# parallel loops of one kernel:
+#
+# 1. over (a, h, query tile): D = rowsum(dout * out) of every real row into
+#    ``delta``, and zeroing of the dQ accumulators;
+# 2. over (a, key head, slice): each work item owns a fixed set of key tiles
+#    (dealt to the ``splits`` slices in snake order, for balance under
+#    causal / windows) and, per key tile, streams every query tile of every
+#    query head of the group that sees it: S = Q K^T, P = exp(scale*S (+
+#    bias) - lse) (0 where masked), dP = dO V^T, dS = P * (dP - D),
+#    dV += P^T dO, dK += dS^T Q (kept in scratch for the key tile: no race
+#    across the group) and dQ_slice += dS K into the slice's own accumulator;
+# 3. over (a, h, query tile): dq = scale * sum over slices (fixed order).
+#
+# Five products per (query tile, key tile), all on packed tiles through
+# _gemm_acc, or _gemm_tn_acc for P^T dO and dS^T Q (no transposed copies). The
+# accumulators hold splits x (real rows, d) per head: splits is 1 when there
+# are enough key heads for the threads, so memory stays O(N). Results are
+# bitwise reproducible for a given thread count (splits depends on it).
+
+
+@njit(nogil=True, cache=True)
+def _bwd_offset(seq, a, b):
+    """The diagonal offset of sequence (a, b): the one place it is computed."""
+    return seq[a, b, 4] - seq[a, b, 1]
+
+
+@njit(**_HOPTS)
+def _ds_row(p, dp, n, dd):
+    """dp[j] = p[j] * (dp[j] - dd) for j < n, exactly 0 where p[j] == 0 (a
+    masked key's dP may be NaN: its value must not reach the gradients)."""
+    zero = p.dtype.type(0.0)
+    for j in range(n):
+        x = p[j] * (dp[j] - dd)
+        dp[j] = x if p[j] != zero else zero
+
+
+@njit(**_HOPTS)
+def _gemm_tn_acc(A, B, C, M, N, K):
+    """C[:M, :N] += A[:K, :M]^T @ B[:K, :N]; M must be a multiple of 4.
+
+    :func:`_gemm_acc` with A read transposed: the 16 hoisted scalars of a
+    4 x 4 block come from four rows of A instead of four columns, so P^T dO
+    and dS^T Q need no transposed copy of P or dS."""
+    kmain = K - K % 4
+    for i in range(0, M, 4):
+        for p in range(0, kmain, 4):
+            a00 = A[p, i]
+            a01 = A[p + 1, i]
+            a02 = A[p + 2, i]
+            a03 = A[p + 3, i]
+            a10 = A[p, i + 1]
+            a11 = A[p + 1, i + 1]
+            a12 = A[p + 2, i + 1]
+            a13 = A[p + 3, i + 1]
+            a20 = A[p, i + 2]
+            a21 = A[p + 1, i + 2]
+            a22 = A[p + 2, i + 2]
+            a23 = A[p + 3, i + 2]
+            a30 = A[p, i + 3]
+            a31 = A[p + 1, i + 3]
+            a32 = A[p + 2, i + 3]
+            a33 = A[p + 3, i + 3]
+            for j in range(N):
+                b0 = B[p, j]
+                b1 = B[p + 1, j]
+                b2 = B[p + 2, j]
+                b3 = B[p + 3, j]
+                C[i, j] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
+                C[i + 1, j] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
+                C[i + 2, j] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
+                C[i + 3, j] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
+        for p in range(kmain, K):
+            a0 = A[p, i]
+            a1 = A[p, i + 1]
+            a2 = A[p, i + 2]
+            a3 = A[p, i + 3]
+            for j in range(N):
+                b = B[p, j]
+                C[i, j] += a0 * b
+                C[i + 1, j] += a1 * b
+                C[i + 2, j] += a2 * b
+                C[i + 3, j] += a3 * b
+
+
+@njit(**_HOPTS)
+def _dot(x, y, n):
+    total = x.dtype.type(0.0)
+    for j in range(n):
+        total += x[j] * y[j]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _bwd_slice_owner(t, splits):
+    """The slice that owns key tile t (snake order over the slices)."""
+    r = t // splits
+    c = t % splits
+    return c if r % 2 == 0 else splits - 1 - c
+
+
+@njit(**_OPTS)
+def _attention_backward_impl(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    bias,
+    mask,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    has_bias,
+    has_mask,
+    scale,
+    left,
+    right,
+    q_tile,
+    k_tile,
+    splits,
+    n_threads,
+):
+    g1, g2, _, d = q.shape
+    hk = k.shape[1]
+    group = g2 // hk if hk > 0 else 1
+    dvn = v.shape[3]
+    dt = q.dtype.type
+    sc = dt(scale)
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    ns = max(1, splits)
+    # Query tiles start at multiples of 4 so that the padding rows of a
+    # tile's dQ product never land on another tile's rows.
+    qtt = (max(q_tile, 1) + _MR - 1) // _MR * _MR
+    kt = max(k_tile, 1)
+    qt_, n_qt, n_items, nthr, chunk = _grid(g1, g2, max_rows, qtt, n_threads)
+    # dQ accumulators: per slice, the real rows of every (a, h), each block
+    # padded to a multiple of 4 rows.
+    base = np.empty((g1, g2), dtype=np.int64)
+    total = 0
+    for a in range(g1):
+        for b in range(g2):
+            base[a, b] = total
+            total += (seq[a, b, 1] + _MR - 1) // _MR * _MR
+    acc = np.empty((ns, total, d), dtype=dt)
+
+    # 1. D = rowsum(dout * out); zero the accumulators.
+    d_unit = dvn <= 1 or (dout.strides[3] == dout.itemsize and out.strides[3] == out.itemsize)
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+        if m == 0:
+            continue
+        for r in range(m):
+            i = q_off + i0 + r
+            if d_unit:
+                delta[a, b, i] = _dot(_row4(dout, a, b, i), _row4(out, a, b, i), dvn)
+            else:
+                tot = zero
+                for c in range(dvn):
+                    tot += dout[a, b, i, c] * out[a, b, i, c]
+                delta[a, b, i] = tot
+        r0 = base[a, b] + i0
+        r1 = min(base[a, b] + (q_len + _MR - 1) // _MR * _MR, r0 + qtt)
+        for s_ in range(ns):
+            for r in range(r0, r1):
+                _fill(acc[s_, r], d, zero)
+
+    # 2. dK, dV per key tile; dQ per slice.
+    krows_max = max(max_keys, 0)
+    n_kitems = g1 * hk * ns
+    kchunk = (n_kitems + nthr - 1) // nthr
+    rows = (max(1, min(qtt, max_rows)) + _MR - 1) // _MR * _MR
+    ktn = max(1, min(kt, krows_max))
+    ktp = (ktn + _MR - 1) // _MR * _MR
+    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    do_t = np.empty((nthr, rows, dvn), dtype=dt)
+    s_t = np.empty((nthr, rows, ktp), dtype=dt)
+    dp_t = np.empty((nthr, rows, ktp), dtype=dt)
+    kt_t = np.empty((nthr, d, ktn), dtype=dt)
+    kr_t = np.empty((nthr, ktn, d), dtype=dt)
+    vt_t = np.empty((nthr, dvn, ktn), dtype=dt)
+    dka_t = np.empty((nthr, ktp, d), dtype=dt)
+    dva_t = np.empty((nthr, ktp, dvn), dtype=dt)
+    for pos in prange(nthr * kchunk):
+        w = _work_item(pos, kchunk, nthr)
+        if w >= n_kitems:
+            continue
+        a = w // (hk * ns)
+        kb = (w // ns) % hk
+        sl = w % ns
+        b0 = kb * group
+        k_off = seq[a, b0, 3]
+        k_len = seq[a, b0, 4]
+        krows = max(k_len, key_rows)
+        t = get_thread_id()
+        qs, dos, s, dp = _slot(qs_t, t), _slot(do_t, t), _slot(s_t, t), _slot(dp_t, t)
+        ktr, kr = _slot(kt_t, t), _slot(kr_t, t)
+        vt, dka, dva = _slot(vt_t, t), _slot(dka_t, t), _slot(dva_t, t)
+        for ti in range((krows + kt - 1) // kt):
+            if _bwd_slice_owner(ti, ns) != sl:
+                continue
+            j0 = ti * kt
+            kw = min(kt, krows - j0)  # rows of dk / dv this tile writes
+            kn = max(0, min(kw, k_len - j0))  # real keys among them
+            knp = (kn + _MR - 1) // _MR * _MR
+            for jj in range(knp):
+                _fill(dka[jj], d, zero)
+                _fill(dva[jj], dvn, zero)
+            if kn > 0:
+                _pack_transposed(k, a, kb, k_off + j0, kn, ktr)
+                _pack_rows(k, a, kb, k_off + j0, kn, kr)
+                _pack_transposed(v, a, kb, k_off + j0, kn, vt)
+            for g in range(group if kn > 0 else 0):
+                b = b0 + g
+                q_off = seq[a, b, 0]
+                q_len = seq[a, b, 1]
+                off = _bwd_offset(seq, a, b)
+                # Query rows that see some key of [j0, j0 + kn).
+                ilo = 0
+                ihi = q_len
+                if right >= 0:
+                    ilo = min(q_len, max(0, j0 - off - right))
+                if left >= 0:
+                    ihi = max(ilo, min(q_len, j0 + kn - 1 - off + left + 1))
+                ilo -= ilo % _MR
+                ab = base[a, b]
+                for i0 in range(ilo, ihi, qtt):
+                    m = min(qtt, ihi - i0)
+                    mp = (m + _MR - 1) // _MR * _MR
+                    _pack_rows(q, a, b, q_off + i0, m, qs)
+                    _pack_rows(dout, a, b, q_off + i0, m, dos)
+                    for r in range(m, mp):
+                        _fill(qs[r], d, zero)
+                        _fill(dos[r], dvn, zero)
+                    # Columns kn .. knp stay 0: the dV / dK products read them.
+                    for r in range(mp):
+                        _zero_row(s[r], 0, knp)
+                        _zero_row(dp[r], 0, knp)
+                    tri = i0 + off + right - j0 if right >= 0 else kn
+                    _gemm_acc(qs, ktr, s, mp, kn, d, tri, d)
+                    _gemm_acc(dos, vt, dp, mp, kn, dvn, tri, dvn)
+                    for r in range(mp):
+                        srow = s[r]
+                        i = i0 + r
+                        lv = lse[a, b, q_off + i] if r < m else ninf
+                        clo, chi = _row_range(i, j0, kn, off, left, right)
+                        if chi <= clo or lv == ninf:
+                            _zero_row(srow, 0, kn)
+                            _zero_row(dp[r], 0, kn)
+                            continue
+                        vis = srow[clo:chi]
+                        if has_bias or has_mask:
+                            qi = q_off + i
+                            kj = k_off + j0
+                            for jj in range(clo, chi):
+                                x = srow[jj] * sc
+                                if has_bias:
+                                    bb = bias[a, b, qi, kj + jj]
+                                    x = ninf if bb == ninf else x + bb
+                                if has_mask and not mask[a, b, qi, kj + jj]:
+                                    x = ninf
+                                srow[jj] = x
+                            mul = dt(1.0)
+                        else:
+                            mul = sc
+                        _exp_scaled_inplace(vis, chi - clo, mul, lv)
+                        _zero_row(srow, 0, clo)
+                        _zero_row(srow, chi, kn)
+                        _ds_row(srow, dp[r], kn, delta[a, b, q_off + i])
+                    # dQ_slice += dS K; dV += P^T dO; dK += dS^T Q.
+                    dqs = acc[sl, ab + i0 : ab + i0 + mp]
+                    _gemm_acc(dp, kr, dqs, mp, d, kn, d, tri)
+                    _gemm_tn_acc(s, dos, dva, knp, dvn, mp)
+                    _gemm_tn_acc(dp, qs, dka, knp, d, mp)
+            for jj in range(kw):
+                j = k_off + j0 + jj
+                if jj < kn:
+                    for c in range(d):
+                        dk[a, kb, j, c] = dka[jj, c] * sc
+                    for c in range(dvn):
+                        dv[a, kb, j, c] = dva[jj, c]
+                else:
+                    for c in range(d):
+                        dk[a, kb, j, c] = zero
+                    for c in range(dvn):
+                        dv[a, kb, j, c] = zero
+
+    # 3. dq = scale * (sum of the slices' accumulators), zeros past Q_LEN.
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+        if i0 >= q_rows:
+            continue
+        ab = base[a, b]
+        for r in range(i1 - i0):
+            i = q_off + i0 + r
+            if r >= m:
+                for c in range(d):
+                    dq[a, b, i, c] = zero
+                continue
+            row = ab + i0 + r
+            if ns > 1:
+                first = acc[0, row]
+                for s_ in range(1, ns):
+                    _axpy(first, acc[s_, row], dt(1.0), d)
+            for c in range(d):
+                dq[a, b, i, c] = acc[0, row, c] * sc
+
+
+attention_backward_kernel = OneLayoutKernel(
+    _attention_backward_impl, AttentionBackwardArgs, _SERIAL_OPTS
+)
