@@ -230,7 +230,8 @@ def cmd_bench(args) -> int:
             "device": backend.name,
             "threads": threads,
             "rate_units": {
-                "GFLOP/s": "attention 4*B*H*N*N*d (halved if causal), scores 2*B*H*N*N*d",
+                "GFLOP/s": "attention 4*B*H*N*N*d (halved if causal), scores 2*B*H*N*N*d, "
+                "backward 10*B*H*N*N*d (halved if causal)",
                 "GB/s": "softmax: 2*elements*itemsize bytes (read + write)",
             },
             "ratios": "vs_numpy / vs_torch = baseline median / numbattn median (>1: numbattn faster)",
@@ -242,8 +243,9 @@ def cmd_bench(args) -> int:
         print(B.table(records))
         print(
             "\nmedian of repeated calls; rate: GFLOP/s (attention 4*B*H*N^2*d, halved if causal; "
-            "scores 2*B*H*N^2*d) or GB/s (softmax, 2 x bytes of x);\n"
-            "vs NumPy / vs torch: baseline time / numbattn time (above 1: numbattn faster); "
+            "scores 2*B*H*N^2*d; backward 10*B*H*N^2*d, halved if causal) or GB/s (softmax, "
+            "2 x bytes of x);\nvs NumPy / vs torch: baseline time / numbattn time (above 1: "
+            "numbattn faster; backward: torch's SDPA autograd backward, without its forward); "
             f"NumPy baseline runs on the host; torch: {torch_note}."
         )
     if failed:
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B,H,N,d",
         help="problem size (repeatable); softmax runs on B x H x N x N",
     )
-    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax")), metavar="LIST",
+    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax", "backward")), metavar="LIST",
                    help="comma-separated kernels (default all)")  # fmt: skip
     p.add_argument("--dtype", type=_csv(("float32", "float64")), metavar="LIST",
                    help="float32, float64 or both comma-separated (default float32)")  # fmt: skip

@@ -11,7 +11,11 @@ Work counts
   products), halved when causal;
 - scores: ``2*B*H*Nq*Nk*d`` (the full score matrix is written, causal or not);
 - softmax: memory-bound, so it is rated in GB/s of ``2 * elements *
-  itemsize`` bytes (every element read once and written once).
+  itemsize`` bytes (every element read once and written once);
+- backward (``attention_backward``, from the forward's out and lse):
+  ``10*B*H*Nq*Nk*d`` (five matrix products: S, dP, dV, dQ, dK), halved when
+  causal. Its torch baseline is SDPA's autograd backward (``out.backward(dout)``),
+  timed without the forward; it has no NumPy baseline.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ import numpy as np
 from .baselines import causal_mask, numpy_attention, numpy_scores, numpy_softmax
 from .reference import relative_error
 
-KERNELS = ("attention", "scores", "softmax")
+KERNELS = ("attention", "scores", "softmax", "backward")
 
 #: Relative tolerance ||out - ref|| / ||ref|| against numbattn.reference.
 RTOL = {"float32": 1e-5, "float64": 1e-12}
+#: The same for gradients (sums over both sequence axes: more rounding).
+GRAD_RTOL = {"float32": 1e-4, "float64": 1e-11}
 
 
 # --------------------------------------------------------------------------
@@ -79,6 +85,9 @@ class Problem:
             return (flops / 2 if self.causal else flops), "GFLOP/s"
         if self.kernel == "scores":
             return 2.0 * b * h * n * n * d, "GFLOP/s"
+        if self.kernel == "backward":
+            flops = 10.0 * b * h * n * n * d
+            return (flops / 2 if self.causal else flops), "GFLOP/s"
         return 2.0 * b * h * n * n * np.dtype(self.dtype).itemsize, "GB/s"
 
 
@@ -88,6 +97,9 @@ def default_problems() -> list[Problem]:
     for b, h, n, d in ((1, 8, 2048, 64), (4, 8, 512, 64)):
         for causal in (False, True):
             out.append(Problem("attention", b, h, n, d, "float32", causal))
+    for b, h, n, d in ((1, 8, 2048, 64), (4, 8, 512, 64)):
+        for causal in (False, True):
+            out.append(Problem("backward", b, h, n, d, "float32", causal))
     out.append(Problem("scores", 4, 8, 512, 64, "float32"))
     out.append(Problem("softmax", 4, 8, 512, 64, "float32"))
     return out
@@ -101,6 +113,7 @@ def quick_problems() -> list[Problem]:
             out.append(Problem("attention", 2, 2, 160, 32, dtype, causal))
         out.append(Problem("scores", 2, 2, 160, 32, dtype, True))
         out.append(Problem("softmax", 2, 2, 160, 32, dtype))
+        out.append(Problem("backward", 2, 2, 160, 32, dtype, True))
     return out
 
 
@@ -123,11 +136,20 @@ def build_problems(
 
 
 def make_inputs(p: Problem, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Host inputs: (q, k, v), (q, k) or (x,), standard normal, C-contiguous."""
+    """Host inputs: (q, k, v), (q, k) or (x,), standard normal, C-contiguous;
+    for backward (q, k, v, out, lse, dout), out and lse from numbattn's CPU
+    forward."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(p.dtype)
     if p.kernel == "softmax":
         return ((rng.standard_normal(p.shape) * 4.0).astype(dt),)
+    if p.kernel == "backward":
+        import numbattn
+
+        q, k, v, dout = (rng.standard_normal(p.shape).astype(dt) for _ in range(4))
+        lse = np.empty(p.shape[:-1], dt)
+        out = numbattn.attention(q, k, v, scale=scale_of(p), causal=p.causal, lse=lse)
+        return q, k, v, out, lse, dout
     count = 3 if p.kernel == "attention" else 2
     return tuple(rng.standard_normal(p.shape).astype(dt) for _ in range(count))
 
@@ -167,7 +189,29 @@ def torch_fns(torch) -> dict[str, Callable]:
     def t_softmax(x):
         return torch.softmax(x, dim=-1)
 
-    return {"attention": t_attention, "scores": t_scores, "softmax": t_softmax}
+    def t_backward(q, k, v, out, lse, dout, scale, causal=False):
+        """SDPA's autograd backward; ``prepare`` runs the (untimed) forward."""
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        graph: list = []
+
+        def prepare():
+            for x in leaves:
+                x.grad = None
+            graph[:] = [t_attention(leaves[0], leaves[1], leaves[2], scale, causal)]
+
+        def run():
+            graph.pop().backward(dout)
+            return tuple(x.grad for x in leaves)
+
+        run.prepare = prepare  # type: ignore[attr-defined]
+        return run
+
+    return {
+        "attention": t_attention,
+        "scores": t_scores,
+        "softmax": t_softmax,
+        "backward": t_backward,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -183,6 +227,17 @@ def reference_outputs(p: Problem, inputs) -> list[np.ndarray]:
     from . import reference
 
     scale = scale_of(p)
+    if p.kernel == "backward":
+        q, k, v, _, _, dout = inputs
+        grads = [np.empty(a.shape, np.float64) for a in (q, k, v)]
+        for bi in range(p.b):
+            for hi in range(p.h):
+                g = reference.attention_backward(
+                    q[bi, hi], k[bi, hi], v[bi, hi], dout[bi, hi], scale=scale, causal=p.causal
+                )
+                for dst, src in zip(grads, g):
+                    dst[bi, hi] = src
+        return grads
     refs = [np.empty(p.out_shape, np.float64)]
     if p.kernel == "attention":
         refs.append(np.empty(p.shape[:-1], np.float64))
@@ -224,6 +279,11 @@ class CpuBackend:
             return numbattn.attention(*args, scale=scale, causal=p.causal, out=out, lse=lse)
         if p.kernel == "scores":
             return numbattn.scores(*args, scale=scale, causal=p.causal, out=out)
+        if p.kernel == "backward":
+            dq, dk, dv = out if out is not None else (None, None, None)
+            return numbattn.attention_backward(
+                *args, scale=scale, causal=p.causal, dq=dq, dk=dk, dv=dv
+            )
         return numbattn.softmax(*args, out=out)
 
     def timed(self, fn: Callable[[], Any]) -> float:
@@ -270,6 +330,11 @@ class CudaBackend(CpuBackend):
             )
         if p.kernel == "scores":
             return numbattn.scores(*args, scale=scale, causal=p.causal, out=out, stream=s)
+        if p.kernel == "backward":
+            dq, dk, dv = out if out is not None else (None, None, None)
+            return numbattn.attention_backward(
+                *args, scale=scale, causal=p.causal, dq=dq, dk=dk, dv=dv, stream=s
+            )
         return numbattn.softmax(*args, out=out, stream=s)
 
     def timed(self, fn: Callable[[], Any]) -> float:
@@ -330,10 +395,19 @@ class TorchRunner:
         f = self.fns[p.kernel]
         if p.kernel == "softmax":
             return lambda: f(*tensors)
+        if p.kernel == "backward":  # a callable with its untimed forward, ``prepare``
+            return f(*tensors, scale_of(p), p.causal)
         return lambda: f(*tensors, scale_of(p), p.causal)
 
     def timed(self, fn):
+        """(seconds, result) of ``fn()``; ``fn.prepare()``, where there is one
+        (the backward's forward), runs first, untimed."""
         torch = self.torch
+        prepare = getattr(fn, "prepare", None)
+        if prepare is not None:
+            prepare()
+            if self.device != "cpu":
+                torch.cuda.synchronize()
         if self.device == "cpu":
             t0 = time.perf_counter()
             r = fn()
@@ -401,7 +475,11 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     dev = [backend.to_device(a) for a in host]
 
     # 1. Verification (also compiles, or loads from the cache): poisoned outputs.
-    out = backend.poisoned(p.out_shape, p.dtype)
+    backward = p.kernel == "backward"
+    if backward:
+        out: Any = tuple(backend.poisoned(a.shape, p.dtype) for a in host[:3])
+    else:
+        out = backend.poisoned(p.out_shape, p.dtype)
     lse = backend.poisoned(p.shape[:-1], p.dtype) if p.kernel == "attention" else None
     t0 = time.perf_counter()
     backend.call(p, dev, out=out, lse=lse)
@@ -409,9 +487,12 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
         backend.cuda.synchronize()
     first_call = time.perf_counter() - t0
     refs = reference_outputs(p, host)
-    got = [backend.to_host(out)] + ([backend.to_host(lse)] if lse is not None else [])
+    if backward:
+        got = [backend.to_host(g) for g in out]
+    else:
+        got = [backend.to_host(out)] + ([backend.to_host(lse)] if lse is not None else [])
     err = max(rel_err(g, r) for g, r in zip(got, refs))
-    tol = RTOL[p.dtype]
+    tol = (GRAD_RTOL if backward else RTOL)[p.dtype]
     ok = bool(err <= tol)
     del out, lse, got, refs
     opts.progress(f"check {'ok' if ok else 'FAILED'} (rel. err {err:.2e}, tol {tol:.0e})")
@@ -448,23 +529,25 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
 
     # 3. NumPy baseline, on the host arrays (also for --device cuda).
     scale = scale_of(p)
+    np_fn: Callable[[], Any] | None = None
     if p.kernel == "attention":
         np_fn = lambda: numpy_attention(host[0], host[1], host[2], scale, p.causal)  # noqa: E731
     elif p.kernel == "scores":
         np_fn = lambda: numpy_scores(host[0], host[1], scale, p.causal)  # noqa: E731
-    else:
+    elif p.kernel == "softmax":
         np_fn = lambda: numpy_softmax(*host)  # noqa: E731
-    np_fn()  # warm-up (page faults, BLAS threads)
-    np_fn()
-    tn = repeat_timed(
-        lambda: CpuBackend().timed(np_fn),
-        min_time=opts.min_time,
-        min_repeat=opts.min_repeat,
-        max_repeat=opts.max_repeat,
-    )
-    rec["numpy_s"] = tn.median
-    rec["vs_numpy"] = tn.median / tm.median
-    opts.progress(f"numpy {fmt_time(tn.median)}")
+    if np_fn is not None:
+        np_fn()  # warm-up (page faults, BLAS threads)
+        np_fn()
+        tn = repeat_timed(
+            lambda: CpuBackend().timed(np_fn),
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+        rec["numpy_s"] = tn.median
+        rec["vs_numpy"] = tn.median / tm.median
+        opts.progress(f"numpy {fmt_time(tn.median)}")
 
     # 4. torch baseline (SDPA for attention), where torch is installed.
     if torch_runner is not None:

@@ -18,7 +18,7 @@ CPU_KEY_TILE = 128
 CPU_BWD_QUERY_TILE = 64
 #: Keys per work unit of the backward pass: each key tile's dK and dV stay
 #: in registers-sized scratch while the query tiles that see it stream by.
-CPU_BWD_KEY_TILE = 64
+CPU_BWD_KEY_TILE = 128
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each

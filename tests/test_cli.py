@@ -58,7 +58,7 @@ def test_bench_quick_json():
     assert doc["all_ok"] is True
     assert doc["device"] == "cpu"
     results = doc["results"]
-    assert {x["kernel"] for x in results} == {"attention", "scores", "softmax"}
+    assert {x["kernel"] for x in results} == {"attention", "scores", "softmax", "backward"}
     assert {x["dtype"] for x in results} == {"float32", "float64"}
     assert {x["causal"] for x in results if x["kernel"] == "attention"} == {False, True}
     keys = {"kernel", "backend", "dtype", "shape", "causal", "check", "median_s", "rate",
@@ -68,7 +68,10 @@ def test_bench_quick_json():
         assert x["check"]["ok"] is True
         assert x["check"]["rel_err"] <= x["check"]["tol"]
         assert x["median_s"] > 0 and x["rate"] > 0
-        assert x["numpy_s"] > 0 and x["vs_numpy"] > 0
+        if x["kernel"] == "backward":  # no NumPy baseline for gradients
+            assert x["numpy_s"] is None and x["vs_numpy"] is None
+        else:
+            assert x["numpy_s"] > 0 and x["vs_numpy"] > 0
         assert x["rate_unit"] == ("GB/s" if x["kernel"] == "softmax" else "GFLOP/s")
         if x["torch_s"] is not None:
             assert x["vs_torch"] > 0
@@ -136,3 +139,19 @@ def test_work_counts():
     sm = _bench.Problem("softmax", 2, 3, 128, 64, "float64")
     assert sm.shape == (2, 3, 128, 128)
     assert sm.work() == (2.0 * 2 * 3 * 128 * 128 * 8, "GB/s")
+    bw = _bench.Problem("backward", 2, 3, 128, 64)
+    assert bw.work() == (10.0 * 2 * 3 * 128 * 128 * 64, "GFLOP/s")
+
+
+def test_bench_backward_with_torch_baseline():
+    """The backward problem: checked against the reference, timed, and torch's
+    SDPA backward timed beside it (where torch is installed)."""
+    r = run_cli(
+        "bench", "--kernel", "backward", "--shape", "1,2,40,8", "--dtype", "float64",
+        "--causal", "yes", "--max-repeat", "2", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (x,) = json.loads(r.stdout)["results"]
+    assert x["kernel"] == "backward" and x["check"]["ok"] is True
+    if _bench._torch() is not None:
+        assert x["torch_s"] > 0
