@@ -35,6 +35,7 @@ class _Options(NamedTuple):
     key_lengths: Any
     query_lengths: Any
     window: tuple[int, int] | None
+    diagonal: Any
 
 
 def _view(t: Any) -> Any:
@@ -62,13 +63,15 @@ def _stream(t: Any) -> int | None:
     return int(torch.cuda.current_stream(t.device).cuda_stream)
 
 
-def _lengths(name: str, value: Any) -> Any:
-    """Lengths on the host, as numbattn wants them (a tensor on a GPU is copied,
-    which synchronises); arrays, lists and None pass through to numbattn's checks."""
+def _host_integers(name: str, value: Any) -> Any:
+    """Lengths or diagonals on the host, as numbattn wants them (a tensor on a GPU
+    is copied, which synchronises; a 0-d tensor becomes an int); arrays, lists,
+    ints and None pass through to numbattn's checks."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor or array, got {value.dtype}")
-        return value.detach().cpu().numpy()
+        host = value.detach().cpu().numpy()
+        return int(host) if host.ndim == 0 else host
     return value
 
 
@@ -128,6 +131,7 @@ class _Attention(torch.autograd.Function):
             bias=_view(bias),
             mask=_view(mask),
             window=opts.window,
+            diagonal=opts.diagonal,
             out=_view(out),
             lse=_view(lse),
             stream=_stream(q),
@@ -162,6 +166,7 @@ class _Attention(torch.autograd.Function):
             bias=_view(bias),
             mask=_view(mask),
             window=opts.window,
+            diagonal=opts.diagonal,
             dq=_view(dq),
             dk=_view(dk),
             dv=_view(dv),
@@ -189,6 +194,7 @@ def attention(
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
+    diagonal: Any = None,
 ) -> torch.Tensor:
     """Differentiable fused attention on torch tensors (CPU or CUDA).
 
@@ -199,7 +205,8 @@ def attention(
     array is ever allocated, forward or backward). Semantics are numbattn's:
     in particular ``causal`` is bottom-right aligned (query i sees key j
     when ``j <= i + Nk - Nq``), whereas torch's ``scaled_dot_product_attention``
-    aligns ``is_causal`` top-left; the two agree when Nq == Nk.
+    aligns ``is_causal`` top-left; the two agree when Nq == Nk, and
+    ``diagonal=0`` gives torch's alignment for any shape.
 
     Gradients flow to ``q``, ``k`` and ``v`` (those that require grad; the
     backward computes the three in one pass). ``bias`` and ``mask`` are
@@ -240,6 +247,11 @@ def attention(
     window : (int, int), optional
         ``(left, right)`` sliding window, FlashAttention's ``window_size``;
         -1 = unbounded on that side.
+    diagonal : int, or integer tensor or array of shape (B,), optional
+        Where causal and window are aligned: query i is aligned with key
+        ``i + diagonal`` (default ``Nk - Nq``, or ``key_lengths[b] -
+        query_lengths[b]``: bottom-right); 0 is top-left, torch's
+        ``is_causal``. A CUDA tensor is copied to the host (synchronises).
 
     Returns
     -------
@@ -253,11 +265,12 @@ def attention(
     TypeError
         Non-tensor ``q``/``k``/``v``/``bias``/``mask``; a dtype other than
         float32/float64 (bool for ``mask``); tensors on different devices
-        or on a device other than CPU/CUDA; float lengths; and every
+        or on a device other than CPU/CUDA; float lengths or diagonal; and every
         ``TypeError`` of :func:`numbattn.attention`.
     ValueError
         ``bias`` that requires grad; and every ``ValueError`` of
-        :func:`numbattn.attention` (shapes, heads, lengths, window, scale).
+        :func:`numbattn.attention` (shapes, heads, lengths, window, diagonal,
+        scale).
 
     Examples
     --------
@@ -278,9 +291,10 @@ def attention(
     opts = _Options(
         scale=scale,
         causal=causal,
-        key_lengths=_lengths("key_lengths", key_lengths),
-        query_lengths=_lengths("query_lengths", query_lengths),
+        key_lengths=_host_integers("key_lengths", key_lengths),
+        query_lengths=_host_integers("query_lengths", query_lengths),
         window=window,
+        diagonal=_host_integers("diagonal", diagonal),
     )
     if device.type == "cuda":
         with torch.cuda.device(device):

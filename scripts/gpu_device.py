@@ -386,14 +386,16 @@ def cmd_torch(args) -> None:
         x, y = x.detach().double(), y.detach().double()
         return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y))
 
-    def ref_sdpa(q, k, v, causal, nq, nk):
-        """SDPA in float64 with numbattn's bottom-right causal as an explicit mask."""
+    def ref_sdpa(q, k, v, causal, nq, nk, diagonal=None):
+        """SDPA in float64 with numbattn's causal alignment as an explicit mask."""
         group = q.shape[1] // k.shape[1]
         k, v = (x.repeat_interleave(group, 1) for x in (k, v))
         mask = None
         if causal:
             i = torch.arange(nq, device=dev)[:, None]
-            mask = torch.arange(nk, device=dev)[None, :] <= i + (nk - nq)
+            mask = torch.arange(nk, device=dev)[None, :] <= i + (
+                nk - nq if diagonal is None else diagonal
+            )
         return f.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def compare(label, dtype, hk, nq, nk, causal, **kw):
@@ -403,7 +405,7 @@ def cmd_torch(args) -> None:
         out = nt.attention(*lo, causal=causal, **kw)
         out.backward(dout.to(dtype))
         hi = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        ref = ref_sdpa(*hi, causal, nq, nk)
+        ref = ref_sdpa(*hi, causal, nq, nk, kw.get("diagonal"))
         ref.backward(dout)
         name = str(dtype).removeprefix("torch.")
         err = max(rel(out, ref), *(rel(a.grad, r.grad) for a, r in zip(lo, hi)))
@@ -417,6 +419,7 @@ def cmd_torch(args) -> None:
         compare("plain", dtype, h, n, n, False)
         compare("causal", dtype, h, n, n, True)
         compare("causal Nq<Nk gqa", dtype, h // 2, n // 2, n, True)
+        compare("causal diagonal=0 Nq<Nk", dtype, h, n // 2, n, True, diagonal=0)
         klen = torch.full((b,), n, dtype=torch.int64, device=dev)  # a CUDA tensor: synchronises
         compare("key_lengths=Nk (device tensor)", dtype, h, n, n, False, key_lengths=klen)
 

@@ -58,7 +58,7 @@ def qkv(rng, dtype, b=2, h=2, hk=None, nq=4, nk=5, d=3, dv=2):
 
 
 def visibility(q, k, *, causal=False, key_lengths=None, query_lengths=None, mask=None,
-               window=None, bias=None):  # fmt: skip
+               window=None, bias=None, diagonal=None):  # fmt: skip
     """numbattn's visibility as an explicit (B, 1|H, Nq, Nk) bool tensor, and the
     (B, 1, Nq, 1) rows that see at least one key (others are zeros in numbattn)."""
     b, nq, nk = q.shape[0], q.shape[-2], k.shape[-2]
@@ -67,7 +67,10 @@ def visibility(q, k, *, causal=False, key_lengths=None, query_lengths=None, mask
     qlen, klen = (x.expand(b).reshape(b, 1, 1, 1) for x in (qlen, klen))
     i = torch.arange(nq).reshape(1, 1, nq, 1)
     j = torch.arange(nk).reshape(1, 1, 1, nk)
-    diag = i + (klen - qlen)  # bottom-right, per sequence
+    if diagonal is None:
+        diag = i + (klen - qlen)  # bottom-right, per sequence
+    else:
+        diag = i + torch.as_tensor(np.asarray(diagonal)).expand(b).reshape(b, 1, 1, 1)
     vis = (j < klen) & (i < qlen)
     left, right = window if window is not None else (-1, -1)
     right = 0 if causal else right
@@ -83,7 +86,7 @@ def visibility(q, k, *, causal=False, key_lengths=None, query_lengths=None, mask
 
 
 def sdpa(q, k, v, *, scale=None, causal=False, key_lengths=None, query_lengths=None,
-         bias=None, mask=None, window=None):  # fmt: skip
+         bias=None, mask=None, window=None, diagonal=None):  # fmt: skip
     """The same attention through torch's SDPA autograd.
 
     Grouped-query heads are repeated (autograd sums their gradients back);
@@ -93,11 +96,15 @@ def sdpa(q, k, v, *, scale=None, causal=False, key_lengths=None, query_lengths=N
     group = q.shape[-3] // k.shape[-3]
     if group > 1:
         k, v = (x.repeat_interleave(group, dim=-3) for x in (k, v))
-    plain = not (key_lengths is not None or query_lengths is not None or window is not None)
-    if plain and mask is None and bias is None and (not causal or q.shape[-2] == k.shape[-2]):
+    plain = all(x is None for x in (key_lengths, query_lengths, window, mask, bias))
+    top_left = (diagonal is None and q.shape[-2] == k.shape[-2]) or (
+        isinstance(diagonal, int) and diagonal == 0
+    )
+    if plain and (not causal or top_left):  # torch's is_causal is top-left aligned
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     vis, rows = visibility(q, k, causal=causal, key_lengths=key_lengths,
-                           query_lengths=query_lengths, mask=mask, window=window, bias=bias)  # fmt: skip
+                           query_lengths=query_lengths, mask=mask, window=window, bias=bias,
+                           diagonal=diagonal)  # fmt: skip
     vis = vis | ~rows
     add = torch.zeros((), dtype=q.dtype) if bias is None else bias.detach()
     attn_mask = torch.where(vis, add, torch.tensor(-torch.inf, dtype=q.dtype))
@@ -125,6 +132,10 @@ def case_kwargs(rng, case, dtype, b, h, nq, nk, finite=True):
         kw["mask"] = mask & torch.from_numpy(rng.random((b, 1, 1, nk)) < 0.8)
     if "window" in case:
         kw["window"] = (1, 1) if "causal" not in case else (2, -1)
+    if "diag0" in case:  # top-left: torch's is_causal
+        kw["diagonal"] = 0
+    if "diagb" in case:  # one per batch element, as a tensor
+        kw["diagonal"] = torch.tensor([1, -2])[:b]
     return kw
 
 
@@ -142,6 +153,9 @@ CASES = {
     "gqa": (1, 4, 2, 4, 5, 3, 2, ""),
     "mqa": (2, 3, 1, 4, 5, 2, 3, "causal"),
     "combo": (2, 4, 2, 5, 7, 3, 2, "scale causal lengths bias mask window"),
+    "diagonal-0": (1, 2, 2, 4, 7, 3, 2, "causal diag0"),  # is_causal with Nq != Nk
+    "diagonal-tall": (1, 2, 2, 7, 4, 3, 2, "causal diag0"),
+    "diagonal-batch": (2, 2, 1, 5, 5, 3, 2, "window lengths diagb"),
 }
 
 
