@@ -162,8 +162,8 @@ class Backend(Protocol):
         row (the backend fills and reads it; the API never reads it).
 
         For every batch element (a, h), with the table's columns and the
-        visibility rule of :mod:`numbattn._sequences` (``off`` computed in
-        one place, from the table), P = exp(s - lse) over visible keys
+        visibility rule of :mod:`numbattn._sequences` (``off`` is the
+        ALIGN column, read in one place), P = exp(s - lse) over visible keys
         (exactly 0 elsewhere, and for a row whose lse is -inf), dP = dout
         V^T, dS = P * (dP - D), and the backend writes, overwriting:
 

@@ -860,6 +860,7 @@ def attention_backward(
     bias: Array | None = None,
     mask: Array | None = None,
     window: tuple[int, int] | None = None,
+    diagonal: Any = None,
     dq: Array | None = None,
     dk: Array | None = None,
     dv: Array | None = None,
@@ -887,9 +888,9 @@ def attention_backward(
         visible key. Must come from the same call (same options).
     dout : array, shape (..., Nq, dv)
         Gradient of the loss with respect to ``out``.
-    scale, causal, key_lengths, query_lengths, bias, mask, window
-        The forward's options, unchanged. ``bias`` and ``mask`` are
-        constants: no gradient is computed for them.
+    scale, causal, key_lengths, query_lengths, bias, mask, window, diagonal
+        The forward's options (see :func:`attention`), unchanged. ``bias``
+        and ``mask`` are constants: no gradient is computed for them.
     dq, dk, dv : arrays shaped like q, k, v, optional
         Buffers for the gradients (same dtype and device as the inputs,
         writeable, no zero strides, overlapping neither an input nor each
@@ -933,10 +934,11 @@ def attention_backward(
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
     nq, nk = sq.shape[-2], sk.shape[-2]
-    left, right = _window(window, causal, nq + nk)
+    diag, reach = _diagonal(diagonal, leading)
+    left, right = _window(window, causal, nq + nk + reach)
     inputs = {"q": sq, "k": sk, "v": sv}
     views = _check_options(shadows, dtype, leading + (nq, nk), inputs)
-    table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths, diag)
     grad_shapes = {"dq": sq.shape, "dk": sk.shape, "dv": sv.shape}
     out_shape = leading + (nq, sv.shape[-1])
     _check_backward(shadows, dtype, out_shape, leading + (nq,), inputs, grad_shapes)
@@ -1087,6 +1089,7 @@ def varlen_attention_backward(
     table[:, seqs.Q_LEN] = table[:, seqs.Q_ROWS] = np.diff(cu_q)
     table[:, seqs.K_OFF] = cu_k[:-1]
     table[:, seqs.K_LEN] = np.diff(cu_k)
+    table[:, seqs.ALIGN] = table[:, seqs.K_LEN] - table[:, seqs.Q_LEN]
     table4 = seqs.broadcast(table, (nseq, h), axis0=True)
     delta = backend.empty((tq, h), dtype, like=None, stream=stream)[0]
     sdelta = chk.shadow("delta", delta)[0]

@@ -300,7 +300,7 @@ def test_deterministic_and_splits_agree(rng):
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     ref = reference.attention_backward(q, k, v, dout, causal=True)
-    seq = np.broadcast_to(np.array([0, 70, 70, 0, 90]), (1, 2, 5))
+    seq = np.broadcast_to(np.array([0, 70, 70, 0, 90, 20]), (1, 2, 6))
     for splits in (1, 2, 3, 7):
         grads = [poisoned(x.shape, dtype) for x in (q, k, v)]
         args = cpu_backend.attention_backward_args(
@@ -409,3 +409,16 @@ def test_varlen_bad_input(rng):
         dout = np.zeros(q.shape)
         numbattn.varlen_attention_backward(q, k, v, out, lse, dout[..., :6], cu_q, cu_k, dq=dout)
     assert (dq == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("diagonal", [0, -3, 5, "per-batch"])
+def test_diagonal(rng, tiles, dtype, diagonal):
+    """The forward's ``diagonal`` alignment, with causal and a window."""
+    q = randn(rng, (B, H, 9, 4), dtype)
+    k = randn(rng, (B, H, 12, 4), dtype)
+    v = randn(rng, (B, H, 12, 3), dtype)
+    if diagonal == "per-batch":
+        diagonal = np.array([-2, 0, 7])
+    check(q, k, v, dtype, f"diagonal={diagonal}", rng, causal=True, diagonal=diagonal)
+    check(q, k, v, dtype, "window", rng, window=(2, 1), diagonal=diagonal)

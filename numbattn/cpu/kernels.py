@@ -884,8 +884,9 @@ merge_kernel = OneLayoutKernel(_merge_impl, MergeArgs, _SERIAL_OPTS)
 
 @njit(nogil=True, cache=True)
 def _bwd_offset(seq, a, b):
-    """The diagonal offset of sequence (a, b): the one place it is computed."""
-    return seq[a, b, 4] - seq[a, b, 1]
+    """The diagonal offset of sequence (a, b) (the ALIGN column): the one place
+    the backward reads it."""
+    return seq[a, b, 5]
 
 
 @njit(**_HOPTS)
@@ -1020,9 +1021,10 @@ def _attention_backward_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+        a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
         if m == 0:
             continue
+        q_len = seq[a, b, 1]
         for r in range(m):
             i = q_off + i0 + r
             if d_unit:
@@ -1173,7 +1175,7 @@ def _attention_backward_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+        a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
         if i0 >= q_rows:
             continue
         ab = base[a, b]
