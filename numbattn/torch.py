@@ -17,8 +17,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
-from torch.autograd.function import once_differentiable
+try:
+    import torch
+    from torch.autograd.function import once_differentiable
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "numbattn.torch needs PyTorch: install torch (pip install torch), or numbattn's "
+        f"'torch' extra ({exc})"
+    ) from exc
 
 import numbattn as _nb
 
@@ -80,7 +86,7 @@ def _check_tensors(named: dict[str, Any]) -> torch.device:
     device = None
     first = ""
     for name, t in named.items():
-        if t is None:
+        if t is None and name in ("bias", "mask"):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__qualname__}")
@@ -103,7 +109,7 @@ def _check_tensors(named: dict[str, Any]) -> torch.device:
             )
         if t.device.type not in ("cpu", "cuda"):
             raise TypeError(f"{name} must be a CPU or CUDA tensor, got device {t.device}")
-    assert device is not None
+    assert device is not None  # q is always checked
     return device
 
 

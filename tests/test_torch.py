@@ -367,6 +367,8 @@ def test_errors(rng):
         nt.attention(q, k.half(), v)
     with pytest.raises(TypeError, match=r"q must be a torch\.Tensor"):
         nt.attention(q.detach().numpy(), k, v)
+    with pytest.raises(TypeError, match=r"v must be a torch\.Tensor, got NoneType"):
+        nt.attention(q, k, None)
     with pytest.raises(TypeError, match=r"mask must have dtype torch\.bool"):
         nt.attention(q, k, v, mask=torch.ones(4, 5))
     with pytest.raises(TypeError, match="v is on meta but q is on cpu"):
@@ -379,6 +381,16 @@ def test_errors(rng):
         nt.attention(q, k[..., :2], v)
     with pytest.raises(ValueError, match="key_lengths"):
         nt.attention(q, k, v, key_lengths=np.array([9, 1]))
+
+
+def test_import_without_torch_says_what_is_missing():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "try:\n    import numbattn.torch\nexcept ImportError as e:\n    print(e)"
+    )
+    root = str(Path(numbattn.__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert "numbattn.torch needs PyTorch" in r.stdout, r.stdout + r.stderr
 
 
 def test_import_numbattn_does_not_import_torch():
