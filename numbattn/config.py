@@ -19,6 +19,10 @@ CPU_BWD_QUERY_TILE = 64
 #: Keys per work unit of the backward pass: each key tile's dK and dV stay
 #: in registers-sized scratch while the query tiles that see it stream by.
 CPU_BWD_KEY_TILE = 128
+#: Bytes of dQ accumulators the backward may use to split one head's key
+#: tiles across threads (few heads, many threads); one dq-sized array is
+#: always allowed.
+CPU_BWD_SPLIT_BYTES = 32 << 20
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each

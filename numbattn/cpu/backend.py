@@ -281,13 +281,18 @@ def attention_backward_args(
     ``splits``: key-tile slices per key head, each with its own dQ
     accumulator (rows x d): enough work items for twice the threads, so a
     single head still keeps every thread busy; 1 when there are enough
-    heads (then the accumulators are one dq-sized array)."""
+    heads (then the accumulators are one dq-sized array), and never more
+    than ``config.CPU_BWD_SPLIT_BYTES`` of accumulators allow."""
     bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
     k_tile = config.CPU_BWD_KEY_TILE if k_tile is None else k_tile
     n_threads = _threads()
     heads = q.shape[0] * k.shape[1]
     key_tiles = -(-int(max_keys) // max(1, k_tile))
-    splits = max(1, min(-(-2 * n_threads // max(1, heads)), key_tiles))
+    # Memory cap: the accumulators (splits x rows x d) stay within
+    # CPU_BWD_SPLIT_BYTES, or one dq-sized array when dq alone is larger.
+    acc_bytes = q.shape[0] * q.shape[1] * (int(max_rows) + 3) * q.shape[3] * q.itemsize
+    cap = config.CPU_BWD_SPLIT_BYTES // max(1, acc_bytes)
+    splits = max(1, min(-(-2 * n_threads // max(1, heads)), key_tiles, cap))
     return AttentionBackwardArgs(
         q=q,
         k=k,

@@ -900,15 +900,20 @@ def _ds_row(p, dp, n, dd):
 
 
 @njit(**_HOPTS)
-def _gemm_tn_acc(A, B, C, M, N, K):
+def _gemm_tn_acc(A, B, C, M, N, K, tri):
     """C[:M, :N] += A[:K, :M]^T @ B[:K, :N]; M must be a multiple of 4.
 
     :func:`_gemm_acc` with A read transposed: the 16 hoisted scalars of a
     4 x 4 block come from four rows of A instead of four columns, so P^T dO
-    and dS^T Q need no transposed copy of P or dS."""
+    and dS^T Q need no transposed copy of P or dS. Causal trimming: the row
+    block starting at i only uses k-indices p >= i - tri (A[p, i] is 0 for
+    p < i - tri: a key is seen by the query rows at or below the diagonal);
+    pass tri >= M for a full product."""
     kmain = K - K % 4
     for i in range(0, M, 4):
-        for p in range(0, kmain, 4):
+        p0 = max(0, i - tri)
+        p0 -= p0 % 4
+        for p in range(p0, kmain, 4):
             a00 = A[p, i]
             a01 = A[p + 1, i]
             a02 = A[p + 2, i]
@@ -934,7 +939,7 @@ def _gemm_tn_acc(A, B, C, M, N, K):
                 C[i + 1, j] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
                 C[i + 2, j] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
                 C[i + 3, j] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
-        for p in range(kmain, K):
+        for p in range(max(p0, kmain), K):
             a0 = A[p, i]
             a1 = A[p, i + 1]
             a2 = A[p, i + 2]
@@ -1155,8 +1160,8 @@ def _attention_backward_impl(
                                     _axpy(dqs[r], kr[jj], dp[r, jj], d)
                     else:
                         _gemm_acc(dp, kr, dqs, mp, d, kn, d, tri)
-                    _gemm_tn_acc(s, dos, dva, knp, dvn, mp)
-                    _gemm_tn_acc(dp, qs, dka, knp, d, mp)
+                    _gemm_tn_acc(s, dos, dva, knp, dvn, mp, tri)
+                    _gemm_tn_acc(dp, qs, dka, knp, d, mp, tri)
             for jj in range(kw):
                 j = k_off + j0 + jj
                 if jj < kn:
