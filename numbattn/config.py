@@ -63,3 +63,21 @@ CUDA_HEAD_CHUNK = 64
 CUDA_VALUE_CHUNK = 64
 #: Bytes of shared memory caching one softmax row (longer rows re-read it).
 CUDA_SOFTMAX_CACHE_BYTES = 16384
+
+# Geometry of the CUDA backward kernels (numbattn/cuda/backward.py): a block
+# keeps ROW_TILE of its own rows (queries for dQ, keys for dK/dV) resident
+# and streams COL_TILE rows of the other side per step; each thread computes
+# ROWS_PER_THREAD x COLS_PER_THREAD scores, so a block has
+# (ROW_TILE / ROWS_PER_THREAD) * (COL_TILE / COLS_PER_THREAD) threads. Whole
+# head rows stay in shared memory: for wide heads the backend halves the
+# tiles (COL_TILE first) until the block fits 48 KiB. float64 runs on the
+# tensor cores (DMMA) when the block is 4 threads per own row and the
+# streamed tile a multiple of 8 (the defaults: 64 threads, 16 x 16 tiles).
+CUDA_BWD_ROW_TILE = 32
+CUDA_BWD_COL_TILE = 32
+CUDA_BWD_ROWS_PER_THREAD = 2
+CUDA_BWD_COLS_PER_THREAD = 4
+CUDA_BWD_ROW_TILE_F64 = 16
+CUDA_BWD_COL_TILE_F64 = 16
+CUDA_BWD_ROWS_PER_THREAD_F64 = 2
+CUDA_BWD_COLS_PER_THREAD_F64 = 2

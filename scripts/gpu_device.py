@@ -6,6 +6,8 @@
     python scripts/gpu_device.py sanitize              # small multi-tile case with tails, every kernel
     python scripts/gpu_device.py profile               # one fp32 attention launch (for ncu)
     python scripts/gpu_device.py hostprof              # where the host time of a small call goes
+    python scripts/gpu_device.py backward              # attention_backward: checks, timings vs torch
+    python scripts/gpu_device.py sanitize_backward     # the backward kernels, for compute-sanitizer
     python scripts/gpu_device.py torch                 # numbattn.torch on CUDA tensors vs SDPA autograd
 
 ``--tiny`` shrinks every shape so that the script runs under the CUDA
@@ -22,6 +24,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -305,6 +308,214 @@ def cmd_sanitize(args) -> None:
         )
 
 
+def _grad_err(got, ref) -> float:
+    """max over (dq, dk, dv) of ||g - r|| / ||r||."""
+    errs = []
+    for g, r in zip(got, ref, strict=True):
+        g, r = np.asarray(g, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        if g.shape != r.shape or not np.isfinite(g).all():
+            return math.inf
+        errs.append(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-300)))
+    return max(errs)
+
+
+#: cmd_backward times one other geometry per dtype (float32: 16 x 16
+#: threads; float64: the FMA kernel instead of the tensor cores) while the
+#: step is younger than ALT_BUDGET_S seconds (the step should stay near a minute).
+BACKWARD_ALTERNATIVES = {
+    "float32": {"CUDA_BWD_COLS_PER_THREAD": 2},
+    "float64": {"CUDA_BWD_COLS_PER_THREAD_F64": 4},
+}
+ALT_BUDGET_S = float(os.environ.get("BWD_ALT_BUDGET_S", "45"))
+
+
+def cmd_backward(args) -> None:
+    """numbattn.attention_backward (issue 14) on the device.
+
+    Correctness: every option (causal with Nq != Nk, lengths, window, bias,
+    mask, GQA, varlen) on multi-tile shapes with tails against the float64
+    reference (numbattn.reference, on the host); at the timed shape, fp32
+    and fp64 gradients against torch's float64 SDPA backward on the device.
+    Speed: fp32 and fp64 backward at (4, 16, 2048, 64), causal and not,
+    against torch SDPA's backward (``out.backward(dout)``, the forward
+    excluded) in the same process, CUDA-event medians."""
+    from numba import cuda
+
+    import numbattn
+    from numbattn import reference
+
+    t_start = time.monotonic()
+    torch = _torch()
+    rng = np.random.default_rng(6)
+    to = cuda.to_device
+
+    def run(q, k, v, do, opts, varlen=None):
+        dopts = {n: (to(x) if n in ("bias", "mask") else x) for n, x in opts.items()}
+        qd, kd, vd = to(q), to(k), to(v)
+        lse = to(np.full(q.shape[:-1], np.nan, q.dtype))
+        grads = [to(np.full(x.shape, np.nan, x.dtype)) for x in (q, k, v)]
+        if varlen is None:
+            out = numbattn.attention(qd, kd, vd, lse=lse, **dopts)
+            numbattn.attention_backward(
+                qd, kd, vd, out, lse, to(do), dq=grads[0], dk=grads[1], dv=grads[2], **dopts
+            )
+        else:
+            out = numbattn.varlen_attention(qd, kd, vd, *varlen, lse=lse, **dopts)
+            numbattn.varlen_attention_backward(
+                qd, kd, vd, out, lse, to(do), *varlen,
+                dq=grads[0], dk=grads[1], dv=grads[2], **dopts,
+            )  # fmt: skip
+        return [g.copy_to_host() for g in grads]
+
+    b, hq, hk, nq, nk, d = (1, 2, 1, 9, 11, 8) if args.tiny else (2, 4, 2, 201, 263, 64)
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        q = rng.standard_normal((b, hq, nq, d)).astype(dtype)
+        k = rng.standard_normal((b, hk, nk, d)).astype(dtype)
+        v = rng.standard_normal((b, hk, nk, d)).astype(dtype)
+        do = rng.standard_normal((b, hq, nq, d)).astype(dtype)
+        bias = rng.standard_normal((1, hq, nq, nk)).astype(dtype)
+        bias[..., 3, :] = -np.inf  # a fully masked row
+        mask = rng.random((b, 1, 1, nk)) > 0.2
+        lengths = {
+            "key_lengths": np.array([nk - 3, nk // 2][:b]),
+            "query_lengths": np.array([nq, 7][:b]),
+        }
+        cases = [
+            {},
+            {"causal": True},
+            {"causal": True, **lengths},
+            {"bias": bias, "mask": mask, "window": (40, 7)},
+        ]
+        for opts in cases:
+            err = _grad_err(
+                run(q, k, v, do, opts), reference.attention_backward(q, k, v, do, **opts)
+            )
+            _check(f"backward {name} {sorted(opts)}", err, dtype)
+        lens = np.array([0, 17, 1, 57] if not args.tiny else [0, 5, 1, 3])
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        qv, kv_, vv, dov = (
+            rng.standard_normal((int(cu[-1]), h, d)).astype(dtype) for h in (hq, hk, hk, hq)
+        )
+        err = _grad_err(
+            run(qv, kv_, vv, dov, {"causal": True}, varlen=(cu, cu)),
+            reference.varlen_attention_backward(qv, kv_, vv, dov, cu, cu, causal=True),
+        )
+        _check(f"backward varlen {name} causal", err, dtype)
+
+    # The timed shape.
+    b, h, n, d = (1, 1, 19, 8) if args.tiny else (4, 16, 2048, 64)
+    reps, warm = (1, 0) if args.tiny else (10, 2)
+    flops = 2.5 * 4.0 * b * h * n * n * d  # 5 matmuls of 2 N^2 d (FlashAttention-2's count)
+    log(f"# backward timings at (B, H, N, d) = {(b, h, n, d)}; TFLOP/s count {flops:.3g} flop")
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        ref_nc = None
+        host = [rng.standard_normal((b, h, n, d)).astype(dtype) for _ in range(4)]
+        qd, kd, vd, dod = (to(x) for x in host)
+        dq, dk, dv = (cuda.device_array((b, h, n, d), dtype) for _ in range(3))
+        for causal in (False, True):
+            lse = cuda.device_array((b, h, n), dtype)
+            out = numbattn.attention(qd, kd, vd, lse=lse, causal=causal)
+
+            def bwd():
+                numbattn.attention_backward(
+                    qd, kd, vd, out, lse, dod, causal=causal, dq=dq, dk=dk, dv=dv
+                )
+
+            bwd()
+            got = [x.copy_to_host() for x in (dq, dk, dv)]
+            label = f"{name} causal={int(causal)}"
+            tms = None
+            if torch is not None:
+                t = [torch.as_tensor(x, device="cuda").requires_grad_() for x in host[:3]]
+                tdo = torch.as_tensor(host[3], device="cuda")
+                t64 = [x.detach().double().requires_grad_() for x in t]
+                f = torch.nn.functional.scaled_dot_product_attention
+                o64 = f(*t64, is_causal=causal)
+                o64.backward(tdo.double())
+                ref = [x.grad.cpu().numpy() for x in t64]
+                del o64, t64
+                tout = f(*t, is_causal=causal)
+
+                def tbwd():
+                    for x in t:
+                        x.grad = None
+                    tout.backward(tdo, retain_graph=True)
+
+                tms = _gpu_check().torch_median_ms(torch, tbwd, reps, warm)
+                del tout, t, tdo
+                torch.cuda.empty_cache()
+            else:
+                sl = (slice(0, 1), slice(0, 2))
+                ref = reference.attention_backward(*(x[sl] for x in host), causal=causal)
+                got = [g[sl] for g in got]
+            _check(f"backward {label} at {(b, h, n, d)} vs float64", _grad_err(got, ref), dtype)
+            if not causal:
+                ref_nc = ref
+            ms = _time_ms(bwd, reps, warm)
+            tf = flops * (0.5 if causal else 1.0) / ms / 1e9
+            row = f"time backward {label}: numbattn {ms:.3f} ms ({tf:.2f} TFLOP/s)"
+            if tms is not None:
+                row += (
+                    f"; torch SDPA backward {tms:.3f} ms; numbattn time / torch time {ms / tms:.2f}"
+                )
+            log(row)
+        # Another geometry at the same shape, when the step has time left
+        # (each compiles two kernels): data for tuning numbattn.config.
+        if ref_nc is not None and time.monotonic() - t_start < ALT_BUDGET_S:
+            alt = BACKWARD_ALTERNATIVES[name]
+            saved = {knob: getattr(numbattn.config, knob) for knob in alt}
+            try:
+                for knob, val in alt.items():
+                    setattr(numbattn.config, knob, val)
+                lse = cuda.device_array((b, h, n), dtype)
+                out = numbattn.attention(qd, kd, vd, lse=lse)
+
+                def alt_bwd():
+                    numbattn.attention_backward(qd, kd, vd, out, lse, dod, dq=dq, dk=dk, dv=dv)
+
+                alt_bwd()
+                got = [x.copy_to_host() for x in (dq, dk, dv)]
+                if torch is None:
+                    got = [g[:1, :2] for g in got]
+                _check(f"backward {name} causal=0 {alt}", _grad_err(got, ref_nc), dtype)
+                ms = _time_ms(alt_bwd, reps, warm)
+                log(f"time backward {name} causal=0 with {alt}: numbattn {ms:.3f} ms")
+            finally:
+                for knob, val in saved.items():
+                    setattr(numbattn.config, knob, val)
+
+
+def cmd_sanitize_backward(args) -> None:
+    """The backward kernels at their production geometry on a small multi-tile
+    case with tails and every option (run it under compute-sanitizer)."""
+    from numba import cuda
+
+    import numbattn
+    from numbattn import reference
+
+    rng = np.random.default_rng(8)
+    b, hq, hk, nq, nk, d = (1, 2, 1, 9, 11, 5) if args.tiny else (2, 4, 2, 75, 139, 64)
+    for dtype in (np.float32, np.float64):
+        x = [rng.standard_normal((b, h, n, d)).astype(dtype)
+             for h, n in ((hq, nq), (hk, nk), (hk, nk), (hq, nq))]  # fmt: skip
+        opts = {
+            "causal": True,
+            "key_lengths": np.array([nk - 3, nk // 2][:b]),
+            "query_lengths": np.array([nq, 7][:b]),
+            "bias": rng.standard_normal((1, hq, nq, nk)).astype(dtype),
+            "mask": rng.random((b, 1, 1, nk)) > 0.2,
+        }
+        dopts = {n: (cuda.to_device(v) if n in ("bias", "mask") else v) for n, v in opts.items()}
+        qd, kd, vd, dod = (cuda.to_device(v) for v in x)
+        lse = cuda.device_array((b, hq, nq), dtype)
+        out = numbattn.attention(qd, kd, vd, lse=lse, **dopts)
+        got = numbattn.attention_backward(qd, kd, vd, out, lse, dod, **dopts)
+        err = _grad_err([g.copy_to_host() for g in got], reference.attention_backward(*x, **opts))
+        _check(f"sanitize backward {np.dtype(dtype).name}", err, dtype)
+
+
 def cmd_profile(args) -> None:
     """One warm-up and one profiled fp32 attention launch at (4, 16, 4096, 64)."""
     from numba import cuda
@@ -501,7 +712,18 @@ def cmd_torch(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "what", choices=["timings", "varlen", "decode", "sanitize", "profile", "hostprof", "torch"]
+        "what",
+        choices=[
+            "timings",
+            "varlen",
+            "decode",
+            "sanitize",
+            "profile",
+            "hostprof",
+            "backward",
+            "sanitize_backward",
+            "torch",
+        ],
     )
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CUDA simulator)")
     p.add_argument("--out", type=Path)

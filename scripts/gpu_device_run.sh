@@ -12,6 +12,7 @@
 #   bash scripts/gpu_device_run.sh                    # on the GPU machine, every step
 #   STEPS="tests memcheck" bash scripts/gpu_device_run.sh
 #   SHAPES=0 STEPS=timings bash scripts/gpu_device_run.sh   # only (4, 16, 4096, 64)
+#   STEPS="env backward bwdracecheck bwdmemcheck" bash scripts/gpu_device_run.sh   # the backward (issue 14)
 #   TINY=1 bash scripts/gpu_device_run.sh             # rehearsal under the CUDA simulator
 set -u -o pipefail
 O=${OUT:-/tmp/numbattn-gpu}
@@ -22,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings tests memcheck ncu varlen decode hostprof racecheck synccheck report torch}
+STEPS=${STEPS:-env timings backward torch tests memcheck ncu varlen decode hostprof racecheck synccheck report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -46,16 +47,19 @@ step_tests() {
   gpu && timeout "${TESTS_TIMEOUT:-200}" $PY -m pytest tests/gpu tests/test_gpu_report.py -q -rf \
     -p no:cacheprovider --durations=8 2>&1 | tee "$O/tests.log" | tail -40
 }
-sanitize() {
+sanitize() {  # tool, time limit[, gpu_device.py command]
+  local what=${3:-sanitize}
   if gpu && have compute-sanitizer; then
-    timeout "$2" compute-sanitizer --tool "$1" --print-limit 10 $PY scripts/gpu_device.py sanitize 2>&1 | tail -14
+    timeout "$2" compute-sanitizer --tool "$1" --print-limit 10 $PY scripts/gpu_device.py "$what" 2>&1 | tail -14
   else
-    dev sanitize
+    dev "$what"
   fi
 }
 step_memcheck() { sanitize memcheck 70; }
 step_racecheck() { sanitize racecheck 60; }
 step_synccheck() { sanitize synccheck 50; }
+step_bwdracecheck() { sanitize racecheck 90 sanitize_backward; }
+step_bwdmemcheck() { sanitize memcheck 90 sanitize_backward; }
 step_ncu() {
   if gpu && have ncu; then
     local s=(--clock-control none -k regex:attention --launch-skip 1 --launch-count 1
@@ -68,6 +72,7 @@ step_ncu() {
     dev profile
   fi
 }
+step_backward() { timeout "$(gpu && echo 150 || echo 1200)" $PY scripts/gpu_device.py backward "${T[@]}"; }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
 step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }

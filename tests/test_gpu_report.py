@@ -25,7 +25,7 @@ from numbattn.cuda import limits
 from numbattn.cuda import report as R
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("attention", "scores", "softmax", "merge")
+KERNELS = ("attention", "scores", "softmax", "merge", "backward_dq", "backward_dkdv")
 DTYPES = ("float32", "float64")
 LOOP_KEYS = ("instructions", "fma", "mma", "fma_share", "shared_loads", "shared_loads_vector",
              "barriers")  # fmt: skip
@@ -109,6 +109,15 @@ def test_geometry_is_the_production_one(run):
         want["scores", dt] = cfg.CUDA_SCORES_TILE**2
         want["softmax", dt] = cfg.CUDA_SOFTMAX_THREADS
         want["merge", dt] = 128
+        sfx = "_F64" if dt == "float64" else ""
+        bwd = (
+            getattr(cfg, "CUDA_BWD_ROW_TILE" + sfx)
+            // getattr(cfg, "CUDA_BWD_ROWS_PER_THREAD" + sfx)
+        ) * (
+            getattr(cfg, "CUDA_BWD_COL_TILE" + sfx)
+            // getattr(cfg, "CUDA_BWD_COLS_PER_THREAD" + sfx)
+        )
+        want["backward_dq", dt] = want["backward_dkdv", dt] = bwd
     for r in _static(run[0]):
         assert r["threads_per_block"] == want[r["kernel"], r["dtype"]]
     att = {r["dtype"]: r for r in _static(run[0]) if r["kernel"] == "attention"}

@@ -105,6 +105,35 @@ class MergeArgs(NamedTuple):
     write_lse: Flag
 
 
+class BackwardArgs(NamedTuple):
+    """``backward_kernel`` (both kernels of :mod:`numbattn.cuda.backward`):
+    gradients of attention, ``n_tiles`` own-row tiles per sequence; the
+    query kernel writes ``dq`` and ``delta``, the key kernel ``dk`` and ``dv``
+    (``k_rows``: dk/dv rows per sequence beyond its key length, as
+    ``key_rows`` of :meth:`numbattn._backend.Backend.attention_backward`)."""
+
+    q: Arr4
+    k: Arr4
+    v: Arr4
+    out: Arr4
+    dout: Arr4
+    lse: Arr3
+    delta: Arr3
+    dq: Arr4
+    dk: Arr4
+    dv: Arr4
+    seq: Seq
+    bias: Arr4
+    mask: Mask
+    scale: Scalar
+    n_tiles: Int
+    k_rows: Int
+    wl: Int
+    wr: Int
+    has_bias: Flag
+    has_mask: Flag
+
+
 def arg_kinds(args_type: type) -> tuple[Kind, ...]:
     """The kinds of ``args_type``'s fields, in order."""
     hints = get_type_hints(args_type, include_extras=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import config
 from . import limits
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs, signature
+from .args import AttentionArgs, BackwardArgs, MergeArgs, ScoresArgs, SoftmaxArgs, signature
 
 name = "cuda"
 
@@ -471,6 +471,7 @@ _HINTS = {
     "attention_kernel": _ATTENTION_HINT.format(sfx="[_F64]"),
     "scores_kernel": "lower numbattn.config.CUDA_SCORES_TILE",
     "softmax_kernel": "lower numbattn.config.CUDA_SOFTMAX_THREADS",
+    "backward_kernel": "lower numbattn.config.CUDA_BWD_ROW_TILE[_F64] or CUDA_BWD_COL_TILE[_F64]",
 }
 
 
@@ -569,7 +570,8 @@ def kernel_launches(dtype) -> list[dict]:
     "threads", "geometry"}`` (``args``: the typed description of the kernel's
     arguments, from which ``signature`` is built) and ``"path"`` where the simulator runs other code than a
     GPU (the attention kernel: ``"hardware"`` and ``"simulator"``), which
-    ``python -m numbattn gpu-report`` compiles."""
+    ``python -m numbattn gpu-report`` compiles; the backward kernels at
+    d = dv = 64 (:func:`backward_launches`)."""
     dtype = np.dtype(dtype)
     att, geo = _attention_kernel(dtype, hw=True)
     att_sim, _ = _attention_kernel(dtype, hw=False)
@@ -584,43 +586,47 @@ def kernel_launches(dtype) -> list[dict]:
         head_chunk=dc,
         value_chunk=tx * rc,
     )
-    return [
-        dict(
-            kernel="attention",
-            path=path,
-            dispatcher=disp,
-            args=AttentionArgs,
-            signature=attention_signature(dtype),
-            threads=ty * tx,
-            geometry=attention_geo,
-        )
-        for path, disp in (("hardware", att), ("simulator", att_sim))
-    ] + [
-        dict(
-            kernel="scores",
-            dispatcher=sc,
-            args=ScoresArgs,
-            signature=scores_signature(dtype),
-            threads=t * t,
-            geometry=dict(tile=t),
-        ),
-        dict(
-            kernel="softmax",
-            dispatcher=sm,
-            args=SoftmaxArgs,
-            signature=softmax_signature(dtype),
-            threads=nt,
-            geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
-        ),
-        dict(
-            kernel="merge",
-            dispatcher=_merge_kernel(dtype),
-            args=MergeArgs,
-            signature=merge_signature(dtype),
-            threads=_MERGE_THREADS,
-            geometry=dict(threads=_MERGE_THREADS),
-        ),
-    ]
+    return (
+        [
+            dict(
+                kernel="attention",
+                path=path,
+                dispatcher=disp,
+                args=AttentionArgs,
+                signature=attention_signature(dtype),
+                threads=ty * tx,
+                geometry=attention_geo,
+            )
+            for path, disp in (("hardware", att), ("simulator", att_sim))
+        ]
+        + [
+            dict(
+                kernel="scores",
+                dispatcher=sc,
+                args=ScoresArgs,
+                signature=scores_signature(dtype),
+                threads=t * t,
+                geometry=dict(tile=t),
+            ),
+            dict(
+                kernel="softmax",
+                dispatcher=sm,
+                args=SoftmaxArgs,
+                signature=softmax_signature(dtype),
+                threads=nt,
+                geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
+            ),
+            dict(
+                kernel="merge",
+                dispatcher=_merge_kernel(dtype),
+                args=MergeArgs,
+                signature=merge_signature(dtype),
+                threads=_MERGE_THREADS,
+                geometry=dict(threads=_MERGE_THREADS),
+            ),
+        ]
+        + backward_launches(dtype)
+    )
 
 
 def _dummy(dtype, ndim):
@@ -883,6 +889,103 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     _launch(kern, merge_signature(dtype), grid, _MERGE_THREADS, stream, args)
 
 
+# --------------------------------------------------------------------------
+# Backward (numbattn/cuda/backward.py)
+
+
+_bwd_geometries: dict = {}
+
+
+def backward_geometry(dtype, d: int, dv: int) -> tuple:
+    """(TR, TC, RR, RC, DP, DVP) of the backward kernels for head dims d, dv.
+
+    From numbattn.config's CUDA_BWD_* knobs (ValueError naming the knob for
+    a non-positive value or a per-thread count that does not divide its
+    tile); when whole rows of that width do not fit 48 KiB of shared memory,
+    the streamed tile and then the own tile are halved (while the per-thread
+    counts still divide them); ValueError if even the smallest does not fit.
+    """
+    from .backward import backward_shared_bytes, padded_dim
+
+    dtype = np.dtype(dtype)
+    sfx = "_F64" if dtype == np.float64 else ""
+    rr, br = _divides("CUDA_BWD_ROWS_PER_THREAD" + sfx, "CUDA_BWD_ROW_TILE" + sfx)
+    rc, bc = _divides("CUDA_BWD_COLS_PER_THREAD" + sfx, "CUDA_BWD_COL_TILE" + sfx)
+    key = (dtype, int(d), int(dv), rr, br, rc, bc)
+    geo = _bwd_geometries.get(key)
+    if geo is not None:
+        return geo
+    while True:
+        tr, tc = br // rr, bc // rc
+        dp, dvp = padded_dim(d, dtype, tc), padded_dim(dv, dtype, tc)
+        geo = (tr, tc, rr, rc, dp, dvp)
+        shared = backward_shared_bytes(dtype, True, *geo)
+        problem = limits.launch_problem(tr * tc, shared)
+        if problem is None:
+            _bwd_geometries[key] = geo
+            return geo
+        if bc // 2 >= rc and (bc // 2) % rc == 0 and bc > rc:
+            bc //= 2
+        elif br // 2 >= rr and (br // 2) % rr == 0 and br > rr:
+            br //= 2
+        else:
+            raise ValueError(
+                f"numbattn.config gives the CUDA backward kernels ({dtype.name}, head "
+                f"dimensions d={d}, dv={dv}, geometry {geo}) {problem}; lower "
+                f"numbattn.config.CUDA_BWD_ROWS_PER_THREAD{sfx} or "
+                f"CUDA_BWD_COLS_PER_THREAD{sfx} (whole head rows are kept in shared memory)"
+            )
+
+
+def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
+    hw = (not simulator()) if hw is None else bool(hw)
+    key = ("backward", np.dtype(dtype), bool(kv), geo, hw)
+    kern = _kernels.get(key)
+    if kern is None:
+        from .backward import make_backward
+
+        with _lock:
+            tr, tc, rr, rc, dp, dvp = geo
+            kern = _kernels.setdefault(
+                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw)
+            )
+    return kern
+
+
+def backward_signature(dtype) -> str:
+    """The Numba signature the backward kernels are compiled for (:class:`BackwardArgs`)."""
+    return signature(BackwardArgs, dtype)
+
+
+def backward_launches(dtype, d: int = 64, dv: int = 64) -> list[dict]:
+    """The backward kernels' hardware paths for head dims (d, dv) at
+    numbattn.config's geometry, described as :func:`kernel_launches`
+    describes the others (their simulator paths differ only by launch
+    bounds and shared-memory alignment)."""
+    dtype = np.dtype(dtype)
+    geo = backward_geometry(dtype, d, dv)
+    tr, tc, rr, rc, dp, dvp = geo
+    geometry = dict(
+        own_tile=tr * rr,
+        streamed_tile=tc * rc,
+        rows_per_thread=rr,
+        cols_per_thread=rc,
+        head_dims=dp,
+        value_dims=dvp,
+    )
+    return [
+        dict(
+            kernel=name,
+            dispatcher=_backward_kernel(dtype, kv, geo, hw=True),
+            args=BackwardArgs,
+            signature=backward_signature(dtype),
+            threads=tr * tc,
+            geometry=geometry,
+        )
+        for name, kv in (("backward_dq", False), ("backward_dkdv", True))
+    ]
+
+
 def attention_backward(
     q,
     k,
@@ -905,6 +1008,50 @@ def attention_backward(
     window_right,
     stream=None,
 ):
-    """Placeholder on branch bwd: the CUDA backward kernels come from branch
-    bwd-gpu, whose definition replaces this one at merge."""
-    raise NotImplementedError("the CUDA attention backward is not on this branch (bwd-gpu)")
+    """Gradients of fused attention (see :class:`numbattn._backend.Backend`).
+
+    Two launches on ``stream``, no atomics (deterministic): the query kernel
+    (D into ``delta``, then dq), then the key kernel (dk, dv, summed over each
+    group of query heads in a fixed order). See :mod:`numbattn.cuda.backward`.
+    """
+    g1, hq = q.shape[:2]
+    hk = k.shape[1]
+    d, dvw = q.shape[3], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    geo = backward_geometry(dtype, d, dvw)
+    tr, tc, rr, _rc, _dp, _dvp = geo
+    br, nthreads = tr * rr, tr * tc
+    n_qt = -(-int(max_rows) // br)
+    n_kt = -(-int(max_keys) // br)
+    if g1 * hq == 0 or (n_qt == 0 and n_kt == 0):
+        return
+    table = _seq_table(seq, stream)
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
+    args = BackwardArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        dout=dout,
+        lse=lse,
+        delta=delta,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        seq=table,
+        bias=bias,
+        mask=mask,
+        scale=dtype.type(scale),
+        n_tiles=n_qt,
+        k_rows=int(key_rows),
+        wl=_window(window_left),
+        wr=_window(window_right),
+        has_bias=has_bias,
+        has_mask=has_mask,
+    )
+    sig = backward_signature(dtype)
+    if n_qt:
+        _launch(_backward_kernel(dtype, False, geo), sig, g1 * hq * n_qt, nthreads, stream, args)
+    if n_kt and hk:
+        kv = args._replace(n_tiles=n_kt)
+        _launch(_backward_kernel(dtype, True, geo), sig, g1 * hk * n_kt, nthreads, stream, kv)
