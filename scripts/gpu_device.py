@@ -8,6 +8,7 @@
     python scripts/gpu_device.py hostprof              # where the host time of a small call goes
     python scripts/gpu_device.py backward              # attention_backward: checks, timings vs torch
     python scripts/gpu_device.py sanitize_backward     # the backward kernels, for compute-sanitizer
+    python scripts/gpu_device.py torch                 # numbattn.torch on CUDA tensors vs SDPA autograd
 
 ``--tiny`` shrinks every shape so that the script runs under the CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1). Correctness is judged by
@@ -566,6 +567,148 @@ def cmd_hostprof(args) -> None:
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
+# ------------------------------------------------------------------ torch
+
+
+def cmd_torch(args) -> None:
+    """numbattn.torch on CUDA tensors: forward and backward against torch SDPA's
+    autograd in float64 (fp32 and fp64 runs, options, GQA, a stride-0 dout from
+    ``out.sum()`` on strided views, CUDA lengths), on a busy non-default stream
+    (a launch on the wrong stream reads unwritten inputs), gradcheck at a tiny
+    fp64 shape, and forward+backward time against SDPA's. Without a CUDA torch
+    (``--tiny`` under the simulator) the same code runs on CPU tensors: a
+    rehearsal of the script, not of the GPU path."""
+    import torch
+
+    import numbattn.torch as nt
+
+    f = torch.nn.functional
+    cuda = torch.cuda.is_available() and not _sim()
+    dev = torch.device("cuda" if cuda else "cpu")
+    log(f"# torch {torch.__version__} on {dev}" + ("" if cuda else " (rehearsal: no CUDA torch)"))
+    tol = {torch.float32: 5e-5, torch.float64: 1e-11}
+    b, h, n, d = (1, 2, 6, 4) if args.tiny else (2, 8, 256, 64)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+
+    def rand(*shape, dtype=torch.float64):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dev, dtype)
+
+    def rel(x, y) -> float:
+        x, y = x.detach().double(), y.detach().double()
+        return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y))
+
+    def ref_sdpa(q, k, v, causal, nq, nk, diagonal=None):
+        """SDPA in float64 with numbattn's causal alignment as an explicit mask."""
+        group = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+        mask = None
+        if causal:
+            i = torch.arange(nq, device=dev)[:, None]
+            mask = torch.arange(nk, device=dev)[None, :] <= i + (
+                nk - nq if diagonal is None else diagonal
+            )
+        return f.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def compare(label, dtype, hk, nq, nk, causal, **kw):
+        q, k, v = rand(b, h, nq, d), rand(b, hk, nk, d), rand(b, hk, nk, d)
+        dout = rand(b, h, nq, d)
+        lo = [x.to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
+        out = nt.attention(*lo, causal=causal, **kw)
+        out.backward(dout.to(dtype))
+        hi = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        ref = ref_sdpa(*hi, causal, nq, nk, kw.get("diagonal"))
+        ref.backward(dout)
+        name = str(dtype).removeprefix("torch.")
+        err = max(rel(out, ref), *(rel(a.grad, r.grad) for a, r in zip(lo, hi)))
+        ok = err <= tol[dtype]
+        log(f"check torch {label} {name}: max rel err (out, dq, dk, dv) {err:.2e} "
+            f"(tol {tol[dtype]:.0e}) {'OK' if ok else 'FAIL'}")  # fmt: skip
+        if not ok:
+            FAILURES.append(f"torch {label} {name}")
+
+    for dtype in (torch.float32, torch.float64):
+        compare("plain", dtype, h, n, n, False)
+        compare("causal", dtype, h, n, n, True)
+        compare("causal Nq<Nk gqa", dtype, h // 2, n // 2, n, True)
+        compare("causal diagonal=0 Nq<Nk", dtype, h, n // 2, n, True, diagonal=0)
+        klen = torch.full((b,), n, dtype=torch.int64, device=dev)  # a CUDA tensor: synchronises
+        compare("key_lengths=Nk (device tensor)", dtype, h, n, n, False, key_lengths=klen)
+
+        # stride-0 dout (out.sum()) on transposed (B, N, H, d) views, no copies
+        name = str(dtype).removeprefix("torch.")
+        x = rand(b, n, 3, h, d, dtype=dtype).requires_grad_(True)
+        q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+        nt.attention(q, k, v, causal=True).sum().backward()
+        xr = x.detach().double().requires_grad_(True)
+        ref_sdpa(*(xr[:, :, i].transpose(1, 2) for i in range(3)), True, n, n).sum().backward()
+        err = rel(x.grad, xr.grad)
+        log(f"check torch stride-0 dout {name}: rel err {err:.2e} "
+            f"{'OK' if err <= tol[dtype] else 'FAIL'}")  # fmt: skip
+        if err > tol[dtype]:
+            FAILURES.append(f"torch stride-0 dout {name}")
+
+    if cuda:  # the current stream: a busy side stream whose inputs are written late
+        q, k, v = (rand(b, h, n, d) for _ in range(3))
+        dout = rand(b, h, n, d)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)
+            qs, ks, vs = (x * 1.0 for x in (q, k, v))
+            for x in (qs, ks, vs):
+                x.requires_grad_(True)
+            out = nt.attention(qs, ks, vs, causal=True)
+            out.backward(dout)
+        torch.cuda.synchronize()
+        hi = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        ref = ref_sdpa(*hi, True, n, n)
+        ref.backward(dout)
+        err = max(rel(out, ref), *(rel(a.grad, r.grad) for a, r in zip((qs, ks, vs), hi)))
+        log(f"check torch side stream float64: rel err {err:.2e} "
+            f"{'OK' if err <= tol[torch.float64] else 'FAIL'}")  # fmt: skip
+        if not err <= tol[torch.float64]:
+            FAILURES.append("torch side stream")
+
+    tiny = [rand(1, 2, 5, 3).requires_grad_(True), rand(1, 1, 7, 3).requires_grad_(True)]
+    tiny.append(rand(1, 1, 7, 2).requires_grad_(True))
+    try:
+        ok = torch.autograd.gradcheck(lambda q, k, v: nt.attention(q, k, v, causal=True), tiny)
+    except Exception as exc:  # gradcheck raises on a mismatch
+        log(f"gradcheck: {type(exc).__name__}: {str(exc)[:400]}")
+        ok = False
+    log(f"check torch gradcheck float64 (1, 2, 5|7, 3) causal gqa: {'OK' if ok else 'FAIL'}")
+    if not ok:
+        FAILURES.append("torch gradcheck")
+
+    def timed(fn) -> float:
+        """Median ms: torch CUDA events on the current stream (wall clock on the CPU)."""
+        if cuda:
+            return _gpu_check().torch_median_ms(torch, fn, 10, 2)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
+
+    shape = (1, 2, 16, 8) if args.tiny else (4, 16, 1024, 64)
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        qkv = [rand(*shape, dtype=dtype).requires_grad_(True) for _ in range(3)]
+        dout = rand(*shape, dtype=dtype)
+        for causal in (False, True):
+
+            def ours():
+                nt.attention(*qkv, causal=causal).backward(dout)
+
+            def theirs():
+                f.scaled_dot_product_attention(*qkv, is_causal=causal).backward(dout)
+
+            ms, tms = timed(ours), timed(theirs)
+            log(f"time torch fwd+bwd {name} {shape} causal={int(causal)}: numbattn.torch "
+                f"{ms:.3f} ms, SDPA {tms:.3f} ms (SDPA time / numbattn time {tms / ms:.2f})")  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -579,6 +722,7 @@ def main(argv=None) -> int:
             "hostprof",
             "backward",
             "sanitize_backward",
+            "torch",
         ],
     )
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CUDA simulator)")

@@ -3,7 +3,8 @@
 # (../shared/DEVICE.md): versions and device, the timing tables against torch
 # SDPA and CuPy, tests/gpu on the hardware, compute-sanitizer (memcheck,
 # racecheck, synccheck) on a small multi-tile case with tails, one ncu
-# profile, the varlen and decode cases, and the static kernel report.
+# profile, the varlen and decode cases, the static kernel report, and the
+# PyTorch autograd adapter (numbattn.torch) on CUDA tensors.
 # Steps run in the order given (most valuable first) and each has its own time
 # limit; everything goes to $OUT/log as it happens, so a run cut short keeps
 # its log.
@@ -22,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings backward tests memcheck ncu varlen decode hostprof racecheck synccheck report}
+STEPS=${STEPS:-env timings backward torch tests memcheck ncu varlen decode hostprof racecheck synccheck report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -75,6 +76,7 @@ step_backward() { timeout "$(gpu && echo 150 || echo 1200)" $PY scripts/gpu_devi
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
 step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
+step_torch() { timeout 90 $PY scripts/gpu_device.py torch "${T[@]}"; }
 step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
 {
