@@ -9,6 +9,7 @@ Three kernels, each on the CPU (``@njit(parallel=True)``) and on NVIDIA GPUs
   the (Nq, Nk) score matrix; with key/query lengths, bias, boolean masks,
   sliding windows and grouped-query heads;
 - :func:`varlen_attention`: packed variable-length batches (cu_seqlens);
+- :func:`paged_attention`: attention over a paged KV cache (block table);
 - :func:`merge_attention`: exact combination of partial results.
 
 :mod:`numbattn.reference` is the float64 NumPy specification they are tested
@@ -16,7 +17,14 @@ against. Importing numbattn never needs CUDA.
 """
 
 from . import config, reference
-from .api import attention, merge_attention, scores, softmax, varlen_attention
+from .api import (
+    attention,
+    merge_attention,
+    paged_attention,
+    scores,
+    softmax,
+    varlen_attention,
+)
 from .cpu import backend as _cpu_backend  # noqa: F401  (fork guard; imports no Numba)
 
 __version__ = "0.1.0"
@@ -50,6 +58,7 @@ __all__ = [
     "cuda_available",
     "cuda_problem",
     "merge_attention",
+    "paged_attention",
     "reference",
     "scores",
     "softmax",

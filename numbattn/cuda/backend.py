@@ -849,3 +849,43 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     )
     grid = -(-rows // _MERGE_THREADS)
     _launch(kern, merge_signature(dtype), grid, _MERGE_THREADS, stream, args)
+
+
+# --- Split-K and paged KV caches (issue 11; numbattn._backend.Backend) -------
+# Placeholder until the GPU kernels land (branch decode-gpu): no automatic
+# split, and only the unsplit dense path.
+
+
+def default_splits(batch, heads, group, max_rows, max_keys):
+    """The split count of ``num_splits=None``: 1 (no GPU split kernel yet)."""
+    return 1
+
+
+def split_attention(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    stream=None,
+):
+    """:func:`attention` split over keys / over a paged cache (see the Protocol)."""
+    if block_table is None and num_splits == 1:
+        attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+            stream=stream,
+        )  # fmt: skip
+        return
+    raise NotImplementedError(
+        "split-K (num_splits > 1) and paged KV caches are not implemented on the "
+        "CUDA backend yet"
+    )
