@@ -849,46 +849,71 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
 # ---------------------------------------------------------------------------
 
 
-@njit(nogil=True, cache=True)
-def _kv_row(x, blk, r, h, buf):
-    """x[blk, r, h, :] of a (blocks, block_size, heads, n) cache as a
-    C-contiguous 1-D array: a view straight into x when its last axis has
-    unit stride (the normal case), else a copy into ``buf``."""
-    n = x.shape[3]
-    if n <= 1 or x.strides[3] == x.itemsize:
-        return carray(_ptr_at(x, blk * x.strides[0] + r * x.strides[1] + h * x.strides[2]), n)
-    for c in range(n):
-        buf[c] = x[blk, r, h, c]
-    return buf
+@njit(**_HOPTS)
+def _scores_block(qs, nr, x, base, rs, kn, sr, d):
+    """sr[r, j] = qs[r] . row j for r < nr, j < kn, where row j is the d
+    values at byte offset base + j * rs of x (unit stride). Four keys at a
+    time share the loads of a query row; one call per block of keys (calls
+    are not inlined: a call per key would cost more than its dot product)."""
+    z = sr.dtype.type(0.0)
+    jj = 0
+    while jj + 4 <= kn:
+        k0 = carray(_ptr_at(x, base + jj * rs), d)
+        k1 = carray(_ptr_at(x, base + (jj + 1) * rs), d)
+        k2 = carray(_ptr_at(x, base + (jj + 2) * rs), d)
+        k3 = carray(_ptr_at(x, base + (jj + 3) * rs), d)
+        for r in range(nr):
+            qr = qs[r]
+            s0 = s1 = s2 = s3 = z
+            for p in range(d):
+                a = qr[p]
+                s0 += a * k0[p]
+                s1 += a * k1[p]
+                s2 += a * k2[p]
+                s3 += a * k3[p]
+            sr[r, jj] = s0
+            sr[r, jj + 1] = s1
+            sr[r, jj + 2] = s2
+            sr[r, jj + 3] = s3
+        jj += 4
+    while jj < kn:
+        k0 = carray(_ptr_at(x, base + jj * rs), d)
+        for r in range(nr):
+            qr = qs[r]
+            s0 = z
+            for p in range(d):
+                s0 += qr[p] * k0[p]
+            sr[r, jj] = s0
+        jj += 1
 
 
 @njit(**_HOPTS)
-def _dot(a, b, n):
-    acc = a.dtype.type(0.0)
-    for p in range(n):
-        acc += a[p] * b[p]
-    return acc
-
-
-@njit(**_HOPTS)
-def _dot4(a, b0, b1, b2, b3, n):
-    """Four dot products sharing the loads of ``a`` (one pass, vectorised)."""
-    z = a.dtype.type(0.0)
-    s0 = s1 = s2 = s3 = z
-    for p in range(n):
-        x = a[p]
-        s0 += x * b0[p]
-        s1 += x * b1[p]
-        s2 += x * b2[p]
-        s3 += x * b3[p]
-    return s0, s1, s2, s3
-
-
-@njit(**_HOPTS)
-def _axpy4(y, x0, x1, x2, x3, a0, a1, a2, a3, n):
-    """y[:n] += a0 x0 + a1 x1 + a2 x2 + a3 x3 (one load/store of y per 4 rows)."""
-    for c in range(n):
-        y[c] += a0 * x0[c] + a1 * x1[c] + a2 * x2[c] + a3 * x3[c]
+def _pv_block(o, nr, x, base, rs, kn, sr, dv):
+    """o[r] += sum_j sr[r, j] * row j for r < nr, j < kn (rows as in
+    :func:`_scores_block`); four value rows per pass over o[r]."""
+    jj = 0
+    while jj + 4 <= kn:
+        v0 = carray(_ptr_at(x, base + jj * rs), dv)
+        v1 = carray(_ptr_at(x, base + (jj + 1) * rs), dv)
+        v2 = carray(_ptr_at(x, base + (jj + 2) * rs), dv)
+        v3 = carray(_ptr_at(x, base + (jj + 3) * rs), dv)
+        for r in range(nr):
+            orow = o[r]
+            a0 = sr[r, jj]
+            a1 = sr[r, jj + 1]
+            a2 = sr[r, jj + 2]
+            a3 = sr[r, jj + 3]
+            for c in range(dv):
+                orow[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c]
+        jj += 4
+    while jj < kn:
+        v0 = carray(_ptr_at(x, base + jj * rs), dv)
+        for r in range(nr):
+            orow = o[r]
+            a0 = sr[r, jj]
+            for c in range(dv):
+                orow[c] += a0 * v0[c]
+        jj += 1
 
 
 @njit(nogil=True, cache=True)
@@ -952,8 +977,11 @@ def _decode_impl(
     m_t = np.empty((nthr, rmax), dtype=dt)
     l_t = np.empty((nthr, rmax), dtype=dt)
     lo_t = np.empty((nthr, 2, rmax), dtype=np.int64)
-    kb_t = np.empty((nthr, 4, max(d, 1)), dtype=dt)
-    vb_t = np.empty((nthr, 4, max(dv, 1)), dtype=dt)
+    # Unit-stride rows are read in place; others are packed per block.
+    k_unit = d <= 1 or k.strides[3] == k.itemsize
+    v_unit = dv <= 1 or v.strides[3] == v.itemsize
+    kb_t = np.empty((nthr, kt if not k_unit else 1, d), dtype=dt)
+    vb_t = np.empty((nthr, kt if not v_unit else 1, dv), dtype=dt)
     # Partials of the splits: (split, G1, G2, rows, dv) and their lse.
     pn = ns if ns > 1 else 0
     po = np.empty((pn, g1, g2, max_rows, dv), dtype=dt)
@@ -1012,25 +1040,15 @@ def _decode_impl(
             kn = min(kt, j_hi - j0, bs - p0 % bs)  # stay inside one cache block
             blk = table[a, p0 // bs]
             r0 = p0 % bs
-            # Scores, four keys at a time: each K row is read once for all rows.
-            jj = 0
-            while jj + 4 <= kn:
-                k0 = _kv_row(k, blk, r0 + jj, kh, kbuf[0])
-                k1 = _kv_row(k, blk, r0 + jj + 1, kh, kbuf[1])
-                k2 = _kv_row(k, blk, r0 + jj + 2, kh, kbuf[2])
-                k3 = _kv_row(k, blk, r0 + jj + 3, kh, kbuf[3])
-                for r in range(nr):
-                    x0, x1, x2, x3 = _dot4(qs[r], k0, k1, k2, k3, d)
-                    sr[r, jj] = x0
-                    sr[r, jj + 1] = x1
-                    sr[r, jj + 2] = x2
-                    sr[r, jj + 3] = x3
-                jj += 4
-            while jj < kn:
-                k0 = _kv_row(k, blk, r0 + jj, kh, kbuf[0])
-                for r in range(nr):
-                    sr[r, jj] = _dot(qs[r], k0, d)
-                jj += 1
+            # Scores: each K row is read once for all rows.
+            if k_unit:
+                kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
+                _scores_block(qs, nr, k, kbase, k.strides[1], kn, sr, d)
+            else:
+                for jj in range(kn):
+                    for p in range(d):
+                        kbuf[jj, p] = k[blk, r0 + jj, kh, p]
+                _scores_block(qs, nr, kbuf, 0, kbuf.strides[0], kn, sr, d)
             # Online softmax per row over its visible columns [clo, chi).
             full = not (has_bias or has_mask)
             for r in range(nr):
@@ -1072,27 +1090,23 @@ def _decode_impl(
                 if alpha != dt(1.0):
                     _scale_row(o[r], dv, alpha)
             # P @ V: each V row read once for all rows.
-            if full:  # every row sees every key of the block: 4 keys at a time
-                jj = 0
-                while jj + 4 <= kn:
-                    v0 = _kv_row(v, blk, r0 + jj, kh, vbuf[0])
-                    v1 = _kv_row(v, blk, r0 + jj + 1, kh, vbuf[1])
-                    v2 = _kv_row(v, blk, r0 + jj + 2, kh, vbuf[2])
-                    v3 = _kv_row(v, blk, r0 + jj + 3, kh, vbuf[3])
-                    for r in range(nr):
-                        _axpy4(
-                            o[r], v0, v1, v2, v3,
-                            sr[r, jj], sr[r, jj + 1], sr[r, jj + 2], sr[r, jj + 3], dv,
-                        )  # fmt: skip
-                    jj += 4
-                while jj < kn:
-                    v0 = _kv_row(v, blk, r0 + jj, kh, vbuf[0])
-                    for r in range(nr):
-                        _axpy(o[r], v0, sr[r, jj], dv)
-                    jj += 1
+            if not v_unit:
+                for jj in range(kn):
+                    for c in range(dv):
+                        vbuf[jj, c] = v[blk, r0 + jj, kh, c]
+            if full:  # every row sees every key of the block
+                if v_unit:
+                    vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                    _pv_block(o, nr, v, vbase, v.strides[1], kn, sr, dv)
+                else:
+                    _pv_block(o, nr, vbuf, 0, vbuf.strides[0], kn, sr, dv)
             else:  # key by key, never touching a key a row cannot see
                 for jj in range(kn):
-                    v0 = _kv_row(v, blk, r0 + jj, kh, vbuf[0])
+                    if v_unit:
+                        vo = blk * v.strides[0] + (r0 + jj) * v.strides[1] + kh * v.strides[2]
+                        v0 = carray(_ptr_at(v, vo), dv)
+                    else:
+                        v0 = vbuf[jj]
                     for r in range(nr):
                         if rng[0, r] <= jj < rng[1, r]:
                             if (has_bias or has_mask) and not keep[r, jj]:
