@@ -312,3 +312,12 @@ def test_num_splits_bad(rng, bad, exc):
     with pytest.raises(exc, match="num_splits"):
         numbattn.varlen_attention(q[0].swapaxes(0, 1), k[0].swapaxes(0, 1),
                                   v[0].swapaxes(0, 1), cu, np.array([0, 8]), num_splits=bad)  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_splits_with_diagonal(rng, tiny_stream, splits):
+    """The ALIGN column (diagonal=) reaches the streaming kernel."""
+    q, k, v = _qkv(rng, 2, 4, 2, 3, 29, 8, F32)
+    for diagonal in (0, 5, np.array([-1, 30])):
+        _check(q, k, v, F32, f"diagonal={diagonal}", num_splits=splits, causal=True,
+               diagonal=diagonal, window=(4, 0))  # fmt: skip
