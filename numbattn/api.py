@@ -995,7 +995,9 @@ def paged_attention(
         raise TypeError("key_lengths must be an integer array of shape (B,), got None")
     lengths = chk._host_integers("key_lengths", _host_values(key_lengths), f"of shape ({b},)")
     if lengths.shape != (b,):
-        raise ValueError(f"key_lengths must have shape ({b},) (one per sequence), got {lengths.shape}")
+        raise ValueError(
+            f"key_lengths must have shape ({b},) (one per sequence), got {lengths.shape}"
+        )
     if lengths.size and lengths.min() < 0:
         raise ValueError(f"key_lengths must be >= 0, got {int(lengths.min())}")
     bt_host = np.asarray(_host_values(block_table))

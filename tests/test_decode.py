@@ -275,7 +275,11 @@ def _paged_args(rng):
     "change, exc, match",
     [
         (lambda a: a.update(block_table=a["block_table"].astype(np.int64)), TypeError, "int32"),
-        (lambda a: a.update(block_table=a["block_table"][:1]), ValueError, "block_table must have shape"),
+        (
+            lambda a: a.update(block_table=a["block_table"][:1]),
+            ValueError,
+            "block_table must have shape",
+        ),
         (lambda a: a.update(block_table=a["block_table"][:, :1]), ValueError, "too few blocks"),
         (lambda a: a["block_table"].__setitem__((0, 2), 999), ValueError, r"block_table\[0, 2\]"),
         (lambda a: a["block_table"].__setitem__((1, 0), -1), ValueError, r"block_table\[1, 0\]"),

@@ -387,22 +387,8 @@ def split_attention(
 ):
     from .kernels import decode_kernel
 
-    _call(
-        decode_kernel,
-        decode_args(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            seq,
-            max_rows,
-            bias,
-            mask,
-            scale,
-            window_left,
-            window_right,
-            num_splits,
-            block_table,
-        ),  # fmt: skip
-    )
+    args = decode_args(
+        q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+        num_splits, block_table,
+    )  # fmt: skip
+    _call(decode_kernel, args)

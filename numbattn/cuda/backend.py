@@ -918,6 +918,5 @@ def split_attention(
         )  # fmt: skip
         return
     raise NotImplementedError(
-        "split-K (num_splits > 1) and paged KV caches are not implemented on the "
-        "CUDA backend yet"
+        "split-K (num_splits > 1) and paged KV caches are not implemented on the CUDA backend yet"
     )
