@@ -80,6 +80,24 @@ Design
   -inf and underflow give exactly 0, NaN gives NaN. The row sum is fused in.
 * **Row max** uses ``llvm.maxnum`` (ignores NaN, vectorises as a reduction);
   NaN is propagated through the exp and the sums instead.
+* **Streaming split-K kernel** (``decode_kernel``, issue 11): few queries
+  over many keys. K and V are a (blocks, block_size, Hk, d) cache with a
+  block table (a dense (G1, Hk, Nk, d) array is viewed as one block per
+  batch element). A work item is (sequence, key heads, query tile, split):
+  the query heads of its key heads are its rows (GQA: each K / V row is
+  read once per group). Rows of K and V are read in place with unit
+  stride (other strides: packed per block), in blocks of ``k_tile`` keys
+  that may span cache blocks; the helpers ``_scores_block`` (two query rows
+  x four keys per pass) and ``_pv_block`` (one output row x four value
+  rows: more defeats LLVM's runtime alias checks) are called once per
+  contiguous segment, never per key (Numba does not inline them). Blocks
+  where some row cannot see some key, or with bias / mask, accumulate P @ V
+  key by key, skipping masked keys (never read). Key heads interleaved in a
+  row (the paged layout, (B, N, H, d)) are taken several per item, 16 rows
+  at a time, so that whole rows are read together. The visible key range of
+  an item is cut into ``num_splits`` chunks; each writes a normalised
+  partial and its lse to scratch, merged in a second parallel loop of the
+  same call (merge_attention's math, split order: bitwise reproducible).
 * **fastmath** is never the Numba ``True`` set: only
   ``{'contract', 'reassoc', 'nsz', 'arcp', 'afn'}`` (no nnan/ninf), applied to
   the helper loops; the kernels themselves are compiled without fastmath.
