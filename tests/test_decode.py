@@ -325,3 +325,17 @@ def test_splits_with_diagonal(rng, tiny_stream, splits):
     for diagonal in (0, 5, np.array([-1, 30])):
         _check(q, k, v, F32, f"diagonal={diagonal}", num_splits=splits, causal=True,
                diagonal=diagonal, window=(4, 0))  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_lengths_along_the_heads_axis(rng, splits):
+    """One leading axis, both batch (lengths) and heads (GQA): the table
+    differs between the query heads of a key head."""
+    q = randn(rng, (4, 2, 8), F32)
+    k = randn(rng, (2, 9, 8), F32)
+    v = randn(rng, (2, 9, 8), F32)
+    kw = {"query_lengths": np.array([0, 2, 1, 2]), "key_lengths": np.array([9, 0, 4, 1])}
+    ref_out, ref_lse = reference.attention(q, k, v, **kw)
+    out, lse = _run(numbattn.attention, q, 8, F32, q, k, v, num_splits=splits, **kw)
+    assert_close(out, ref_out, F32, "out")
+    assert_close(lse, ref_lse, F32, "lse")

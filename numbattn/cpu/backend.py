@@ -387,6 +387,21 @@ def split_attention(
 ):
     from .kernels import decode_kernel
 
+    g2 = q.shape[1]
+    if block_table is None and g2 > 1 and seq.strides[1] != 0 and not (seq == seq[:, :1]).all():
+        # The table differs between heads (the batch axis is the heads axis):
+        # the kernel shares one table row among the heads of an item, so run
+        # one query head at a time.
+        group = g2 // k.shape[1] if k.shape[1] else 1
+        for h in range(g2):
+            hs, ks = slice(h, h + 1), slice(h // group, h // group + 1)
+            split_attention(
+                q[:, hs], k[:, ks], v[:, ks], out[:, hs], None if lse is None else lse[:, hs],
+                seq[:, hs], max_rows, None if bias is None else bias[:, hs],
+                None if mask is None else mask[:, hs], scale, window_left, window_right,
+                num_splits, None,
+            )  # fmt: skip
+        return
     args = decode_args(
         q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
         num_splits, block_table,
