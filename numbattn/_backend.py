@@ -195,8 +195,11 @@ class Backend(Protocol):
         [0, num_blocks); entries past that are never read. ``bias`` and
         ``mask`` are indexed by logical positions, as in the dense case.
 
-        The diagonal offset is ``seq[a, h, ALIGN]``, as for :meth:`attention`;
-        the table rows of the query heads of one key head are equal (the API
-        builds tables constant over heads).
+        The diagonal offset is ``seq[a, h, ALIGN]``, as for :meth:`attention`.
+        The table is constant over heads except when the only leading axis is
+        both batch and heads (``q`` (H, Nq, d) with lengths): a kernel that
+        shares one table row among the query heads of a key head must check
+        (the CPU backend then runs one query head at a time). Paged calls
+        always have a (B, H) table constant over heads.
         """
         ...
