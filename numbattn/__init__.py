@@ -9,6 +9,7 @@ Three kernels, each on the CPU (``@njit(parallel=True)``) and on NVIDIA GPUs
   the (Nq, Nk) score matrix; with key/query lengths, bias, boolean masks,
   sliding windows and grouped-query heads;
 - :func:`varlen_attention`: packed variable-length batches (cu_seqlens);
+- :func:`paged_attention`: attention over a paged KV cache (block table);
 - :func:`merge_attention`: exact combination of partial results;
 - :func:`attention_backward` / :func:`varlen_attention_backward`: gradients
   of :func:`attention` / :func:`varlen_attention` (FlashAttention-2's
@@ -23,6 +24,7 @@ from .api import (
     attention,
     attention_backward,
     merge_attention,
+    paged_attention,
     scores,
     softmax,
     varlen_attention,
@@ -62,6 +64,7 @@ __all__ = [
     "cuda_available",
     "cuda_problem",
     "merge_attention",
+    "paged_attention",
     "reference",
     "scores",
     "softmax",

@@ -26,6 +26,14 @@ CPU_BWD_KEY_TILE = 128
 #: tiles across threads (few heads, many threads); one dq-sized array is
 #: always allowed.
 CPU_BWD_SPLIT_BYTES = 32 << 20
+#: Few queries (issue 11): calls whose longest query count is at most this run
+#: the streaming kernel (K and V rows read in place, the query heads of a key
+#: head together, split over keys); longer ones the tiled kernel above.
+CPU_STREAM_ROWS = 16
+#: Keys per online-softmax step of the streaming kernel.
+CPU_STREAM_KEY_TILE = 256
+#: ``num_splits=None`` never makes a key chunk shorter than this.
+CPU_MIN_SPLIT_KEYS = 512
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each

@@ -42,6 +42,7 @@ __all__ = [
     "attention_backward",
     "causal_mask",
     "merge_attention",
+    "paged_attention",
     "relative_error",
     "scores",
     "softmax",
@@ -403,3 +404,38 @@ def relative_error(out: ArrayLike, ref: ArrayLike) -> float:
     num = float(np.linalg.norm(o[finite] - r[finite]))
     den = float(np.linalg.norm(r[finite]))
     return num if den == 0 else num / den
+
+
+def paged_attention(
+    q: ArrayLike,
+    k_cache: ArrayLike,
+    v_cache: ArrayLike,
+    block_table: ArrayLike,
+    key_lengths: ArrayLike,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention over a paged KV cache: :func:`attention` on the gathered keys.
+
+    q is (B, H, Nq, d); k_cache and v_cache (num_blocks, block_size, Hk, d)
+    and (..., dv); sequence b's key position p is
+    ``k_cache[block_table[b, p // block_size], p % block_size]``, for
+    ``p < key_lengths[b]``. Only the blocks a length needs are read (later
+    entries of ``block_table`` may hold anything). Takes the other options
+    of :func:`scores` (bias and mask broadcast to (B, H, Nq, max_blocks *
+    block_size), in logical key positions). Returns ``(out, lse)``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    kc, vc = (np.asarray(a, dtype=np.float64) for a in (k_cache, v_cache))
+    table = np.asarray(block_table)
+    lengths = np.asarray(key_lengths)
+    b = q.shape[0]
+    _, bs, hk, _ = kc.shape
+    nk = table.shape[1] * bs
+    k = np.zeros((b, hk, nk, kc.shape[-1]))
+    v = np.zeros((b, hk, nk, vc.shape[-1]))
+    for s in range(b):
+        for p in range(int(lengths[s])):
+            blk = int(table[s, p // bs])
+            k[s, :, p] = kc[blk, p % bs]
+            v[s, :, p] = vc[blk, p % bs]
+    return attention(q, k, v, key_lengths=lengths, **options)

@@ -1055,3 +1055,42 @@ def attention_backward(
     if n_kt and hk:
         kv = args._replace(n_tiles=n_kt)
         _launch(_backward_kernel(dtype, True, geo), sig, g1 * hk * n_kt, nthreads, stream, kv)
+
+
+# --- Split-K and paged KV caches (issue 11; numbattn._backend.Backend) -------
+# Placeholder until the GPU kernels land (branch decode-gpu): no automatic
+# split, and only the unsplit dense path.
+
+
+def default_splits(batch, heads, group, max_rows, max_keys):
+    """The split count of ``num_splits=None``: 1 (no GPU split kernel yet)."""
+    return 1
+
+
+def split_attention(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    stream=None,
+):
+    """:func:`attention` split over keys / over a paged cache (see the Protocol)."""
+    if block_table is None and num_splits == 1:
+        attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+            stream=stream,
+        )  # fmt: skip
+        return
+    raise NotImplementedError(
+        "split-K (num_splits > 1) and paged KV caches are not implemented on the CUDA backend yet"
+    )
