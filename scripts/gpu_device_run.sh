@@ -65,7 +65,7 @@ step_ncu() {
   fi
 }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
-step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
 step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
