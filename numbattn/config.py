@@ -14,6 +14,14 @@ CPU_QUERY_TILE = 64
 #: The working set is about CPU_QUERY_TILE x CPU_KEY_TILE scores plus a
 #: packed K and V tile, sized to stay in L1/L2.
 CPU_KEY_TILE = 128
+#: Few queries (issue 11): calls whose longest query count is at most this run
+#: the streaming kernel (K and V rows read in place, the query heads of a key
+#: head together, split over keys); longer ones the tiled kernel above.
+CPU_STREAM_ROWS = 16
+#: Keys per online-softmax step of the streaming kernel.
+CPU_STREAM_KEY_TILE = 64
+#: ``num_splits=None`` never makes a key chunk shorter than this.
+CPU_MIN_SPLIT_KEYS = 512
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each

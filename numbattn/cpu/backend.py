@@ -11,7 +11,7 @@ import numpy as np
 from .. import config
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import AttentionArgs, DecodeArgs, MergeArgs, ScoresArgs, SoftmaxArgs
 
 name = "cpu"
 
@@ -235,6 +235,11 @@ def attention(
 ):
     from .kernels import attention_kernel
 
+    if max_rows <= config.CPU_STREAM_ROWS:  # few queries: the streaming kernel
+        split_attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, 1, None
+        )
+        return
     _call(
         attention_kernel,
         attention_args(
@@ -249,3 +254,117 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     if lse is None:  # not wanted: the kernel writes it to scratch
         lse = np.empty(o1.shape[:3], dtype=o1.dtype)
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
+
+
+# --- Split-K and paged KV caches (issue 11) ---------------------------------
+
+
+def _stream_rows(max_rows: int, group: int) -> int:
+    """Query rows per work item of the streaming kernel."""
+    return max(1, min(int(max_rows), config.CPU_STREAM_ROWS))
+
+
+def default_splits(batch, heads, group, max_rows, max_keys):
+    """``num_splits=None``: split the keys only when the streaming kernel's
+    work items (sequence x key head x query tile) cannot keep every thread
+    busy. 1 for long queries (the tiled kernel's grid), for items >= 4x the
+    threads or a multiple of them; else the smallest n <= 16 giving n x items
+    a >= 90 % balanced share per thread (or >= 4x the threads), while chunks
+    keep >= config.CPU_MIN_SPLIT_KEYS keys."""
+    if max_rows > config.CPU_STREAM_ROWS or group < 1:
+        return 1
+    threads = _threads()
+    qt = _stream_rows(max_rows, group)
+    items = batch * (heads // group) * -(-max_rows // qt)
+    if items == 0 or items >= 4 * threads or items % threads == 0:
+        return 1
+    best = 1
+    for n in range(2, 17):
+        if max_keys < n * config.CPU_MIN_SPLIT_KEYS:
+            break
+        best = n
+        total = items * n
+        if total >= 4 * threads or total / (threads * -(-total // threads)) >= 0.9:
+            break
+    return best
+
+
+def decode_args(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> DecodeArgs:
+    """The streaming kernel's arguments for :func:`split_attention`: a dense
+    (G1, Hk, Nk, d) k / v is viewed as a (G1, Nk, Hk, d) cache of one block
+    per batch element (no copy)."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    has_lse = lse is not None
+    if not has_lse:
+        lse = _DUMMY.get(np.dtype(q.dtype), _DUMMY[np.dtype(np.float64)])[1]
+    if block_table is None:
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        block_table = np.arange(q.shape[0], dtype=np.int32).reshape(-1, 1)
+    group = q.shape[1] // k.shape[2] if k.shape[2] else 1
+    return DecodeArgs(
+        q=q,
+        k=k,
+        v=v,
+        table=block_table,
+        out=out,
+        lse=lse,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        has_lse=has_lse,
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        num_splits=int(num_splits),
+        q_tile=_stream_rows(max_rows, group) if q_tile is None else q_tile,
+        k_tile=config.CPU_STREAM_KEY_TILE if k_tile is None else k_tile,
+        n_threads=_threads(),
+    )
+
+
+def split_attention(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    stream=None,
+):
+    from .kernels import decode_kernel
+
+    _call(
+        decode_kernel,
+        decode_args(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+            num_splits, block_table,
+        ),  # fmt: skip
+    )

@@ -93,7 +93,7 @@ from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
 
 from .._jit import njit  # njit: cache=True also works read-only
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import AttentionArgs, DecodeArgs, MergeArgs, ScoresArgs, SoftmaxArgs
 from .dispatch import OneLayoutKernel
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
@@ -844,8 +844,351 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
             lse[a, b, i] = dt(float(mx) + math.log(tot))
 
 
+# ---------------------------------------------------------------------------
+# Streaming split-K kernel (few queries over many keys; paged KV caches)
+# ---------------------------------------------------------------------------
+
+
+@njit(**_HOPTS)
+def _scores_block(qs, nr, x, base, rs, kn, sr, d):
+    """sr[r, j] = qs[r] . row j for r < nr, j < kn, where row j is the d
+    values at byte offset base + j * rs of x (unit stride). Four keys at a
+    time share the loads of a query row; one call per block of keys (calls
+    are not inlined: a call per key would cost more than its dot product)."""
+    z = sr.dtype.type(0.0)
+    jj = 0
+    while jj + 4 <= kn:
+        k0 = carray(_ptr_at(x, base + jj * rs), d)
+        k1 = carray(_ptr_at(x, base + (jj + 1) * rs), d)
+        k2 = carray(_ptr_at(x, base + (jj + 2) * rs), d)
+        k3 = carray(_ptr_at(x, base + (jj + 3) * rs), d)
+        for r in range(nr):
+            qr = qs[r]
+            s0 = s1 = s2 = s3 = z
+            for p in range(d):
+                a = qr[p]
+                s0 += a * k0[p]
+                s1 += a * k1[p]
+                s2 += a * k2[p]
+                s3 += a * k3[p]
+            sr[r, jj] = s0
+            sr[r, jj + 1] = s1
+            sr[r, jj + 2] = s2
+            sr[r, jj + 3] = s3
+        jj += 4
+    while jj < kn:
+        k0 = carray(_ptr_at(x, base + jj * rs), d)
+        for r in range(nr):
+            qr = qs[r]
+            s0 = z
+            for p in range(d):
+                s0 += qr[p] * k0[p]
+            sr[r, jj] = s0
+        jj += 1
+
+
+@njit(**_HOPTS)
+def _pv_block(o, nr, x, base, rs, kn, sr, dv):
+    """o[r] += sum_j sr[r, j] * row j for r < nr, j < kn (rows as in
+    :func:`_scores_block`); four value rows per pass over o[r]."""
+    jj = 0
+    while jj + 4 <= kn:
+        v0 = carray(_ptr_at(x, base + jj * rs), dv)
+        v1 = carray(_ptr_at(x, base + (jj + 1) * rs), dv)
+        v2 = carray(_ptr_at(x, base + (jj + 2) * rs), dv)
+        v3 = carray(_ptr_at(x, base + (jj + 3) * rs), dv)
+        for r in range(nr):
+            orow = o[r]
+            a0 = sr[r, jj]
+            a1 = sr[r, jj + 1]
+            a2 = sr[r, jj + 2]
+            a3 = sr[r, jj + 3]
+            for c in range(dv):
+                orow[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c]
+        jj += 4
+    while jj < kn:
+        v0 = carray(_ptr_at(x, base + jj * rs), dv)
+        for r in range(nr):
+            orow = o[r]
+            a0 = sr[r, jj]
+            for c in range(dv):
+                orow[c] += a0 * v0[c]
+        jj += 1
+
+
+@njit(nogil=True, cache=True)
+def _split_range(lo, hi, n_splits, s):
+    """Keys [c0, c1) of split s when [lo, hi) is cut into n_splits chunks of
+    ceil((hi - lo) / n_splits) keys (the last ones may be short or empty)."""
+    c = (hi - lo + n_splits - 1) // n_splits
+    c0 = min(hi, lo + s * c)
+    return c0, min(hi, c0 + c)
+
+
+@njit(**_OPTS)
+def _decode_impl(
+    q,
+    k,
+    v,
+    table,
+    out,
+    lse,
+    bias,
+    mask,
+    seq,
+    max_rows,
+    has_lse,
+    has_bias,
+    has_mask,
+    scale,
+    left,
+    right,
+    num_splits,
+    q_tile,
+    k_tile,
+    n_threads,
+):
+    """Streaming attention: K and V rows read in place, keys split into
+    ``num_splits`` chunks merged in the same call (see the module docstring,
+    "Streaming split-K kernel"). k / v are (blocks, block_size, Hk, d / dv):
+    a paged cache with its ``table``, or a dense (G1, Hk, Nk, d) array viewed
+    as (G1, Nk, Hk, d) with table[a, 0] = a."""
+    g1, g2, _, d = q.shape
+    hk = k.shape[2]
+    group = g2 // hk if hk > 0 else 1
+    dv = v.shape[3]
+    bs = max(1, k.shape[1])
+    dt = q.dtype.type
+    sc = dt(scale)
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    ns = max(1, num_splits)
+    qt = max(1, min(q_tile, max_rows))
+    n_qt = (max_rows + qt - 1) // qt
+    kt = max(1, k_tile)
+    n_items = g1 * hk * n_qt * ns
+    nthr = max(1, n_threads)
+    chunk = (n_items + nthr - 1) // nthr
+    rmax = group * qt
+    qs_t = np.empty((nthr, rmax, d), dtype=dt)
+    s_t = np.empty((nthr, rmax, kt), dtype=dt)
+    keep_t = np.empty((nthr, rmax, kt), dtype=np.bool_)
+    o_t = np.empty((nthr, rmax, dv), dtype=dt)
+    m_t = np.empty((nthr, rmax), dtype=dt)
+    l_t = np.empty((nthr, rmax), dtype=dt)
+    lo_t = np.empty((nthr, 2, rmax), dtype=np.int64)
+    # Unit-stride rows are read in place; others are packed per block.
+    k_unit = d <= 1 or k.strides[3] == k.itemsize
+    v_unit = dv <= 1 or v.strides[3] == v.itemsize
+    kb_t = np.empty((nthr, kt if not k_unit else 1, d), dtype=dt)
+    vb_t = np.empty((nthr, kt if not v_unit else 1, dv), dtype=dt)
+    # Partials of the splits: (split, G1, G2, rows, dv) and their lse.
+    pn = ns if ns > 1 else 0
+    po = np.empty((pn, g1, g2, max_rows, dv), dtype=dt)
+    pl = np.empty((pn, g1, g2, max_rows), dtype=dt)
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        s = w % ns
+        qti = (w // ns) % n_qt
+        kh = (w // (ns * n_qt)) % hk
+        a = w // (ns * n_qt * hk)
+        h0 = kh * group
+        # The table is constant over the query heads of a key head (the API
+        # builds it constant over heads).
+        q_off = seq[a, h0, 0]
+        q_len = seq[a, h0, 1]
+        q_rows = seq[a, h0, 2]
+        k_off = seq[a, h0, 3]
+        k_len = seq[a, h0, 4]
+        off = k_len - q_len  # the diagonal offset (ALIGN column: seq[a, h0, 5])
+        i0 = qti * qt
+        i1 = min(i0 + qt, q_rows)
+        if i0 >= q_rows:
+            continue
+        m = max(0, min(i1, q_len) - i0)
+        if s == 0:  # padding rows, written once
+            for hh in range(h0, h0 + group):
+                for i in range(q_off + i0 + m, q_off + i1):
+                    for c in range(dv):
+                        out[a, hh, i, c] = zero
+                    if has_lse:
+                        lse[a, hh, i] = ninf
+        if m == 0:
+            continue
+        nr = group * m
+        t = get_thread_id()
+        qs, sr, keep, o = _slot(qs_t, t), _slot(s_t, t), _slot(keep_t, t), _slot(o_t, t)
+        mrow, lrow, rng = _slot(m_t, t), _slot(l_t, t), _slot(lo_t, t)
+        kbuf, vbuf = _slot(kb_t, t), _slot(vb_t, t)
+        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
+        j_lo, j_hi = _split_range(lo, hi, ns, s)
+        for r in range(nr):
+            _fill(o[r], dv, zero)
+        _fill(mrow, nr, ninf)
+        _fill(lrow, nr, zero)
+        if j_hi > j_lo:
+            for r in range(nr):
+                hh = h0 + r // m
+                i = q_off + i0 + r % m
+                for p in range(d):
+                    qs[r, p] = q[a, hh, i, p]
+        j0 = j_lo
+        while j0 < j_hi:
+            p0 = k_off + j0
+            kn = min(kt, j_hi - j0, bs - p0 % bs)  # stay inside one cache block
+            blk = table[a, p0 // bs]
+            r0 = p0 % bs
+            # Scores: each K row is read once for all rows.
+            if k_unit:
+                kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
+                _scores_block(qs, nr, k, kbase, k.strides[1], kn, sr, d)
+            else:
+                for jj in range(kn):
+                    for p in range(d):
+                        kbuf[jj, p] = k[blk, r0 + jj, kh, p]
+                _scores_block(qs, nr, kbuf, 0, kbuf.strides[0], kn, sr, d)
+            # Online softmax per row over its visible columns [clo, chi).
+            full = not (has_bias or has_mask)
+            for r in range(nr):
+                i = i0 + r % m
+                clo, chi = _row_range(i, j0, kn, off, left, right)
+                if chi < clo:
+                    chi = clo
+                rng[0, r] = clo
+                rng[1, r] = chi
+                if clo > 0 or chi < kn:
+                    full = False
+                if chi == clo:
+                    continue
+                srow = sr[r]
+                vis = srow[clo:chi]
+                if has_bias or has_mask:
+                    qi = q_off + i
+                    hh = h0 + r // m
+                    for jc in range(clo, chi):
+                        x = srow[jc] * sc
+                        if has_bias:
+                            bb = bias[a, hh, qi, p0 + jc]
+                            x = ninf if bb == ninf else x + bb  # -inf bias masks
+                        if has_mask and not mask[a, hh, qi, p0 + jc]:
+                            x = ninf
+                        srow[jc] = x
+                        keep[r, jc] = x != ninf
+                    mul = dt(1.0)
+                    mx = _rowmax(vis, chi - clo)
+                else:
+                    mul = sc
+                    mx = _scaled_rowmax(vis, chi - clo, sc)
+                m_old = mrow[r]
+                m_new = _maxnum(m_old, mx)
+                shift = m_new if m_new > ninf else zero
+                alpha = dt(math.exp(m_old - m_new)) if m_old > ninf else zero
+                lrow[r] = lrow[r] * alpha + _exp_scaled_inplace(vis, chi - clo, mul, shift)
+                mrow[r] = m_new
+                if alpha != dt(1.0):
+                    _scale_row(o[r], dv, alpha)
+            # P @ V: each V row read once for all rows.
+            if not v_unit:
+                for jj in range(kn):
+                    for c in range(dv):
+                        vbuf[jj, c] = v[blk, r0 + jj, kh, c]
+            if full:  # every row sees every key of the block
+                if v_unit:
+                    vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                    _pv_block(o, nr, v, vbase, v.strides[1], kn, sr, dv)
+                else:
+                    _pv_block(o, nr, vbuf, 0, vbuf.strides[0], kn, sr, dv)
+            else:  # key by key, never touching a key a row cannot see
+                for jj in range(kn):
+                    if v_unit:
+                        vo = blk * v.strides[0] + (r0 + jj) * v.strides[1] + kh * v.strides[2]
+                        v0 = carray(_ptr_at(v, vo), dv)
+                    else:
+                        v0 = vbuf[jj]
+                    for r in range(nr):
+                        if rng[0, r] <= jj < rng[1, r]:
+                            if (has_bias or has_mask) and not keep[r, jj]:
+                                continue
+                            _axpy(o[r], v0, sr[r, jj], dv)
+            j0 += kn
+        # This split's rows: final (one split) or partial results.
+        for r in range(nr):
+            hh = h0 + r // m
+            il = i0 + r % m
+            lsum = lrow[r]
+            if lsum > zero:
+                inv = dt(1.0) / lsum
+                lval = mrow[r] + dt(math.log(lsum))
+            elif lsum != lsum:
+                inv = dt(np.nan)
+                lval = dt(np.nan)
+            else:
+                inv = zero
+                lval = ninf
+            orow = o[r]
+            if ns == 1:
+                for c in range(dv):
+                    out[a, hh, q_off + il, c] = orow[c] * inv
+                if has_lse:
+                    lse[a, hh, q_off + il] = lval
+            else:
+                for c in range(dv):
+                    po[s, a, hh, il, c] = orow[c] * inv
+                pl[s, a, hh, il] = lval
+    if ns == 1:
+        return
+    # Merge the splits of every real row (merge_attention's math, fixed order).
+    n_rows = g1 * g2 * max_rows
+    per = 16
+    for wm in prange((n_rows + per - 1) // per):
+        for row in range(wm * per, min(n_rows, (wm + 1) * per)):
+            a = row // (g2 * max_rows)
+            hh = (row // max_rows) % g2
+            il = row % max_rows
+            if il >= seq[a, hh, 1]:
+                continue
+            i = seq[a, hh, 0] + il
+            mx = -np.inf
+            nan = False
+            for sp in range(ns):
+                x = float(pl[sp, a, hh, il])
+                if x != x:
+                    nan = True
+                elif x > mx:
+                    mx = x
+            if nan:
+                for c in range(dv):
+                    out[a, hh, i, c] = dt(np.nan)
+                if has_lse:
+                    lse[a, hh, i] = dt(np.nan)
+                continue
+            if mx == -np.inf:
+                for c in range(dv):
+                    out[a, hh, i, c] = zero
+                if has_lse:
+                    lse[a, hh, i] = ninf
+                continue
+            tot = 0.0
+            for sp in range(ns):
+                tot += math.exp(float(pl[sp, a, hh, il]) - mx)
+            for c in range(dv):
+                out[a, hh, i, c] = zero
+            for sp in range(ns):
+                x = float(pl[sp, a, hh, il])
+                if x == -np.inf:
+                    continue
+                wgt = dt(math.exp(x - mx) / tot)
+                for c in range(dv):
+                    out[a, hh, i, c] += wgt * po[sp, a, hh, il, c]
+            if has_lse:
+                lse[a, hh, i] = dt(mx + math.log(tot))
+
+
 #: The kernels; their arguments are described (and built) by numbattn.cpu.args.
 scores_kernel = OneLayoutKernel(_scores_impl, ScoresArgs, _SERIAL_OPTS)
 softmax_kernel = OneLayoutKernel(_softmax_impl, SoftmaxArgs, _SERIAL_OPTS)
 attention_kernel = OneLayoutKernel(_attention_impl, AttentionArgs, _SERIAL_OPTS)
 merge_kernel = OneLayoutKernel(_merge_impl, MergeArgs, _SERIAL_OPTS)
+decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
