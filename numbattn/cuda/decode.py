@@ -194,7 +194,12 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False):
         k_off = seq[b1, h0, 3]
         k_len = seq[b1, h0, 4]
         hk = h0 // group
-        off = k_len - q_len  # the diagonal offset (ALIGN): key j of row i at j - i - off
+        # The diagonal offset: query i is aligned with key i + off. The
+        # table's ALIGN column (numbattn._sequences, 6 columns) when it has
+        # one, else bottom-right (5-column tables).
+        off = k_len - q_len
+        if seq.shape[2] > 5:
+            off = seq[b1, h0, 5]
         tid = cuda.threadIdx.x
         lane = tid % WL
         team = tid // WL

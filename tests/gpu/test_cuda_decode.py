@@ -24,14 +24,27 @@ from tests.helpers import DTYPES, assert_close, poisoned, randn
 
 cuda = pytest.importorskip("numba.cuda")
 
-# The existing tests, collected again under the streaming fixture below.
-from tests.gpu.test_cuda_api import test_attention as test_api_attention_streaming  # noqa: E402,F401
-from tests.gpu.test_cuda_options import (  # noqa: E402,F401
-    test_bias_and_mask as test_bias_and_mask_streaming,
-)
-from tests.gpu.test_cuda_semantics import (  # noqa: E402,F401
-    test_huge_windows as test_huge_windows_streaming,
-)
+# The existing tests, collected again here under the streaming fixture below.
+from tests.gpu import test_cuda_api as _api  # noqa: E402
+from tests.gpu import test_cuda_options as _opt  # noqa: E402
+from tests.gpu import test_cuda_semantics as _sem  # noqa: E402
+
+test_api_attention_streaming = _api.test_attention
+test_lengths_streaming = _opt.test_lengths
+test_varlen_streaming = _opt.test_varlen
+test_bias_and_mask_streaming = _opt.test_bias_and_mask
+test_window_streaming = _opt.test_window
+test_gqa_streaming = _opt.test_gqa
+test_huge_windows_streaming = _sem.test_huge_windows
+test_masked_keys_streaming = _sem.test_masked_keys_are_never_read
+
+#: numbattn.config's shipped values of the streaming kernel's knobs (read at
+#: import, before any fixture patches them).
+DEFAULTS = {
+    name: getattr(numbattn.config, name)
+    for name in ("CUDA_DECODE_LANES", "CUDA_DECODE_TEAMS", "CUDA_DECODE_ROWS",
+                 "CUDA_DECODE_KEYS", "CUDA_DECODE_KEYS_F64", "CUDA_SPLIT_MERGE_THREADS")
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -295,3 +308,32 @@ def test_wide_heads_compile_wider_lanes():
     ro, rl = reference.attention(q, k, v)
     assert_close(out, ro, np.float64, "out")
     assert_close(lse, rl, np.float64, "lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_production_geometry(monkeypatch, dtype):
+    """The default geometry (4 warps of 32 lanes; on a GPU, the warp-shuffle
+    path): GQA 4 query heads per KV head, d = 40 (two elements a lane, the
+    second partly past d), dv = 33, lengths, causal, splits, paged."""
+    from numbattn import config
+
+    for name in ("CUDA_DECODE_LANES", "CUDA_DECODE_TEAMS", "CUDA_DECODE_ROWS",
+                 "CUDA_DECODE_KEYS", "CUDA_DECODE_KEYS_F64", "CUDA_SPLIT_MERGE_THREADS"):  # fmt: skip
+        monkeypatch.setattr(config, name, DEFAULTS[name])
+    rng = np.random.default_rng(12)
+    lengths = np.array([37, 5])
+    kc, vc, table, k, v = _paged(rng, lengths, 8, 1, 40, 33, dtype)
+    q = randn(rng, (2, 4, 2, 40), dtype)
+    ro, rl = reference.attention(q, k, v, causal=True, key_lengths=lengths)
+    for paged in (False, True):
+        if paged:
+            call = lambda **kw: numbattn.paged_attention(  # noqa: E731
+                dev(q), dev(kc), dev(vc), dev(table), lengths, causal=True, **kw
+            )
+        else:
+            call = lambda **kw: numbattn.attention(  # noqa: E731
+                dev(q), dev(k), dev(v), causal=True, key_lengths=lengths, **kw
+            )
+        out, lse = _run(call, (2, 4), 2, 33, dtype, num_splits=3)
+        assert_close(out, ro, dtype, f"paged={paged} out")
+        assert_close(lse, rl, dtype, f"paged={paged} lse")
