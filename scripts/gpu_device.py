@@ -309,11 +309,9 @@ def _check_slice(label, out, q, k, v, dtype, heads, kv_heads, causal, lengths=No
     heads) against the float64 reference."""
     from numbattn import reference
 
-    qh = q.copy_to_host()[:1, :heads]
-    kh = k.copy_to_host()[:1, :kv_heads]
-    vh = v.copy_to_host()[:1, :kv_heads]
+    qh, kh, vh = (x[:1, :n].copy_to_host() for x, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
     ro = reference.attention(qh, kh, vh, causal=causal, key_lengths=lengths)[0]
-    got = out.copy_to_host()[:1, :heads]
+    got = out[:1, :heads].copy_to_host()
     _check(label, float(reference.relative_error(got, ro)), dtype)
 
 

@@ -21,7 +21,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings tests memcheck ncu varlen decode hostprof racecheck synccheck report}
+STEPS=${STEPS:-env timings tests memcheck ncu varlen decode decodetests hostprof racecheck synccheck report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -66,8 +66,11 @@ step_ncu() {
 }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
 step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decodetests() {  # the streaming split-K kernel's tests, hardware paths included
+  gpu && timeout 240 $PY -m pytest tests/gpu/test_cuda_decode.py -x -q -p no:cacheprovider --durations=5 2>&1 | tail -30
+}
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
-step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
+step_report() { timeout 100 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
 {
   for s in $STEPS; do
