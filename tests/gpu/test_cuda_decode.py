@@ -268,27 +268,28 @@ def test_paged_options(dtype):
 
 
 @pytest.mark.parametrize(
-    "knobs,message",
+    "knobs,message,d",
     [
-        ({"CUDA_DECODE_LANES": 3}, r"CUDA_DECODE_LANES must be a power of two between 1 and 32"),
-        ({"CUDA_DECODE_LANES": 64}, r"CUDA_DECODE_LANES must be a power of two"),
-        ({"CUDA_DECODE_TEAMS": 0}, r"CUDA_DECODE_TEAMS must be a positive integer"),
-        ({"CUDA_DECODE_TEAMS": 512}, r"2048 threads per block.*CUDA_DECODE_TEAMS"),
-        ({"CUDA_DECODE_ROWS": 256, "CUDA_DECODE_TEAMS": 128},
-         r"bytes of static shared memory.*CUDA_DECODE_ROWS"),
-        ({"CUDA_SPLIT_MERGE_THREADS": 6}, r"CUDA_SPLIT_MERGE_THREADS must be a power of two"),
-        ({"CUDA_STREAM_ROWS": -1}, r"CUDA_STREAM_ROWS must be a non-negative integer"),
+        ({"CUDA_DECODE_LANES": 3}, r"CUDA_DECODE_LANES must be a power of two between 1 and 32", 4),
+        ({"CUDA_DECODE_LANES": 64}, r"CUDA_DECODE_LANES must be a power of two", 4),
+        ({"CUDA_DECODE_TEAMS": 0}, r"CUDA_DECODE_TEAMS must be a positive integer", 4),
+        ({"CUDA_DECODE_TEAMS": 512}, r"2048 threads per block.*CUDA_DECODE_TEAMS", 4),
+        # 32 teams x 512 columns of team accumulators: 64 KiB of shared memory
+        ({"CUDA_DECODE_LANES": 32, "CUDA_DECODE_TEAMS": 32},
+         r"bytes of static shared memory.*CUDA_DECODE_TEAMS", 512),
+        ({"CUDA_SPLIT_MERGE_THREADS": 6}, r"CUDA_SPLIT_MERGE_THREADS must be a power of two", 4),
+        ({"CUDA_STREAM_ROWS": -1}, r"CUDA_STREAM_ROWS must be a non-negative integer", 4),
     ],
 )  # fmt: skip
-def test_bad_geometry_refused(monkeypatch, knobs, message):
+def test_bad_geometry_refused(monkeypatch, knobs, message, d):
     """A geometry that cannot launch raises ValueError naming the knob, and
     nothing is written."""
     for name, value in knobs.items():
         monkeypatch.setattr(numbattn.config, name, value)
     rng = np.random.default_rng(0)
-    q = dev(randn(rng, (1, 2, 1, 4), np.float32))
-    k, v = (dev(randn(rng, (1, 2, 9, 4), np.float32)) for _ in range(2))
-    out = dev(poisoned((1, 2, 1, 4), np.float32))
+    q = dev(randn(rng, (1, 2, 1, d), np.float32))
+    k, v = (dev(randn(rng, (1, 2, 9, d), np.float32)) for _ in range(2))
+    out = dev(poisoned((1, 2, 1, d), np.float32))
     with pytest.raises(ValueError, match=message):
         numbattn.attention(q, k, v, out=out)  # streaming, split by the heuristic
     assert np.isnan(host(out)).all()
