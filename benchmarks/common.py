@@ -34,6 +34,12 @@ SCORES_PARAMS = [DTYPES, BATCH_HEADS, N_OTHER, D_VALUES, CAUSAL]
 SCORES_NAMES = ATTENTION_NAMES
 SOFTMAX_PARAMS = [DTYPES, BATCH_HEADS, N_OTHER]
 SOFTMAX_NAMES = ["dtype", "B x H", "N (rows of N)"]
+#: Few queries over a long KV cache (issue 11), float32, d = 128; Nq > 1 is causal.
+DECODE_PARAMS = [
+    ["1x8x8x1x32768", "4x8x8x1x8192", "1x32x8x1x32768", "1x32x32x16x16384"],
+    ["contiguous", "paged16", "paged256"],
+]
+DECODE_NAMES = ["B x H x Hk x Nq x Nk", "cache"]
 
 #: Largest B*H*N*N computed by a CPU grid point; larger points are skipped
 #: (N = 8192 runs with B x H = 1x1 only) to keep a run reasonable on 2 cores.

@@ -5,6 +5,9 @@
     threading layer and thread count, and whether CUDA is usable (and which
     device).
 ``bench``
+    (``--kernel decode``: few queries over long KV caches, contiguous and
+    paged, with the machine's streaming read bandwidth measured in the same
+    run and K+V GB/s as a fraction of it, torch SDPA side by side.)
     Checks every kernel against :mod:`numbattn.reference` on a problem set
     (outputs poisoned with NaN first; relative error ||out-ref||/||ref|| within
     1e-5 for float32, 1e-12 for float64), then times it and the baselines
@@ -182,6 +185,8 @@ def cmd_bench(args) -> int:
     else:
         backend = B.CpuBackend()
 
+    if args.kernel and "decode" in args.kernel:
+        return _bench_decode(args, B, torch, threads, say)
     if args.shape or args.kernel or args.dtype or args.causal:
         shapes = args.shape or (
             [(2, 2, 160, 32)] if args.quick else [(1, 8, 2048, 64), (4, 8, 512, 64)]
@@ -245,6 +250,56 @@ def cmd_bench(args) -> int:
             "scores 2*B*H*N^2*d) or GB/s (softmax, 2 x bytes of x);\n"
             "vs NumPy / vs torch: baseline time / numbattn time (above 1: numbattn faster); "
             f"NumPy baseline runs on the host; torch: {torch_note}."
+        )
+    if failed:
+        print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_decode(args, B, torch, threads: int, say) -> int:
+    """``bench --kernel decode``: the issue-11 decode cases on the CPU, with
+    the streaming read bandwidth measured in the same run and torch SDPA."""
+    if args.device != "cpu":
+        print("numbattn bench: --kernel decode runs on the CPU only", file=sys.stderr)
+        return 2
+    opts = B.Options(
+        min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.5),
+        min_repeat=args.min_repeat,
+        max_repeat=args.max_repeat,
+        baselines=not args.no_baselines,
+        threads=threads,
+    )
+    torch_use = None if (args.no_baselines or args.no_torch) else torch
+    if torch_use is not None:
+        torch_use.set_num_threads(threads)
+    bandwidth = B.stream_read_gbs(threads, opts=opts)
+    say(f"numbattn bench decode: streaming read {bandwidth:.1f} GB/s on {threads} threads")
+    records = []
+    cases = B.decode_cases(args.quick)
+    for i, c in enumerate(cases, 1):
+        prefix = f"[{i}/{len(cases)}] decode {c.label}:"
+        say(f"{prefix} compiling/checking ...")
+        opts.progress = (lambda pre: lambda msg: say(f"{pre} {msg}"))(prefix)
+        records.append(B.run_decode(c, torch_use, bandwidth, opts))
+    failed = [r for r in records if not r["check"]["ok"]]
+    if args.json:
+        doc = {
+            "numbattn": collect_versions(),
+            "device": "cpu",
+            "threads": threads,
+            "stream_read_gbs": bandwidth,
+            "ratios": "vs_torch = torch median / numbattn median (>1: numbattn faster)",
+            "all_ok": not failed,
+            "decode": records,
+        }
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default))
+    else:
+        print(B.decode_table(records, bandwidth, threads))
+        print(
+            "\nfloat32, median of repeated calls; K+V GB/s: bytes of K and V / time, as a "
+            "fraction of the streaming read bandwidth measured above; torch: SDPA on the "
+            "contiguous cache (causal: a bottom-right boolean mask)."
         )
     if failed:
         print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
@@ -326,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B,H,N,d",
         help="problem size (repeatable); softmax runs on B x H x N x N",
     )
-    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax")), metavar="LIST",
-                   help="comma-separated kernels (default all)")  # fmt: skip
+    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax", "decode")),
+                   metavar="LIST",
+                   help="comma-separated kernels (default all but decode); decode: the "
+                        "few-queries / long-KV-cache cases with the streaming read "
+                        "bandwidth (CPU)")  # fmt: skip
     p.add_argument("--dtype", type=_csv(("float32", "float64")), metavar="LIST",
                    help="float32, float64 or both comma-separated (default float32)")  # fmt: skip
     p.add_argument("--causal", choices=("no", "yes", "both"), help="default both")

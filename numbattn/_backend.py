@@ -194,5 +194,9 @@ class Backend(Protocol):
         entry a call can read (``p < K_OFF + K_LEN``) is in
         [0, num_blocks); entries past that are never read. ``bias`` and
         ``mask`` are indexed by logical positions, as in the dense case.
+
+        The diagonal offset is ``seq[a, h, ALIGN]``, as for :meth:`attention`;
+        the table rows of the query heads of one key head are equal (the API
+        builds tables constant over heads).
         """
         ...

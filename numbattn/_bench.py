@@ -537,3 +537,236 @@ def table(records: list[dict]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Decode: few queries over long KV caches (``bench --kernel decode``)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """Attention of Nq queries over an Nk-key cache; ``paged``: block size of
+    a shuffled paged cache (None: a contiguous (B, Hk, Nk, d) cache)."""
+
+    b: int
+    h: int
+    hk: int
+    nq: int
+    nk: int
+    d: int
+    causal: bool = False
+    paged: int | None = None
+
+    @property
+    def label(self) -> str:
+        heads = f"{self.h}" if self.h == self.hk else f"{self.h}/{self.hk}kv"
+        text = f"({self.b}, {heads}, {self.nq}, {self.nk}, {self.d})"
+        if self.causal:
+            text += " causal"
+        if self.paged:
+            text += f" paged {self.paged}"
+        return text
+
+    def kv_bytes(self, itemsize: int = 4) -> int:
+        return 2 * self.b * self.hk * self.nk * self.d * itemsize
+
+
+def decode_cases(quick: bool = False) -> list[DecodeCase]:
+    """The issue-11 cases (CPU, float32), or tiny ones for CI."""
+    if quick:
+        return [
+            DecodeCase(1, 4, 4, 1, 1024, 32),
+            DecodeCase(1, 8, 2, 1, 1000, 32),
+            DecodeCase(1, 4, 4, 4, 1000, 32, causal=True),
+            DecodeCase(1, 4, 4, 1, 1024, 32, paged=16),
+        ]
+    return [
+        DecodeCase(1, 8, 8, 1, 32768, 128),
+        DecodeCase(4, 8, 8, 1, 8192, 128),
+        DecodeCase(1, 32, 8, 1, 32768, 128),
+        DecodeCase(1, 32, 32, 16, 16384, 128, causal=True),
+        DecodeCase(1, 8, 8, 1, 32768, 128, paged=16),
+        DecodeCase(1, 8, 8, 1, 32768, 128, paged=256),
+    ]
+
+
+def _stream_read_kernel():
+    """A parallel vectorised sum (compiled once per process, not cached: a
+    closure)."""
+    global _STREAM_READ
+    if _STREAM_READ is None:
+        from numba import njit, prange
+
+        @njit(parallel=True, fastmath=True)
+        def stream_read(x, n_threads):  # pragma: no cover - compiled
+            per = (x.size + n_threads - 1) // n_threads
+            acc = np.zeros(n_threads, dtype=x.dtype)
+            for t in prange(n_threads):
+                part = x[t * per : min(x.size, (t + 1) * per)]  # loop from 0: vectorises
+                s = x.dtype.type(0.0)
+                for i in range(part.size):
+                    s += part[i]
+                acc[t] = s
+            return acc.sum()
+
+        _STREAM_READ = stream_read
+    return _STREAM_READ
+
+
+_STREAM_READ = None
+
+
+def stream_read_gbs(threads: int, nbytes: int = 256 << 20, opts: Options | None = None) -> float:
+    """The machine's streaming read bandwidth (GB/s): a vectorised parallel sum
+    over ``nbytes`` of float32 (far larger than the caches) on ``threads``
+    threads, median of repeated runs."""
+    fn = _stream_read_kernel()
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    fn(x, threads)
+    t = repeat_timed(
+        lambda: CpuBackend().timed(lambda: fn(x, threads)),
+        min_time=0.3 if opts is None else opts.min_time,
+        min_repeat=5,
+        max_repeat=50,
+    )
+    return x.nbytes / t.median / 1e9
+
+
+def _decode_inputs(c: DecodeCase, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((c.b, c.h, c.nq, c.d), dtype=np.float32)
+    k = rng.standard_normal((c.b, c.hk, c.nk, c.d), dtype=np.float32)
+    v = rng.standard_normal((c.b, c.hk, c.nk, c.d), dtype=np.float32)
+    return q, k, v
+
+
+def _paged_from(k, v, block_size: int, seed: int = 1):
+    """k, v (B, Hk, N, d) as a shuffled paged cache and its block table
+    (N a multiple of ``block_size``)."""
+    b, hk, n, d = k.shape
+    per = n // block_size
+    nb = b * per
+    kc = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).reshape(nb, block_size, hk, d)
+    vc = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(nb, block_size, hk, d)
+    perm = np.random.default_rng(seed).permutation(nb)
+    table = np.argsort(perm).reshape(b, per).astype(np.int32)
+    return kc[perm], vc[perm], table
+
+
+def run_decode(c: DecodeCase, torch, bandwidth: float, opts: Options) -> dict:
+    """Check numbattn on ``c`` against the reference, then time it and torch SDPA
+    (contiguous cache; a bottom-right boolean mask when causal, as torch's
+    ``is_causal`` is top-left for Nq != Nk) one library after the other,
+    pausing between them so that no thread pool is still spinning."""
+    import numbattn
+
+    from .reference import attention as ref_attention
+
+    q, k, v = _decode_inputs(c)
+    lengths = np.full(c.b, c.nk)
+    if c.paged:
+        kc, vc, table = _paged_from(k, v, c.paged)
+
+        def call():
+            return numbattn.paged_attention(q, kc, vc, table, lengths, causal=c.causal)
+    else:
+
+        def call():
+            return numbattn.attention(q, k, v, causal=c.causal)
+
+    out = call()
+    ref, _ = ref_attention(q, k, v, causal=c.causal)
+    err = rel_err(out, ref)
+    ok = bool(err <= RTOL["float32"])
+    del ref
+    opts.progress(f"check {'ok' if ok else 'FAILED'} (rel. err {err:.2e})")
+    time.sleep(0.2)
+    tm = repeat_timed(
+        lambda: CpuBackend().timed(call),
+        min_time=opts.min_time,
+        min_repeat=opts.min_repeat,
+        max_repeat=opts.max_repeat,
+    )
+    gbs = c.kv_bytes() / tm.median / 1e9
+    rec: dict[str, Any] = {
+        "case": c.label,
+        "shape": [c.b, c.h, c.hk, c.nq, c.nk, c.d],
+        "causal": c.causal,
+        "paged": c.paged,
+        "check": {"ok": ok, "rel_err": err, "tol": RTOL["float32"]},
+        "median_s": tm.median,
+        "kv_gbs": gbs,
+        "kv_fraction_of_stream": gbs / bandwidth if bandwidth > 0 else None,
+        "torch_s": None,
+        "vs_torch": None,
+    }
+    opts.progress(f"numbattn {fmt_time(tm.median)} (K+V {gbs:.1f} GB/s)")
+    if torch is not None and opts.baselines:
+        import torch.nn.functional as F
+
+        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+        mask = None
+        if c.causal:
+            from .reference import visible
+
+            mask = torch.from_numpy(visible(c.nq, c.nk, causal=True))
+
+        def tcall():
+            return F.scaled_dot_product_attention(
+                tq, tk, tv, attn_mask=mask, enable_gqa=c.h != c.hk
+            )
+
+        tcall()
+        time.sleep(0.2)
+        tcall()
+        tt = repeat_timed(
+            lambda: CpuBackend().timed(tcall),
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+        rec["torch_s"] = tt.median
+        rec["vs_torch"] = tt.median / tm.median
+        opts.progress(f"torch {fmt_time(tt.median)}")
+        time.sleep(0.2)
+    return rec
+
+
+def decode_table(records: list[dict], bandwidth: float, threads: int) -> str:
+    """Plain-text decode table and the derived ratios (GQA vs MHA, paged vs
+    contiguous) where those cases ran."""
+    head = ["case", "numbattn", "torch", "vs torch", "K+V GB/s", "of stream", "check"]
+    rows = [head]
+    for r in records:
+        frac = r["kv_fraction_of_stream"]
+        rows.append(
+            [
+                r["case"],
+                fmt_time(r["median_s"]),
+                fmt_time(r["torch_s"]),
+                _ratio(r["vs_torch"]),
+                f"{r['kv_gbs']:.1f}",
+                "-" if frac is None else f"{frac:.0%}",
+                "ok" if r["check"]["ok"] else f"FAIL {r['check']['rel_err']:.1e}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"streaming read bandwidth ({threads} threads, same run): {bandwidth:.1f} GB/s"]
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    by = {tuple(r["shape"]) + (r["causal"], r["paged"]): r["median_s"] for r in records}
+    for key, t in by.items():
+        b, h, hk, nq, nk, d, causal, paged = key
+        if paged:
+            base = by.get((b, h, hk, nq, nk, d, causal, None))
+            if base:
+                lines.append(f"paged (block {paged}) / contiguous: {t / base:.2f}x")
+        elif hk != h:
+            base = by.get((b, hk, hk, nq, nk, d, causal, None))
+            if base:
+                lines.append(f"GQA {h}/{hk} heads / MHA {hk} heads: {t / base:.2f}x")
+    return "\n".join(lines)

@@ -19,7 +19,7 @@ CPU_KEY_TILE = 128
 #: head together, split over keys); longer ones the tiled kernel above.
 CPU_STREAM_ROWS = 16
 #: Keys per online-softmax step of the streaming kernel.
-CPU_STREAM_KEY_TILE = 64
+CPU_STREAM_KEY_TILE = 256
 #: ``num_splits=None`` never makes a key chunk shorter than this.
 CPU_MIN_SPLIT_KEYS = 512
 

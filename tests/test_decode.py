@@ -275,7 +275,11 @@ def _paged_args(rng):
     "change, exc, match",
     [
         (lambda a: a.update(block_table=a["block_table"].astype(np.int64)), TypeError, "int32"),
-        (lambda a: a.update(block_table=a["block_table"][:1]), ValueError, "block_table must have shape"),
+        (
+            lambda a: a.update(block_table=a["block_table"][:1]),
+            ValueError,
+            "block_table must have shape",
+        ),
         (lambda a: a.update(block_table=a["block_table"][:, :1]), ValueError, "too few blocks"),
         (lambda a: a["block_table"].__setitem__((0, 2), 999), ValueError, r"block_table\[0, 2\]"),
         (lambda a: a["block_table"].__setitem__((1, 0), -1), ValueError, r"block_table\[1, 0\]"),
@@ -312,3 +316,12 @@ def test_num_splits_bad(rng, bad, exc):
     with pytest.raises(exc, match="num_splits"):
         numbattn.varlen_attention(q[0].swapaxes(0, 1), k[0].swapaxes(0, 1),
                                   v[0].swapaxes(0, 1), cu, np.array([0, 8]), num_splits=bad)  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_splits_with_diagonal(rng, tiny_stream, splits):
+    """The ALIGN column (diagonal=) reaches the streaming kernel."""
+    q, k, v = _qkv(rng, 2, 4, 2, 3, 29, 8, F32)
+    for diagonal in (0, 5, np.array([-1, 30])):
+        _check(q, k, v, F32, f"diagonal={diagonal}", num_splits=splits, causal=True,
+               diagonal=diagonal, window=(4, 0))  # fmt: skip

@@ -131,6 +131,7 @@ class DecodeArgs(NamedTuple):
     left: Int
     right: Int
     num_splits: Int
+    heads_per_item: Int
     q_tile: Int
     k_tile: Int
     n_threads: Int

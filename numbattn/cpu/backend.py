@@ -289,6 +289,27 @@ def default_splits(batch, heads, group, max_rows, max_keys):
     return best
 
 
+def _heads_per_item(k, batch: int, per_sequence: int, rows_per_head: int) -> int:
+    """Key heads one work item of the streaming kernel covers. 1 when each
+    head's rows are contiguous (a (B, Hk, N, d) cache). With the heads
+    interleaved within each row (FlashAttention's (blocks, block_size, Hk,
+    d) paged layout, or (B, N, Hk, d)), one head's rows are 512-byte pieces
+    4 KiB apart and streaming them head by head runs at half speed, so a work
+    item takes as many heads of a row as the thread count allows (reading
+    whole rows), keeping at most 256 query rows of scratch."""
+    hk = k.shape[2]
+    if hk <= 1 or abs(k.strides[2]) >= abs(k.strides[1]):
+        return 1
+    threads = _threads()
+    for chunks in range(1, hk + 1):
+        if hk % chunks:
+            continue
+        hpi = hk // chunks
+        if batch * per_sequence * chunks >= threads and hpi * rows_per_head <= 256:
+            return hpi
+    return 1
+
+
 def decode_args(
     q,
     k,
@@ -318,6 +339,10 @@ def decode_args(
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         block_table = np.arange(q.shape[0], dtype=np.int32).reshape(-1, 1)
     group = q.shape[1] // k.shape[2] if k.shape[2] else 1
+    qt = _stream_rows(max_rows, group) if q_tile is None else q_tile
+    hpi = _heads_per_item(
+        k, q.shape[0], -(-int(max_rows) // max(1, qt)) * int(num_splits), group * qt
+    )
     return DecodeArgs(
         q=q,
         k=k,
@@ -336,7 +361,8 @@ def decode_args(
         left=int(window_left),
         right=int(window_right),
         num_splits=int(num_splits),
-        q_tile=_stream_rows(max_rows, group) if q_tile is None else q_tile,
+        heads_per_item=hpi,
+        q_tile=qt,
         k_tile=config.CPU_STREAM_KEY_TILE if k_tile is None else k_tile,
         n_threads=_threads(),
     )
@@ -361,10 +387,8 @@ def split_attention(
 ):
     from .kernels import decode_kernel
 
-    _call(
-        decode_kernel,
-        decode_args(
-            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
-            num_splits, block_table,
-        ),  # fmt: skip
-    )
+    args = decode_args(
+        q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+        num_splits, block_table,
+    )  # fmt: skip
+    _call(decode_kernel, args)

@@ -49,7 +49,7 @@ Design
   at 0: a loop from a runtime start index does not vectorise (Numba's
   negative-index wraparound), which cost 2x.
 * **Sequence table** (numbattn._sequences): attention and scores take the
-  (G1, G2, 5) table, ``max_rows``, bias / mask (with has_bias / has_mask
+  (G1, G2, 6) table, ``max_rows``, bias / mask (with has_bias / has_mask
   flags; dummies when absent, so one specialisation serves every call) and
   the window (left, right; causal is right = 0). The work grid is
   G1 x G2 x ceil(max_rows / q_tile); a tile past its sequence's Q_ROWS does
@@ -456,10 +456,11 @@ def _grid(g1, g2, max_rows, q_tile, n_threads):
 
 @njit(nogil=True, cache=True)
 def _query_tile(seq, w, g2, n_qt, qt):
-    """Work item w -> (a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m):
-    its batch element, sequence-table row (numbattn._sequences), and query
-    rows [i0, i1) of the sequence, the first m of which are real queries.
-    The item is empty when i0 >= q_rows."""
+    """Work item w -> (a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m):
+    its batch element, sequence-table row (numbattn._sequences; ``off`` is
+    the ALIGN column, the diagonal), and query rows [i0, i1) of the
+    sequence, the first m of which are real queries. The item is empty when
+    i0 >= q_rows."""
     a = w // (g2 * n_qt)
     b = (w // n_qt) % g2
     q_off = seq[a, b, 0]
@@ -467,10 +468,11 @@ def _query_tile(seq, w, g2, n_qt, qt):
     q_rows = seq[a, b, 2]
     k_off = seq[a, b, 3]
     k_len = seq[a, b, 4]
+    off = seq[a, b, 5]
     i0 = (w % n_qt) * qt
     i1 = min(i0 + qt, q_rows)
     m = max(0, min(i1, q_len) - i0)
-    return a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m
+    return a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m
 
 
 @njit(nogil=True, cache=True)
@@ -537,11 +539,11 @@ def _scores_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
+        a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
         if i0 >= q_rows:
             continue
         # The sequence owns columns k_off .. ncol - 1 of its rows.
-        lo, hi = _key_range(i0, i0 + m - 1, k_len - q_len, k_len, left, right)
+        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         if m == 0:
             lo = hi = 0
         for r in range(i1 - i0):
@@ -559,7 +561,6 @@ def _scores_impl(
                     out[a, b, i, j] = ninf
         if m == 0 or hi <= lo:
             continue
-        off = k_len - q_len
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
         t = get_thread_id()
@@ -694,7 +695,7 @@ def _attention_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
+        a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
         if i0 >= q_rows:
             continue
         for i in range(q_off + i0 + m, q_off + i1):  # padding rows
@@ -704,7 +705,6 @@ def _attention_impl(
                 lse[a, b, i] = ninf
         if m == 0:
             continue
-        off = k_len - q_len
         kb = b // group
         lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         mp = (m + _MR - 1) // _MR * _MR
@@ -850,8 +850,8 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
 
 
 @njit(**_HOPTS)
-def _scores_block(qs, nr, x, base, rs, kn, sr, d):
-    """sr[r, j] = qs[r] . row j for r < nr, j < kn, where row j is the d
+def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d):
+    """sr[r, c0 + j] = qs[r] . row j for r_lo <= r < r_hi, j < kn, where row j is the d
     values at byte offset base + j * rs of x (unit stride). Four keys at a
     time share the loads of a query row; one call per block of keys (calls
     are not inlined: a call per key would cost more than its dot product)."""
@@ -862,7 +862,7 @@ def _scores_block(qs, nr, x, base, rs, kn, sr, d):
         k1 = carray(_ptr_at(x, base + (jj + 1) * rs), d)
         k2 = carray(_ptr_at(x, base + (jj + 2) * rs), d)
         k3 = carray(_ptr_at(x, base + (jj + 3) * rs), d)
-        for r in range(nr):
+        for r in range(r_lo, r_hi):
             qr = qs[r]
             s0 = s1 = s2 = s3 = z
             for p in range(d):
@@ -871,25 +871,25 @@ def _scores_block(qs, nr, x, base, rs, kn, sr, d):
                 s1 += a * k1[p]
                 s2 += a * k2[p]
                 s3 += a * k3[p]
-            sr[r, jj] = s0
-            sr[r, jj + 1] = s1
-            sr[r, jj + 2] = s2
-            sr[r, jj + 3] = s3
+            sr[r, c0 + jj] = s0
+            sr[r, c0 + jj + 1] = s1
+            sr[r, c0 + jj + 2] = s2
+            sr[r, c0 + jj + 3] = s3
         jj += 4
     while jj < kn:
         k0 = carray(_ptr_at(x, base + jj * rs), d)
-        for r in range(nr):
+        for r in range(r_lo, r_hi):
             qr = qs[r]
             s0 = z
             for p in range(d):
                 s0 += qr[p] * k0[p]
-            sr[r, jj] = s0
+            sr[r, c0 + jj] = s0
         jj += 1
 
 
 @njit(**_HOPTS)
-def _pv_block(o, nr, x, base, rs, kn, sr, dv):
-    """o[r] += sum_j sr[r, j] * row j for r < nr, j < kn (rows as in
+def _pv_block(o, r_lo, r_hi, x, base, rs, kn, sr, c0, dv):
+    """o[r] += sum_j sr[r, c0 + j] * row j for r_lo <= r < r_hi, j < kn (rows as in
     :func:`_scores_block`); four value rows per pass over o[r]."""
     jj = 0
     while jj + 4 <= kn:
@@ -897,20 +897,20 @@ def _pv_block(o, nr, x, base, rs, kn, sr, dv):
         v1 = carray(_ptr_at(x, base + (jj + 1) * rs), dv)
         v2 = carray(_ptr_at(x, base + (jj + 2) * rs), dv)
         v3 = carray(_ptr_at(x, base + (jj + 3) * rs), dv)
-        for r in range(nr):
+        for r in range(r_lo, r_hi):
             orow = o[r]
-            a0 = sr[r, jj]
-            a1 = sr[r, jj + 1]
-            a2 = sr[r, jj + 2]
-            a3 = sr[r, jj + 3]
+            a0 = sr[r, c0 + jj]
+            a1 = sr[r, c0 + jj + 1]
+            a2 = sr[r, c0 + jj + 2]
+            a3 = sr[r, c0 + jj + 3]
             for c in range(dv):
                 orow[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c]
         jj += 4
     while jj < kn:
         v0 = carray(_ptr_at(x, base + jj * rs), dv)
-        for r in range(nr):
+        for r in range(r_lo, r_hi):
             orow = o[r]
-            a0 = sr[r, jj]
+            a0 = sr[r, c0 + jj]
             for c in range(dv):
                 orow[c] += a0 * v0[c]
         jj += 1
@@ -944,6 +944,7 @@ def _decode_impl(
     left,
     right,
     num_splits,
+    heads_per_item,
     q_tile,
     k_tile,
     n_threads,
@@ -966,10 +967,15 @@ def _decode_impl(
     qt = max(1, min(q_tile, max_rows))
     n_qt = (max_rows + qt - 1) // qt
     kt = max(1, k_tile)
-    n_items = g1 * hk * n_qt * ns
+    hpi = max(1, min(heads_per_item, hk))
+    n_hg = (hk + hpi - 1) // hpi
+    n_items = g1 * n_hg * n_qt * ns
     nthr = max(1, n_threads)
     chunk = (n_items + nthr - 1) // nthr
-    rmax = group * qt
+    rmax = hpi * group * qt
+    # Several heads per item (heads interleaved in each row): visit a few
+    # rows for all heads at a time, so that whole rows stay in L1.
+    seg_cap = 16 if hpi > 1 else kt
     qs_t = np.empty((nthr, rmax, d), dtype=dt)
     s_t = np.empty((nthr, rmax, kt), dtype=dt)
     keep_t = np.empty((nthr, rmax, kt), dtype=np.bool_)
@@ -992,24 +998,25 @@ def _decode_impl(
             continue
         s = w % ns
         qti = (w // ns) % n_qt
-        kh = (w // (ns * n_qt)) % hk
-        a = w // (ns * n_qt * hk)
-        h0 = kh * group
-        # The table is constant over the query heads of a key head (the API
-        # builds it constant over heads).
+        kh0 = ((w // (ns * n_qt)) % n_hg) * hpi
+        kh1 = min(hk, kh0 + hpi)
+        a = w // (ns * n_qt * n_hg)
+        h0 = kh0 * group
+        gm = 0  # rows per key head
+        # The table is constant over heads (the API builds it so).
         q_off = seq[a, h0, 0]
         q_len = seq[a, h0, 1]
         q_rows = seq[a, h0, 2]
         k_off = seq[a, h0, 3]
         k_len = seq[a, h0, 4]
-        off = k_len - q_len  # the diagonal offset (ALIGN column: seq[a, h0, 5])
+        off = seq[a, h0, 5]  # the diagonal offset (numbattn._sequences ALIGN)
         i0 = qti * qt
         i1 = min(i0 + qt, q_rows)
         if i0 >= q_rows:
             continue
         m = max(0, min(i1, q_len) - i0)
         if s == 0:  # padding rows, written once
-            for hh in range(h0, h0 + group):
+            for hh in range(h0, kh1 * group):
                 for i in range(q_off + i0 + m, q_off + i1):
                     for c in range(dv):
                         out[a, hh, i, c] = zero
@@ -1017,7 +1024,8 @@ def _decode_impl(
                         lse[a, hh, i] = ninf
         if m == 0:
             continue
-        nr = group * m
+        gm = group * m
+        nr = (kh1 - kh0) * gm
         t = get_thread_id()
         qs, sr, keep, o = _slot(qs_t, t), _slot(s_t, t), _slot(keep_t, t), _slot(o_t, t)
         mrow, lrow, rng = _slot(m_t, t), _slot(l_t, t), _slot(lo_t, t)
@@ -1036,19 +1044,27 @@ def _decode_impl(
                     qs[r, p] = q[a, hh, i, p]
         j0 = j_lo
         while j0 < j_hi:
-            p0 = k_off + j0
-            kn = min(kt, j_hi - j0, bs - p0 % bs)  # stay inside one cache block
-            blk = table[a, p0 // bs]
-            r0 = p0 % bs
+            # A block of kn keys, possibly spanning several cache blocks
+            # (pages): scores and P @ V run per contiguous segment.
+            kn = min(kt, j_hi - j0)
             # Scores: each K row is read once for all rows.
-            if k_unit:
-                kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
-                _scores_block(qs, nr, k, kbase, k.strides[1], kn, sr, d)
-            else:
-                for jj in range(kn):
-                    for p in range(d):
-                        kbuf[jj, p] = k[blk, r0 + jj, kh, p]
-                _scores_block(qs, nr, kbuf, 0, kbuf.strides[0], kn, sr, d)
+            jj = 0
+            while jj < kn:
+                p0 = k_off + j0 + jj
+                blk = table[a, p0 // bs]
+                r0 = p0 % bs
+                seg = min(kn - jj, bs - r0, seg_cap)
+                for kh in range(kh0, kh1):
+                    rl = (kh - kh0) * gm
+                    if k_unit:
+                        kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
+                        _scores_block(qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d)
+                    else:
+                        for jc in range(seg):
+                            for p in range(d):
+                                kbuf[jc, p] = k[blk, r0 + jc, kh, p]
+                        _scores_block(qs, rl, rl + gm, kbuf, 0, kbuf.strides[0], seg, sr, jj, d)
+                jj += seg
             # Online softmax per row over its visible columns [clo, chi).
             full = not (has_bias or has_mask)
             for r in range(nr):
@@ -1066,13 +1082,14 @@ def _decode_impl(
                 vis = srow[clo:chi]
                 if has_bias or has_mask:
                     qi = q_off + i
+                    kj = k_off + j0
                     hh = h0 + r // m
                     for jc in range(clo, chi):
                         x = srow[jc] * sc
                         if has_bias:
-                            bb = bias[a, hh, qi, p0 + jc]
+                            bb = bias[a, hh, qi, kj + jc]
                             x = ninf if bb == ninf else x + bb  # -inf bias masks
-                        if has_mask and not mask[a, hh, qi, p0 + jc]:
+                        if has_mask and not mask[a, hh, qi, kj + jc]:
                             x = ninf
                         srow[jc] = x
                         keep[r, jc] = x != ninf
@@ -1090,28 +1107,43 @@ def _decode_impl(
                 if alpha != dt(1.0):
                     _scale_row(o[r], dv, alpha)
             # P @ V: each V row read once for all rows.
-            if not v_unit:
-                for jj in range(kn):
-                    for c in range(dv):
-                        vbuf[jj, c] = v[blk, r0 + jj, kh, c]
             if full:  # every row sees every key of the block
-                if v_unit:
-                    vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
-                    _pv_block(o, nr, v, vbase, v.strides[1], kn, sr, dv)
-                else:
-                    _pv_block(o, nr, vbuf, 0, vbuf.strides[0], kn, sr, dv)
+                jj = 0
+                while jj < kn:
+                    p0 = k_off + j0 + jj
+                    blk = table[a, p0 // bs]
+                    r0 = p0 % bs
+                    seg = min(kn - jj, bs - r0, seg_cap)
+                    for kh in range(kh0, kh1):
+                        rl = (kh - kh0) * gm
+                        if v_unit:
+                            vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                            _pv_block(o, rl, rl + gm, v, vbase, v.strides[1], seg, sr, jj, dv)
+                        else:
+                            for jc in range(seg):
+                                for c in range(dv):
+                                    vbuf[jc, c] = v[blk, r0 + jc, kh, c]
+                            _pv_block(o, rl, rl + gm, vbuf, 0, vbuf.strides[0], seg, sr, jj, dv)
+                    jj += seg
             else:  # key by key, never touching a key a row cannot see
                 for jj in range(kn):
-                    if v_unit:
-                        vo = blk * v.strides[0] + (r0 + jj) * v.strides[1] + kh * v.strides[2]
-                        v0 = carray(_ptr_at(v, vo), dv)
-                    else:
-                        v0 = vbuf[jj]
-                    for r in range(nr):
-                        if rng[0, r] <= jj < rng[1, r]:
-                            if (has_bias or has_mask) and not keep[r, jj]:
-                                continue
-                            _axpy(o[r], v0, sr[r, jj], dv)
+                    p0 = k_off + j0 + jj
+                    blk = table[a, p0 // bs]
+                    r0 = p0 % bs
+                    for kh in range(kh0, kh1):
+                        rl = (kh - kh0) * gm
+                        if v_unit:
+                            vo = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                            v0 = carray(_ptr_at(v, vo), dv)
+                        else:
+                            for c in range(dv):
+                                vbuf[0, c] = v[blk, r0, kh, c]
+                            v0 = vbuf[0]
+                        for r in range(rl, rl + gm):
+                            if rng[0, r] <= jj < rng[1, r]:
+                                if (has_bias or has_mask) and not keep[r, jj]:
+                                    continue
+                                _axpy(o[r], v0, sr[r, jj], dv)
             j0 += kn
         # This split's rows: final (one split) or partial results.
         for r in range(nr):

@@ -32,8 +32,8 @@ Streaming kernel (:func:`make_decode`)
     lane holds the same scores and runs the same online softmax (row max
     ``m``, sum ``l``); each lane accumulates its own output columns.
 
-    Keys: the block's rows see keys [lo, hi) (lengths, causal, window:
-    bottom-right per sequence through the offset ``off``); split ``s`` of
+    Keys: the block's rows see keys [lo, hi) (lengths, causal, window,
+    aligned per sequence by the table's ALIGN column); split ``s`` of
     ``n_split`` takes the s-th of ``n_split`` equal chunks of [lo, hi), so
     splits balance whatever the lengths, and the teams of the block take
     the chunk's keys in turn, KB at a time (the trip count is block-uniform:
@@ -194,12 +194,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False):
         k_off = seq[b1, h0, 3]
         k_len = seq[b1, h0, 4]
         hk = h0 // group
-        # The diagonal offset: query i is aligned with key i + off. The
-        # table's ALIGN column (numbattn._sequences, 6 columns) when it has
-        # one, else bottom-right (5-column tables).
-        off = k_len - q_len
-        if seq.shape[2] > 5:
-            off = seq[b1, h0, 5]
+        off = seq[b1, h0, 5]  # ALIGN: query i is aligned with key i + off
         tid = cuda.threadIdx.x
         lane = tid % WL
         team = tid // WL
