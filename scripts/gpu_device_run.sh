@@ -42,8 +42,10 @@ step_timings() {
 step_tests() {
   # The whole output goes to its own file as it happens (a run cut short by
   # the time limit keeps it); the log gets failures and the slowest tests.
+  # (tests/gpu/test_cuda_decode.py has its own step, decodetests.)
   gpu && timeout "${TESTS_TIMEOUT:-200}" $PY -m pytest tests/gpu tests/test_gpu_report.py -q -rf \
-    -p no:cacheprovider --durations=8 2>&1 | tee "$O/tests.log" | tail -40
+    --ignore=tests/gpu/test_cuda_decode.py -p no:cacheprovider --durations=8 2>&1 |
+    tee "$O/tests.log" | tail -40
 }
 sanitize() {
   if gpu && have compute-sanitizer; then
@@ -70,7 +72,8 @@ step_ncu() {
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
 step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_decodetests() {  # the streaming split-K kernel's tests, hardware paths included
-  gpu && timeout 240 $PY -m pytest tests/gpu/test_cuda_decode.py -x -q -p no:cacheprovider --durations=5 2>&1 | tail -30
+  gpu && timeout "${DECODETESTS_TIMEOUT:-240}" $PY -m pytest tests/gpu/test_cuda_decode.py -q -rf \
+    -p no:cacheprovider --durations=5 2>&1 | tee "$O/decodetests.log" | tail -30
 }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
 step_report() { timeout 100 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }

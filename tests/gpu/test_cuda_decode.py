@@ -26,6 +26,7 @@ cuda = pytest.importorskip("numba.cuda")
 
 # The existing tests, collected again here under the streaming fixture below.
 from tests.gpu import test_cuda_api as _api  # noqa: E402
+from tests.gpu import test_cuda_diagonal as _diag  # noqa: E402
 from tests.gpu import test_cuda_options as _opt  # noqa: E402
 from tests.gpu import test_cuda_semantics as _sem  # noqa: E402
 
@@ -37,6 +38,7 @@ test_window_streaming = _opt.test_window
 test_gqa_streaming = _opt.test_gqa
 test_huge_windows_streaming = _sem.test_huge_windows
 test_masked_keys_streaming = _sem.test_masked_keys_are_never_read
+test_diagonal_streaming = _diag.test_matches_reference
 
 #: numbattn.config's shipped values of the streaming kernel's knobs (read at
 #: import, before any fixture patches them).
