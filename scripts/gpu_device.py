@@ -399,6 +399,14 @@ def cmd_decode(args) -> None:
             f"{shape} MHA num_splits=1", dtype, q, k, v, None, None, None, H,
             lambda out: numbattn.attention(q, k, v, out=out, num_splits=1), {}, kv_bytes,
         )  # fmt: skip
+        # The other register budget: 8 keys a warp step (166 registers, 3 blocks/SM).
+        keys = numbattn.config.CUDA_DECODE_KEYS
+        numbattn.config.CUDA_DECODE_KEYS = 2 * keys
+        run_case(
+            f"{shape} MHA CUDA_DECODE_KEYS={2 * keys}", dtype, q, k, v, None, None, None, H,
+            lambda out: numbattn.attention(q, k, v, out=out), {}, kv_bytes,
+        )  # fmt: skip
+        numbattn.config.CUDA_DECODE_KEYS = keys
         # GQA: 32 query heads over 8 KV heads, against the 8-head MHA decode.
         hk = H // 4
         k8, v8 = k[:, :hk], v[:, :hk]
