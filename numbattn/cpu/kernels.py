@@ -851,18 +851,47 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
 
 @njit(**_HOPTS)
 def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d):
-    """sr[r, c0 + j] = qs[r] . row j for r_lo <= r < r_hi, j < kn, where row j is the d
-    values at byte offset base + j * rs of x (unit stride). Four keys at a
-    time share the loads of a query row; one call per block of keys (calls
-    are not inlined: a call per key would cost more than its dot product)."""
+    """sr[r, c0 + j] = qs[r] . row j for r_lo <= r < r_hi, j < kn, where row j
+    is the d values at byte offset base + j * rs of x (unit stride). Two
+    query rows x four keys per pass (8 dot products sharing their loads); one
+    call per block of keys (calls are not inlined: a call per key would cost
+    more than its dot product)."""
     z = sr.dtype.type(0.0)
+    r_pair = r_lo + (r_hi - r_lo) // 2 * 2
     jj = 0
     while jj + 4 <= kn:
         k0 = carray(_ptr_at(x, base + jj * rs), d)
         k1 = carray(_ptr_at(x, base + (jj + 1) * rs), d)
         k2 = carray(_ptr_at(x, base + (jj + 2) * rs), d)
         k3 = carray(_ptr_at(x, base + (jj + 3) * rs), d)
-        for r in range(r_lo, r_hi):
+        for r in range(r_lo, r_pair, 2):
+            qa = qs[r]
+            qb = qs[r + 1]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z
+            for p in range(d):
+                x0 = k0[p]
+                x1 = k1[p]
+                x2 = k2[p]
+                x3 = k3[p]
+                u = qa[p]
+                w = qb[p]
+                a0 += u * x0
+                a1 += u * x1
+                a2 += u * x2
+                a3 += u * x3
+                b0 += w * x0
+                b1 += w * x1
+                b2 += w * x2
+                b3 += w * x3
+            sr[r, c0 + jj] = a0
+            sr[r, c0 + jj + 1] = a1
+            sr[r, c0 + jj + 2] = a2
+            sr[r, c0 + jj + 3] = a3
+            sr[r + 1, c0 + jj] = b0
+            sr[r + 1, c0 + jj + 1] = b1
+            sr[r + 1, c0 + jj + 2] = b2
+            sr[r + 1, c0 + jj + 3] = b3
+        for r in range(r_pair, r_hi):
             qr = qs[r]
             s0 = s1 = s2 = s3 = z
             for p in range(d):
@@ -889,8 +918,10 @@ def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d):
 
 @njit(**_HOPTS)
 def _pv_block(o, r_lo, r_hi, x, base, rs, kn, sr, c0, dv):
-    """o[r] += sum_j sr[r, c0 + j] * row j for r_lo <= r < r_hi, j < kn (rows as in
-    :func:`_scores_block`); four value rows per pass over o[r]."""
+    """o[r] += sum_j sr[r, c0 + j] * row j for r_lo <= r < r_hi, j < kn (rows
+    as in :func:`_scores_block`); four value rows per pass over o[r] (one
+    output row per loop: with more, LLVM gives up its runtime alias checks
+    and the loop is not vectorised)."""
     jj = 0
     while jj + 4 <= kn:
         v0 = carray(_ptr_at(x, base + jj * rs), dv)
