@@ -92,3 +92,26 @@ CUDA_BWD_ROW_TILE_F64 = 16
 CUDA_BWD_COL_TILE_F64 = 16
 CUDA_BWD_ROWS_PER_THREAD_F64 = 2
 CUDA_BWD_COLS_PER_THREAD_F64 = 2
+# Streaming split-K attention for few queries (numbattn/cuda/decode.py, issue 11).
+# A block is CUDA_DECODE_TEAMS teams of CUDA_DECODE_LANES lanes (a lane per
+# head dimension modulo the team width); it owns CUDA_DECODE_ROWS rows
+# (query heads of one KV head x queries) and a team takes
+# CUDA_DECODE_KEYS[_F64] keys per step.
+#: ``attention`` runs the streaming kernel when (query heads per KV head) x
+#: (longest query count) is at most this; larger calls the fused kernel.
+CUDA_STREAM_ROWS = 16
+#: Lanes per team (a power of two <= 32: the lanes of one warp on a GPU).
+CUDA_DECODE_LANES = 32
+#: Teams (warps) per block.
+CUDA_DECODE_TEAMS = 4
+#: Rows (query head x query pairs) per block, at most (a call with fewer rows
+#: per KV head uses the next power of two above them).
+CUDA_DECODE_ROWS = 4
+#: Keys per team and step, float32 / float64 (more loads in flight, more
+#: registers: 4 keys give 126 registers, 4 blocks of 128 threads per SM, on cc 9.0).
+CUDA_DECODE_KEYS = 4
+CUDA_DECODE_KEYS_F64 = 2
+#: ``num_splits=None`` never makes a key chunk shorter than this.
+CUDA_MIN_SPLIT_KEYS = 256
+#: Threads per block of the kernel merging the splits (over value columns).
+CUDA_SPLIT_MERGE_THREADS = 128

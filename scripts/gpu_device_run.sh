@@ -23,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings backward torch tests memcheck ncu varlen decode hostprof racecheck synccheck report}
+STEPS=${STEPS:-env timings backward decode torch tests decodetests memcheck ncu varlen hostprof racecheck synccheck report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -44,8 +44,10 @@ step_timings() {
 step_tests() {
   # The whole output goes to its own file as it happens (a run cut short by
   # the time limit keeps it); the log gets failures and the slowest tests.
+  # (tests/gpu/test_cuda_decode.py has its own step, decodetests.)
   gpu && timeout "${TESTS_TIMEOUT:-200}" $PY -m pytest tests/gpu tests/test_gpu_report.py -q -rf \
-    -p no:cacheprovider --durations=8 2>&1 | tee "$O/tests.log" | tail -40
+    --ignore=tests/gpu/test_cuda_decode.py -p no:cacheprovider --durations=8 2>&1 |
+    tee "$O/tests.log" | tail -40
 }
 sanitize() {  # tool, time limit[, gpu_device.py command]
   local what=${3:-sanitize}
@@ -74,10 +76,14 @@ step_ncu() {
 }
 step_backward() { timeout "$(gpu && echo 150 || echo 1200)" $PY scripts/gpu_device.py backward "${T[@]}"; }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
-step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decodetests() {  # the streaming split-K kernel's tests, hardware paths included
+  gpu && timeout "${DECODETESTS_TIMEOUT:-240}" $PY -m pytest tests/gpu/test_cuda_decode.py -q -rf \
+    -p no:cacheprovider --durations=5 2>&1 | tee "$O/decodetests.log" | tail -30
+}
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
 step_torch() { timeout 90 $PY scripts/gpu_device.py torch "${T[@]}"; }
-step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
+step_report() { timeout 100 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
 {
   for s in $STEPS; do
