@@ -28,12 +28,27 @@ class _ArrayInterfaceView:
         }
 
 
+def _numba_device_array(obj: object) -> bool:
+    module = type(obj).__module__
+    return module.startswith(("numba.cuda", "numba_cuda")) and hasattr(obj, "strides")
+
+
 def device_interface(obj: object) -> dict[str, Any] | None:
-    """The ``__cuda_array_interface__`` of ``obj``, or None for host objects."""
+    """The ``__cuda_array_interface__`` of ``obj``, or None for host objects.
+
+    Numba's device arrays report ``strides: None`` (C-contiguous) whenever
+    they are contiguous *ignoring zero-stride axes* (numba-cuda 0.30's
+    ``is_contiguous``), so a broadcast view such as ``(2, 2, 2, 1)`` with
+    strides ``(8, 4, 0, 0)`` would be read as a dense array (found on an
+    H200: wrong scores, stray reads). Their real strides are used instead.
+    """
     try:
-        return obj.__cuda_array_interface__  # type: ignore[attr-defined]
+        cai = obj.__cuda_array_interface__  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError, TypeError):
         return None
+    if cai.get("strides") is None and _numba_device_array(obj):
+        cai = dict(cai, strides=tuple(int(s) for s in obj.strides))  # type: ignore[attr-defined]
+    return cai
 
 
 def interface_shadow(cai: dict[str, Any]) -> np.ndarray:

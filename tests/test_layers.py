@@ -92,3 +92,32 @@ def test_shared_layers_import_no_backend():
             continue
         bad = {m for m in _reach(graph, leaf) if m.startswith(("numbattn.cpu", "numbattn.cuda"))}
         assert not bad, f"{leaf} reaches into {sorted(bad)}"
+
+
+def test_numba_device_array_interface_keeps_zero_strides():
+    """numba-cuda's DeviceNDArray reports strides None (C-contiguous) for a
+    broadcast view that is contiguous once its zero-stride axes are ignored;
+    numbattn's shadow must use the real strides (a hardware-only bug: the
+    simulator's arrays get their interface from numbattn)."""
+    from numbattn._interop import device_interface, interface_shadow
+
+    reported = {"shape": (2, 2, 2, 1), "strides": None, "typestr": "<f4", "data": (4096, False)}
+
+    class DeviceNDArray:  # what numba-cuda 0.30 reports for such a view
+        __module__ = "numba.cuda.cudadrv.devicearray"
+        shape, strides = (2, 2, 2, 1), (8, 4, 0, 0)
+
+        @property
+        def __cuda_array_interface__(self):
+            return dict(reported, version=3)
+
+    cai = device_interface(DeviceNDArray())
+    assert cai["strides"] == (8, 4, 0, 0)
+    assert interface_shadow(cai).strides == (8, 4, 0, 0)
+
+    class Foreign:  # other libraries' contiguous arrays keep strides None
+        @property
+        def __cuda_array_interface__(self):
+            return dict(reported, shape=(2, 2), version=3)
+
+    assert device_interface(Foreign())["strides"] is None

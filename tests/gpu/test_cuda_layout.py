@@ -245,3 +245,24 @@ def test_softmax_and_merge_any_layout(lead, n, data):
     )
     assert_close(got["out"], ref_out, dtype, "merged out")
     assert_close(got["lse"], ref_lse, dtype, "merged lse")
+
+
+def test_zero_stride_views_keep_their_strides():
+    """A broadcast device view (zero strides on axes of size > 1) is read with
+    its own strides: on an H200, numba-cuda's interface called such a view
+    C-contiguous and the scores and attention were wrong."""
+    from numbattn.cuda import backend
+
+    rng = np.random.default_rng(84)
+    q = randn(rng, (2, 2, 1, 3), np.float32)
+    k1 = randn(rng, (2, 2, 1, 3), np.float32)
+    k = np.broadcast_to(k1, (2, 2, 5, 3))
+    dk = backend.view_at(dev(k1), 0, k.shape, k.strides)
+    assert numbattn._interop.device_interface(dk)["strides"] == k.strides
+    s = dev(poisoned((2, 2, 1, 5), np.float32))
+    numbattn.scores(dev(q), dk, out=s)
+    assert_close(host(s), reference.scores(q, k), np.float32, "scores")
+    check_attention(np.float32, q, k, k)
+    out = dev(poisoned((2, 2, 1, 3), np.float32))
+    numbattn.attention(dev(q), dk, dk, out=out)
+    assert_close(host(out), reference.attention(q, k, k)[0], np.float32, "out")
