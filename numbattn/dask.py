@@ -374,6 +374,14 @@ def attention(
     if split < 2:
         raise ValueError(f"split_every must be >= 2, got {split}")
 
+    threads = dask.config.get(THREADS_KEY, None)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1
+    ):
+        raise ValueError(
+            f"dask config {THREADS_KEY!r} must be a positive integer or None, got {threads!r}"
+        )
+
     # The in-memory API's checks, on shadows (no data, nothing computed).
     shadows = {name: _shadow(name, x) for name, x in named.items()}
     sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
@@ -425,15 +433,12 @@ def attention(
         q, k, v, *(o[0] for o in opts.values()), sorted(opts), scale, causal, window,
         None if key_lengths is None else np.asarray(key_lengths),
         None if query_lengths is None else np.asarray(query_lengths),
-        split, return_lse,
+        split, return_lse, threads,
     )  # fmt: skip
     pair_name = f"attention-pair-{token}"
     merge_name = f"attention-merge-{token}"
     out_name = f"attention-out-{token}"
     lse_name = f"attention-lse-{token}"
-    threads = dask.config.get(THREADS_KEY, None)
-    if threads is not None:
-        threads = int(threads)
     dt = str(np.dtype(dtype))
 
     dsk: dict[Any, Any] = {}

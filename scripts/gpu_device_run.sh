@@ -21,7 +21,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings tests memcheck ncu varlen decode hostprof racecheck synccheck report}
+STEPS=${STEPS:-env timings tests memcheck ncu varlen decode hostprof racecheck synccheck dask report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -67,6 +67,7 @@ step_ncu() {
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
 step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
+step_dask() { timeout 90 $PY scripts/gpu_device.py dask "${T[@]}"; }
 step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
 {

@@ -333,6 +333,16 @@ def test_threads_per_task(rng, monkeypatch):
     assert numba.get_num_threads() == before
 
 
+def test_threads_config_is_checked(rng):
+    q = da.from_array(randn(rng, (1, 1, 4, 3), np.float64))
+    for bad in (0, "2", True):
+        with (
+            dask.config.set({nd.THREADS_KEY: bad}),
+            pytest.raises(ValueError, match=re.escape(nd.THREADS_KEY)),
+        ):
+            nd.attention(q, q, q)
+
+
 def test_concurrent_tasks_on_the_threaded_scheduler(rng):
     """Two worker threads launching parallel kernels at once (threads_per_worker > 1):
     the threading layer in use must be thread-safe (numbattn serialises workqueue)."""
