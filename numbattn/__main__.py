@@ -185,7 +185,9 @@ def cmd_bench_dask(args) -> int:
         print(json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default))
     else:
         print(D.table(doc))
-    bad = [r for r in doc["results"] if not r["rel_error_vs_in_memory"] <= 1e-5]
+    from ._bench import RTOL
+
+    bad = [r for r in doc["results"] if not r["rel_error_vs_in_memory"] <= RTOL[doc["dtype"]]]
     return 1 if bad else 0
 
 

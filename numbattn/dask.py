@@ -381,6 +381,7 @@ def attention(
         raise ValueError(
             f"dask config {THREADS_KEY!r} must be a positive integer or None, got {threads!r}"
         )
+    threads = None if threads is None else int(threads)
 
     # The in-memory API's checks, on shadows (no data, nothing computed).
     shadows = {name: _shadow(name, x) for name, x in named.items()}
