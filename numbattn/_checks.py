@@ -209,6 +209,31 @@ def check_lengths(name: str, obj: Any, batch: int, limit: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+#: Largest |diagonal|: keeps i + diagonal +- window inside int64 in the kernels.
+DIAGONAL_LIMIT = 2**60
+
+
+def check_diagonal(obj: Any, batch: int | None) -> np.ndarray:
+    """The causal/window alignment: an integer, or integers of shape (batch,),
+    within +-DIAGONAL_LIMIT; returned as int64 of shape () or (batch,)."""
+    if isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_)):
+        values = np.asarray([int(obj)], dtype=object)
+        shape: tuple[int, ...] = ()
+    else:
+        arr = _host_integers("diagonal", obj, f"of shape ({batch},), or an int")
+        if batch is None or arr.shape != (batch,):
+            want = "an int (q has no batch dimension)" if batch is None else f"shape ({batch},)"
+            raise ValueError(
+                f"diagonal must be an int or have {want} (one per batch element), got shape {arr.shape}"
+            )
+        values, shape = arr.astype(object), arr.shape
+    if values.size:
+        bad = [int(x) for x in values if abs(int(x)) > DIAGONAL_LIMIT]
+        if bad:
+            raise ValueError(f"diagonal must lie within +-2**60, got {bad[0]}")
+    return np.asarray(values, dtype=np.int64).reshape(shape)
+
+
 def check_cu_seqlens(name: str, obj: Any, total: int, ref: str) -> np.ndarray:
     """FlashAttention's cumulative lengths: int32/int64, 0 first, non-decreasing, ``total`` last."""
     arr = _host_integers(name, obj, "of shape (B + 1,)")

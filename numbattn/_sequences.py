@@ -1,7 +1,7 @@
 """The sequence table: how the API tells a kernel which rows and keys exist.
 
 Every attention and scores kernel (both backends) receives, besides its
-(G1, G2, ...) arrays, an int64 table ``seq`` of shape (G1, G2, 5) (usually a
+(G1, G2, ...) arrays, an int64 table ``seq`` of shape (G1, G2, 6) (usually a
 broadcast view with zero strides) and an int ``max_rows``. For batch element
 (a, h) the columns are::
 
@@ -11,11 +11,15 @@ broadcast view with zero strides) and an int ``max_rows``. For batch element
                        out and -inf in lse (scores: -inf everywhere)
     seq[a, h, K_OFF]   first key row in k[a, h // group] / v[a, h // group]
     seq[a, h, K_LEN]   keys of the sequence (K_OFF .. K_OFF + K_LEN - 1)
+    seq[a, h, ALIGN]   the diagonal ``off``: query i is aligned with key
+                       i + off (default K_LEN - Q_LEN, bottom-right; the
+                       ``diagonal`` keyword sets it, e.g. for a block of a
+                       larger problem)
 
 ``max_rows`` is the largest Q_ROWS (the kernel's query-tile grid size).
 
-Within a sequence, with local indices i < Q_LEN and j < K_LEN and the
-bottom-right offset ``off = K_LEN - Q_LEN``, key j is visible to query i when
+Within a sequence, with local indices i < Q_LEN and j < K_LEN and
+``off = seq[a, h, ALIGN]``, key j is visible to query i when
 
     (left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right)
     and (no mask or mask[a, h, Q_OFF + i, K_OFF + j])
@@ -35,17 +39,18 @@ from __future__ import annotations
 
 import numpy as np
 
-Q_OFF, Q_LEN, Q_ROWS, K_OFF, K_LEN = range(5)
-COLUMNS = 5
+Q_OFF, Q_LEN, Q_ROWS, K_OFF, K_LEN, ALIGN = range(6)
+COLUMNS = 6
 
 
-def dense_table(nq: int, nk: int) -> np.ndarray:
-    """One row: a full (nq x nk) sequence at offset 0."""
-    return np.array([0, nq, nq, 0, nk], dtype=np.int64)
+def dense_table(nq: int, nk: int, diagonal: int | None = None) -> np.ndarray:
+    """One row: a full (nq x nk) sequence at offset 0 (bottom-right by default)."""
+    off = nk - nq if diagonal is None else diagonal
+    return np.array([0, nq, nq, 0, nk, off], dtype=np.int64)
 
 
 def broadcast(table: np.ndarray, leading: tuple[int, ...], axis0: bool) -> np.ndarray:
-    """View a (B, 5) table (or one (5,) row) as leading + (5,), zero strides elsewhere.
+    """View a (B, 6) table (or one (6,) row) as leading + (6,), zero strides elsewhere.
 
     ``axis0``: the table's rows index the first leading dimension.
     """

@@ -123,21 +123,44 @@ def _launch(
 def _window(window: Any, causal: bool, limit: int) -> tuple[int, int]:
     """Validated (left, right) with causal folded in (causal is right = 0).
 
-    A side >= ``limit`` (Nq + Nk, or Tq + Tk packed: more than any sequence's
-    q_len + k_len) excludes no key, so it becomes -1 (unbounded): kernels
-    only ever see small values, and their index arithmetic cannot overflow
-    whatever the caller passes (sys.maxsize, 2**64, ...).
+    A side >= ``limit`` (Nq + Nk plus the largest |diagonal|, or Tq + Tk
+    packed: more than any sequence's q_len + k_len + |off|) excludes no key,
+    so it becomes -1 (unbounded): kernels only ever see small values, and
+    their index arithmetic cannot overflow whatever the caller passes
+    (sys.maxsize, 2**64, ...).
     """
     left, right = (-1 if w >= limit else w for w in chk.check_window(window))
     return left, (0 if causal else right)
 
 
+def _diagonal(diagonal: Any, leading: tuple[int, ...]) -> tuple[np.ndarray | None, int]:
+    """Validated ``diagonal``: None, or int64 of shape () or (B,); and its largest |value|."""
+    if diagonal is None:
+        return None, 0
+    batch = leading[0] if leading else None
+    arr = chk.check_diagonal(_host_values(diagonal), batch)
+    return arr, int(np.abs(arr).max()) if arr.size else 0
+
+
 def _dense_table(
-    leading: tuple[int, ...], nq: int, nk: int, key_lengths: Any, query_lengths: Any
+    leading: tuple[int, ...],
+    nq: int,
+    nk: int,
+    key_lengths: Any,
+    query_lengths: Any,
+    diagonal: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Sequence table for dense attention, as leading + (5,) (a view)."""
-    if key_lengths is None and query_lengths is None:
-        return seqs.broadcast(seqs.dense_table(nq, nk), leading, axis0=False)
+    """Sequence table for dense attention, as leading + (6,) (a view).
+
+    ``diagonal``: None (bottom-right: K_LEN - Q_LEN per batch element), or
+    the validated int64 offsets, shape () or (B,)."""
+    per_batch = diagonal is not None and diagonal.ndim == 1
+    if key_lengths is None and query_lengths is None and not per_batch:
+        return seqs.broadcast(
+            seqs.dense_table(nq, nk, None if diagonal is None else int(diagonal)),
+            leading,
+            axis0=False,
+        )
     if not leading:
         raise ValueError(
             "key_lengths and query_lengths need a batch dimension: q must be (B, ..., Nq, d), "
@@ -155,6 +178,9 @@ def _dense_table(
         nk
         if key_lengths is None
         else chk.check_lengths("key_lengths", _host_values(key_lengths), b, nk)
+    )
+    table[:, seqs.ALIGN] = (
+        table[:, seqs.K_LEN] - table[:, seqs.Q_LEN] if diagonal is None else diagonal
     )
     return seqs.broadcast(table, leading, axis0=True)
 
@@ -202,6 +228,7 @@ def scores(
     bias: Array | None = None,
     mask: Array | None = None,
     window: tuple[int, int] | None = None,
+    diagonal: Any = None,
     out: Array | None = None,
     stream: Any = None,
 ) -> Array:
@@ -231,7 +258,17 @@ def scores(
     window : (int, int), optional
         ``(left, right)``: key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
-        Values of any size are accepted; a side >= Nq + Nk is unbounded.
+        Values of any size are accepted; a side >= Nq + Nk (plus |diagonal|)
+        is unbounded.
+    diagonal : int or integer array, shape (B,), optional
+        The alignment of causal and window: query i is aligned with key
+        ``i + diagonal`` (in the formulas above ``Nk - Nq`` becomes
+        ``diagonal``). Default ``Nk - Nq`` per batch element, with lengths
+        ``key_lengths[b] - query_lengths[b]`` (bottom-right); 0 is top-left
+        (torch's ``is_causal``). A block ``q[..., r0:r1, :]``,
+        ``k[..., c0:c1, :]`` of a larger problem computes its part of the
+        whole with ``diagonal = Nk - Nq + r0 - c0`` (numbattn.dask does).
+        Within +-2**60.
     out : array, shape (..., Nq, Nk), optional
         Buffer to write into (same dtype and device as the inputs, writeable,
         not overlapping them). Returned.
@@ -251,11 +288,12 @@ def scores(
     TypeError
         Non-array arguments, dtypes other than float32/float64, mixed dtypes,
         host and GPU arrays mixed, non-real ``scale``, non-bool ``causal``,
-        non-integer lengths, a non-bool mask, a malformed window.
+        non-integer lengths or diagonal, a non-bool mask, a malformed window.
     ValueError
         Wrong ndim, mismatched leading dimensions or d, ``out`` of the wrong
         shape, read-only or overlapping an input, non-finite ``scale``,
-        lengths out of range, bias or mask not broadcasting, window < -1.
+        lengths out of range, bias or mask not broadcasting, window < -1,
+        diagonal not of shape (B,) or beyond +-2**60.
     """
     shadows, on_device = _prepare({"q": q, "k": k, "bias": bias, "mask": mask, "out": out})
     sq, sk = shadows["q"], shadows["k"]
@@ -266,11 +304,12 @@ def scores(
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
     nq, nk = sq.shape[-2], sk.shape[-2]
-    left, right = _window(window, causal, nq + nk)
+    diag, reach = _diagonal(diagonal, leading)
+    left, right = _window(window, causal, nq + nk + reach)
     shape = leading + (nq, nk)
     inputs = {"q": sq, "k": sk}
     views = _check_options(shadows, dtype, shape, inputs)
-    table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths, diag)
     if out is not None:
         chk.check_output("out", shadows["out"], shape, dtype, inputs)
     backend = _backend(on_device)
@@ -373,6 +412,7 @@ def attention(
     bias: Array | None = None,
     mask: Array | None = None,
     window: tuple[int, int] | None = None,
+    diagonal: Any = None,
     out: Array | None = None,
     lse: Array | None = None,
     stream: Any = None,
@@ -412,7 +452,17 @@ def attention(
         ``(left, right)`` sliding window, FlashAttention's ``window_size``:
         key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
-        Values of any size are accepted; a side >= Nq + Nk is unbounded.
+        Values of any size are accepted; a side >= Nq + Nk (plus |diagonal|)
+        is unbounded.
+    diagonal : int or integer array, shape (B,), optional
+        The alignment of causal and window: query i is aligned with key
+        ``i + diagonal`` (in the formulas above ``Nk - Nq`` becomes
+        ``diagonal``). Default ``Nk - Nq`` per batch element, with lengths
+        ``key_lengths[b] - query_lengths[b]`` (bottom-right); 0 is top-left
+        (torch's ``is_causal``). A block ``q[..., r0:r1, :]``,
+        ``k[..., c0:c1, :]`` of a larger problem computes its part of the
+        whole with ``diagonal = Nk - Nq + r0 - c0`` (numbattn.dask does).
+        Within +-2**60.
     out : array, shape (..., Nq, dv), optional
         Buffer to write into; returned.
     lse : array, shape (..., Nq), optional
@@ -449,10 +499,11 @@ def attention(
     scale = chk.check_scale(scale, sq.shape[-1])
     causal = chk.check_flag("causal", causal)
     nq, nk = sq.shape[-2], sk.shape[-2]
-    left, right = _window(window, causal, nq + nk)
+    diag, reach = _diagonal(diagonal, leading)
+    left, right = _window(window, causal, nq + nk + reach)
     inputs = {"q": sq, "k": sk, "v": sv}
     views = _check_options(shadows, dtype, leading + (nq, nk), inputs)
-    table = _dense_table(leading, nq, nk, key_lengths, query_lengths)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths, diag)
     out_shape = leading + (nq, sv.shape[-1])
     _check_outputs(shadows, out, lse, out_shape, leading + (nq,), dtype, inputs)
     backend = _backend(on_device)
@@ -608,6 +659,7 @@ def varlen_attention(
     table[:, seqs.Q_LEN] = table[:, seqs.Q_ROWS] = np.diff(cu_q)
     table[:, seqs.K_OFF] = cu_k[:-1]
     table[:, seqs.K_LEN] = np.diff(cu_k)
+    table[:, seqs.ALIGN] = table[:, seqs.K_LEN] - table[:, seqs.Q_LEN]
     table4 = seqs.broadcast(table, (nseq, h), axis0=True)
 
     def per_sequence(obj: Any, shadow: Any) -> Any:

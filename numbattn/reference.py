@@ -6,7 +6,7 @@ float64 arrays.
 
 Visibility of key j to query i (0-based within one sequence of ``q_len``
 queries and ``k_len`` keys), with ``off = k_len - q_len`` (bottom-right
-alignment, as FlashAttention >= 2.1):
+alignment, as FlashAttention >= 2.1) unless ``diagonal`` gives ``off``:
 
 - ``i < q_len`` and ``j < k_len`` (lengths; rows past ``q_len`` see nothing);
 - causal: ``j <= i + off``;
@@ -15,8 +15,9 @@ alignment, as FlashAttention >= 2.1):
 - ``mask[..., i, j]`` True (when a mask is given);
 - ``bias[..., i, j]`` not -inf (a -inf bias masks, whatever the dot product).
 
-Window sides of any size are accepted: ``left >= k_len`` or ``right >=
-q_len`` excludes nothing (unbounded), so huge values never overflow.
+Window sides of any size are accepted: ``left >= q_len + |off|`` or
+``right >= k_len + |off|`` excludes nothing (unbounded), so huge values never
+overflow.
 
 Masked scores are -inf. A key whose score is -inf has weight exactly 0 and
 its value is never read: a NaN or inf in ``k`` or ``v`` at a key that a row
@@ -56,18 +57,20 @@ def visible(
     window: tuple[int, int] | None = None,
     q_len: int | None = None,
     k_len: int | None = None,
+    diagonal: int | None = None,
 ) -> np.ndarray:
-    """Boolean (nq, nk) array, True where key j is visible to query i."""
+    """Boolean (nq, nk) array, True where key j is visible to query i
+    (query i aligned with key ``i + diagonal``, default ``k_len - q_len``)."""
     q_len = nq if q_len is None else int(q_len)
     k_len = nk if k_len is None else int(k_len)
     left, right = (-1, -1) if window is None else (int(w) for w in window)
     if causal:
         right = 0 if right < 0 else min(right, 0)
-    # left >= k_len and right >= q_len exclude nothing: clamp so that huge
-    # values (sys.maxsize, 2**64) never reach int64 arithmetic.
-    left = min(left, k_len)
-    right = min(right, q_len)
-    off = k_len - q_len
+    off = k_len - q_len if diagonal is None else int(diagonal)
+    # left >= q_len + |off| and right >= k_len + |off| exclude nothing: clamp
+    # so that huge values (sys.maxsize, 2**64) never reach int64 arithmetic.
+    left = min(left, q_len + abs(off))
+    right = min(right, k_len + abs(off))
     i = np.arange(nq)[:, None]
     j = np.arange(nk)[None, :]
     vis = (i < q_len) & (j < k_len)
@@ -101,6 +104,7 @@ def scores(
     bias: ArrayLike | None = None,
     mask: ArrayLike | None = None,
     window: tuple[int, int] | None = None,
+    diagonal: ArrayLike | None = None,
 ) -> np.ndarray:
     """S[..., i, j] = scale * <q[..., i, :], k[..., j, :]> + bias, -inf where masked.
 
@@ -108,7 +112,9 @@ def scores(
     product is NaN or +inf.
 
     ``key_lengths`` and ``query_lengths`` have shape (B,) and apply along the
-    first leading dimension. ``k`` may have fewer heads (axis -3) than ``q``.
+    first leading dimension, as does ``diagonal`` (an int or shape (B,): query
+    i aligned with key ``i + diagonal``; default per batch element
+    ``k_len - q_len``). ``k`` may have fewer heads (axis -3) than ``q``.
     """
     q = np.asarray(q, dtype=np.float64)
     k = _repeat_heads(np.asarray(k, dtype=np.float64), q.shape[-3] if q.ndim >= 3 else None)
@@ -126,7 +132,10 @@ def scores(
     for b in range(batch):
         q_len = None if query_lengths is None else int(np.asarray(query_lengths)[b])
         k_len = None if key_lengths is None else int(np.asarray(key_lengths)[b])
-        rows = visible(nq, nk, causal=causal, window=window, q_len=q_len, k_len=k_len)
+        diag = None if diagonal is None else int(np.broadcast_to(diagonal, (batch,))[b])
+        rows = visible(
+            nq, nk, causal=causal, window=window, q_len=q_len, k_len=k_len, diagonal=diag
+        )
         if s.ndim > 2:
             vis[b] = rows
         else:

@@ -40,7 +40,10 @@ step_timings() {
   timeout 150 $PY scripts/gpu_device.py timings --out "$O" "${sh[@]}" "${T[@]}" 2>&1 | grep -v '^time {'
 }
 step_tests() {
-  gpu && timeout 180 $PY -m pytest tests/gpu tests/test_gpu_report.py -q -p no:cacheprovider --durations=5 2>&1 | tail -30
+  # The whole output goes to its own file as it happens (a run cut short by
+  # the time limit keeps it); the log gets failures and the slowest tests.
+  gpu && timeout "${TESTS_TIMEOUT:-200}" $PY -m pytest tests/gpu tests/test_gpu_report.py -q -rf \
+    -p no:cacheprovider --durations=8 2>&1 | tee "$O/tests.log" | tail -40
 }
 sanitize() {
   if gpu && have compute-sanitizer; then

@@ -49,7 +49,7 @@ Design
   at 0: a loop from a runtime start index does not vectorise (Numba's
   negative-index wraparound), which cost 2x.
 * **Sequence table** (numbattn._sequences): attention and scores take the
-  (G1, G2, 5) table, ``max_rows``, bias / mask (with has_bias / has_mask
+  (G1, G2, 6) table, ``max_rows``, bias / mask (with has_bias / has_mask
   flags; dummies when absent, so one specialisation serves every call) and
   the window (left, right; causal is right = 0). The work grid is
   G1 x G2 x ceil(max_rows / q_tile); a tile past its sequence's Q_ROWS does
@@ -456,10 +456,11 @@ def _grid(g1, g2, max_rows, q_tile, n_threads):
 
 @njit(nogil=True, cache=True)
 def _query_tile(seq, w, g2, n_qt, qt):
-    """Work item w -> (a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m):
-    its batch element, sequence-table row (numbattn._sequences), and query
-    rows [i0, i1) of the sequence, the first m of which are real queries.
-    The item is empty when i0 >= q_rows."""
+    """Work item w -> (a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m):
+    its batch element, sequence-table row (numbattn._sequences; ``off`` is
+    the ALIGN column, the diagonal), and query rows [i0, i1) of the
+    sequence, the first m of which are real queries. The item is empty when
+    i0 >= q_rows."""
     a = w // (g2 * n_qt)
     b = (w // n_qt) % g2
     q_off = seq[a, b, 0]
@@ -467,10 +468,11 @@ def _query_tile(seq, w, g2, n_qt, qt):
     q_rows = seq[a, b, 2]
     k_off = seq[a, b, 3]
     k_len = seq[a, b, 4]
+    off = seq[a, b, 5]
     i0 = (w % n_qt) * qt
     i1 = min(i0 + qt, q_rows)
     m = max(0, min(i1, q_len) - i0)
-    return a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m
+    return a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m
 
 
 @njit(nogil=True, cache=True)
@@ -537,11 +539,11 @@ def _scores_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
+        a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
         if i0 >= q_rows:
             continue
         # The sequence owns columns k_off .. ncol - 1 of its rows.
-        lo, hi = _key_range(i0, i0 + m - 1, k_len - q_len, k_len, left, right)
+        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         if m == 0:
             lo = hi = 0
         for r in range(i1 - i0):
@@ -559,7 +561,6 @@ def _scores_impl(
                     out[a, b, i, j] = ninf
         if m == 0 or hi <= lo:
             continue
-        off = k_len - q_len
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
         t = get_thread_id()
@@ -694,7 +695,7 @@ def _attention_impl(
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, q_len, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
+        a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
         if i0 >= q_rows:
             continue
         for i in range(q_off + i0 + m, q_off + i1):  # padding rows
@@ -704,7 +705,6 @@ def _attention_impl(
                 lse[a, b, i] = ninf
         if m == 0:
             continue
-        off = k_len - q_len
         kb = b // group
         lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
         mp = (m + _MR - 1) // _MR * _MR

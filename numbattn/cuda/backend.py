@@ -248,26 +248,58 @@ def empty(shape, dtype, like=None, stream=None):
     return arr, arr
 
 
-def index(arr, idx):
-    return arr[idx]
-
-
-def restride(arr, shape, strides):
-    """A view of ``arr`` (same first-element address) with the given shape and byte strides."""
-    shape, strides = tuple(shape), tuple(strides)
-    if tuple(arr.shape) == shape and tuple(arr.strides) == strides:
-        return arr
+def view_at(arr, offset: int, shape, strides):
+    """A view of ``arr``'s memory whose element 0 lies ``offset`` bytes from
+    ``arr``'s element 0, with the given shape and byte strides (any sign, 0
+    included). O(1): Numba's own ``DeviceNDArray.__getitem__`` lists every
+    contiguous extent of a non-contiguous result in Python, which took
+    seconds per call for a column slice of a (32, 32768, 128) KV cache on the
+    H200, and it refuses any slice of an empty array."""
+    shape, strides = tuple(int(n) for n in shape), tuple(int(s) for s in strides)
     if simulator():
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         host = arr._ary
-        view = np.lib.stride_tricks.as_strided(host, shape, strides, writeable=True)
-        return FakeCUDAArray(view, stream=arr.stream)
+        desc = {
+            "shape": shape,
+            "strides": strides,
+            "typestr": host.dtype.str,
+            "data": (host.__array_interface__["data"][0] + offset, False),
+            "version": 3,
+        }
+        return FakeCUDAArray(np.asarray(_HostView(desc, host)), stream=arr.stream)
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
     if math.prod(shape) == 0:
         return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream)
-    return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=arr.gpu_data)
+    data = arr.gpu_data if offset == 0 else arr.gpu_data.view(offset)
+    return DeviceNDArray(shape, strides, arr.dtype, stream=arr.stream, gpu_data=data)
+
+
+class _HostView:
+    """An ``__array_interface__`` that keeps the simulator's host buffer alive."""
+
+    def __init__(self, desc, owner):
+        self.__array_interface__ = desc
+        self._owner = owner
+
+
+def index(arr, idx):
+    """``arr[idx]`` for basic indices (integers, slices), in O(1) (see :func:`view_at`)."""
+    # Offsets, shape and strides from a NumPy array of the same geometry over
+    # one element: as_strided never reads it, and basic indexing only does
+    # pointer arithmetic.
+    probe = np.lib.stride_tricks.as_strided(np.empty(1, arr.dtype), arr.shape, arr.strides)
+    sub = probe[idx]
+    offset = sub.__array_interface__["data"][0] - probe.__array_interface__["data"][0]
+    return view_at(arr, offset, sub.shape, sub.strides)
+
+
+def restride(arr, shape, strides):
+    """A view of ``arr`` (same first-element address) with the given shape and byte strides."""
+    if tuple(arr.shape) == tuple(shape) and tuple(arr.strides) == tuple(strides):
+        return arr
+    return view_at(arr, 0, shape, strides)
 
 
 # --------------------------------------------------------------------------
@@ -625,7 +657,7 @@ _tables: dict = {}
 
 
 def _seq_table(seq, stream):
-    """Device view (G1, G2, 5) of the host int64 sequence table ``seq``.
+    """Device view (G1, G2, 6) of the host int64 sequence table ``seq``.
 
     Only the distinct rows are uploaded: a zero (or unit-extent) stride along
     G1 or G2 keeps one row there, and the device copy is re-strided with zero
@@ -776,8 +808,8 @@ def attention(
     for c0 in range(0, dv, dvc):
         c1 = min(dv, c0 + dvc)
         part = args._replace(
-            v=v[:, :, :, c0:c1],
-            out=out[:, :, :, c0:c1],
+            v=index(v, (Ellipsis, slice(c0, c1))),
+            out=index(out, (Ellipsis, slice(c0, c1))),
             write_lse=args.write_lse and c0 == 0,
         )
         _launch(kern, sig, grid, ty * tx, stream, part)

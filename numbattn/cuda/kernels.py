@@ -340,7 +340,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         uty = utid // uTX
         tx = int64(utx)
         ty = int64(uty)
-        offset = k_len - q_len
+        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
 
         # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
         # block constants, so the per-element test has no window branches.
@@ -865,7 +865,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         r = int64(ur)
         t2 = int64(t) * 2
         xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
-        offset = k_len - q_len
+        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
         lo_base = -BIG
         hi_base = BIG
         if wl >= 0:
@@ -1190,7 +1190,7 @@ def make_scores(dtype, T):
         hk = b2 // (g2n // k.shape[1])
         tx = cuda.threadIdx.x % T
         ty = cuda.threadIdx.x // T
-        offset = k_len - q_len
+        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
         i = i0 + ty
         j0 = jt * T - k_off  # local key of the tile's first column
         j = j0 + tx

@@ -28,7 +28,46 @@ def device_view(dbuf, buf, view):
     from numbattn.cuda import backend
 
     start = view.__array_interface__["data"][0] - buf.__array_interface__["data"][0]
-    return backend.restride(dbuf[start // buf.itemsize :], view.shape, view.strides)
+    return backend.view_at(dbuf, start, view.shape, view.strides)
+
+
+def address(arr):
+    """Address of element 0 of a device array (host memory on the simulator)."""
+    if hasattr(arr, "_ary"):  # the simulator's FakeCUDAArray
+        return arr._ary.__array_interface__["data"][0]
+    return arr.device_ctypes_pointer.value or 0
+
+
+@pytest.mark.parametrize(
+    "idx",
+    [
+        (1,),
+        (1, 2),
+        (slice(None, None, -1),),
+        (Ellipsis, slice(1, 3)),
+        (slice(None), slice(3, 0, -2), 0),
+        (0, slice(2, 2)),
+    ],
+)
+def test_index_is_numpy_basic_indexing(idx):
+    """backend.index (O(1), unlike Numba's __getitem__ on non-contiguous
+    results) gives NumPy's shape, strides and element-0 address, on a
+    transposed, negatively strided view too."""
+    from numbattn.cuda import backend
+
+    host_buf = np.arange(2 * 5 * 4 * 3, dtype=np.float32)
+    dbuf = dev(host_buf)
+    for view in (
+        host_buf.reshape(2, 5, 4, 3),
+        host_buf.reshape(5, 2, 3, 4).transpose(1, 0, 3, 2)[:, ::-1],
+    ):
+        darr = device_view(dbuf, host_buf, view)
+        want = view[idx]
+        got = backend.index(darr, idx)
+        assert (got.shape, got.strides) == (want.shape, want.strides)
+        if want.size:
+            offset = want.__array_interface__["data"][0] - host_buf.__array_interface__["data"][0]
+            assert address(got) == address(dbuf) + offset
 
 
 def check_attention(dtype, q, k, v, **kw):
