@@ -26,10 +26,11 @@ Alignment
 ---------
 Causal and window visibility are relative to a diagonal: query i sees key j
 when ``i + off - left <= j <= i + off + right`` with ``off = K_LEN - Q_LEN``
-(bottom-right). A pair whose query chunk starts at row ``q0`` and key chunk
-at key ``k0`` is the in-memory call on local indices with the diagonal
-``off + q0 - k0`` (per batch element when lengths are given) and lengths
-sliced to the pair: ``clip(Q_LEN - q0, 0, chunk rows)`` and the same for
+(bottom-right) or the caller's ``diagonal``. A pair whose query chunk
+starts at row ``q0`` and key chunk at key ``k0`` is the in-memory call on
+local indices with the diagonal ``off + q0 - k0`` (per batch element when
+lengths or a per-batch ``diagonal`` are given) and lengths sliced to the
+pair: ``clip(Q_LEN - q0, 0, chunk rows)`` and the same for
 keys. The result equals the in-memory call on the whole arrays.
 
 Threads
@@ -266,17 +267,24 @@ def _starts(chunks: tuple[int, ...]) -> list[int]:
 
 
 def _pair_visible(
-    q0: int, q1: int, k0: int, k1: int, q_len: np.ndarray, k_len: np.ndarray, lo: int, hi: int
+    q0: int,
+    q1: int,
+    k0: int,
+    k1: int,
+    q_len: np.ndarray,
+    k_len: np.ndarray,
+    off: np.ndarray,
+    lo: int,
+    hi: int,
 ) -> np.ndarray:
     """Per batch row: whether any (i, j) in the pair is visible by causal/window/lengths.
 
-    ``lo``/``hi`` bound ``j - i - off`` (None-free: -big/+big when unbounded).
+    ``lo``/``hi`` bound ``j - i - off`` (-big/+big when unbounded).
     Over the rectangle of real rows and keys, ``j - i`` takes every value
     between ``k0 - (qe - 1)`` and ``(ke - 1) - q0``.
     """
     qe = np.minimum(q1, q_len)
     ke = np.minimum(k1, k_len)
-    off = k_len - q_len
     some = (qe > q0) & (ke > k0)
     return some & (k0 - (qe - 1) - off <= hi) & ((ke - 1) - q0 - off >= lo)
 
@@ -291,6 +299,7 @@ def attention(
     key_lengths: Any = None,
     query_lengths: Any = None,
     window: tuple[int, int] | None = None,
+    diagonal: Any = None,
     bias: Any = None,
     mask: Any = None,
     return_lse: bool = False,
@@ -315,9 +324,10 @@ def attention(
         Grouped-query attention (k, v with fewer heads on the last leading
         axis): q's head chunks are rounded up to whole groups and k/v get
         the matching head chunks.
-    scale, causal, window
-        As :func:`numbattn.attention` (bottom-right alignment over the whole
-        arrays).
+    scale, causal, window, diagonal
+        As :func:`numbattn.attention`, over the whole arrays (default
+        bottom-right alignment; ``diagonal``: an int or a NumPy integer
+        array of shape (B,), not a dask array).
     key_lengths, query_lengths : integer NumPy array, shape (B,), optional
         As :func:`numbattn.attention`; host arrays (not dask), sliced per
         block when the graph is built.
@@ -363,6 +373,7 @@ def attention(
                 f"{name} has {other} chunks but q has {library} chunks; "
                 "all arrays of one call must live on the same device"
             )
+    diagonal = _host_lengths("diagonal", diagonal)
     key_lengths = _host_lengths("key_lengths", key_lengths)
     query_lengths = _host_lengths("query_lengths", query_lengths)
     return_lse = chk.check_flag("return_lse", return_lse)
@@ -397,17 +408,19 @@ def attention(
     nq, nk = sq.shape[-2], sk.shape[-2]
     full = leading + (nq, nk)
     api._check_options(shadows, dtype, full, {})
-    table = api._dense_table(leading, nq, nk, key_lengths, query_lengths)
+    diag, reach = api._diagonal(diagonal, leading)
+    table = api._dense_table(leading, nq, nk, key_lengths, query_lengths, diag)
     has_lengths = key_lengths is not None or query_lengths is not None
-    if has_lengths:  # (B, 5): the table's rows index the batch axis
+    per_batch = has_lengths or (diag is not None and diag.ndim == 1)
+    if per_batch:  # (B, COLUMNS): the table's rows index the batch axis
         rows = table[(slice(None),) + (0,) * (len(leading) - 1)]
     else:
-        rows = seqs.dense_table(nq, nk)[None]
-    q_len, k_len = rows[:, seqs.Q_LEN], rows[:, seqs.K_LEN]
+        rows = table.reshape(-1, seqs.COLUMNS)[:1]
+    q_len, k_len, align = rows[:, seqs.Q_LEN], rows[:, seqs.K_LEN], rows[:, seqs.ALIGN]
 
     # Window with causal folded in, as api._window; j - i - off must lie in [lo, hi].
-    left, right = api._window(window, causal, nq + nk)
-    big = nq + nk + 1
+    left, right = api._window(window, causal, nq + nk + reach)
+    big = nq + nk + reach + 1
     lo = -big if left < 0 else -left
     hi = big if right < 0 else right
     aligned = causal or left >= 0 or right >= 0
@@ -434,7 +447,7 @@ def attention(
         q, k, v, *(o[0] for o in opts.values()), sorted(opts), scale, causal, window,
         None if key_lengths is None else np.asarray(key_lengths),
         None if query_lengths is None else np.asarray(query_lengths),
-        split, return_lse, threads,
+        diag, split, return_lse, threads,
     )  # fmt: skip
     pair_name = f"attention-pair-{token}"
     merge_name = f"attention-merge-{token}"
@@ -450,16 +463,16 @@ def attention(
     for lead_idx in itertools.product(*(range(len(c)) for c in lead_chunks)):
         kv_idx = lead_idx
         lead_shape = tuple(c[i] for c, i in zip(lead_chunks, lead_idx))
-        if has_lengths:
+        if per_batch:
             b0 = b_starts[lead_idx[0]]
             rows_slice = slice(b0, b0 + lead_shape[0])
         else:
             rows_slice = slice(0, 1)
-        ql, kl = q_len[rows_slice], k_len[rows_slice]
+        ql, kl, off = q_len[rows_slice], k_len[rows_slice], align[rows_slice]
         for qi, (q0, nqc) in enumerate(zip(q_starts, q_chunks)):
             parts = []
             for ki, (k0, nkc) in enumerate(zip(k_starts, k_chunks)):
-                vis = _pair_visible(q0, q0 + nqc, k0, k0 + nkc, ql, kl, lo, hi)
+                vis = _pair_visible(q0, q0 + nqc, k0, k0 + nkc, ql, kl, off, lo, hi)
                 if not vis.any():
                     continue  # fully masked (or empty): no task
                 options: dict[str, Any] = {"scale": scale}
@@ -467,9 +480,9 @@ def attention(
                     options["query_lengths"] = np.clip(ql - q0, 0, nqc)
                     options["key_lengths"] = np.clip(kl - k0, 0, nkc)
                 if aligned:  # causal folded into the window, as the in-memory call does
-                    diag = (kl - ql) + q0 - k0
                     options["window"] = (left, right)
-                    options["diagonal"] = diag if has_lengths else int(diag[0])
+                    local = off + q0 - k0
+                    options["diagonal"] = local if per_batch else int(local[0])
                 args: list[Any] = [
                     (q.name, *lead_idx, qi, 0),
                     (k.name, *kv_idx, ki, 0),

@@ -22,12 +22,6 @@ from numbattn.cpu import backend as cpu_backend  # noqa: E402
 
 from .helpers import DTYPES, assert_close, randn  # noqa: E402
 
-HAS_DIAGONAL = "diagonal" in numbattn.attention.__code__.co_varnames
-needs_diagonal = pytest.mark.skipif(
-    not HAS_DIAGONAL,
-    reason="numbattn.attention has no diagonal keyword yet (causal/window chunk pairs need it)",
-)
-
 
 @pytest.fixture(autouse=True)
 def _poisoned_sync(monkeypatch):
@@ -66,8 +60,9 @@ OPTIONS = {
     "lengths-window": {"key_lengths": "k", "window": (3, 1)},
     "bias-mask": {"bias": "full", "mask": "broadcast", "scale": 0.3},
     "bias-broadcast-causal": {"bias": "broadcast", "causal": True},
+    "diagonal-causal": {"diagonal": "int", "causal": True},
+    "diagonal-batch-window": {"diagonal": "batch", "window": (2, 3), "key_lengths": "k"},
 }
-ALIGNED = ("causal", "window")
 
 
 def _inputs(rng, dims, dtype, chunks):
@@ -91,6 +86,8 @@ def _options(rng, spec, dims, dtype):
         elif name == "bias":
             shape = (b, h, nq, nk) if value == "full" else (1, h, 1, nk)
             opts[name] = randn(rng, shape, dtype)
+        elif name == "diagonal":
+            opts[name] = int(rng.integers(-nq, nk)) if value == "int" else rng.integers(-nq, nk, b)
         elif name == "mask":
             opts[name] = rng.random((b, 1, nq, nk)) < 0.7
         else:
@@ -110,8 +107,6 @@ def _as_dask_options(opts, qc):
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("chunking", list(CHUNKINGS))
 def test_matches_in_memory_and_reference(rng, chunking, option, dtype):
-    if any(a in option for a in ALIGNED) and not HAS_DIAGONAL:
-        pytest.skip("numbattn.attention has no diagonal keyword yet")
     dims, qc, kc = CHUNKINGS[chunking]
     (q, k, v), (dq, dk, dv) = _inputs(rng, dims, dtype, (qc, kc))
     opts = _options(rng, OPTIONS[option], dims, dtype)
@@ -168,7 +163,6 @@ def test_masked_pairs_follow_lengths_and_bottom_right_alignment(rng):
     assert {p for p in pairs if p[0] == 1} == {(1, 1, 0)}
 
 
-@needs_diagonal
 def test_query_chunk_with_no_visible_key_is_zeros(rng):
     """Causal with Nq > Nk: the first query rows see no key (zeros, lse -inf), without a pair task."""
     q_np = randn(rng, (1, 2, 12, 4), np.float32)
@@ -275,6 +269,9 @@ BAD = [
     ("query_lengths", lambda g: np.array([1, 2, 3]), ValueError, "query_lengths must have shape"),
     ("key_lengths", lambda g: np.array([1.0, 2.0]), TypeError, "integer dtype"),
     ("causal", lambda g: 1, TypeError, "causal must be a bool"),
+    ("diagonal", lambda g: da.zeros(2, dtype=int), TypeError, "diagonal must be a small host"),
+    ("diagonal", lambda g: np.array([1, 2, 3]), ValueError, "diagonal must be an int or have"),
+    ("diagonal", lambda g: 2.5, TypeError, "diagonal must be an integer array"),
     ("return_lse", lambda g: "yes", TypeError, "return_lse must be a bool"),
     ("window", lambda g: (1,), TypeError, "window must be a pair"),
     ("window", lambda g: (-2, 0), ValueError, "window left must be >= -1"),
@@ -378,7 +375,7 @@ def test_local_cluster_processes(rng):
     q = da.from_array(q_np, chunks=(1, 2, 12, 8))
     k = da.from_array(k_np, chunks=(1, 2, 8, 8))
     v = da.from_array(v_np, chunks=(1, 2, 8, 4))
-    causal = HAS_DIAGONAL
+    causal = True
     out, lse = nd.attention(q, k, v, causal=causal, return_lse=True)
     with (
         distributed.LocalCluster(
