@@ -351,6 +351,36 @@ def test_concurrent_tasks_on_the_threaded_scheduler(rng):
     assert_close(got, reference.attention(q_np, q_np, q_np)[0], np.float32, "out")
 
 
+WORKQUEUE_SCRIPT = """
+import dask, dask.array as da, numba, numpy as np
+import numbattn.dask as nd
+from numbattn import reference
+rng = np.random.default_rng(0)
+q = rng.standard_normal((8, 2, 32, 8))
+d = da.from_array(q, chunks=(1, 2, 16, 8))
+with dask.config.set({nd.THREADS_KEY: 2}):
+    out = nd.attention(d, d, d, causal=True)
+got = out.compute(scheduler="threads", num_workers=4)
+err = reference.relative_error(got, reference.attention(q, q, q, causal=True)[0])
+print(numba.threading_layer(), err < 1e-12)
+"""
+
+
+def test_workqueue_layer_with_concurrent_tasks():
+    """Numba's workqueue layer aborts on concurrent parallel launches: four task
+    threads with two Numba threads each must still run (numbattn serialises them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    result = subprocess.run(
+        [sys.executable, "-c", WORKQUEUE_SCRIPT], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["workqueue", "True"], result.stdout + result.stderr[-2000:]
+
+
 def test_auto_threads_share_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert nd._auto_threads() is None  # main thread: the synchronous scheduler
