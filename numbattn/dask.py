@@ -50,6 +50,7 @@ import functools
 import itertools
 import math
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, cast
@@ -161,12 +162,13 @@ def _auto_threads() -> int | None:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS, Windows
         cores = os.cpu_count() or 1
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-    except (ImportError, ValueError):
-        worker = None
+    worker = None
+    distributed = sys.modules.get("distributed")  # a worker process has imported it
+    if distributed is not None:
+        try:
+            worker = distributed.get_worker()
+        except ValueError:  # not in a worker's task
+            pass
     if worker is not None:
         omp = os.environ.get("OMP_NUM_THREADS", "")
         if omp.isdigit() and int(omp) > 0:
