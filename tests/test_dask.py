@@ -421,3 +421,21 @@ def test_local_cluster_processes(rng):
     ref, ref_lse = reference.attention(q_np, k_np, v_np, causal=causal)
     assert_close(got, ref, np.float32, "out")
     assert_close(got_lse, ref_lse, np.float32, "lse")
+
+
+def test_bench_dask_runs(capsys):
+    """`python -m numbattn bench --dask` on a tiny problem: checked result, figures present."""
+    pytest.importorskip("distributed")
+    from numbattn.__main__ import main
+
+    rc = main(
+        "bench --dask --shape 2,2,64,8 --dask-chunks 2,2,2 --causal yes --min-repeat 1 "
+        "--no-progress --json".split()
+    )
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    (record,) = doc["results"]
+    assert record["causal"] and record["rel_error_vs_in_memory"] <= 1e-5
+    assert len(record["worker_peak_above_held_MiB"]) == 2
