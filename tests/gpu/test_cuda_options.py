@@ -313,17 +313,17 @@ def test_sequence_table_upload_and_cache(monkeypatch):
     monkeypatch.setattr(backend, "_tables", {})
     dense = _sequences.broadcast(_sequences.dense_table(7, 9), (3, 4), axis0=False)
     t1 = backend._seq_table(dense, 0)
-    assert t1.shape == (3, 4, 5) and t1.strides[:2] == (0, 0)
-    assert np.array_equal(host(t1), np.broadcast_to([0, 7, 7, 0, 9], (3, 4, 5)))
+    assert t1.shape == (3, 4, 6) and t1.strides[:2] == (0, 0)
+    assert np.array_equal(host(t1), np.broadcast_to([0, 7, 7, 0, 9, 2], (3, 4, 6)))
     again = _sequences.broadcast(_sequences.dense_table(7, 9), (3, 4), axis0=False)
     assert backend._seq_table(again, 0) is t1  # same bytes: cached
     stream = cuda.stream()
     assert backend._seq_table(dense, stream) is not t1  # other stream: own upload
-    rows = np.arange(15, dtype=np.int64).reshape(3, 1, 5)
+    rows = np.arange(18, dtype=np.int64).reshape(3, 1, 6)
     per_batch = _sequences.broadcast(rows[:, 0], (3, 4), axis0=True)
     t2 = backend._seq_table(per_batch, 0)
-    assert t2.strides[1] == 0 and np.array_equal(host(t2), np.broadcast_to(rows, (3, 4, 5)))
-    full = np.arange(60, dtype=np.int64).reshape(3, 4, 5)[:, ::-1]  # distinct, strided
+    assert t2.strides[1] == 0 and np.array_equal(host(t2), np.broadcast_to(rows, (3, 4, 6)))
+    full = np.arange(72, dtype=np.int64).reshape(3, 4, 6)[:, ::-1]  # distinct, strided
     assert np.array_equal(host(backend._seq_table(full, 0)), full)
     assert len(backend._tables) == 4
     monkeypatch.setattr(backend, "_TABLE_CACHE_BYTES", 8)
