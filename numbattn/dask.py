@@ -355,7 +355,7 @@ def attention(
     ------
     TypeError
         q, k or v not dask arrays; bias/mask neither dask nor NumPy; lengths
-        given as dask arrays; chunks other than NumPy/CuPy or mixed;
+        or diagonal given as dask arrays; ``split_every`` not an integer; chunks other than NumPy/CuPy or mixed;
         otherwise as :func:`numbattn.attention` (dtypes, flags, window).
     ValueError
         Unknown chunk sizes, ``split_every`` < 2, and as
@@ -383,7 +383,11 @@ def attention(
         isinstance(split_every, bool) or not isinstance(split_every, (int, np.integer))
     ):
         raise TypeError(f"split_every must be an integer or None, got {type(split_every).__name__}")
-    split = int(split_every or dask.config.get("split_every", 4))
+    if split_every is None:  # dask's own default for its reductions (may be a per-axis dict)
+        configured = dask.config.get("split_every", None)
+        split = configured if isinstance(configured, int) and configured >= 2 else 4
+    else:
+        split = int(split_every)
     if split < 2:
         raise ValueError(f"split_every must be >= 2, got {split}")
 

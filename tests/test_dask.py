@@ -278,6 +278,7 @@ BAD = [
     ("scale", lambda g: float("inf"), ValueError, "scale must be finite"),
     ("scale", lambda g: "1", TypeError, "scale must be a real number"),
     ("split_every", lambda g: 1, ValueError, "split_every must be >= 2"),
+    ("split_every", lambda g: 0, ValueError, "split_every must be >= 2, got 0"),
     ("split_every", lambda g: 2.0, TypeError, "split_every must be an integer"),
 ]
 
