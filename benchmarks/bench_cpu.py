@@ -113,3 +113,44 @@ class ScoresMemoryCPU(_Base):
         return C.peak_rss_increase_mib(lambda: numbattn.scores(self.q, self.k))
 
     track_scores_extra_mib.unit = "MiB"
+
+
+class DecodeCPU(_Base):
+    """Few queries over a long KV cache (issue 11): ``numbattn.attention`` on a
+    contiguous cache and ``numbattn.paged_attention`` on a shuffled paged one
+    (float32). Skipped on commits without them. K+V of the largest case: 256
+    MiB (built from the pool, not pickled)."""
+
+    params = C.DECODE_PARAMS
+    param_names = C.DECODE_NAMES
+
+    def setup(self, pool, case, cache):
+        import numpy as np
+
+        if not hasattr(numbattn, "paged_attention"):
+            raise NotImplementedError("no decode path in this commit")
+        b, h, hk, nq, nk = (int(x) for x in case.split("x"))
+        if cache != "contiguous" and nq > 1:
+            raise NotImplementedError("paged: decode cases only")
+        d = 128
+        self.causal = nq > 1
+        self.q = C.from_pool(pool, (b, h, nq, d), np.float32, which=0)
+        k = C.from_pool(pool, (b, hk, nk, d), np.float32, which=1)
+        v = C.from_pool(pool, (b, hk, nk, d), np.float32, which=2)
+        self.lengths = np.full(b, nk)
+        if cache == "contiguous":
+            self.k, self.v, self.table = k, v, None
+        else:
+            bs = int(cache[len("paged") :])
+            nb = b * nk // bs
+            perm = np.random.default_rng(0).permutation(nb)
+            self.k = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).reshape(nb, bs, hk, d)[perm]
+            self.v = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(nb, bs, hk, d)[perm]
+            self.table = np.argsort(perm).reshape(b, -1).astype(np.int32)
+        self.time_decode(pool, case, cache)  # compile / load
+
+    def time_decode(self, pool, case, cache):
+        if self.table is None:
+            numbattn.attention(self.q, self.k, self.v, causal=self.causal)
+        else:
+            numbattn.paged_attention(self.q, self.k, self.v, self.table, self.lengths)

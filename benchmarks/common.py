@@ -34,6 +34,12 @@ SCORES_PARAMS = [DTYPES, BATCH_HEADS, N_OTHER, D_VALUES, CAUSAL]
 SCORES_NAMES = ATTENTION_NAMES
 SOFTMAX_PARAMS = [DTYPES, BATCH_HEADS, N_OTHER]
 SOFTMAX_NAMES = ["dtype", "B x H", "N (rows of N)"]
+#: Few queries over a long KV cache (issue 11), float32, d = 128; Nq > 1 is causal.
+DECODE_PARAMS = [
+    ["1x8x8x1x32768", "4x8x8x1x8192", "1x32x8x1x32768", "1x32x32x16x16384"],
+    ["contiguous", "paged16", "paged256"],
+]
+DECODE_NAMES = ["B x H x Hk x Nq x Nk", "cache"]
 
 #: Largest B*H*N*N computed by a CPU grid point; larger points are skipped
 #: (N = 8192 runs with B x H = 1x1 only) to keep a run reasonable on 2 cores.
@@ -222,3 +228,56 @@ def peak_rss_increase_mib(fn) -> float:
     before = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - before) / 1024.0
+
+
+# --------------------------------------------------------------------------
+# The machine's ceilings (the asv suite bench_peak.py)
+# --------------------------------------------------------------------------
+
+#: Matrix size whose NumPy matmul reaches the BLAS peak (issue 12: 4096^3).
+GEMM_N = 4096
+#: Seconds to wait after BLAS work before timing numbattn: OpenBLAS's
+#: threads spin about 2**28 cycles (~0.1 s) after each call.
+SETTLE_S = 0.5
+
+
+def _median_seconds(fn, repeat: int) -> float:
+    import statistics
+    import time
+
+    fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def gemm_gflops(dtype: str, n: int = GEMM_N, repeat: int = 3) -> float:
+    """Median GFLOP/s of NumPy's ``matmul`` of two n x n matrices (2 n**3 flop)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    c = np.empty((n, n), dtype)
+    return 2.0 * n**3 / _median_seconds(lambda: np.matmul(a, b, out=c), repeat) / 1e9
+
+
+def stream_gbs(dtype: str, threads: int, repeat: int = 5) -> float:
+    """Median GB/s (bytes read + written) of ``y = x * 1`` over 128 MiB arrays,
+    one contiguous chunk per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dt = np.dtype(dtype)
+    m = (128 << 20) // dt.itemsize
+    x = np.ones(m, dt)
+    y = np.empty(m, dt)
+    one = dt.type(1.0)
+    bounds = [(i * m // threads, (i + 1) * m // threads) for i in range(threads)]
+
+    def part(r):
+        np.multiply(x[r[0] : r[1]], one, out=y[r[0] : r[1]])
+
+    with ThreadPoolExecutor(threads) as pool:
+        sec = _median_seconds(lambda: list(pool.map(part, bounds)), repeat)
+    return 2.0 * m * dt.itemsize / sec / 1e9

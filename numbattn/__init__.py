@@ -9,14 +9,27 @@ Three kernels, each on the CPU (``@njit(parallel=True)``) and on NVIDIA GPUs
   the (Nq, Nk) score matrix; with key/query lengths, bias, boolean masks,
   sliding windows and grouped-query heads;
 - :func:`varlen_attention`: packed variable-length batches (cu_seqlens);
-- :func:`merge_attention`: exact combination of partial results.
+- :func:`paged_attention`: attention over a paged KV cache (block table);
+- :func:`merge_attention`: exact combination of partial results;
+- :func:`attention_backward` / :func:`varlen_attention_backward`: gradients
+  of :func:`attention` / :func:`varlen_attention` (FlashAttention-2's
+  backward, from the forward's ``out`` and ``lse``).
 
 :mod:`numbattn.reference` is the float64 NumPy specification they are tested
 against. Importing numbattn never needs CUDA.
 """
 
 from . import config, reference
-from .api import attention, merge_attention, scores, softmax, varlen_attention
+from .api import (
+    attention,
+    attention_backward,
+    merge_attention,
+    paged_attention,
+    scores,
+    softmax,
+    varlen_attention,
+    varlen_attention_backward,
+)
 from .cpu import backend as _cpu_backend  # noqa: F401  (fork guard; imports no Numba)
 
 __version__ = "0.1.0"
@@ -46,12 +59,15 @@ def cuda_available() -> bool:
 __all__ = [
     "__version__",
     "attention",
+    "attention_backward",
     "config",
     "cuda_available",
     "cuda_problem",
     "merge_attention",
+    "paged_attention",
     "reference",
     "scores",
     "softmax",
     "varlen_attention",
+    "varlen_attention_backward",
 ]

@@ -5,11 +5,18 @@
     threading layer and thread count, and whether CUDA is usable (and which
     device).
 ``bench``
+    (``--kernel decode``: few queries over long KV caches, contiguous and
+    paged, with the machine's streaming read bandwidth measured in the same
+    run and K+V GB/s as a fraction of it, torch SDPA side by side.)
     Checks every kernel against :mod:`numbattn.reference` on a problem set
     (outputs poisoned with NaN first; relative error ||out-ref||/||ref|| within
     1e-5 for float32, 1e-12 for float64), then times it and the baselines
     (batched NumPy; torch, SDPA for attention, when installed) and prints a
-    table, or JSON with ``--json``. Progress goes to stderr.
+    table, or JSON with ``--json``. Progress goes to stderr. On the CPU it first measures
+    the machine's ceilings for each dtype in a separate process (NumPy matmul
+    4096^3 for the GEMM rate, a streaming copy for the bandwidth) and reports
+    each kernel's fraction of them ("of peak"); each implementation is timed
+    after a short wait (``--settle``) so no other thread pool spins beside it.
 
 ``gpu-report``
     Compiles every CUDA kernel at its production geometry for a compute
@@ -88,6 +95,16 @@ def _cuda_info() -> dict:
 def collect_info() -> dict:
     import numbattn
 
+    from . import _pools
+    from ._bench import _torch
+
+    # torch (where installed) before Numba starts its threads, as a program
+    # using both should import it (see numbattn._pools), so that its OpenMP
+    # pool is listed too.
+    _torch()
+    threading = _threading()
+    pools = _pools.thread_pools()
+    warnings = _pools.conflicts(pools, threading["layer"])
     return {
         "numbattn": numbattn.__version__,
         "python": platform.python_version(),
@@ -98,7 +115,9 @@ def collect_info() -> dict:
         "numba-cuda": _version("numba-cuda"),
         "torch": _version("torch"),
         "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR") or None,
-        "threading": _threading(),
+        "threading": threading,
+        "thread_pools": pools,
+        "warnings": warnings,
         "cuda": _cuda_info(),
     }
 
@@ -129,6 +148,17 @@ def cmd_info(args) -> int:
         lines.append(f"cuda        usable: {dev}")
     else:
         lines.append(f"cuda        not usable: {cu['reason']}")
+    pools = info["thread_pools"]
+    if pools is None:
+        lines.append("pools       (install threadpoolctl to list the BLAS / OpenMP thread pools)")
+    for n, p in enumerate(pools or []):
+        what = " ".join(str(p[k]) for k in ("internal_api", "version", "architecture") if p.get(k))
+        lines.append(
+            f"{'pools' if n == 0 else '':12s}{p.get('user_api')}: {what}, "
+            f"{p.get('num_threads')} threads ({os.path.basename(p.get('filepath') or '?')})"
+        )
+    for w in info["warnings"]:
+        lines.append(f"warning     {w}")
     print("\n".join(lines))
     return 0
 
@@ -221,6 +251,8 @@ def cmd_bench(args) -> int:
     else:
         backend = B.CpuBackend()
 
+    if args.kernel and "decode" in args.kernel:
+        return _bench_decode(args, B, torch, threads, say)
     if args.shape or args.kernel or args.dtype or args.causal:
         shapes = args.shape or (
             [(2, 2, 160, 32)] if args.quick else [(1, 8, 2048, 64), (4, 8, 512, 64)]
@@ -249,12 +281,24 @@ def cmd_bench(args) -> int:
         max_repeat=args.max_repeat,
         baselines=not args.no_baselines,
         threads=threads,
+        settle=args.settle if args.settle is not None else (0.02 if args.quick else 0.3),
     )
     say(
         f"numbattn bench: {len(problems)} problems on {backend.name}, numba "
         f"{numba.__version__} with {threads} threads; baselines: "
         f"{'NumPy, ' + torch_note if opts.baselines else 'skipped'}"
     )
+    peaks: dict = {}
+    if not args.no_peak and backend.name == "cpu":  # a host ceiling rates host kernels only
+        size = args.peak_size or (512 if args.quick else 4096)
+        for dtype in dict.fromkeys(p.dtype for p in problems):
+            say(f"machine peaks {dtype}: NumPy matmul {size}^3 and streaming, own process ...")
+            try:
+                peaks[dtype] = B.machine_peaks(dtype, threads, size, opts.min_time)
+            except (RuntimeError, OSError, ValueError) as exc:
+                say(f"machine peaks {dtype}: not measured ({exc})")
+        say(B.peaks_text(peaks))
+        opts.peaks = peaks
     records = []
     for i, p in enumerate(problems, 1):
         prefix = f"[{i}/{len(problems)}] {p.label}:"
@@ -268,11 +312,14 @@ def cmd_bench(args) -> int:
             "numbattn": collect_versions(),
             "device": backend.name,
             "threads": threads,
+            "peaks": peaks,
             "rate_units": {
-                "GFLOP/s": "attention 4*B*H*N*N*d (halved if causal), scores 2*B*H*N*N*d",
+                "GFLOP/s": "attention 4*B*H*N*N*d (halved if causal), scores 2*B*H*N*N*d, "
+                "backward 10*B*H*N*N*d (halved if causal)",
                 "GB/s": "softmax: 2*elements*itemsize bytes (read + write)",
             },
             "ratios": "vs_numpy / vs_torch = baseline median / numbattn median (>1: numbattn faster)",
+            "of_peak": "rate / peaks[dtype].gemm.rate (softmax: / peaks[dtype].stream.rate)",
             "all_ok": not failed,
             "results": records,
         }
@@ -281,9 +328,65 @@ def cmd_bench(args) -> int:
         print(B.table(records))
         print(
             "\nmedian of repeated calls; rate: GFLOP/s (attention 4*B*H*N^2*d, halved if causal; "
-            "scores 2*B*H*N^2*d) or GB/s (softmax, 2 x bytes of x);\n"
-            "vs NumPy / vs torch: baseline time / numbattn time (above 1: numbattn faster); "
+            "scores 2*B*H*N^2*d; backward 10*B*H*N^2*d, halved if causal) or GB/s (softmax, "
+            "2 x bytes of x);\nvs NumPy / vs torch: baseline time / numbattn time (above 1: "
+            "numbattn faster; backward: torch's SDPA autograd backward, without its forward); "
             f"NumPy baseline runs on the host; torch: {torch_note}."
+        )
+        if peaks:
+            print(
+                "of peak: rate / the machine's GEMM rate (softmax: / streaming bandwidth) "
+                "for the dtype, measured in this run:\n" + B.peaks_text(peaks)
+            )
+    if failed:
+        print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_decode(args, B, torch, threads: int, say) -> int:
+    """``bench --kernel decode``: the issue-11 decode cases on the CPU, with
+    the streaming read bandwidth measured in the same run and torch SDPA."""
+    if args.device != "cpu":
+        print("numbattn bench: --kernel decode runs on the CPU only", file=sys.stderr)
+        return 2
+    opts = B.Options(
+        min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.5),
+        min_repeat=args.min_repeat,
+        max_repeat=args.max_repeat,
+        baselines=not args.no_baselines,
+        threads=threads,
+    )
+    torch_use = None if (args.no_baselines or args.no_torch) else torch
+    if torch_use is not None:
+        torch_use.set_num_threads(threads)
+    bandwidth = B.stream_read_gbs(threads, opts=opts)
+    say(f"numbattn bench decode: streaming read {bandwidth:.1f} GB/s on {threads} threads")
+    records = []
+    cases = B.decode_cases(args.quick)
+    for i, c in enumerate(cases, 1):
+        prefix = f"[{i}/{len(cases)}] decode {c.label}:"
+        say(f"{prefix} compiling/checking ...")
+        opts.progress = (lambda pre: lambda msg: say(f"{pre} {msg}"))(prefix)
+        records.append(B.run_decode(c, torch_use, bandwidth, opts))
+    failed = [r for r in records if not r["check"]["ok"]]
+    if args.json:
+        doc = {
+            "numbattn": collect_versions(),
+            "device": "cpu",
+            "threads": threads,
+            "stream_read_gbs": bandwidth,
+            "ratios": "vs_torch = torch median / numbattn median (>1: numbattn faster)",
+            "all_ok": not failed,
+            "decode": records,
+        }
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default))
+    else:
+        print(B.decode_table(records, bandwidth, threads))
+        print(
+            "\nfloat32, median of repeated calls; K+V GB/s: bytes of K and V / time, as a "
+            "fraction of the streaming read bandwidth measured above; torch: SDPA on the "
+            "contiguous cache (causal: a bottom-right boolean mask)."
         )
     if failed:
         print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
@@ -365,8 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B,H,N,d",
         help="problem size (repeatable); softmax runs on B x H x N x N",
     )
-    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax")), metavar="LIST",
-                   help="comma-separated kernels (default all)")  # fmt: skip
+    p.add_argument("--kernel", type=_csv(("attention", "scores", "softmax", "backward", "decode")),
+                   metavar="LIST",
+                   help="comma-separated kernels (default all but decode); decode: the "
+                        "few-queries / long-KV-cache cases with the streaming read "
+                        "bandwidth (CPU)")  # fmt: skip
     p.add_argument("--dtype", type=_csv(("float32", "float64")), metavar="LIST",
                    help="float32, float64 or both comma-separated (default float32)")  # fmt: skip
     p.add_argument("--causal", choices=("no", "yes", "both"), help="default both")
@@ -376,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-repeat", type=int, default=3)
     p.add_argument("--max-repeat", type=int, default=50)
     p.add_argument("--no-baselines", action="store_true", help="time numbattn only")
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip measuring the machine's GEMM rate and bandwidth")  # fmt: skip
+    p.add_argument("--peak-size", type=int, default=0, metavar="N",
+                   help="matmul size for the GEMM rate (default 4096; 512 with --quick)")  # fmt: skip
+    p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
+                   help="wait before timing each implementation, so the previous one's "
+                   "threads stop spinning (default 0.3; 0.02 with --quick)")  # fmt: skip
     p.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")

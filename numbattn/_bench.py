@@ -11,7 +11,11 @@ Work counts
   products), halved when causal;
 - scores: ``2*B*H*Nq*Nk*d`` (the full score matrix is written, causal or not);
 - softmax: memory-bound, so it is rated in GB/s of ``2 * elements *
-  itemsize`` bytes (every element read once and written once).
+  itemsize`` bytes (every element read once and written once);
+- backward (``attention_backward``, from the forward's out and lse):
+  ``10*B*H*Nq*Nk*d`` (five matrix products: S, dP, dV, dQ, dK), halved when
+  causal. Its torch baseline is SDPA's autograd backward (``out.backward(dout)``),
+  timed without the forward; it has no NumPy baseline.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ import numpy as np
 from .baselines import causal_mask, numpy_attention, numpy_scores, numpy_softmax
 from .reference import relative_error
 
-KERNELS = ("attention", "scores", "softmax")
+KERNELS = ("attention", "scores", "softmax", "backward")
 
 #: Relative tolerance ||out - ref|| / ||ref|| against numbattn.reference.
 RTOL = {"float32": 1e-5, "float64": 1e-12}
+#: The same for gradients (sums over both sequence axes: more rounding).
+GRAD_RTOL = {"float32": 1e-4, "float64": 1e-11}
 
 
 # --------------------------------------------------------------------------
@@ -79,6 +85,9 @@ class Problem:
             return (flops / 2 if self.causal else flops), "GFLOP/s"
         if self.kernel == "scores":
             return 2.0 * b * h * n * n * d, "GFLOP/s"
+        if self.kernel == "backward":
+            flops = 10.0 * b * h * n * n * d
+            return (flops / 2 if self.causal else flops), "GFLOP/s"
         return 2.0 * b * h * n * n * np.dtype(self.dtype).itemsize, "GB/s"
 
 
@@ -88,6 +97,9 @@ def default_problems() -> list[Problem]:
     for b, h, n, d in ((1, 8, 2048, 64), (4, 8, 512, 64)):
         for causal in (False, True):
             out.append(Problem("attention", b, h, n, d, "float32", causal))
+    for b, h, n, d in ((1, 8, 2048, 64), (4, 8, 512, 64)):
+        for causal in (False, True):
+            out.append(Problem("backward", b, h, n, d, "float32", causal))
     out.append(Problem("scores", 4, 8, 512, 64, "float32"))
     out.append(Problem("softmax", 4, 8, 512, 64, "float32"))
     return out
@@ -101,6 +113,7 @@ def quick_problems() -> list[Problem]:
             out.append(Problem("attention", 2, 2, 160, 32, dtype, causal))
         out.append(Problem("scores", 2, 2, 160, 32, dtype, True))
         out.append(Problem("softmax", 2, 2, 160, 32, dtype))
+        out.append(Problem("backward", 2, 2, 160, 32, dtype, True))
     return out
 
 
@@ -123,11 +136,20 @@ def build_problems(
 
 
 def make_inputs(p: Problem, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Host inputs: (q, k, v), (q, k) or (x,), standard normal, C-contiguous."""
+    """Host inputs: (q, k, v), (q, k) or (x,), standard normal, C-contiguous;
+    for backward (q, k, v, out, lse, dout), out and lse from numbattn's CPU
+    forward."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(p.dtype)
     if p.kernel == "softmax":
         return ((rng.standard_normal(p.shape) * 4.0).astype(dt),)
+    if p.kernel == "backward":
+        import numbattn
+
+        q, k, v, dout = (rng.standard_normal(p.shape).astype(dt) for _ in range(4))
+        lse = np.empty(p.shape[:-1], dt)
+        out = numbattn.attention(q, k, v, scale=scale_of(p), causal=p.causal, lse=lse)
+        return q, k, v, out, lse, dout
     count = 3 if p.kernel == "attention" else 2
     return tuple(rng.standard_normal(p.shape).astype(dt) for _ in range(count))
 
@@ -167,7 +189,29 @@ def torch_fns(torch) -> dict[str, Callable]:
     def t_softmax(x):
         return torch.softmax(x, dim=-1)
 
-    return {"attention": t_attention, "scores": t_scores, "softmax": t_softmax}
+    def t_backward(q, k, v, out, lse, dout, scale, causal=False):
+        """SDPA's autograd backward; ``prepare`` runs the (untimed) forward."""
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        graph: list = []
+
+        def prepare():
+            for x in leaves:
+                x.grad = None
+            graph[:] = [t_attention(leaves[0], leaves[1], leaves[2], scale, causal)]
+
+        def run():
+            graph.pop().backward(dout)
+            return tuple(x.grad for x in leaves)
+
+        run.prepare = prepare  # type: ignore[attr-defined]
+        return run
+
+    return {
+        "attention": t_attention,
+        "scores": t_scores,
+        "softmax": t_softmax,
+        "backward": t_backward,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -183,6 +227,17 @@ def reference_outputs(p: Problem, inputs) -> list[np.ndarray]:
     from . import reference
 
     scale = scale_of(p)
+    if p.kernel == "backward":
+        q, k, v, _, _, dout = inputs
+        grads = [np.empty(a.shape, np.float64) for a in (q, k, v)]
+        for bi in range(p.b):
+            for hi in range(p.h):
+                g = reference.attention_backward(
+                    q[bi, hi], k[bi, hi], v[bi, hi], dout[bi, hi], scale=scale, causal=p.causal
+                )
+                for dst, src in zip(grads, g):
+                    dst[bi, hi] = src
+        return grads
     refs = [np.empty(p.out_shape, np.float64)]
     if p.kernel == "attention":
         refs.append(np.empty(p.shape[:-1], np.float64))
@@ -224,6 +279,11 @@ class CpuBackend:
             return numbattn.attention(*args, scale=scale, causal=p.causal, out=out, lse=lse)
         if p.kernel == "scores":
             return numbattn.scores(*args, scale=scale, causal=p.causal, out=out)
+        if p.kernel == "backward":
+            dq, dk, dv = out if out is not None else (None, None, None)
+            return numbattn.attention_backward(
+                *args, scale=scale, causal=p.causal, dq=dq, dk=dk, dv=dv
+            )
         return numbattn.softmax(*args, out=out)
 
     def timed(self, fn: Callable[[], Any]) -> float:
@@ -270,6 +330,11 @@ class CudaBackend(CpuBackend):
             )
         if p.kernel == "scores":
             return numbattn.scores(*args, scale=scale, causal=p.causal, out=out, stream=s)
+        if p.kernel == "backward":
+            dq, dk, dv = out if out is not None else (None, None, None)
+            return numbattn.attention_backward(
+                *args, scale=scale, causal=p.causal, dq=dq, dk=dk, dv=dv, stream=s
+            )
         return numbattn.softmax(*args, out=out, stream=s)
 
     def timed(self, fn: Callable[[], Any]) -> float:
@@ -330,10 +395,19 @@ class TorchRunner:
         f = self.fns[p.kernel]
         if p.kernel == "softmax":
             return lambda: f(*tensors)
+        if p.kernel == "backward":  # a callable with its untimed forward, ``prepare``
+            return f(*tensors, scale_of(p), p.causal)
         return lambda: f(*tensors, scale_of(p), p.causal)
 
     def timed(self, fn):
+        """(seconds, result) of ``fn()``; ``fn.prepare()``, where there is one
+        (the backward's forward), runs first, untimed."""
         torch = self.torch
+        prepare = getattr(fn, "prepare", None)
+        if prepare is not None:
+            prepare()
+            if self.device != "cpu":
+                torch.cuda.synchronize()
         if self.device == "cpu":
             t0 = time.perf_counter()
             r = fn()
@@ -387,6 +461,12 @@ class Options:
     baselines: bool = True
     threads: int = 0
     progress: Callable[[str], None] = lambda msg: None
+    #: Seconds to wait before timing each implementation, so that the thread
+    #: pool of whatever ran before (OpenBLAS spins ~0.1 s after each call)
+    #: is asleep; see README "Using numbattn beside NumPy and PyTorch".
+    settle: float = 0.3
+    #: machine_peaks() per dtype, for the "of peak" fraction (None: not measured).
+    peaks: dict | None = None
 
 
 def _rate(p: Problem, seconds: float) -> float:
@@ -401,7 +481,11 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     dev = [backend.to_device(a) for a in host]
 
     # 1. Verification (also compiles, or loads from the cache): poisoned outputs.
-    out = backend.poisoned(p.out_shape, p.dtype)
+    backward = p.kernel == "backward"
+    if backward:
+        out: Any = tuple(backend.poisoned(a.shape, p.dtype) for a in host[:3])
+    else:
+        out = backend.poisoned(p.out_shape, p.dtype)
     lse = backend.poisoned(p.shape[:-1], p.dtype) if p.kernel == "attention" else None
     t0 = time.perf_counter()
     backend.call(p, dev, out=out, lse=lse)
@@ -409,12 +493,16 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
         backend.cuda.synchronize()
     first_call = time.perf_counter() - t0
     refs = reference_outputs(p, host)
-    got = [backend.to_host(out)] + ([backend.to_host(lse)] if lse is not None else [])
+    if backward:
+        got = [backend.to_host(g) for g in out]
+    else:
+        got = [backend.to_host(out)] + ([backend.to_host(lse)] if lse is not None else [])
     err = max(rel_err(g, r) for g, r in zip(got, refs))
-    tol = RTOL[p.dtype]
+    tol = (GRAD_RTOL if backward else RTOL)[p.dtype]
     ok = bool(err <= tol)
     del out, lse, got, refs
     opts.progress(f"check {'ok' if ok else 'FAILED'} (rel. err {err:.2e}, tol {tol:.0e})")
+    time.sleep(opts.settle)  # the reference ran on NumPy's BLAS threads
 
     # 2. numbattn timing (public API, new output each call, as users call it).
     backend.timed(lambda: backend.call(p, dev))  # warm-up
@@ -437,39 +525,46 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
         "repeats": len(tm.times),
         "rate": _rate(p, tm.median),
         "rate_unit": unit,
+        "of_peak": None,
         "numpy_s": None,
         "vs_numpy": None,
         "torch_s": None,
         "vs_torch": None,
     }
-    opts.progress(f"numbattn {fmt_time(tm.median)} ({rec['rate']:.2f} {unit})")
+    rec["of_peak"] = of_peak(rec, opts.peaks)
+    frac = "" if rec["of_peak"] is None else f", {rec['of_peak']:.0%} of peak"
+    opts.progress(f"numbattn {fmt_time(tm.median)} ({rec['rate']:.2f} {unit}{frac})")
     if not opts.baselines:
         return rec
 
     # 3. NumPy baseline, on the host arrays (also for --device cuda).
     scale = scale_of(p)
+    np_fn: Callable[[], Any] | None = None
     if p.kernel == "attention":
         np_fn = lambda: numpy_attention(host[0], host[1], host[2], scale, p.causal)  # noqa: E731
     elif p.kernel == "scores":
         np_fn = lambda: numpy_scores(host[0], host[1], scale, p.causal)  # noqa: E731
-    else:
+    elif p.kernel == "softmax":
         np_fn = lambda: numpy_softmax(*host)  # noqa: E731
-    np_fn()  # warm-up (page faults, BLAS threads)
-    np_fn()
-    tn = repeat_timed(
-        lambda: CpuBackend().timed(np_fn),
-        min_time=opts.min_time,
-        min_repeat=opts.min_repeat,
-        max_repeat=opts.max_repeat,
-    )
-    rec["numpy_s"] = tn.median
-    rec["vs_numpy"] = tn.median / tm.median
-    opts.progress(f"numpy {fmt_time(tn.median)}")
+    if np_fn is not None:
+        time.sleep(opts.settle)
+        np_fn()  # warm-up (page faults, BLAS threads)
+        np_fn()
+        tn = repeat_timed(
+            lambda: CpuBackend().timed(np_fn),
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+        rec["numpy_s"] = tn.median
+        rec["vs_numpy"] = tn.median / tm.median
+        opts.progress(f"numpy {fmt_time(tn.median)}")
 
     # 4. torch baseline (SDPA for attention), where torch is installed.
     if torch_runner is not None:
         tensors = torch_runner.tensors(host)
         fn = torch_runner.fn(p, tensors)
+        time.sleep(opts.settle)  # NumPy's BLAS threads, just used, spin a while
         torch_runner.timed(fn)  # warm-up (thread pool, kernel selection)
         torch_runner.timed(fn)
         samples = Timing()
@@ -506,10 +601,11 @@ def _ratio(r: float | None) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """Plain-text table; 'vs NumPy' / 'vs torch' are speed-ups (baseline time /
+    """Plain-text table; 'of peak' is the fraction of the machine's ceiling
+    (:func:`of_peak`); 'vs NumPy' / 'vs torch' are speed-ups (baseline time /
     numbattn time: above 1 means numbattn is faster)."""
-    head = ["kernel", "backend", "dtype", "shape", "causal", "median", "rate", "vs NumPy",
-            "vs torch", "check"]  # fmt: skip
+    head = ["kernel", "backend", "dtype", "shape", "causal", "median", "rate", "of peak",
+            "vs NumPy", "vs torch", "check"]  # fmt: skip
     rows = [head]
     for r in records:
         rows.append(
@@ -521,13 +617,14 @@ def table(records: list[dict]) -> str:
                 "yes" if r["causal"] else "no",
                 fmt_time(r["median_s"]),
                 f"{r['rate']:.2f} {r['rate_unit']}",
+                "-" if r.get("of_peak") is None else f"{r['of_peak']:.0%}",
                 _ratio(r["vs_numpy"]),
                 _ratio(r["vs_torch"]),
                 "ok" if r["check"]["ok"] else f"FAIL {r['check']['rel_err']:.1e}",
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    right = {5, 6, 7, 8}
+    right = {5, 6, 7, 8, 9}
     lines = []
     for n, row in enumerate(rows):
         cells = [
@@ -536,4 +633,366 @@ def table(records: list[dict]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# The machine's ceilings: GEMM rate and streaming bandwidth
+# --------------------------------------------------------------------------
+
+# Run in a child process of its own (``python -c``): NumPy's BLAS threads
+# keep spinning for a while after each call (OpenBLAS: about 2**28 cycles,
+# OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next on the same cores,
+# so the ceilings are measured where no numbattn or torch call can meet them.
+_PEAKS_SCRIPT = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+
+dtype, n, threads, min_time = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+dt = np.dtype(dtype)
+
+def samples(fn, min_repeat=3, max_repeat=50):
+    fn()
+    out, total = [], 0.0
+    while len(out) < max_repeat and (len(out) < min_repeat or total < min_time):
+        t0 = time.perf_counter()
+        fn()
+        s = time.perf_counter() - t0
+        out.append(s)
+        total += s
+    out.sort()
+    return out
+
+rng = np.random.default_rng(0)
+a = rng.standard_normal((n, n)).astype(dt)
+b = rng.standard_normal((n, n)).astype(dt)
+c = np.empty((n, n), dt)
+g = samples(lambda: np.matmul(a, b, out=c))
+flops = 2.0 * n**3
+del a, b, c
+
+# Streaming: y = x * 1 over 128 MiB arrays (far beyond the caches), one
+# contiguous chunk per thread (NumPy's loops release the GIL).
+m = (128 << 20) // dt.itemsize
+x = np.ones(m, dt)
+y = np.empty(m, dt)
+one = dt.type(1.0)
+bounds = [(i * m // threads, (i + 1) * m // threads) for i in range(threads)]
+pool = ThreadPoolExecutor(threads)
+def part(r):
+    np.multiply(x[r[0]:r[1]], one, out=y[r[0]:r[1]])
+def stream():
+    list(pool.map(part, bounds))
+s = samples(stream)
+pool.shutdown()
+
+blas = None
+try:
+    from threadpoolctl import threadpool_info
+    for p in threadpool_info():
+        if p.get("user_api") == "blas":
+            blas = " ".join(str(p.get(k)) for k in ("internal_api", "version", "architecture")
+                            if p.get(k))
+            break
+except Exception:
+    pass
+
+med = lambda v: v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+print(json.dumps({
+    "dtype": dtype, "threads": threads, "blas": blas,
+    "gemm": {"n": n, "rate": flops / med(g) / 1e9, "best": flops / g[0] / 1e9,
+             "repeats": len(g)},
+    "stream": {"mib": 2 * m * dt.itemsize / 2**20, "rate": 2 * m * dt.itemsize / med(s) / 1e9,
+               "best": 2 * m * dt.itemsize / s[0] / 1e9, "repeats": len(s)},
+}))
+"""
+
+
+def machine_peaks(dtype: str, threads: int, n: int = 4096, min_time: float = 0.5) -> dict:
+    """The machine's ceilings for ``dtype``, measured in a separate process:
+
+    - ``gemm``: NumPy's ``matmul`` of two n x n matrices (2 n**3 flop), in
+      GFLOP/s: the BLAS peak that attention and scores are rated against;
+    - ``stream``: ``y = x * 1`` over 128 MiB arrays, in GB/s of bytes read +
+      written (as softmax is counted).
+
+    Medians (``rate``) and best samples (``best``), with ``threads`` BLAS and
+    copy threads. The child process keeps BLAS's spinning threads away from
+    the other timings. Raises RuntimeError when the child fails.
+    """
+    import subprocess
+    import sys
+
+    threads = max(1, int(threads))
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    args = [sys.executable, "-c", _PEAKS_SCRIPT, dtype, str(n), str(threads), str(min_time)]
+    try:
+        r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("measuring the machine's peaks took over 600 s") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring the machine's peaks failed: {r.stderr.strip()[-500:]}")
+    import json
+
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def of_peak(rec: dict, peaks: dict | None) -> float | None:
+    """The fraction of the machine's ceiling that ``rec`` reaches: its GFLOP/s
+    over the GEMM rate, or (softmax) its GB/s over the streaming bandwidth,
+    for its dtype; None without peaks."""
+    if not peaks or rec["dtype"] not in peaks:
+        return None
+    pk = peaks[rec["dtype"]]
+    ceiling = pk["stream"]["rate"] if rec["rate_unit"] == "GB/s" else pk["gemm"]["rate"]
+    return rec["rate"] / ceiling if ceiling > 0 else None
+
+
+def peaks_text(peaks: dict) -> str:
+    """One line per dtype describing the measured ceilings."""
+    lines = []
+    for dtype, pk in peaks.items():
+        g, s = pk["gemm"], pk["stream"]
+        blas = f", {pk['blas']}" if pk.get("blas") else ""
+        lines.append(
+            f"{dtype}: GEMM {g['rate']:.1f} GFLOP/s (NumPy matmul {g['n']}^3{blas}), "
+            f"stream {s['rate']:.1f} GB/s (y = x * 1, {s['mib']:.0f} MiB moved), "
+            f"{pk['threads']} threads, own process; medians"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Decode: few queries over long KV caches (``bench --kernel decode``)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """Attention of Nq queries over an Nk-key cache; ``paged``: block size of
+    a shuffled paged cache (None: a contiguous (B, Hk, Nk, d) cache)."""
+
+    b: int
+    h: int
+    hk: int
+    nq: int
+    nk: int
+    d: int
+    causal: bool = False
+    paged: int | None = None
+
+    @property
+    def label(self) -> str:
+        heads = f"{self.h}" if self.h == self.hk else f"{self.h}/{self.hk}kv"
+        text = f"({self.b}, {heads}, {self.nq}, {self.nk}, {self.d})"
+        if self.causal:
+            text += " causal"
+        if self.paged:
+            text += f" paged {self.paged}"
+        return text
+
+    def kv_bytes(self, itemsize: int = 4) -> int:
+        return 2 * self.b * self.hk * self.nk * self.d * itemsize
+
+
+def decode_cases(quick: bool = False) -> list[DecodeCase]:
+    """The issue-11 cases (CPU, float32), or tiny ones for CI."""
+    if quick:
+        return [
+            DecodeCase(1, 4, 4, 1, 1024, 32),
+            DecodeCase(1, 8, 2, 1, 1000, 32),
+            DecodeCase(1, 4, 4, 4, 1000, 32, causal=True),
+            DecodeCase(1, 4, 4, 1, 1024, 32, paged=16),
+        ]
+    return [
+        DecodeCase(1, 8, 8, 1, 32768, 128),
+        DecodeCase(4, 8, 8, 1, 8192, 128),
+        DecodeCase(1, 32, 8, 1, 32768, 128),
+        DecodeCase(1, 32, 32, 16, 16384, 128, causal=True),
+        DecodeCase(1, 8, 8, 1, 32768, 128, paged=16),
+        DecodeCase(1, 8, 8, 1, 32768, 128, paged=256),
+    ]
+
+
+def _stream_read_kernel():
+    """A parallel vectorised sum (compiled once per process, not cached: a
+    closure)."""
+    global _STREAM_READ
+    if _STREAM_READ is None:
+        from numba import njit, prange
+
+        @njit(parallel=True, fastmath=True)
+        def stream_read(x, n_threads):  # pragma: no cover - compiled
+            per = (x.size + n_threads - 1) // n_threads
+            acc = np.zeros(n_threads, dtype=x.dtype)
+            for t in prange(n_threads):
+                part = x[t * per : min(x.size, (t + 1) * per)]  # loop from 0: vectorises
+                s = x.dtype.type(0.0)
+                for i in range(part.size):
+                    s += part[i]
+                acc[t] = s
+            return acc.sum()
+
+        _STREAM_READ = stream_read
+    return _STREAM_READ
+
+
+_STREAM_READ = None
+
+
+def stream_read_gbs(threads: int, nbytes: int = 256 << 20, opts: Options | None = None) -> float:
+    """The machine's streaming read bandwidth (GB/s): a vectorised parallel sum
+    over ``nbytes`` of float32 (far larger than the caches) on ``threads``
+    threads, median of repeated runs."""
+    fn = _stream_read_kernel()
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    fn(x, threads)
+    t = repeat_timed(
+        lambda: CpuBackend().timed(lambda: fn(x, threads)),
+        min_time=0.3 if opts is None else opts.min_time,
+        min_repeat=5,
+        max_repeat=50,
+    )
+    return x.nbytes / t.median / 1e9
+
+
+def _decode_inputs(c: DecodeCase, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((c.b, c.h, c.nq, c.d), dtype=np.float32)
+    k = rng.standard_normal((c.b, c.hk, c.nk, c.d), dtype=np.float32)
+    v = rng.standard_normal((c.b, c.hk, c.nk, c.d), dtype=np.float32)
+    return q, k, v
+
+
+def _paged_from(k, v, block_size: int, seed: int = 1):
+    """k, v (B, Hk, N, d) as a shuffled paged cache and its block table
+    (N a multiple of ``block_size``)."""
+    b, hk, n, d = k.shape
+    per = n // block_size
+    nb = b * per
+    kc = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).reshape(nb, block_size, hk, d)
+    vc = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(nb, block_size, hk, d)
+    perm = np.random.default_rng(seed).permutation(nb)
+    table = np.argsort(perm).reshape(b, per).astype(np.int32)
+    return kc[perm], vc[perm], table
+
+
+def run_decode(c: DecodeCase, torch, bandwidth: float, opts: Options) -> dict:
+    """Check numbattn on ``c`` against the reference, then time it and torch SDPA
+    (contiguous cache; a bottom-right boolean mask when causal, as torch's
+    ``is_causal`` is top-left for Nq != Nk) one library after the other,
+    pausing between them so that no thread pool is still spinning."""
+    import numbattn
+
+    from .reference import attention as ref_attention
+
+    q, k, v = _decode_inputs(c)
+    lengths = np.full(c.b, c.nk)
+    if c.paged:
+        kc, vc, table = _paged_from(k, v, c.paged)
+
+        def call():
+            return numbattn.paged_attention(q, kc, vc, table, lengths, causal=c.causal)
+    else:
+
+        def call():
+            return numbattn.attention(q, k, v, causal=c.causal)
+
+    out = call()
+    ref, _ = ref_attention(q, k, v, causal=c.causal)
+    err = rel_err(out, ref)
+    ok = bool(err <= RTOL["float32"])
+    del ref
+    opts.progress(f"check {'ok' if ok else 'FAILED'} (rel. err {err:.2e})")
+    time.sleep(0.2)
+    tm = repeat_timed(
+        lambda: CpuBackend().timed(call),
+        min_time=opts.min_time,
+        min_repeat=opts.min_repeat,
+        max_repeat=opts.max_repeat,
+    )
+    gbs = c.kv_bytes() / tm.median / 1e9
+    rec: dict[str, Any] = {
+        "case": c.label,
+        "shape": [c.b, c.h, c.hk, c.nq, c.nk, c.d],
+        "causal": c.causal,
+        "paged": c.paged,
+        "check": {"ok": ok, "rel_err": err, "tol": RTOL["float32"]},
+        "median_s": tm.median,
+        "kv_gbs": gbs,
+        "kv_fraction_of_stream": gbs / bandwidth if bandwidth > 0 else None,
+        "torch_s": None,
+        "vs_torch": None,
+    }
+    opts.progress(f"numbattn {fmt_time(tm.median)} (K+V {gbs:.1f} GB/s)")
+    if torch is not None and opts.baselines:
+        import torch.nn.functional as F
+
+        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+        mask = None
+        if c.causal:
+            from .reference import visible
+
+            mask = torch.from_numpy(visible(c.nq, c.nk, causal=True))
+
+        def tcall():
+            return F.scaled_dot_product_attention(
+                tq, tk, tv, attn_mask=mask, enable_gqa=c.h != c.hk
+            )
+
+        tcall()
+        time.sleep(0.2)
+        tcall()
+        tt = repeat_timed(
+            lambda: CpuBackend().timed(tcall),
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+        rec["torch_s"] = tt.median
+        rec["vs_torch"] = tt.median / tm.median
+        opts.progress(f"torch {fmt_time(tt.median)}")
+        time.sleep(0.2)
+    return rec
+
+
+def decode_table(records: list[dict], bandwidth: float, threads: int) -> str:
+    """Plain-text decode table and the derived ratios (GQA vs MHA, paged vs
+    contiguous) where those cases ran."""
+    head = ["case", "numbattn", "torch", "vs torch", "K+V GB/s", "of stream", "check"]
+    rows = [head]
+    for r in records:
+        frac = r["kv_fraction_of_stream"]
+        rows.append(
+            [
+                r["case"],
+                fmt_time(r["median_s"]),
+                fmt_time(r["torch_s"]),
+                _ratio(r["vs_torch"]),
+                f"{r['kv_gbs']:.1f}",
+                "-" if frac is None else f"{frac:.0%}",
+                "ok" if r["check"]["ok"] else f"FAIL {r['check']['rel_err']:.1e}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"streaming read bandwidth ({threads} threads, same run): {bandwidth:.1f} GB/s"]
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    by = {tuple(r["shape"]) + (r["causal"], r["paged"]): r["median_s"] for r in records}
+    for key, t in by.items():
+        b, h, hk, nq, nk, d, causal, paged = key
+        if paged:
+            base = by.get((b, h, hk, nq, nk, d, causal, None))
+            if base:
+                lines.append(f"paged (block {paged}) / contiguous: {t / base:.2f}x")
+        elif hk != h:
+            base = by.get((b, hk, hk, nq, nk, d, causal, None))
+            if base:
+                lines.append(f"GQA {h}/{hk} heads / MHA {hk} heads: {t / base:.2f}x")
     return "\n".join(lines)

@@ -306,3 +306,52 @@ def check_heads(sq: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> int:
         check_leading("k", sk, lq, "q", 2)
     check_leading("v", sv, lk, "k", 2)
     return group
+
+
+# --- Split-K and paged KV caches (issue 11) ---------------------------------
+
+
+def check_num_splits(value: Any) -> int | None:
+    """``num_splits``: None (heuristic) or an integer >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_splits must be an integer >= 1 or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"num_splits must be >= 1 (1 disables splitting), got {value}")
+    return int(value)
+
+
+def check_block_table(
+    table: np.ndarray, batch: int, key_lengths: np.ndarray, block_size: int, num_blocks: int
+) -> None:
+    """A paged cache's block table (host values): int32, shape (batch,
+    max_blocks), enough columns for every length, and every entry a length
+    needs (the first ceil(key_lengths[b] / block_size) of row b) in
+    [0, num_blocks). Entries past those are never read, so never checked."""
+    if table.dtype != np.int32:
+        raise TypeError(f"block_table must have dtype int32, got {table.dtype}")
+    if table.ndim != 2 or table.shape[0] != batch:
+        raise ValueError(
+            f"block_table must have shape (B, max_blocks) with B = {batch} (q's batch), "
+            f"got {table.shape}"
+        )
+    max_blocks = table.shape[1]
+    capacity = max_blocks * block_size
+    if key_lengths.size and key_lengths.max() > capacity:
+        b = int(np.argmax(key_lengths > capacity))
+        raise ValueError(
+            f"block_table has too few blocks for key_lengths[{b}] = {int(key_lengths[b])}: "
+            f"{max_blocks} blocks of block_size {block_size} hold {capacity} keys"
+        )
+    if block_size == 0:
+        return
+    needed = -(-key_lengths // block_size)
+    used = np.arange(max_blocks)[None, :] < needed[:, None]
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        b, j = (int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_table[{b}, {j}] must lie in [0, {num_blocks}) (num_blocks of the cache), "
+            f"got {int(table[b, j])}"
+        )

@@ -20,7 +20,16 @@ from ._backend import Backend
 from ._interop import device_interface, looks_like_device_array
 from ._layout import BatchPlan, host_index, host_restride
 
-__all__ = ["attention", "merge_attention", "scores", "softmax", "varlen_attention"]
+__all__ = [
+    "attention",
+    "attention_backward",
+    "merge_attention",
+    "paged_attention",
+    "scores",
+    "softmax",
+    "varlen_attention",
+    "varlen_attention_backward",
+]
 
 #: A numpy.ndarray, or a GPU array exposing ``__cuda_array_interface__``
 #: (CuPy array, PyTorch CUDA tensor, Numba device array).
@@ -413,6 +422,7 @@ def attention(
     mask: Array | None = None,
     window: tuple[int, int] | None = None,
     diagonal: Any = None,
+    num_splits: int | None = None,
     out: Array | None = None,
     lse: Array | None = None,
     stream: Any = None,
@@ -463,11 +473,24 @@ def attention(
         ``k[..., c0:c1, :]`` of a larger problem computes its part of the
         whole with ``diagonal = Nk - Nq + r0 - c0`` (numbattn.dask does).
         Within +-2**60.
+    num_splits : int, optional
+        Split each sequence's keys into this many chunks, processed in
+        parallel and merged exactly (the :func:`merge_attention` math)
+        inside the call; scratch O(num_splits x Nq x dv). None (default):
+        the backend's heuristic, which splits only when the work grid
+        (batch x key heads x query tiles) is too small for the hardware
+        (see README, "Decoding"); 1 disables splitting. Values above the
+        longest key length act as that length. Results are bitwise
+        reproducible for a given split count; different counts differ by
+        rounding only.
     out : array, shape (..., Nq, dv), optional
         Buffer to write into; returned.
     lse : array, shape (..., Nq), optional
-        Receives each row's natural-log log-sum-exp of its scaled, masked
-        scores (what :func:`merge_attention` and backward passes need).
+        Receives each row's natural-log log-sum-exp of its scaled, biased,
+        masked scores, ``log(sum_j exp(scale * q_i.k_j + bias_ij))`` over the
+        visible keys j (-inf for a row with none), in the input dtype: what
+        :func:`merge_attention` and :func:`attention_backward` (which
+        recomputes ``P = exp(s - lse)``) need.
     stream : optional
         CUDA stream for GPU inputs (see :func:`scores`).
 
@@ -480,18 +503,22 @@ def attention(
 
     Raises
     ------
+    NotImplementedError
+        ``num_splits`` > 1 with GPU arrays, until the CUDA split kernels land.
     TypeError
-        As :func:`scores`, for ``v`` and ``lse`` too.
+        As :func:`scores`, for ``v`` and ``lse`` too; ``num_splits`` not an
+        integer or None.
     ValueError
         As :func:`scores`; also ``v`` with a different Nk, head counts that
         do not divide, and ``out`` or ``lse`` overlapping an input or each
-        other.
+        other; ``num_splits`` < 1.
     """
     shadows, on_device = _prepare(
         {"q": q, "k": k, "v": v, "bias": bias, "mask": mask, "out": out, "lse": lse}
     )
     sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
     dtype = _check_qkv(shadows)
+    num_splits = chk.check_num_splits(num_splits)
     leading = sq.shape[:-2]
     group = chk.check_heads(sq, sk, sv)
     chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
@@ -513,6 +540,10 @@ def attention(
     if sout.size or (slse is not None and slse.size):
         bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
         max_rows = _max_rows(table)
+        heads = leading[-1] if leading else 1
+        splits = _splits(
+            backend, num_splits, int(np.prod(leading[:-1])), heads, group, max_rows, table
+        )
 
         def run(
             q_: Any,
@@ -525,9 +556,9 @@ def attention(
             seq_: np.ndarray,
             stream: Any,
         ) -> None:
-            backend.attention(
-                q_, k_, v_, out_, lse_, seq_, max_rows, bias_, mask_, scale, left, right,
-                stream=stream,
+            _attend(
+                backend, splits, None, q_, k_, v_, out_, lse_, seq_, max_rows, bias_, mask_,
+                scale, left, right, stream,
             )  # fmt: skip
 
         _launch(
@@ -540,6 +571,54 @@ def attention(
             keep_last=group != 1,
         )
     return out
+
+
+def _splits(
+    backend: Backend,
+    num_splits: int | None,
+    batch: int,
+    heads: int,
+    group: int,
+    max_rows: int,
+    table: np.ndarray,
+) -> int:
+    """The split count: ``num_splits`` or the backend's pick, capped at the
+    longest key length (a split never needs to be shorter than one key)."""
+    max_keys = int(table[..., seqs.K_LEN].max()) if table.size else 0
+    if num_splits is None:
+        num_splits = backend.default_splits(batch, heads, group, max_rows, max_keys)
+    return max(1, min(int(num_splits), max_keys))
+
+
+def _attend(
+    backend: Backend,
+    splits: int,
+    block_table: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    seq: np.ndarray,
+    max_rows: int,
+    bias: Any,
+    mask: Any,
+    scale: float,
+    left: int,
+    right: int,
+    stream: Any,
+) -> None:
+    """The backend's attention: unsplit and dense through ``attention``
+    (unchanged path), split or paged through ``split_attention``."""
+    if splits == 1 and block_table is None:
+        backend.attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, left, right, stream=stream
+        )
+    else:
+        backend.split_attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, left, right,
+            splits, block_table, stream=stream,
+        )  # fmt: skip
 
 
 def _check_outputs(
@@ -570,6 +649,7 @@ def varlen_attention(
     window: tuple[int, int] | None = None,
     bias: Array | None = None,
     mask: Array | None = None,
+    num_splits: int | None = None,
     out: Array | None = None,
     lse: Array | None = None,
     stream: Any = None,
@@ -598,6 +678,9 @@ def varlen_attention(
     mask : bool array, broadcastable to (H, Tq, Tk), optional
         Indexed by packed token positions; only each sequence's own block is
         read.
+    num_splits : int, optional
+        As :func:`attention` (the work grid is sequences x key heads x
+        query tiles).
     out : array, shape (Tq, H, dv), optional
     lse : array, shape (Tq, H), optional
         As :func:`attention` (note: FlashAttention returns lse as (H, Tq)).
@@ -611,6 +694,8 @@ def varlen_attention(
 
     Raises
     ------
+    NotImplementedError
+        As :func:`attention`.
     TypeError
         As :func:`attention`; cu_seqlens not int32/int64.
     ValueError
@@ -622,6 +707,7 @@ def varlen_attention(
     )
     sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
     dtype = _check_qkv(shadows)
+    num_splits = chk.check_num_splits(num_splits)
     for name, what in (("q", "(Tq, H, d)"), ("k", "(Tk, Hk, d)"), ("v", "(Tk, Hk, dv)")):
         if shadows[name].ndim != 3:
             raise ValueError(
@@ -629,7 +715,7 @@ def varlen_attention(
             )
     # As (H, T, d), so that heads are the leading (batch) axis.
     hq_view, hk_view, hv_view = (s.swapaxes(0, 1) for s in (sq, sk, sv))
-    chk.check_heads(hq_view, hk_view, hv_view)
+    group = chk.check_heads(hq_view, hk_view, hv_view)
     chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
     chk.check_dim("v", sv.shape[0], sk.shape[0], "token count Tk =", "k")
     scale = chk.check_scale(scale, sq.shape[-1])
@@ -682,9 +768,11 @@ def varlen_attention(
         )
     q_, k_, v_, out_, lse_, bias_, mask_ = args
     max_rows = int(table[:, seqs.Q_ROWS].max())
-    backend.attention(
-        q_, k_, v_, out_, lse_, table4, max_rows, bias_, mask_, scale, left, right, stream=stream
-    )
+    splits = _splits(backend, num_splits, nseq, h, group, max_rows, table)
+    _attend(
+        backend, splits, None, q_, k_, v_, out_, lse_, table4, max_rows, bias_, mask_, scale,
+        left, right, stream,
+    )  # fmt: skip
     return out
 
 
@@ -786,3 +874,483 @@ def merge_attention(
         )
         acc = (out, sout, lse, slse)
     return out
+
+
+def paged_attention(
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    block_table: Array,
+    key_lengths: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    query_lengths: Array | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    window: tuple[int, int] | None = None,
+    num_splits: int | None = None,
+    out: Array | None = None,
+    lse: Array | None = None,
+    stream: Any = None,
+) -> Array:
+    """Attention over a paged KV cache (FlashAttention's ``flash_attn_with_kvcache``
+    convention with ``block_table``).
+
+    Sequence b's keys are ``key_lengths[b]`` tokens stored in fixed-size
+    blocks: its key position p lives at ``k_cache[block_table[b, p //
+    block_size], p % block_size]`` (same for ``v_cache``). Equivalent to
+    :func:`attention` on the gathered (B, Hk, max_blocks * block_size, d)
+    keys with these ``key_lengths``; nothing is gathered or copied.
+
+    Parameters
+    ----------
+    q : array, shape (B, H, Nq, d)
+        Queries, heads before tokens as in :func:`attention` (a (B, Nq, H,
+        d) array can be passed as ``q.swapaxes(1, 2)``); float32 or float64.
+    k_cache : array, shape (num_blocks, block_size, Hk, d)
+    v_cache : array, shape (num_blocks, block_size, Hk, dv)
+        The physical blocks, same dtype as ``q``, any strides. Hk divides H
+        (grouped-query: query head h reads key head ``h // (H // Hk)``).
+    block_table : int32 array, shape (B, max_blocks)
+        ``block_table[b, i]``: the physical block holding sequence b's
+        logical block i. The first ``ceil(key_lengths[b] / block_size)``
+        entries of each row must lie in [0, num_blocks); later ones are never
+        read. On the same device as ``q`` (GPU tables are copied to the host
+        to be checked, which synchronises).
+    key_lengths : integer array, shape (B,)
+        Keys of each sequence (``cache_seqlens``), in [0, max_blocks *
+        block_size]. A host array, also for GPU inputs.
+    scale, causal, window
+        As :func:`attention`, aligned bottom-right per sequence with its own
+        lengths (FlashAttention's kv-cache convention: the Nq queries are
+        the last Nq positions of the sequence).
+    query_lengths : integer array, shape (B,), optional
+        As :func:`attention`.
+    bias : array, broadcastable to (B, H, Nq, max_blocks * block_size), optional
+    mask : bool array, broadcastable to (B, H, Nq, max_blocks * block_size), optional
+        As :func:`attention`, indexed by logical key positions.
+    num_splits : int, optional
+        As :func:`attention`.
+    out : array, shape (B, H, Nq, dv), optional
+    lse : array, shape (B, H, Nq), optional
+        As :func:`attention`.
+    stream : optional
+        CUDA stream for GPU inputs.
+
+    Returns
+    -------
+    array, shape (B, H, Nq, dv)
+        ``out`` if given, else a new array of the inputs' kind.
+
+    Raises
+    ------
+    NotImplementedError
+        GPU arrays, until the CUDA paged kernels land.
+    TypeError
+        As :func:`attention`; ``block_table`` not int32, ``key_lengths``
+        not integers.
+    ValueError
+        As :func:`attention`; arrays not 4-d, caches of different block
+        counts, block sizes or heads, ``block_table`` not (B, max_blocks),
+        too few blocks for a length, a needed entry outside [0, num_blocks),
+        ``key_lengths`` missing or out of range.
+    """
+    shadows, on_device = _prepare(
+        {
+            "q": q,
+            "k_cache": k_cache,
+            "v_cache": v_cache,
+            "block_table": block_table,
+            "bias": bias,
+            "mask": mask,
+            "out": out,
+            "lse": lse,
+        }
+    )
+    sq, sk, sv = shadows["q"], shadows["k_cache"], shadows["v_cache"]
+    dtype = chk.check_dtype("q", sq)
+    chk.check_dtype("k_cache", sk, dtype)
+    chk.check_dtype("v_cache", sv, dtype)
+    num_splits = chk.check_num_splits(num_splits)
+    for name, arr, what in (
+        ("q", sq, "(B, H, Nq, d)"),
+        ("k_cache", sk, "(num_blocks, block_size, Hk, d)"),
+        ("v_cache", sv, "(num_blocks, block_size, Hk, dv)"),
+    ):
+        if arr.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions {what}, got shape {arr.shape}")
+    if sv.shape[:3] != sk.shape[:3]:
+        raise ValueError(
+            f"v_cache must have the same (num_blocks, block_size, Hk) as k_cache "
+            f"{sk.shape[:3]}, got {sv.shape[:3]}"
+        )
+    b, h, nq, d = sq.shape
+    num_blocks, block_size, hk = sk.shape[:3]
+    chk.check_dim("k_cache", sk.shape[3], d, "last dimension d =", "q")
+    if hk == 0 or h % hk:
+        raise ValueError(
+            f"k_cache must have a number of heads (axis 2) that divides q's {h} "
+            f"(grouped-query attention), got {hk}"
+        )
+    group = h // hk
+    scale = chk.check_scale(scale, d)
+    causal = chk.check_flag("causal", causal)
+    if key_lengths is None:
+        raise TypeError("key_lengths must be an integer array of shape (B,), got None")
+    lengths = chk._host_integers("key_lengths", _host_values(key_lengths), f"of shape ({b},)")
+    if lengths.shape != (b,):
+        raise ValueError(
+            f"key_lengths must have shape ({b},) (one per sequence), got {lengths.shape}"
+        )
+    if lengths.size and lengths.min() < 0:
+        raise ValueError(f"key_lengths must be >= 0, got {int(lengths.min())}")
+    bt_host = np.asarray(_host_values(block_table))
+    chk.check_block_table(bt_host, b, lengths.astype(np.int64), block_size, num_blocks)
+    nk = bt_host.shape[1] * block_size
+    left, right = _window(window, causal, nq + nk)
+    inputs = {"q": sq, "k_cache": sk, "v_cache": sv, "block_table": shadows["block_table"]}
+    views = _check_options(shadows, dtype, (b, h, nq, nk), inputs)
+    table = _dense_table((b, h), nq, nk, lengths, query_lengths)
+    out_shape = (b, h, nq, sv.shape[3])
+    _check_outputs(shadows, out, lse, out_shape, (b, h, nq), dtype, inputs)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, (q, k_cache, v_cache))
+    out, sout = _output(backend, "out", out, shadows.get("out"), out_shape, dtype, q, stream)
+    slse = shadows.get("lse")
+    if b == 0 or h == 0 or not (sout.size or (slse is not None and slse.size)):
+        return out
+    bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+    max_rows = _max_rows(table)
+    splits = _splits(backend, num_splits, b, h, group, max_rows, table)
+    q_, k_, v_, bt_, out_ = (
+        backend.as_kernel_array(o, stream) for o in (q, k_cache, v_cache, block_table, out)
+    )
+    lse_ = None if lse is None else backend.as_kernel_array(lse, stream)
+    backend.split_attention(
+        q_, k_, v_, out_, lse_, table, max_rows, bias_arr[0], mask_arr[0], scale, left, right,
+        splits, bt_, stream=stream,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Backward pass
+# ---------------------------------------------------------------------------
+
+
+def _check_backward(
+    shadows: dict[str, np.ndarray],
+    dtype: np.dtype,
+    out_shape: tuple[int, ...],
+    lse_shape: tuple[int, ...],
+    inputs: dict[str, np.ndarray],
+    grad_shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """out / lse / dout (read) and dq / dk / dv (written) of a backward call."""
+    for name, shape in (("out", out_shape), ("dout", out_shape), ("lse", lse_shape)):
+        arr = shadows[name]
+        chk.check_dtype(name, arr, dtype)
+        if arr.shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (as the forward's {name if name != 'dout' else 'out'}), "
+                f"got {arr.shape}"
+            )
+        inputs[name] = arr
+    written: dict[str, np.ndarray] = {}
+    for name, shape in grad_shapes.items():
+        if name in shadows:
+            chk.check_output(name, shadows[name], shape, dtype, dict(inputs, **written))
+            written[name] = shadows[name]
+
+
+def _grad_buffers(
+    backend: Backend,
+    shadows: dict[str, np.ndarray],
+    given: dict[str, Any],
+    grad_shapes: dict[str, tuple[int, ...]],
+    dtype: np.dtype,
+    like: Any,
+    stream: Any,
+) -> dict[str, tuple[Any, np.ndarray]]:
+    """(array, shadow) of dq, dk, dv: the caller's, or new ones."""
+    return {
+        name: _output(backend, name, given[name], shadows.get(name), shape, dtype, like, stream)
+        for name, shape in grad_shapes.items()
+    }
+
+
+def attention_backward(
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_lengths: Array | None = None,
+    query_lengths: Array | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    window: tuple[int, int] | None = None,
+    diagonal: Any = None,
+    dq: Array | None = None,
+    dk: Array | None = None,
+    dv: Array | None = None,
+    stream: Any = None,
+) -> tuple[Array, Array, Array]:
+    """Gradients of :func:`attention` with respect to q, k and v.
+
+    FlashAttention-2's backward pass: from the forward's ``out`` and ``lse``
+    it computes ``D = rowsum(dout * out)`` and, tile by tile, recomputes
+    ``P = exp(S - lse)`` and accumulates ``dv += P^T dout``, ``dS = P * (dout
+    v^T - D)``, ``dq += scale * dS k``, ``dk += scale * dS^T q``. No (Nq, Nk)
+    array is allocated: extra memory is O(N). The result equals
+    :func:`numbattn.reference.attention_backward`.
+
+    Parameters
+    ----------
+    q, k, v : arrays, shapes (..., Nq, d), (..., Nk, d), (..., Nk, dv)
+        The forward's inputs, as for :func:`attention` (any strides,
+        grouped-query heads, ``dv`` may differ from ``d``).
+    out : array, shape (..., Nq, dv)
+        The forward's output.
+    lse : array, shape (..., Nq)
+        The forward's ``lse``: per row, the natural log of the sum over
+        visible keys of ``exp(scale * q.k + bias)``; -inf for a row with no
+        visible key. Must come from the same call (same options).
+    dout : array, shape (..., Nq, dv)
+        Gradient of the loss with respect to ``out``.
+    scale, causal, key_lengths, query_lengths, bias, mask, window, diagonal
+        The forward's options (see :func:`attention`), unchanged. ``bias``
+        and ``mask`` are constants: no gradient is computed for them.
+    dq, dk, dv : arrays shaped like q, k, v, optional
+        Buffers for the gradients (same dtype and device as the inputs,
+        writeable, no zero strides, overlapping neither an input nor each
+        other); every element is overwritten.
+    stream : optional
+        CUDA stream for GPU inputs (see :func:`scores`).
+
+    Returns
+    -------
+    (dq, dk, dv) : arrays shaped like q, k and v
+        The given buffers, or new arrays of the inputs' kind. Rows of a
+        query with no visible key (past its length, causal with Nq > Nk,
+        masks) have dq = 0 and contribute nothing; keys no query sees (past
+        their length, masked) get dk = dv = 0; never NaN from masking.
+        Grouped-query attention: dk and dv of a key head are summed over
+        its group of query heads.
+
+    Raises
+    ------
+    TypeError
+        As :func:`attention`, for ``out``, ``lse``, ``dout`` and the
+        gradient buffers too.
+    ValueError
+        As :func:`attention`; ``out``, ``dout`` or ``lse`` of the wrong
+        shape; a gradient buffer of the wrong shape, read-only, with a
+        zero stride, or overlapping an input or another gradient buffer.
+        Nothing is written when an error is raised.
+    """
+    shadows, on_device = _prepare(
+        {
+            "q": q, "k": k, "v": v, "out": out, "lse": lse, "dout": dout,
+            "bias": bias, "mask": mask, "dq": dq, "dk": dk, "dv": dv,
+        }
+    )  # fmt: skip
+    sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
+    dtype = _check_qkv(shadows)
+    leading = sq.shape[:-2]
+    group = chk.check_heads(sq, sk, sv)
+    chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
+    chk.check_dim("v", sv.shape[-2], sk.shape[-2], "key count Nk =", "k")
+    scale = chk.check_scale(scale, sq.shape[-1])
+    causal = chk.check_flag("causal", causal)
+    nq, nk = sq.shape[-2], sk.shape[-2]
+    diag, reach = _diagonal(diagonal, leading)
+    left, right = _window(window, causal, nq + nk + reach)
+    inputs = {"q": sq, "k": sk, "v": sv}
+    views = _check_options(shadows, dtype, leading + (nq, nk), inputs)
+    table = _dense_table(leading, nq, nk, key_lengths, query_lengths, diag)
+    grad_shapes = {"dq": sq.shape, "dk": sk.shape, "dv": sv.shape}
+    out_shape = leading + (nq, sv.shape[-1])
+    _check_backward(shadows, dtype, out_shape, leading + (nq,), inputs, grad_shapes)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, (q, k, v))
+    grads = _grad_buffers(
+        backend, shadows, {"dq": dq, "dk": dk, "dv": dv}, grad_shapes, dtype, q, stream
+    )
+    if any(s.size for _, s in grads.values()):
+        delta = backend.empty(leading + (nq,), dtype, like=None, stream=stream)[0]
+        sdelta = chk.shadow("delta", delta)[0]
+        bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+        max_rows = _max_rows(table)
+
+        def run(
+            q_: Any,
+            k_: Any,
+            v_: Any,
+            out_: Any,
+            lse_: Any,
+            dout_: Any,
+            delta_: Any,
+            dq_: Any,
+            dk_: Any,
+            dv_: Any,
+            bias_: Any,
+            mask_: Any,
+            seq_: np.ndarray,
+            stream: Any,
+        ) -> None:
+            backend.attention_backward(
+                q_, k_, v_, out_, lse_, dout_, delta_, dq_, dk_, dv_, seq_, max_rows, nk, nk,
+                bias_, mask_, scale, left, right, stream=stream,
+            )  # fmt: skip
+
+        _launch(
+            backend,
+            run,
+            leading,
+            [(q, sq), (k, sk), (v, sv), (out, shadows["out"]), (lse, shadows["lse"])]
+            + [(dout, shadows["dout"]), (delta, sdelta), grads["dq"], grads["dk"], grads["dv"]]
+            + [bias_arr, mask_arr],
+            [table],
+            stream,
+            keep_last=group != 1,
+        )
+    return grads["dq"][0], grads["dk"][0], grads["dv"][0]
+
+
+def varlen_attention_backward(
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    cu_seqlens_q: Array,
+    cu_seqlens_k: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    dq: Array | None = None,
+    dk: Array | None = None,
+    dv: Array | None = None,
+    stream: Any = None,
+) -> tuple[Array, Array, Array]:
+    """Gradients of :func:`varlen_attention` with respect to q, k and v.
+
+    As :func:`attention_backward`, for packed sequences.
+
+    Parameters
+    ----------
+    q, k, v : arrays, shapes (Tq, H, d), (Tk, Hk, d), (Tk, Hk, dv)
+        The forward's packed inputs.
+    out : array, shape (Tq, H, dv)
+    lse : array, shape (Tq, H)
+        The forward's output and log-sum-exp (:func:`varlen_attention`).
+    dout : array, shape (Tq, H, dv)
+        Gradient of the loss with respect to ``out``.
+    cu_seqlens_q, cu_seqlens_k : int32 or int64 array, shape (B + 1,)
+        As :func:`varlen_attention`.
+    scale, causal, window, bias, mask
+        The forward's options (bias and mask get no gradient).
+    dq, dk, dv : arrays shaped like q, k, v, optional
+        Buffers for the gradients, as :func:`attention_backward`.
+    stream : optional
+        CUDA stream for GPU inputs.
+
+    Returns
+    -------
+    (dq, dk, dv) : arrays shaped like q, k and v
+        Tokens of no sequence cannot exist (cu_seqlens cover every token);
+        keys no query of their sequence sees get zeros.
+
+    Raises
+    ------
+    TypeError
+        As :func:`attention_backward`; cu_seqlens not int32/int64.
+    ValueError
+        As :func:`attention_backward` and :func:`varlen_attention`.
+    """
+    shadows, on_device = _prepare(
+        {
+            "q": q, "k": k, "v": v, "out": out, "lse": lse, "dout": dout,
+            "bias": bias, "mask": mask, "dq": dq, "dk": dk, "dv": dv,
+        }
+    )  # fmt: skip
+    sq, sk, sv = shadows["q"], shadows["k"], shadows["v"]
+    dtype = _check_qkv(shadows)
+    for name, what in (("q", "(Tq, H, d)"), ("k", "(Tk, Hk, d)"), ("v", "(Tk, Hk, dv)")):
+        if shadows[name].ndim != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions {what}, got shape {shadows[name].shape}"
+            )
+    chk.check_heads(*(s.swapaxes(0, 1) for s in (sq, sk, sv)))
+    chk.check_dim("k", sk.shape[-1], sq.shape[-1], "last dimension d =", "q")
+    chk.check_dim("v", sv.shape[0], sk.shape[0], "token count Tk =", "k")
+    scale = chk.check_scale(scale, sq.shape[-1])
+    causal = chk.check_flag("causal", causal)
+    tq, h = sq.shape[:2]
+    tk = sk.shape[0]
+    left, right = _window(window, causal, tq + tk)
+    inputs = {"q": sq, "k": sk, "v": sv}
+    views = _check_options(shadows, dtype, (h, tq, tk), inputs)
+    cu_q = chk.check_cu_seqlens("cu_seqlens_q", _host_values(cu_seqlens_q), tq, "q")
+    cu_k = chk.check_cu_seqlens("cu_seqlens_k", _host_values(cu_seqlens_k), tk, "k")
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(
+            f"cu_seqlens_k must have the same length as cu_seqlens_q ({cu_q.size}, B + 1), "
+            f"got {cu_k.size}"
+        )
+    grad_shapes = {"dq": sq.shape, "dk": sk.shape, "dv": sv.shape}
+    _check_backward(shadows, dtype, (tq, h, sv.shape[-1]), (tq, h), inputs, grad_shapes)
+    backend = _backend(on_device)
+    stream = backend.resolve_stream(stream, (q, k, v))
+    grads = _grad_buffers(
+        backend, shadows, {"dq": dq, "dk": dk, "dv": dv}, grad_shapes, dtype, q, stream
+    )
+    nseq = cu_q.size - 1
+    result = grads["dq"][0], grads["dk"][0], grads["dv"][0]
+    if nseq == 0 or h == 0:
+        return result  # no token at all: every gradient is empty
+    table = np.empty((nseq, seqs.COLUMNS), dtype=np.int64)
+    table[:, seqs.Q_OFF] = cu_q[:-1]
+    table[:, seqs.Q_LEN] = table[:, seqs.Q_ROWS] = np.diff(cu_q)
+    table[:, seqs.K_OFF] = cu_k[:-1]
+    table[:, seqs.K_LEN] = np.diff(cu_k)
+    table[:, seqs.ALIGN] = table[:, seqs.K_LEN] - table[:, seqs.Q_LEN]
+    table4 = seqs.broadcast(table, (nseq, h), axis0=True)
+    delta = backend.empty((tq, h), dtype, like=None, stream=stream)[0]
+    sdelta = chk.shadow("delta", delta)[0]
+
+    def per_sequence(obj: Any, shadow: Any) -> Any:
+        """(tokens, heads, ...) as (B, heads, tokens, ...) with a zero stride over B."""
+        view = shadow.swapaxes(0, 1)
+        return backend.restride(
+            backend.as_kernel_array(obj, stream), (nseq,) + view.shape, (0,) + view.strides
+        )
+
+    pairs = [(q, sq), (k, sk), (v, sv), (out, shadows["out"]), (lse, shadows["lse"])]
+    pairs += [(dout, shadows["dout"]), (delta, sdelta), grads["dq"], grads["dk"], grads["dv"]]
+    args = [per_sequence(o, s) for o, s in pairs]
+    bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
+    for arr, view in (bias_arr, mask_arr):
+        args.append(
+            None
+            if arr is None
+            else backend.restride(arr, (nseq,) + view.shape, (0,) + view.strides)
+        )
+    q_, k_, v_, out_, lse_, dout_, delta_, dq_, dk_, dv_, bias_, mask_ = args
+    max_rows = int(table[:, seqs.Q_ROWS].max())
+    max_keys = int(table[:, seqs.K_LEN].max())
+    backend.attention_backward(
+        q_, k_, v_, out_, lse_, dout_, delta_, dq_, dk_, dv_, table4, max_rows, 0, max_keys,
+        bias_, mask_, scale, left, right, stream=stream,
+    )  # fmt: skip
+    return result

@@ -8,12 +8,32 @@ force multi-tile paths on tiny inputs without triggering a recompilation::
 
 # --- CPU (numbattn.cpu) ----------------------------------------------------
 #: Query rows handled by one parallel work item of the fused kernel and of
-#: ``scores``. Also the granularity of load balancing across threads.
-CPU_QUERY_TILE = 64
+#: ``scores``. Also the granularity of load balancing across threads. Each
+#: work item packs its K and V tiles again, so taller tiles amortise the
+#: packing: 128 ran 1.03-1.5x faster than 64 at the four shapes of issue 12
+#: (fp32 and fp64, causal too; README "Performance").
+CPU_QUERY_TILE = 128
 #: Keys per online-softmax step of the fused kernel (and per ``scores`` tile).
 #: The working set is about CPU_QUERY_TILE x CPU_KEY_TILE scores plus a
 #: packed K and V tile, sized to stay in L1/L2.
 CPU_KEY_TILE = 128
+#: Query rows per step of the backward pass (rounded up to a multiple of 4).
+CPU_BWD_QUERY_TILE = 64
+#: Keys per work unit of the backward pass: each key tile's dK and dV stay
+#: in registers-sized scratch while the query tiles that see it stream by.
+CPU_BWD_KEY_TILE = 128
+#: Bytes of dQ accumulators the backward may use to split one head's key
+#: tiles across threads (few heads, many threads); one dq-sized array is
+#: always allowed.
+CPU_BWD_SPLIT_BYTES = 32 << 20
+#: Few queries (issue 11): calls whose longest query count is at most this run
+#: the streaming kernel (K and V rows read in place, the query heads of a key
+#: head together, split over keys); longer ones the tiled kernel above.
+CPU_STREAM_ROWS = 16
+#: Keys per online-softmax step of the streaming kernel.
+CPU_STREAM_KEY_TILE = 256
+#: ``num_splits=None`` never makes a key chunk shorter than this.
+CPU_MIN_SPLIT_KEYS = 512
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each
@@ -54,3 +74,44 @@ CUDA_HEAD_CHUNK = 64
 CUDA_VALUE_CHUNK = 64
 #: Bytes of shared memory caching one softmax row (longer rows re-read it).
 CUDA_SOFTMAX_CACHE_BYTES = 16384
+
+# Geometry of the CUDA backward kernels (numbattn/cuda/backward.py): a block
+# keeps ROW_TILE of its own rows (queries for dQ, keys for dK/dV) resident
+# and streams COL_TILE rows of the other side per step; each thread computes
+# ROWS_PER_THREAD x COLS_PER_THREAD scores, so a block has
+# (ROW_TILE / ROWS_PER_THREAD) * (COL_TILE / COLS_PER_THREAD) threads. Whole
+# head rows stay in shared memory: for wide heads the backend halves the
+# tiles (COL_TILE first) until the block fits 48 KiB. float64 runs on the
+# tensor cores (DMMA) when the block is 4 threads per own row and the
+# streamed tile a multiple of 8 (the defaults: 64 threads, 16 x 16 tiles).
+CUDA_BWD_ROW_TILE = 32
+CUDA_BWD_COL_TILE = 32
+CUDA_BWD_ROWS_PER_THREAD = 2
+CUDA_BWD_COLS_PER_THREAD = 4
+CUDA_BWD_ROW_TILE_F64 = 16
+CUDA_BWD_COL_TILE_F64 = 16
+CUDA_BWD_ROWS_PER_THREAD_F64 = 2
+CUDA_BWD_COLS_PER_THREAD_F64 = 2
+# Streaming split-K attention for few queries (numbattn/cuda/decode.py, issue 11).
+# A block is CUDA_DECODE_TEAMS teams of CUDA_DECODE_LANES lanes (a lane per
+# head dimension modulo the team width); it owns CUDA_DECODE_ROWS rows
+# (query heads of one KV head x queries) and a team takes
+# CUDA_DECODE_KEYS[_F64] keys per step.
+#: ``attention`` runs the streaming kernel when (query heads per KV head) x
+#: (longest query count) is at most this; larger calls the fused kernel.
+CUDA_STREAM_ROWS = 16
+#: Lanes per team (a power of two <= 32: the lanes of one warp on a GPU).
+CUDA_DECODE_LANES = 32
+#: Teams (warps) per block.
+CUDA_DECODE_TEAMS = 4
+#: Rows (query head x query pairs) per block, at most (a call with fewer rows
+#: per KV head uses the next power of two above them).
+CUDA_DECODE_ROWS = 4
+#: Keys per team and step, float32 / float64 (more loads in flight, more
+#: registers: 4 keys give 126 registers, 4 blocks of 128 threads per SM, on cc 9.0).
+CUDA_DECODE_KEYS = 4
+CUDA_DECODE_KEYS_F64 = 2
+#: ``num_splits=None`` never makes a key chunk shorter than this.
+CUDA_MIN_SPLIT_KEYS = 256
+#: Threads per block of the kernel merging the splits (over value columns).
+CUDA_SPLIT_MERGE_THREADS = 128

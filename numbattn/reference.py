@@ -39,12 +39,15 @@ from numpy.typing import ArrayLike
 
 __all__ = [
     "attention",
+    "attention_backward",
     "causal_mask",
     "merge_attention",
+    "paged_attention",
     "relative_error",
     "scores",
     "softmax",
     "varlen_attention",
+    "varlen_attention_backward",
     "visible",
 ]
 
@@ -241,6 +244,119 @@ def varlen_attention(
     return out, lse
 
 
+def _masked_matmul(w: np.ndarray, seen: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``w @ x`` summing over pairs where ``seen`` only (0 * NaN never formed)."""
+    if np.isfinite(x).all():
+        return np.where(seen, w, 0.0) @ x
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.where(seen[..., None], w[..., None] * x[..., None, :, :], 0.0)
+    return terms.sum(axis=-2)
+
+
+def _sum_groups(g: np.ndarray, k_heads: int | None) -> np.ndarray:
+    """Grouped-query attention: sum a per-query-head gradient over each group."""
+    if k_heads is None or g.shape[-3] == k_heads:
+        return g
+    shape = g.shape[:-3] + (k_heads, g.shape[-3] // k_heads) + g.shape[-2:]
+    return g.reshape(shape).sum(axis=-3)
+
+
+def attention_backward(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike, **options: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients ``(dq, dk, dv)`` of ``sum(attention(q, k, v, **options)[0] * dout)``.
+
+    Takes the options of :func:`scores` (bias and mask are constants: they
+    get no gradient). With ``S = scores(q, k, **options)``, ``P =
+    softmax(S)`` (a row with no visible key is all 0), ``D = rowsum(P *
+    dP)`` (equal to ``rowsum(dout * out)``)::
+
+        dP = dout @ v^T        dS = P * (dP - D)      (0 where S is -inf)
+        dq = scale * dS @ k    dk = scale * dS^T @ q  dv = P^T @ dout
+
+    Only visible pairs (S > -inf) contribute: a row with no visible key
+    (lengths, causal with Nq > Nk, masks) has dq = 0 and adds nothing to
+    dk or dv, and a key that no row sees gets dk = dv = 0; NaN or inf in
+    masked positions of any input, or in ``dout`` rows past a query length,
+    never reach a gradient. Grouped-query attention: dk and dv of a key
+    head are summed over its query heads. Returns float64 arrays shaped
+    like q, k and v.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    dout = np.asarray(dout, dtype=np.float64)
+    heads = q.shape[-3] if q.ndim >= 3 else None
+    k_heads = k.shape[-3] if k.ndim >= 3 else None
+    scale = options.get("scale")
+    if scale is None:
+        d = q.shape[-1]
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    s = scores(q, k, **options)
+    seen = ~np.isneginf(s)
+    p = softmax(s)
+    kr, vr = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    # dP[i, j] = dout_i . v_j, over visible pairs only.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(dout).all() and np.isfinite(vr).all():
+            dp = np.where(seen, np.einsum("...ic,...jc->...ij", dout, vr), 0.0)
+        else:
+            dp = _pairwise_dot(dout, vr, seen)
+        delta = np.where(seen, p * dp, 0.0).sum(axis=-1, keepdims=True)
+        ds = np.where(seen, p * (dp - delta), 0.0)
+    dq = scale * _masked_matmul(ds, seen, kr)
+    dk = scale * _masked_matmul(np.swapaxes(ds, -1, -2), np.swapaxes(seen, -1, -2), q)
+    dv = _masked_matmul(np.swapaxes(p, -1, -2), np.swapaxes(seen, -1, -2), dout)
+    return dq, _sum_groups(dk, k_heads), _sum_groups(dv, k_heads)
+
+
+def _pairwise_dot(a: np.ndarray, b: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """``a_i . b_j`` for every pair, NaN-exact per pair (non-finite inputs)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.where(seen, (a[..., :, None, :] * b[..., None, :, :]).sum(axis=-1), 0.0)
+
+
+def varlen_attention_backward(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    dout: ArrayLike,
+    cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    mask: ArrayLike | None = None,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`attention_backward` of :func:`varlen_attention`: packed
+    (Tq, H, d), (Tk, Hk, d), (Tk, Hk, dv) inputs and ``dout`` (Tq, H, dv);
+    returns float64 ``(dq, dk, dv)`` of q's, k's and v's shapes."""
+    cu_q, cu_k = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
+    q, k, v, dout = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dout))
+    tq, h = q.shape[:2]
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b in range(len(cu_q) - 1):
+        qs = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        ks = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        extra = {}
+        if bias is not None:
+            extra["bias"] = np.broadcast_to(bias, (h, tq, k.shape[0]))[:, qs, ks]
+        if mask is not None:
+            extra["mask"] = np.broadcast_to(mask, (h, tq, k.shape[0]))[:, qs, ks]
+        gq, gk, gv = attention_backward(
+            q[qs].swapaxes(0, 1),
+            k[ks].swapaxes(0, 1),
+            v[ks].swapaxes(0, 1),
+            dout[qs].swapaxes(0, 1),
+            **extra,
+            **options,
+        )
+        dq[qs] = gq.swapaxes(0, 1)
+        dk[ks] = gk.swapaxes(0, 1)
+        dv[ks] = gv.swapaxes(0, 1)
+    return dq, dk, dv
+
+
 def merge_attention(
     outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -288,3 +404,38 @@ def relative_error(out: ArrayLike, ref: ArrayLike) -> float:
     num = float(np.linalg.norm(o[finite] - r[finite]))
     den = float(np.linalg.norm(r[finite]))
     return num if den == 0 else num / den
+
+
+def paged_attention(
+    q: ArrayLike,
+    k_cache: ArrayLike,
+    v_cache: ArrayLike,
+    block_table: ArrayLike,
+    key_lengths: ArrayLike,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention over a paged KV cache: :func:`attention` on the gathered keys.
+
+    q is (B, H, Nq, d); k_cache and v_cache (num_blocks, block_size, Hk, d)
+    and (..., dv); sequence b's key position p is
+    ``k_cache[block_table[b, p // block_size], p % block_size]``, for
+    ``p < key_lengths[b]``. Only the blocks a length needs are read (later
+    entries of ``block_table`` may hold anything). Takes the other options
+    of :func:`scores` (bias and mask broadcast to (B, H, Nq, max_blocks *
+    block_size), in logical key positions). Returns ``(out, lse)``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    kc, vc = (np.asarray(a, dtype=np.float64) for a in (k_cache, v_cache))
+    table = np.asarray(block_table)
+    lengths = np.asarray(key_lengths)
+    b = q.shape[0]
+    _, bs, hk, _ = kc.shape
+    nk = table.shape[1] * bs
+    k = np.zeros((b, hk, nk, kc.shape[-1]))
+    v = np.zeros((b, hk, nk, vc.shape[-1]))
+    for s in range(b):
+        for p in range(int(lengths[s])):
+            blk = int(table[s, p // bs])
+            k[s, :, p] = kc[blk, p % bs]
+            v[s, :, p] = vc[blk, p % bs]
+    return attention(q, k, v, key_lengths=lengths, **options)

@@ -7,6 +7,9 @@
     python scripts/gpu_device.py profile               # one fp32 attention launch (for ncu)
     python scripts/gpu_device.py hostprof              # where the host time of a small call goes
     python scripts/gpu_device.py dask                  # numbattn.dask on CuPy-backed chunks
+    python scripts/gpu_device.py backward              # attention_backward: checks, timings vs torch
+    python scripts/gpu_device.py sanitize_backward     # the backward kernels, for compute-sanitizer
+    python scripts/gpu_device.py torch                 # numbattn.torch on CUDA tensors vs SDPA autograd
 
 ``--tiny`` shrinks every shape so that the script runs under the CUDA
 simulator (NUMBA_ENABLE_CUDASIM=1). Correctness is judged by
@@ -22,6 +25,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,53 +178,300 @@ def cmd_varlen(args) -> None:
 # ------------------------------------------------------------------ decode
 
 
-def _copy_bandwidth(torch) -> float:
-    """Device-to-device copy, bytes read + written per second (GB/s)."""
-    n = 1 << 28
-    a = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
-    b = torch.empty_like(a)
-    ms = _time_ms(lambda: b.copy_(a), 10)
-    return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
+class _Phases:
+    """Wall-clock timestamps per phase (printed as each phase starts and ends),
+    and a Python traceback of every thread if one phase runs past ``stall_s``
+    (faulthandler), so that a run cut short shows where its time went."""
+
+    def __init__(self, stall_s: float):
+        import faulthandler
+
+        self.fh = faulthandler
+        self.t0 = time.perf_counter()
+        self.stall_s = stall_s
+
+    def __call__(self, name: str):
+        phases = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                log(f"[{self.t - phases.t0:7.2f} s] {name} ...")
+                phases.fh.dump_traceback_later(phases.stall_s, repeat=True, file=sys.stdout)
+
+            def __exit__(self, *exc):
+                phases.fh.cancel_dump_traceback_later()
+                t = time.perf_counter()
+                log(f"[{t - phases.t0:7.2f} s] {name}: {t - self.t:.2f} s")
+
+        return _Phase()
+
+
+@functools.cache
+def _spin_kernel():
+    """One thread, a dependent chain of n multiply-adds (about 4 cycles each)."""
+    from numba import cuda
+
+    @cuda.jit
+    def spin(n, out):
+        x = out[0]
+        for _ in range(n):
+            x = x * 0.999999 + 1e-6
+        out[0] = x
+
+    return spin
+
+
+def _keep_busy(ms: float = 4.0) -> None:
+    """Enqueue ~``ms`` of device work on the legacy default stream (torch's
+    clock-based sleep when available, else a multiply-add chain)."""
+    torch = _torch()
+    if torch is not None and hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(int(ms * 2e6))  # cycles, at up to 2 GHz
+        return
+    from numba import cuda
+
+    buf = _state.setdefault("spin_buf", cuda.device_array(1, np.float32))
+    _spin_kernel()[1, 1, 0](int(ms * 5e5), buf)
+
+
+_state: dict = {}
+
+
+def _device_ms(fn, reps: int, warmup: int = 2) -> float:
+    """Median device time of ``fn``'s kernels alone: before each timed call the
+    stream is kept busy (~4 ms of device work, :func:`_keep_busy`), so that the host's Python
+    work (validation, argument packing: ~0.3 ms a call, more than a decode
+    kernel takes) overlaps it and the CUDA events time the kernels back to
+    back. Wall clock on the simulator."""
+    from numba import cuda
+
+    if _sim():
+        return _time_ms(fn, reps, warmup)
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    times = []
+    for _ in range(max(1, reps)):
+        _keep_busy()
+        e0, e1 = cuda.event(timing=True), cuda.event(timing=True)
+        e0.record(0)
+        fn()
+        e1.record(0)
+        e1.synchronize()
+        times.append(cuda.event_elapsed_time(e0, e1))
+    return float(np.median(times))
+
+
+def _copy_bandwidth(torch, tiny: bool) -> float:
+    """Device-to-device copy of 1 GiB (fp32), bytes read + written per second (GB/s)."""
+    n = (1 << 12) if tiny else (1 << 28)
+    if torch is not None:
+        a = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
+        b = torch.empty_like(a)
+        ms = _device_ms(lambda: b.copy_(a), 10)
+    else:
+        from numba import cuda
+
+        a = cuda.to_device(np.ones(n, np.float32))
+        b = cuda.device_array(n, np.float32)
+        ms = _device_ms(lambda: b.copy_to_device(a), 10)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def _randn(torch, rng, shape, dtype):
+    """A random normal device array (torch when available: generated on the
+    device, seconds saved at 512 MiB a tensor), and the backend's view of it."""
+    from numba import cuda
+
+    if torch is not None:
+        t = torch.randn(shape, device="cuda", dtype=getattr(torch, np.dtype(dtype).name))
+        return cuda.as_cuda_array(t), t
+    x = cuda.to_device(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
+    return x, None
+
+
+def _paged_cache(torch, k, tk, block_size, perm):
+    """k (1, H, N, d) as a paged cache (N / block_size, block_size, H, d)
+    whose logical block j is physical block perm[j]."""
+    from numba import cuda
+
+    _, h, n, d = k.shape
+    nb = n // block_size
+    if tk is not None:
+        src = tk[0].reshape(h, nb, block_size, d).permute(1, 2, 0, 3)
+        kc = torch.empty((nb, block_size, h, d), device="cuda", dtype=tk.dtype)
+        kc[torch.as_tensor(perm, device="cuda")] = src
+        return cuda.as_cuda_array(kc), kc
+    host = k.copy_to_host()[0].reshape(h, nb, block_size, d).transpose(1, 2, 0, 3)
+    kc = np.empty((nb, block_size, h, d), host.dtype)
+    kc[perm] = host
+    return cuda.to_device(kc), None
+
+
+def _check_slice(label, out, q, k, v, dtype, heads, kv_heads, causal, lengths=None):
+    """The first ``heads`` query heads (served by the first ``kv_heads`` KV
+    heads) against the float64 reference."""
+    from numbattn import reference
+
+    qh, kh, vh = (x[:1, :n].copy_to_host() for x, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
+    ro = reference.attention(qh, kh, vh, causal=causal, key_lengths=lengths)[0]
+    got = out[:1, :heads].copy_to_host()
+    _check(label, float(reference.relative_error(got, ro)), dtype)
 
 
 def cmd_decode(args) -> None:
-    """Few queries over a long cache (issue 11's baseline): K+V read rate vs the
-    device's copy bandwidth, and torch SDPA on the same tensors."""
+    """Few queries over a long cache (issue 11): the streaming split-K kernel
+    against torch SDPA in the same run, K+V read rate as a fraction of the
+    device's copy bandwidth measured in the same run; GQA against the MHA
+    case of as many KV heads, paged caches against the contiguous one, fp64;
+    per-phase timestamps. Last, the fused kernel (the pre-issue-11 path) at
+    the first shape, once (the call that never finished in runs 1 and 2)."""
     import numbattn
-    from numbattn import reference
+    from numbattn.cuda import backend as BE
 
     torch = _torch()
     from numba import cuda
 
-    if torch is not None:
-        log(f"# device copy bandwidth (read + write): {_copy_bandwidth(torch):.0f} GB/s")
-    cases = [(1, 32, 1, 32768, 128), (4, 8, 1, 8192, 128), (1, 32, 16, 16384, 128)]
-    if args.tiny:
-        cases = [(1, 2, 1, 37, 8)]
+    phase = _Phases(stall_s=30)
     rng = np.random.default_rng(2)
-    for b, h, nq, nk, d in cases:
-        for dtype in (np.float32, np.float64):
-            q = rng.standard_normal((b, h, nq, d)).astype(dtype)
-            k = rng.standard_normal((b, h, nk, d)).astype(dtype)
-            v = rng.standard_normal((b, h, nk, d)).astype(dtype)
-            dq, dk, dv = (cuda.to_device(x) for x in (q, k, v))
-            out = cuda.device_array((b, h, nq, d), dtype)
-            causal = nq > 1
-            log(f"# decode {(b, h, nq, nk, d)} {np.dtype(dtype).name}: data on the device")
-            numbattn.attention(dq, dk, dv, causal=causal, out=out)
-            ro = reference.attention(q[:1, :2], k[:1, :2], v[:1, :2], causal=causal)[0]
-            err = np.linalg.norm(out.copy_to_host()[:1, :2] - ro) / np.linalg.norm(ro)
-            label = f"decode {(b, h, nq, nk, d)} {np.dtype(dtype).name} causal={int(causal)}"
-            _check(label, float(err), dtype)
-            ms = _time_ms(lambda: numbattn.attention(dq, dk, dv, causal=causal, out=out), 10)
-            gbs = (k.nbytes + v.nbytes) / (ms * 1e-3) / 1e9
-            row = f"time {label}: numbattn {ms:.3f} ms, K+V at {gbs:.0f} GB/s"
-            if torch is not None:
-                t = [torch.as_tensor(x, device="cuda") for x in (dq, dk, dv)]
-                f = torch.nn.functional.scaled_dot_product_attention
-                tms = _time_ms(lambda t=t: f(*t, is_causal=causal), 10)
-                row += f"; torch SDPA {tms:.3f} ms ({tms / ms:.2f}x numbattn time)"
-            log(row)
+    tiny = args.tiny
+    reps = 1 if tiny else 10
+    if tiny:  # simulator: few threads, and splits on tiny shapes
+        for knob, value in dict(
+            CUDA_DECODE_LANES=4, CUDA_DECODE_TEAMS=2, CUDA_DECODE_ROWS=2, CUDA_DECODE_KEYS=2,
+            CUDA_SPLIT_MERGE_THREADS=4, CUDA_MIN_SPLIT_KEYS=8, CUDA_QUERY_TILE=8,
+            CUDA_KEY_TILE=8, CUDA_HEAD_CHUNK=8, CUDA_VALUE_CHUNK=8,
+        ).items():  # fmt: skip
+            setattr(numbattn.config, knob, value)
+        BE._state["sms"] = 8
+    with phase("copy bandwidth"):
+        bw = _copy_bandwidth(torch, tiny)
+    log(f"# device copy bandwidth (read + write, 1 GiB fp32): {bw:.0f} GB/s")
+    H, N, D = (4, 32, 8) if tiny else (32, 32768, 128)
+    sdpa = None if torch is None else torch.nn.functional.scaled_dot_product_attention
+
+    def run_case(label, dtype, q, k, v, tq, tk, tv, heads_kv, call, torch_kwargs, nbytes):
+        """Compile (a 1-key call of the same kernels), first call, warm calls, torch."""
+        name = np.dtype(dtype).name
+        b, h, nq, _ = q.shape
+        out = cuda.device_array((b, h, nq, v.shape[3]), dtype)
+        with phase(f"{label} {name}: first call (compiles on first use)"):
+            call(out)
+            cuda.synchronize()
+        _check_slice(
+            f"decode {label} {name}", out, q, k, v, dtype,
+            min(h, 8), max(1, min(h, 8) * heads_kv // h), nq > 1,
+        )  # fmt: skip
+        with phase(f"{label} {name}: warm calls"):
+            ms = _device_ms(lambda: call(out), reps, 1 if tiny else 2)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                call(out)
+            host_us = (time.perf_counter() - t0) / reps * 1e6
+            cuda.synchronize()
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        row = (
+            f"time decode {label} {name}: numbattn {ms:.3f} ms (device), K+V at {gbs:.0f} GB/s "
+            f"= {gbs / (bw / 2) * 100:.0f}% of the copy's read rate ({bw / 2:.0f} GB/s; "
+            f"{gbs / bw * 100:.0f}% of read+write); host {host_us:.0f} us/call"
+        )
+        if sdpa is not None and tq is not None:
+            with phase(f"{label} {name}: torch SDPA"):
+                tms = _device_ms(lambda: sdpa(tq, tk, tv, **torch_kwargs), reps, 1 if tiny else 2)
+            row += f"; torch SDPA {tms:.3f} ms (torch time / numbattn time {tms / ms:.2f})"
+        log(row)
+        return ms
+
+    results = {}
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        with phase(f"data {name}: q, k, v (1, {H}, 1|{N}, {D}) on the device"):
+            q, tq = _randn(torch, rng, (1, H, 1, D), dtype)
+            k, tk = _randn(torch, rng, (1, H, N, D), dtype)
+            v, tv = _randn(torch, rng, (1, H, N, D), dtype)
+        kv_bytes = 2 * k.size * np.dtype(dtype).itemsize
+        shape = f"(1, {H}, 1, {N}, {D})"
+        splits = BE.default_splits(1, H, 1, 1, N)
+        log(f"# {shape} {name}: default num_splits = {splits}")
+        results[(name, "mha")] = run_case(
+            f"{shape} MHA", dtype, q, k, v, tq, tk, tv, H,
+            lambda out: numbattn.attention(q, k, v, out=out), {}, kv_bytes,
+        )  # fmt: skip
+        if dtype == np.float64:
+            break
+        run_case(
+            f"{shape} MHA num_splits=1", dtype, q, k, v, None, None, None, H,
+            lambda out: numbattn.attention(q, k, v, out=out, num_splits=1), {}, kv_bytes,
+        )  # fmt: skip
+        # The other register budget: 8 keys a warp step (166 registers, 3 blocks/SM).
+        keys = numbattn.config.CUDA_DECODE_KEYS
+        numbattn.config.CUDA_DECODE_KEYS = 2 * keys
+        run_case(
+            f"{shape} MHA CUDA_DECODE_KEYS={2 * keys}", dtype, q, k, v, None, None, None, H,
+            lambda out: numbattn.attention(q, k, v, out=out), {}, kv_bytes,
+        )  # fmt: skip
+        numbattn.config.CUDA_DECODE_KEYS = keys
+        # GQA: 32 query heads over 8 KV heads, against the 8-head MHA decode.
+        hk = H // 4
+        k8, v8 = k[:, :hk], v[:, :hk]
+        q8 = q[:, :hk]
+        tk8, tv8 = (None, None) if tk is None else (tk[:, :hk], tv[:, :hk])
+        t8 = run_case(
+            f"(1, {hk}, 1, {N}, {D}) MHA", dtype, q8, k8, v8,
+            None if tq is None else tq[:, :hk], tk8, tv8, hk,
+            lambda out: numbattn.attention(q8, k8, v8, out=out), {}, kv_bytes // 4,
+        )  # fmt: skip
+        tg = run_case(
+            f"(1, {H}q/{hk}kv, 1, {N}, {D}) GQA", dtype, q, k8, v8, tq, tk8, tv8, hk,
+            lambda out: numbattn.attention(q, k8, v8, out=out),
+            {"enable_gqa": True}, kv_bytes // 4,
+        )  # fmt: skip
+        log(f"# GQA {H}q/{hk}kv time / {hk}-head MHA time: {tg / t8:.2f} (target <= 1.3)")
+        # Paged caches, shuffled blocks, against the contiguous cache.
+        lengths = np.array([N])
+        for bs in (16, 256) if not tiny else (4, 16):
+            with phase(f"paged block_size {bs}: build the cache (shuffled blocks)"):
+                perm = rng.permutation(N // bs)
+                table = cuda.to_device(perm.astype(np.int32)[None, :])
+                kc, _ = _paged_cache(torch, k, tk, bs, perm)
+                vc, _ = _paged_cache(torch, v, tv, bs, perm)
+            tp = run_case(
+                f"{shape} paged block_size={bs}", dtype, q, k, v, None, None, None, H,
+                lambda out: numbattn.paged_attention(q, kc, vc, table, lengths, out=out),
+                {}, kv_bytes,
+            )  # fmt: skip
+            ratio = tp / results[(name, "mha")]
+            log(f"# paged block_size {bs} time / contiguous time: {ratio:.2f} (target <= 1.15)")
+            kc = vc = None  # free before the next cache
+        # The issue's other shapes.
+        for b, h, nq, n, causal in ((4, 8, 1, N // 4, False), (1, H, 16, N // 2, True)):
+            with phase(f"data ({b}, {h}, {nq}, {n}, {D})"):
+                qx, tqx = _randn(torch, rng, (b, h, nq, D), dtype)
+                kx, tkx = _randn(torch, rng, (b, h, n, D), dtype)
+                vx, tvx = _randn(torch, rng, (b, h, n, D), dtype)
+            run_case(
+                f"({b}, {h}, {nq}, {n}, {D}) causal={int(causal)}", dtype, qx, kx, vx,
+                tqx, tkx, tvx, h,
+                lambda out: numbattn.attention(qx, kx, vx, causal=causal, out=out),
+                {"is_causal": causal}, 2 * kx.size * np.dtype(dtype).itemsize,
+            )  # fmt: skip
+            qx = kx = vx = tqx = tkx = tvx = None
+        q = k = v = tq = tk = tv = None
+        if torch is not None:
+            torch.cuda.empty_cache()
+    # The pre-issue-11 path (fused kernel, no split) at the first shape, once.
+    numbattn.config.CUDA_STREAM_ROWS = 0
+    q, _ = _randn(torch, rng, (1, H, 1, D), np.float32)
+    k, _ = _randn(torch, rng, (1, H, N, D), np.float32)
+    v, _ = _randn(torch, rng, (1, H, N, D), np.float32)
+    out = cuda.device_array((1, H, 1, D), np.float32)
+    with phase(f"fused kernel, no split (1, {H}, 1, {N}, {D}) float32: compile + first call"):
+        numbattn.attention(q, k, v, out=out, num_splits=1)
+        cuda.synchronize()
+    with phase("fused kernel: second call"):
+        numbattn.attention(q, k, v, out=out, num_splits=1)
+        cuda.synchronize()
 
 
 # ------------------------------------------------------------------ sanitize
@@ -303,6 +554,214 @@ def cmd_sanitize(args) -> None:
             float(np.linalg.norm(o.copy_to_host() - ro) / np.linalg.norm(ro)),
             dtype,
         )
+
+
+def _grad_err(got, ref) -> float:
+    """max over (dq, dk, dv) of ||g - r|| / ||r||."""
+    errs = []
+    for g, r in zip(got, ref, strict=True):
+        g, r = np.asarray(g, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        if g.shape != r.shape or not np.isfinite(g).all():
+            return math.inf
+        errs.append(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-300)))
+    return max(errs)
+
+
+#: cmd_backward times one other geometry per dtype (float32: 16 x 16
+#: threads; float64: the FMA kernel instead of the tensor cores) while the
+#: step is younger than ALT_BUDGET_S seconds (the step should stay near a minute).
+BACKWARD_ALTERNATIVES = {
+    "float32": {"CUDA_BWD_COLS_PER_THREAD": 2},
+    "float64": {"CUDA_BWD_COLS_PER_THREAD_F64": 4},
+}
+ALT_BUDGET_S = float(os.environ.get("BWD_ALT_BUDGET_S", "45"))
+
+
+def cmd_backward(args) -> None:
+    """numbattn.attention_backward (issue 14) on the device.
+
+    Correctness: every option (causal with Nq != Nk, lengths, window, bias,
+    mask, GQA, varlen) on multi-tile shapes with tails against the float64
+    reference (numbattn.reference, on the host); at the timed shape, fp32
+    and fp64 gradients against torch's float64 SDPA backward on the device.
+    Speed: fp32 and fp64 backward at (4, 16, 2048, 64), causal and not,
+    against torch SDPA's backward (``out.backward(dout)``, the forward
+    excluded) in the same process, CUDA-event medians."""
+    from numba import cuda
+
+    import numbattn
+    from numbattn import reference
+
+    t_start = time.monotonic()
+    torch = _torch()
+    rng = np.random.default_rng(6)
+    to = cuda.to_device
+
+    def run(q, k, v, do, opts, varlen=None):
+        dopts = {n: (to(x) if n in ("bias", "mask") else x) for n, x in opts.items()}
+        qd, kd, vd = to(q), to(k), to(v)
+        lse = to(np.full(q.shape[:-1], np.nan, q.dtype))
+        grads = [to(np.full(x.shape, np.nan, x.dtype)) for x in (q, k, v)]
+        if varlen is None:
+            out = numbattn.attention(qd, kd, vd, lse=lse, **dopts)
+            numbattn.attention_backward(
+                qd, kd, vd, out, lse, to(do), dq=grads[0], dk=grads[1], dv=grads[2], **dopts
+            )
+        else:
+            out = numbattn.varlen_attention(qd, kd, vd, *varlen, lse=lse, **dopts)
+            numbattn.varlen_attention_backward(
+                qd, kd, vd, out, lse, to(do), *varlen,
+                dq=grads[0], dk=grads[1], dv=grads[2], **dopts,
+            )  # fmt: skip
+        return [g.copy_to_host() for g in grads]
+
+    b, hq, hk, nq, nk, d = (1, 2, 1, 9, 11, 8) if args.tiny else (2, 4, 2, 201, 263, 64)
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        q = rng.standard_normal((b, hq, nq, d)).astype(dtype)
+        k = rng.standard_normal((b, hk, nk, d)).astype(dtype)
+        v = rng.standard_normal((b, hk, nk, d)).astype(dtype)
+        do = rng.standard_normal((b, hq, nq, d)).astype(dtype)
+        bias = rng.standard_normal((1, hq, nq, nk)).astype(dtype)
+        bias[..., 3, :] = -np.inf  # a fully masked row
+        mask = rng.random((b, 1, 1, nk)) > 0.2
+        lengths = {
+            "key_lengths": np.array([nk - 3, nk // 2][:b]),
+            "query_lengths": np.array([nq, 7][:b]),
+        }
+        cases = [
+            {},
+            {"causal": True},
+            {"causal": True, **lengths},
+            {"bias": bias, "mask": mask, "window": (40, 7)},
+        ]
+        for opts in cases:
+            err = _grad_err(
+                run(q, k, v, do, opts), reference.attention_backward(q, k, v, do, **opts)
+            )
+            _check(f"backward {name} {sorted(opts)}", err, dtype)
+        lens = np.array([0, 17, 1, 57] if not args.tiny else [0, 5, 1, 3])
+        cu = np.concatenate([[0], np.cumsum(lens)])
+        qv, kv_, vv, dov = (
+            rng.standard_normal((int(cu[-1]), h, d)).astype(dtype) for h in (hq, hk, hk, hq)
+        )
+        err = _grad_err(
+            run(qv, kv_, vv, dov, {"causal": True}, varlen=(cu, cu)),
+            reference.varlen_attention_backward(qv, kv_, vv, dov, cu, cu, causal=True),
+        )
+        _check(f"backward varlen {name} causal", err, dtype)
+
+    # The timed shape.
+    b, h, n, d = (1, 1, 19, 8) if args.tiny else (4, 16, 2048, 64)
+    reps, warm = (1, 0) if args.tiny else (10, 2)
+    flops = 2.5 * 4.0 * b * h * n * n * d  # 5 matmuls of 2 N^2 d (FlashAttention-2's count)
+    log(f"# backward timings at (B, H, N, d) = {(b, h, n, d)}; TFLOP/s count {flops:.3g} flop")
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        ref_nc = None
+        host = [rng.standard_normal((b, h, n, d)).astype(dtype) for _ in range(4)]
+        qd, kd, vd, dod = (to(x) for x in host)
+        dq, dk, dv = (cuda.device_array((b, h, n, d), dtype) for _ in range(3))
+        for causal in (False, True):
+            lse = cuda.device_array((b, h, n), dtype)
+            out = numbattn.attention(qd, kd, vd, lse=lse, causal=causal)
+
+            def bwd():
+                numbattn.attention_backward(
+                    qd, kd, vd, out, lse, dod, causal=causal, dq=dq, dk=dk, dv=dv
+                )
+
+            bwd()
+            got = [x.copy_to_host() for x in (dq, dk, dv)]
+            label = f"{name} causal={int(causal)}"
+            tms = None
+            if torch is not None:
+                t = [torch.as_tensor(x, device="cuda").requires_grad_() for x in host[:3]]
+                tdo = torch.as_tensor(host[3], device="cuda")
+                t64 = [x.detach().double().requires_grad_() for x in t]
+                f = torch.nn.functional.scaled_dot_product_attention
+                o64 = f(*t64, is_causal=causal)
+                o64.backward(tdo.double())
+                ref = [x.grad.cpu().numpy() for x in t64]
+                del o64, t64
+                tout = f(*t, is_causal=causal)
+
+                def tbwd():
+                    for x in t:
+                        x.grad = None
+                    tout.backward(tdo, retain_graph=True)
+
+                tms = _gpu_check().torch_median_ms(torch, tbwd, reps, warm)
+                del tout, t, tdo
+                torch.cuda.empty_cache()
+            else:
+                sl = (slice(0, 1), slice(0, 2))
+                ref = reference.attention_backward(*(x[sl] for x in host), causal=causal)
+                got = [g[sl] for g in got]
+            _check(f"backward {label} at {(b, h, n, d)} vs float64", _grad_err(got, ref), dtype)
+            if not causal:
+                ref_nc = ref
+            ms = _time_ms(bwd, reps, warm)
+            tf = flops * (0.5 if causal else 1.0) / ms / 1e9
+            row = f"time backward {label}: numbattn {ms:.3f} ms ({tf:.2f} TFLOP/s)"
+            if tms is not None:
+                row += (
+                    f"; torch SDPA backward {tms:.3f} ms; numbattn time / torch time {ms / tms:.2f}"
+                )
+            log(row)
+        # Another geometry at the same shape, when the step has time left
+        # (each compiles two kernels): data for tuning numbattn.config.
+        if ref_nc is not None and time.monotonic() - t_start < ALT_BUDGET_S:
+            alt = BACKWARD_ALTERNATIVES[name]
+            saved = {knob: getattr(numbattn.config, knob) for knob in alt}
+            try:
+                for knob, val in alt.items():
+                    setattr(numbattn.config, knob, val)
+                lse = cuda.device_array((b, h, n), dtype)
+                out = numbattn.attention(qd, kd, vd, lse=lse)
+
+                def alt_bwd():
+                    numbattn.attention_backward(qd, kd, vd, out, lse, dod, dq=dq, dk=dk, dv=dv)
+
+                alt_bwd()
+                got = [x.copy_to_host() for x in (dq, dk, dv)]
+                if torch is None:
+                    got = [g[:1, :2] for g in got]
+                _check(f"backward {name} causal=0 {alt}", _grad_err(got, ref_nc), dtype)
+                ms = _time_ms(alt_bwd, reps, warm)
+                log(f"time backward {name} causal=0 with {alt}: numbattn {ms:.3f} ms")
+            finally:
+                for knob, val in saved.items():
+                    setattr(numbattn.config, knob, val)
+
+
+def cmd_sanitize_backward(args) -> None:
+    """The backward kernels at their production geometry on a small multi-tile
+    case with tails and every option (run it under compute-sanitizer)."""
+    from numba import cuda
+
+    import numbattn
+    from numbattn import reference
+
+    rng = np.random.default_rng(8)
+    b, hq, hk, nq, nk, d = (1, 2, 1, 9, 11, 5) if args.tiny else (2, 4, 2, 75, 139, 64)
+    for dtype in (np.float32, np.float64):
+        x = [rng.standard_normal((b, h, n, d)).astype(dtype)
+             for h, n in ((hq, nq), (hk, nk), (hk, nk), (hq, nq))]  # fmt: skip
+        opts = {
+            "causal": True,
+            "key_lengths": np.array([nk - 3, nk // 2][:b]),
+            "query_lengths": np.array([nq, 7][:b]),
+            "bias": rng.standard_normal((1, hq, nq, nk)).astype(dtype),
+            "mask": rng.random((b, 1, 1, nk)) > 0.2,
+        }
+        dopts = {n: (cuda.to_device(v) if n in ("bias", "mask") else v) for n, v in opts.items()}
+        qd, kd, vd, dod = (cuda.to_device(v) for v in x)
+        lse = cuda.device_array((b, hq, nq), dtype)
+        out = numbattn.attention(qd, kd, vd, lse=lse, **dopts)
+        got = numbattn.attention_backward(qd, kd, vd, out, lse, dod, **dopts)
+        err = _grad_err([g.copy_to_host() for g in got], reference.attention_backward(*x, **opts))
+        _check(f"sanitize backward {np.dtype(dtype).name}", err, dtype)
 
 
 def cmd_profile(args) -> None:
@@ -427,11 +886,164 @@ def cmd_dask(args) -> None:
         )
 
 
+# ------------------------------------------------------------------ torch
+
+
+def cmd_torch(args) -> None:
+    """numbattn.torch on CUDA tensors: forward and backward against torch SDPA's
+    autograd in float64 (fp32 and fp64 runs, options, GQA, a stride-0 dout from
+    ``out.sum()`` on strided views, CUDA lengths), on a busy non-default stream
+    (a launch on the wrong stream reads unwritten inputs), gradcheck at a tiny
+    fp64 shape, and forward+backward time against SDPA's. Without a CUDA torch
+    (``--tiny`` under the simulator) the same code runs on CPU tensors: a
+    rehearsal of the script, not of the GPU path."""
+    import torch
+
+    import numbattn.torch as nt
+
+    f = torch.nn.functional
+    cuda = torch.cuda.is_available() and not _sim()
+    dev = torch.device("cuda" if cuda else "cpu")
+    log(f"# torch {torch.__version__} on {dev}" + ("" if cuda else " (rehearsal: no CUDA torch)"))
+    tol = {torch.float32: 5e-5, torch.float64: 1e-11}
+    b, h, n, d = (1, 2, 6, 4) if args.tiny else (2, 8, 256, 64)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+
+    def rand(*shape, dtype=torch.float64):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dev, dtype)
+
+    def rel(x, y) -> float:
+        x, y = x.detach().double(), y.detach().double()
+        return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y))
+
+    def ref_sdpa(q, k, v, causal, nq, nk, diagonal=None):
+        """SDPA in float64 with numbattn's causal alignment as an explicit mask."""
+        group = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(group, 1) for x in (k, v))
+        mask = None
+        if causal:
+            i = torch.arange(nq, device=dev)[:, None]
+            mask = torch.arange(nk, device=dev)[None, :] <= i + (
+                nk - nq if diagonal is None else diagonal
+            )
+        return f.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def compare(label, dtype, hk, nq, nk, causal, **kw):
+        q, k, v = rand(b, h, nq, d), rand(b, hk, nk, d), rand(b, hk, nk, d)
+        dout = rand(b, h, nq, d)
+        lo = [x.to(dtype).clone().requires_grad_(True) for x in (q, k, v)]
+        out = nt.attention(*lo, causal=causal, **kw)
+        out.backward(dout.to(dtype))
+        hi = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        ref = ref_sdpa(*hi, causal, nq, nk, kw.get("diagonal"))
+        ref.backward(dout)
+        name = str(dtype).removeprefix("torch.")
+        err = max(rel(out, ref), *(rel(a.grad, r.grad) for a, r in zip(lo, hi)))
+        ok = err <= tol[dtype]
+        log(f"check torch {label} {name}: max rel err (out, dq, dk, dv) {err:.2e} "
+            f"(tol {tol[dtype]:.0e}) {'OK' if ok else 'FAIL'}")  # fmt: skip
+        if not ok:
+            FAILURES.append(f"torch {label} {name}")
+
+    for dtype in (torch.float32, torch.float64):
+        compare("plain", dtype, h, n, n, False)
+        compare("causal", dtype, h, n, n, True)
+        compare("causal Nq<Nk gqa", dtype, h // 2, n // 2, n, True)
+        compare("causal diagonal=0 Nq<Nk", dtype, h, n // 2, n, True, diagonal=0)
+        klen = torch.full((b,), n, dtype=torch.int64, device=dev)  # a CUDA tensor: synchronises
+        compare("key_lengths=Nk (device tensor)", dtype, h, n, n, False, key_lengths=klen)
+
+        # stride-0 dout (out.sum()) on transposed (B, N, H, d) views, no copies
+        name = str(dtype).removeprefix("torch.")
+        x = rand(b, n, 3, h, d, dtype=dtype).requires_grad_(True)
+        q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+        nt.attention(q, k, v, causal=True).sum().backward()
+        xr = x.detach().double().requires_grad_(True)
+        ref_sdpa(*(xr[:, :, i].transpose(1, 2) for i in range(3)), True, n, n).sum().backward()
+        err = rel(x.grad, xr.grad)
+        log(f"check torch stride-0 dout {name}: rel err {err:.2e} "
+            f"{'OK' if err <= tol[dtype] else 'FAIL'}")  # fmt: skip
+        if err > tol[dtype]:
+            FAILURES.append(f"torch stride-0 dout {name}")
+
+    if cuda:  # the current stream: a busy side stream whose inputs are written late
+        q, k, v = (rand(b, h, n, d) for _ in range(3))
+        dout = rand(b, h, n, d)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)
+            qs, ks, vs = (x * 1.0 for x in (q, k, v))
+            for x in (qs, ks, vs):
+                x.requires_grad_(True)
+            out = nt.attention(qs, ks, vs, causal=True)
+            out.backward(dout)
+        torch.cuda.synchronize()
+        hi = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        ref = ref_sdpa(*hi, True, n, n)
+        ref.backward(dout)
+        err = max(rel(out, ref), *(rel(a.grad, r.grad) for a, r in zip((qs, ks, vs), hi)))
+        log(f"check torch side stream float64: rel err {err:.2e} "
+            f"{'OK' if err <= tol[torch.float64] else 'FAIL'}")  # fmt: skip
+        if not err <= tol[torch.float64]:
+            FAILURES.append("torch side stream")
+
+    tiny = [rand(1, 2, 5, 3).requires_grad_(True), rand(1, 1, 7, 3).requires_grad_(True)]
+    tiny.append(rand(1, 1, 7, 2).requires_grad_(True))
+    try:
+        ok = torch.autograd.gradcheck(lambda q, k, v: nt.attention(q, k, v, causal=True), tiny)
+    except Exception as exc:  # gradcheck raises on a mismatch
+        log(f"gradcheck: {type(exc).__name__}: {str(exc)[:400]}")
+        ok = False
+    log(f"check torch gradcheck float64 (1, 2, 5|7, 3) causal gqa: {'OK' if ok else 'FAIL'}")
+    if not ok:
+        FAILURES.append("torch gradcheck")
+
+    def timed(fn) -> float:
+        """Median ms: torch CUDA events on the current stream (wall clock on the CPU)."""
+        if cuda:
+            return _gpu_check().torch_median_ms(torch, fn, 10, 2)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
+
+    shape = (1, 2, 16, 8) if args.tiny else (4, 16, 1024, 64)
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        qkv = [rand(*shape, dtype=dtype).requires_grad_(True) for _ in range(3)]
+        dout = rand(*shape, dtype=dtype)
+        for causal in (False, True):
+
+            def ours():
+                nt.attention(*qkv, causal=causal).backward(dout)
+
+            def theirs():
+                f.scaled_dot_product_attention(*qkv, is_causal=causal).backward(dout)
+
+            ms, tms = timed(ours), timed(theirs)
+            log(f"time torch fwd+bwd {name} {shape} causal={int(causal)}: numbattn.torch "
+                f"{ms:.3f} ms, SDPA {tms:.3f} ms (SDPA time / numbattn time {tms / ms:.2f})")  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "what",
-        choices=["timings", "varlen", "decode", "sanitize", "profile", "hostprof", "dask"],
+        choices=[
+            "timings",
+            "varlen",
+            "decode",
+            "sanitize",
+            "profile",
+            "hostprof",
+            "backward",
+            "sanitize_backward",
+            "torch",
+            "dask",
+        ],
     )
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CUDA simulator)")
     p.add_argument("--out", type=Path)

@@ -3,7 +3,8 @@
 # (../shared/DEVICE.md): versions and device, the timing tables against torch
 # SDPA and CuPy, tests/gpu on the hardware, compute-sanitizer (memcheck,
 # racecheck, synccheck) on a small multi-tile case with tails, one ncu
-# profile, the varlen and decode cases, and the static kernel report.
+# profile, the varlen and decode cases, the static kernel report, and the
+# PyTorch autograd adapter (numbattn.torch) on CUDA tensors.
 # Steps run in the order given (most valuable first) and each has its own time
 # limit; everything goes to $OUT/log as it happens, so a run cut short keeps
 # its log.
@@ -11,6 +12,7 @@
 #   bash scripts/gpu_device_run.sh                    # on the GPU machine, every step
 #   STEPS="tests memcheck" bash scripts/gpu_device_run.sh
 #   SHAPES=0 STEPS=timings bash scripts/gpu_device_run.sh   # only (4, 16, 4096, 64)
+#   STEPS="env backward bwdracecheck bwdmemcheck" bash scripts/gpu_device_run.sh   # the backward (issue 14)
 #   TINY=1 bash scripts/gpu_device_run.sh             # rehearsal under the CUDA simulator
 set -u -o pipefail
 O=${OUT:-/tmp/numbattn-gpu}
@@ -21,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings tests memcheck ncu varlen decode hostprof racecheck synccheck dask report}
+STEPS=${STEPS:-env timings backward decode torch tests decodetests memcheck ncu varlen hostprof racecheck synccheck dask report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -42,19 +44,24 @@ step_timings() {
 step_tests() {
   # The whole output goes to its own file as it happens (a run cut short by
   # the time limit keeps it); the log gets failures and the slowest tests.
+  # (tests/gpu/test_cuda_decode.py has its own step, decodetests.)
   gpu && timeout "${TESTS_TIMEOUT:-200}" $PY -m pytest tests/gpu tests/test_gpu_report.py -q -rf \
-    -p no:cacheprovider --durations=8 2>&1 | tee "$O/tests.log" | tail -40
+    --ignore=tests/gpu/test_cuda_decode.py -p no:cacheprovider --durations=8 2>&1 |
+    tee "$O/tests.log" | tail -40
 }
-sanitize() {
+sanitize() {  # tool, time limit[, gpu_device.py command]
+  local what=${3:-sanitize}
   if gpu && have compute-sanitizer; then
-    timeout "$2" compute-sanitizer --tool "$1" --print-limit 10 $PY scripts/gpu_device.py sanitize 2>&1 | tail -14
+    timeout "$2" compute-sanitizer --tool "$1" --print-limit 10 $PY scripts/gpu_device.py "$what" 2>&1 | tail -14
   else
-    dev sanitize
+    dev "$what"
   fi
 }
 step_memcheck() { sanitize memcheck 70; }
 step_racecheck() { sanitize racecheck 60; }
 step_synccheck() { sanitize synccheck 50; }
+step_bwdracecheck() { sanitize racecheck 90 sanitize_backward; }
+step_bwdmemcheck() { sanitize memcheck 90 sanitize_backward; }
 step_ncu() {
   if gpu && have ncu; then
     local s=(--clock-control none -k regex:attention --launch-skip 1 --launch-count 1
@@ -67,11 +74,17 @@ step_ncu() {
     dev profile
   fi
 }
+step_backward() { timeout "$(gpu && echo 150 || echo 1200)" $PY scripts/gpu_device.py backward "${T[@]}"; }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
-step_decode() { timeout 90 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
+step_decodetests() {  # the streaming split-K kernel's tests, hardware paths included
+  gpu && timeout "${DECODETESTS_TIMEOUT:-240}" $PY -m pytest tests/gpu/test_cuda_decode.py -q -rf \
+    -p no:cacheprovider --durations=5 2>&1 | tee "$O/decodetests.log" | tail -30
+}
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
 step_dask() { timeout 90 $PY scripts/gpu_device.py dask "${T[@]}"; }
-step_report() { timeout 60 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
+step_torch() { timeout 90 $PY scripts/gpu_device.py torch "${T[@]}"; }
+step_report() { timeout 100 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
 {
   for s in $STEPS; do

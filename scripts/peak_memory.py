@@ -1,6 +1,9 @@
 """Peak memory a call adds over its inputs, each measured in a fresh process.
 
-    python scripts/peak_memory.py [--n 16384] [--d 64]
+    python scripts/peak_memory.py [--n 16384] [--d 64] [--kernel attention|backward]
+
+``--kernel backward`` measures ``attention_backward`` (its inputs, out, lse
+and dout built before the measurement; the three gradients it returns count).
 
 Each child process warms the kernels up on a tiny problem (so compilation or
 the cache load is not counted), builds the inputs, resets the kernel's
@@ -32,10 +35,37 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def child_backward(n: int, d: int) -> dict:
+    import numbattn
+
+    rng = np.random.default_rng(0)
+    tiny = [rng.standard_normal((1, 1, 8, d)).astype(np.float32) for _ in range(4)]
+    lse = np.empty((1, 1, 8), np.float32)
+    out = numbattn.attention(*tiny[:3], lse=lse)
+    numbattn.attention_backward(*tiny[:3], out, lse, tiny[3])
+    q, k, v, dout = (rng.standard_normal((1, 1, n, d), dtype=np.float32) for _ in range(4))
+    lse = np.empty((1, 1, n), np.float32)
+    out = numbattn.attention(q, k, v, lse=lse)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS:")
+    grads = numbattn.attention_backward(q, k, v, out, lse, dout)
+    peak = _status("VmHWM:")
+    return {
+        "impl": "numbattn backward",
+        "n": n,
+        "d": d,
+        "increase_bytes": peak - before,
+        "out_bytes": sum(g.nbytes for g in grads),
+    }
+
+
 def child(impl: str, n: int, d: int) -> dict:
     import numbattn
     from numbattn.baselines import numpy_attention
 
+    if impl == "backward":
+        return child_backward(n, d)
     rng = np.random.default_rng(0)
     tiny = [rng.standard_normal((1, 1, 8, d)).astype(np.float32) for _ in range(3)]
     numbattn.attention(*tiny)
@@ -59,13 +89,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--child", choices=["numbattn", "numpy"])
+    ap.add_argument("--kernel", choices=["attention", "backward"], default="attention")
+    ap.add_argument("--child", choices=["numbattn", "numpy", "backward"])
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.n, args.d)))
         return 0
-    print(f"attention float32 (1, 1, {args.n}, {args.d}): peak memory added by one call")
-    for impl in ("numbattn", "numpy"):
+    print(f"{args.kernel} float32 (1, 1, {args.n}, {args.d}): peak memory added by one call")
+    impls = ("backward",) if args.kernel == "backward" else ("numbattn", "numpy")
+    for impl in impls:
         res = subprocess.run(
             [sys.executable, __file__, "--child", impl, "--n", str(args.n), "--d", str(args.d)],
             capture_output=True,

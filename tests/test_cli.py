@@ -58,7 +58,7 @@ def test_bench_quick_json():
     assert doc["all_ok"] is True
     assert doc["device"] == "cpu"
     results = doc["results"]
-    assert {x["kernel"] for x in results} == {"attention", "scores", "softmax"}
+    assert {x["kernel"] for x in results} == {"attention", "scores", "softmax", "backward"}
     assert {x["dtype"] for x in results} == {"float32", "float64"}
     assert {x["causal"] for x in results if x["kernel"] == "attention"} == {False, True}
     keys = {"kernel", "backend", "dtype", "shape", "causal", "check", "median_s", "rate",
@@ -68,12 +68,22 @@ def test_bench_quick_json():
         assert x["check"]["ok"] is True
         assert x["check"]["rel_err"] <= x["check"]["tol"]
         assert x["median_s"] > 0 and x["rate"] > 0
-        assert x["numpy_s"] > 0 and x["vs_numpy"] > 0
+        if x["kernel"] == "backward":  # no NumPy baseline for gradients
+            assert x["numpy_s"] is None and x["vs_numpy"] is None
+        else:
+            assert x["numpy_s"] > 0 and x["vs_numpy"] > 0
         assert x["rate_unit"] == ("GB/s" if x["kernel"] == "softmax" else "GFLOP/s")
         if x["torch_s"] is not None:
             assert x["vs_torch"] > 0
     # progress is reported on stderr, stdout holds only the JSON document
     assert "[1/" in r.stderr
+    # the machine's ceilings, measured in the same run, and each kernel's fraction
+    assert set(doc["peaks"]) == {"float32", "float64"}
+    for x in results:
+        pk = doc["peaks"][x["dtype"]]
+        ceiling = pk["stream" if x["kernel"] == "softmax" else "gemm"]["rate"]
+        assert ceiling > 0
+        assert x["of_peak"] == pytest.approx(x["rate"] / ceiling)
 
 
 def test_bench_table_and_options():
@@ -136,3 +146,56 @@ def test_work_counts():
     sm = _bench.Problem("softmax", 2, 3, 128, 64, "float64")
     assert sm.shape == (2, 3, 128, 128)
     assert sm.work() == (2.0 * 2 * 3 * 128 * 128 * 8, "GB/s")
+    bw = _bench.Problem("backward", 2, 3, 128, 64)
+    assert bw.work() == (10.0 * 2 * 3 * 128 * 128 * 64, "GFLOP/s")
+
+
+def test_bench_backward_with_torch_baseline():
+    """The backward problem: checked against the reference, timed, and torch's
+    SDPA backward timed beside it (where torch is installed)."""
+    r = run_cli(
+        "bench", "--kernel", "backward", "--shape", "1,2,40,8", "--dtype", "float64",
+        "--causal", "yes", "--max-repeat", "2", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (x,) = json.loads(r.stdout)["results"]
+    assert x["kernel"] == "backward" and x["check"]["ok"] is True
+    if _bench._torch() is not None:
+        assert x["torch_s"] > 0
+
+
+def test_of_peak_and_text():
+    peaks = {
+        "float32": {
+            "dtype": "float32", "threads": 2, "blas": "openblas 0.3 SkylakeX",
+            "gemm": {"n": 64, "rate": 200.0, "best": 210.0, "repeats": 3},
+            "stream": {"mib": 256.0, "rate": 40.0, "best": 41.0, "repeats": 3},
+        }
+    }  # fmt: skip
+    rec = {"dtype": "float32", "rate": 50.0, "rate_unit": "GFLOP/s"}
+    assert _bench.of_peak(rec, peaks) == 0.25
+    assert _bench.of_peak(dict(rec, rate_unit="GB/s"), peaks) == 1.25
+    assert _bench.of_peak(dict(rec, dtype="float64"), peaks) is None
+    assert _bench.of_peak(rec, None) is None
+    text = _bench.peaks_text(peaks)
+    assert "GEMM 200.0 GFLOP/s" in text and "stream 40.0 GB/s" in text and "SkylakeX" in text
+
+
+def test_machine_peaks_child_process():
+    pk = _bench.machine_peaks("float64", 1, n=64, min_time=0.0)
+    assert pk["dtype"] == "float64" and pk["threads"] == 1
+    assert pk["gemm"]["n"] == 64 and pk["gemm"]["rate"] > 0 and pk["gemm"]["repeats"] >= 3
+    assert pk["stream"]["rate"] > 0
+
+
+def test_info_lists_pools_and_warnings():
+    r = run_cli("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert isinstance(info["warnings"], list)
+    pools = info["thread_pools"]
+    if pools is None:  # threadpoolctl not installed
+        return
+    assert any(p["user_api"] == "blas" for p in pools)  # NumPy's BLAS
+    if info["threading"]["layer"] == "omp":
+        assert any(p["user_api"] == "openmp" for p in pools)

@@ -17,6 +17,7 @@ KERNELS = {
     "softmax": (K.softmax_kernel, A.SoftmaxArgs),
     "attention": (K.attention_kernel, A.AttentionArgs),
     "merge": (K.merge_kernel, A.MergeArgs),
+    "attention_backward": (K.attention_backward_kernel, A.AttentionBackwardArgs),
 }
 
 

@@ -15,6 +15,8 @@ pytest.importorskip("numba_cuda")
 
 from numbattn.cuda import args as A
 from numbattn.cuda import backend as BE
+from numbattn.cuda import backward as B
+from numbattn.cuda import decode as D
 from numbattn.cuda import kernels as K
 
 DTYPES = (np.float32, np.float64)
@@ -23,11 +25,17 @@ DTYPES = (np.float32, np.float64)
 def _kernels(dtype):
     """(args type, dispatcher) for every kernel factory, at a small geometry."""
     geo = (4, 4, 1, 2, 8, 2)  # TY, TX, RQ, RK, DC, RC
-    out = [(A.AttentionArgs, K.make_attention(dtype, *geo, hw=hw)) for hw in (False, True)] + [
-        (A.ScoresArgs, K.make_scores(dtype, 4)),
-        (A.SoftmaxArgs, K.make_softmax(dtype, 8, 64)),
-        (A.MergeArgs, K.make_merge(dtype, 128)),
-    ]
+    out = (
+        [(A.AttentionArgs, K.make_attention(dtype, *geo, hw=hw)) for hw in (False, True)]
+        + [
+            (A.ScoresArgs, K.make_scores(dtype, 4)),
+            (A.SoftmaxArgs, K.make_softmax(dtype, 8, 64)),
+            (A.MergeArgs, K.make_merge(dtype, 128)),
+            (A.SplitMergeArgs, D.make_split_merge(dtype, 8)),
+        ]
+        + [(A.BackwardArgs, B.make_backward(dtype, kv, 2, 2, 2, 2, 8, 8)) for kv in (False, True)]
+        + [(A.DecodeArgs, D.make_decode(dtype, 4, 2, 2, 2, 2, hw=hw)) for hw in (False, True)]
+    )
     if K.mma_ok(np.float64, *BE.attention_geometry(np.float64)):
         mma_geo = BE.attention_geometry(np.float64)
         out += [(A.AttentionArgs, K.make_attention_mma(np.float64, *mma_geo, hw=hw))
@@ -57,17 +65,31 @@ def _split(sig: str) -> list[str]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("args_type", [A.AttentionArgs, A.ScoresArgs, A.SoftmaxArgs, A.MergeArgs])
+@pytest.mark.parametrize(
+    "args_type",
+    [
+        A.AttentionArgs,
+        A.ScoresArgs,
+        A.SoftmaxArgs,
+        A.MergeArgs,
+        A.BackwardArgs,
+        A.DecodeArgs,
+        A.SplitMergeArgs,
+    ],
+)
 def test_signature_types(args_type, dtype):
     """Flags are b1, counts and windows int64, scale the call's dtype, and
     arrays the dtype (mask: b1, sequence table: int64) with 3 or 4 dims."""
     name = np.dtype(dtype).name
     types_ = dict(zip(args_type._fields, _split(A.signature(args_type, dtype)), strict=True))
     for field, t in types_.items():
-        if field.startswith(("has_", "write_")):
+        if field.startswith(("has_", "write_")) or field == "paged":
             assert t == "b1", field
-        elif field in ("n_qt", "n_it", "wl", "wr"):
+        elif field in ("n_qt", "n_it", "n_tiles", "k_rows", "wl", "wr", "gh", "n_rt", "n_split",
+                       "split_rows", "block_size"):  # fmt: skip
             assert t == "int64", field
+        elif field == "table":
+            assert t == "int32[:,:]"
         elif field == "scale":
             assert t == name
         elif field == "mask":
@@ -85,11 +107,17 @@ def test_backend_signatures_and_launches_use_the_descriptions(dtype):
         A.ScoresArgs: BE.scores_signature,
         A.SoftmaxArgs: BE.softmax_signature,
         A.MergeArgs: BE.merge_signature,
+        A.BackwardArgs: BE.backward_signature,
+        A.DecodeArgs: BE.decode_signature,
+        A.SplitMergeArgs: BE.split_merge_signature,
     }
     for args_type, fn in sigs.items():
         assert fn(dtype) == A.signature(args_type, dtype)
     launches = BE.kernel_launches(dtype)
-    assert {launch["kernel"] for launch in launches} == {"attention", "scores", "softmax", "merge"}
+    assert {launch["kernel"] for launch in launches} == {
+        "attention", "scores", "softmax", "merge", "backward_dq", "backward_dkdv", "decode",
+        "split_merge",
+    }  # fmt: skip
     for launch in launches:
         assert launch["signature"] == A.signature(launch["args"], dtype)
         assert list(launch["args"]._fields) == _params(launch["dispatcher"])

@@ -25,7 +25,10 @@ from numbattn.cuda import limits
 from numbattn.cuda import report as R
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("attention", "scores", "softmax", "merge")
+KERNELS = (
+    "attention", "scores", "softmax", "merge", "backward_dq", "backward_dkdv", "decode",
+    "split_merge",
+)  # fmt: skip
 DTYPES = ("float32", "float64")
 LOOP_KEYS = ("instructions", "fma", "mma", "fma_share", "shared_loads", "shared_loads_vector",
              "barriers")  # fmt: skip
@@ -77,10 +80,10 @@ def _static(records):
 def test_one_record_per_variant(run):
     records, _ = run
     static = _static(records)
-    # The fused attention kernel has a hardware and a simulator path.
+    # The fused attention and the streaming kernels have a hardware and a simulator path.
     assert sorted((r["kernel"], r["dtype"], r["path"]) for r in static) == sorted(
         [(k, d, "hardware") for k in KERNELS for d in DTYPES]
-        + [("attention", d, "simulator") for d in DTYPES]
+        + [(k, d, "simulator") for k in ("attention", "decode") for d in DTYPES]
     )
     for r in static:
         assert r["target"] == "sm_90"
@@ -109,6 +112,17 @@ def test_geometry_is_the_production_one(run):
         want["scores", dt] = cfg.CUDA_SCORES_TILE**2
         want["softmax", dt] = cfg.CUDA_SOFTMAX_THREADS
         want["merge", dt] = 128
+        sfx = "_F64" if dt == "float64" else ""
+        bwd = (
+            getattr(cfg, "CUDA_BWD_ROW_TILE" + sfx)
+            // getattr(cfg, "CUDA_BWD_ROWS_PER_THREAD" + sfx)
+        ) * (
+            getattr(cfg, "CUDA_BWD_COL_TILE" + sfx)
+            // getattr(cfg, "CUDA_BWD_COLS_PER_THREAD" + sfx)
+        )
+        want["backward_dq", dt] = want["backward_dkdv", dt] = bwd
+        want["decode", dt] = cfg.CUDA_DECODE_LANES * cfg.CUDA_DECODE_TEAMS
+        want["split_merge", dt] = cfg.CUDA_SPLIT_MERGE_THREADS
     for r in _static(run[0]):
         assert r["threads_per_block"] == want[r["kernel"], r["dtype"]]
     att = {r["dtype"]: r for r in _static(run[0]) if r["kernel"] == "attention"}

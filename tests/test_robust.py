@@ -256,7 +256,8 @@ _PROBE = """
         except OSError:
             pass
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
+    # 20 queries: more than config.CPU_STREAM_ROWS, so the tiled kernel runs.
+    q, k, v = (rng.standard_normal((2, 3, 20, 4)) for _ in range(3))
     if {kernel!r} == "attention":
         out = numbattn.attention(q, k, v, causal=True)
         ref = reference.attention(q, k, v, causal=True)[0]

@@ -9,7 +9,8 @@ signature it compiles per dtype:
 
 * ``IN3`` / ``IN4`` / ``OUT3`` / ``OUT4``: an array of the call's float
   dtype with that many dimensions, read-only (``in``) or written (``out``);
-* ``MASK`` (bool) / ``SEQ`` (int64): a read-only array of that element type;
+* ``MASK`` (bool) / ``SEQ`` (int64) / ``BLOCKS`` (int32): a read-only array
+  of that element type;
 * ``INT`` / ``FLOAT`` / ``FLAG``: a scalar typed int64 / float64 / boolean.
 
 Importing this module does not import Numba (``import numbattn`` stays
@@ -32,6 +33,7 @@ OUT3: Kind = ("out", 3)
 OUT4: Kind = ("out", 4)
 MASK: Kind = ("bool", 4)
 SEQ: Kind = ("int", 3)
+BLOCKS: Kind = ("int32", 2)
 INT: Kind = "int64"
 FLOAT: Kind = "float64"
 FLAG: Kind = "boolean"
@@ -42,6 +44,7 @@ Out3 = Annotated[np.ndarray, OUT3]
 Out4 = Annotated[np.ndarray, OUT4]
 Mask = Annotated[np.ndarray, MASK]
 Seq = Annotated[np.ndarray, SEQ]
+Blocks = Annotated[np.ndarray, BLOCKS]
 Int = Annotated[int, INT]
 Float = Annotated[float, FLOAT]
 Flag = Annotated[bool, FLAG]
@@ -106,6 +109,64 @@ class MergeArgs(NamedTuple):
     l2: In3
     out: Out4
     lse: Out3
+
+
+class AttentionBackwardArgs(NamedTuple):
+    """``attention_backward_kernel``: dq, dk, dv of fused attention per sequence
+    (``delta``: scratch for rowsum(dout * out); ``splits``: key-tile slices
+    per key head, each with its own dQ accumulator)."""
+
+    q: In4
+    k: In4
+    v: In4
+    out: In4
+    lse: In3
+    dout: In4
+    delta: Out3
+    dq: Out4
+    dk: Out4
+    dv: Out4
+    bias: In4
+    mask: Mask
+    seq: Seq
+    max_rows: Int
+    key_rows: Int
+    max_keys: Int
+    has_bias: Flag
+    has_mask: Flag
+    scale: Float
+    left: Int
+    right: Int
+    q_tile: Int
+    k_tile: Int
+    splits: Int
+    n_threads: Int
+
+
+class DecodeArgs(NamedTuple):
+    """``decode_kernel``: streaming split-K attention, dense or paged K / V."""
+
+    q: In4
+    k: In4
+    v: In4
+    table: Blocks
+    out: Out4
+    lse: Out3
+    bias: In4
+    mask: Mask
+    seq: Seq
+    max_rows: Int
+    has_lse: Flag
+    has_bias: Flag
+    has_mask: Flag
+    scale: Float
+    left: Int
+    right: Int
+    num_splits: Int
+    heads_per_item: Int
+    q_tile: Int
+    k_tile: Int
+    n_threads: Int
 
 
 def arg_kinds(args_type: type) -> tuple[Kind, ...]:

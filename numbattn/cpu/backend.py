@@ -11,7 +11,14 @@ import numpy as np
 from .. import config
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import (
+    AttentionArgs,
+    AttentionBackwardArgs,
+    DecodeArgs,
+    MergeArgs,
+    ScoresArgs,
+    SoftmaxArgs,
+)
 
 name = "cpu"
 
@@ -235,6 +242,11 @@ def attention(
 ):
     from .kernels import attention_kernel
 
+    if max_rows <= config.CPU_STREAM_ROWS:  # few queries: the streaming kernel
+        split_attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, 1, None
+        )
+        return
     _call(
         attention_kernel,
         attention_args(
@@ -249,3 +261,260 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     if lse is None:  # not wanted: the kernel writes it to scratch
         lse = np.empty(o1.shape[:3], dtype=o1.dtype)
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
+
+
+# --- Split-K and paged KV caches (issue 11) ---------------------------------
+
+
+def _stream_rows(max_rows: int, group: int) -> int:
+    """Query rows per work item of the streaming kernel."""
+    return max(1, min(int(max_rows), config.CPU_STREAM_ROWS))
+
+
+def default_splits(batch, heads, group, max_rows, max_keys):
+    """``num_splits=None``: split the keys only when the streaming kernel's
+    work items (sequence x key head x query tile) cannot keep every thread
+    busy. 1 for long queries (the tiled kernel's grid), for items >= 4x the
+    threads or a multiple of them; else the smallest n <= 16 giving n x items
+    a >= 90 % balanced share per thread (or >= 4x the threads), while chunks
+    keep >= config.CPU_MIN_SPLIT_KEYS keys."""
+    if max_rows > config.CPU_STREAM_ROWS or group < 1:
+        return 1
+    threads = _threads()
+    qt = _stream_rows(max_rows, group)
+    items = batch * (heads // group) * -(-max_rows // qt)
+    if items == 0 or items >= 4 * threads or items % threads == 0:
+        return 1
+    best = 1
+    for n in range(2, 17):
+        if max_keys < n * config.CPU_MIN_SPLIT_KEYS:
+            break
+        best = n
+        total = items * n
+        if total >= 4 * threads or total / (threads * -(-total // threads)) >= 0.9:
+            break
+    return best
+
+
+def _heads_per_item(k, batch: int, per_sequence: int, rows_per_head: int) -> int:
+    """Key heads one work item of the streaming kernel covers. 1 when each
+    head's rows are contiguous (a (B, Hk, N, d) cache). With the heads
+    interleaved within each row (FlashAttention's (blocks, block_size, Hk,
+    d) paged layout, or (B, N, Hk, d)), one head's rows are 512-byte pieces
+    4 KiB apart and streaming them head by head runs at half speed, so a work
+    item takes as many heads of a row as the thread count allows (reading
+    whole rows), keeping at most 256 query rows of scratch."""
+    hk = k.shape[2]
+    if hk <= 1 or abs(k.strides[2]) >= abs(k.strides[1]):
+        return 1
+    threads = _threads()
+    for chunks in range(1, hk + 1):
+        if hk % chunks:
+            continue
+        hpi = hk // chunks
+        if batch * per_sequence * chunks >= threads and hpi * rows_per_head <= 256:
+            return hpi
+    return 1
+
+
+def decode_args(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> DecodeArgs:
+    """The streaming kernel's arguments for :func:`split_attention`: a dense
+    (G1, Hk, Nk, d) k / v is viewed as a (G1, Nk, Hk, d) cache of one block
+    per batch element (no copy)."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    has_lse = lse is not None
+    if not has_lse:
+        lse = _DUMMY.get(np.dtype(q.dtype), _DUMMY[np.dtype(np.float64)])[1]
+    if block_table is None:
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        block_table = np.arange(q.shape[0], dtype=np.int32).reshape(-1, 1)
+    group = q.shape[1] // k.shape[2] if k.shape[2] else 1
+    qt = _stream_rows(max_rows, group) if q_tile is None else q_tile
+    hpi = _heads_per_item(
+        k, q.shape[0], -(-int(max_rows) // max(1, qt)) * int(num_splits), group * qt
+    )
+    return DecodeArgs(
+        q=q,
+        k=k,
+        v=v,
+        table=block_table,
+        out=out,
+        lse=lse,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        has_lse=has_lse,
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        num_splits=int(num_splits),
+        heads_per_item=hpi,
+        q_tile=qt,
+        k_tile=config.CPU_STREAM_KEY_TILE if k_tile is None else k_tile,
+        n_threads=_threads(),
+    )
+
+
+def split_attention(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    stream=None,
+):
+    from .kernels import decode_kernel
+
+    g2 = q.shape[1]
+    if block_table is None and g2 > 1 and seq.strides[1] != 0 and not (seq == seq[:, :1]).all():
+        # The table differs between heads (the batch axis is the heads axis):
+        # the kernel shares one table row among the heads of an item, so run
+        # one query head at a time.
+        group = g2 // k.shape[1] if k.shape[1] else 1
+        for h in range(g2):
+            hs, ks = slice(h, h + 1), slice(h // group, h // group + 1)
+            split_attention(
+                q[:, hs], k[:, ks], v[:, ks], out[:, hs], None if lse is None else lse[:, hs],
+                seq[:, hs], max_rows, None if bias is None else bias[:, hs],
+                None if mask is None else mask[:, hs], scale, window_left, window_right,
+                num_splits, None,
+            )  # fmt: skip
+        return
+    args = decode_args(
+        q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+        num_splits, block_table,
+    )  # fmt: skip
+    _call(decode_kernel, args)
+
+
+def attention_backward_args(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    q_tile: int | None = None,
+    k_tile: int | None = None,
+) -> AttentionBackwardArgs:
+    """The backward kernel's arguments for the backend call of the same name
+    (tiles: numbattn.config's unless given). Run with
+    ``attention_backward_kernel(*args)``.
+
+    ``splits``: key-tile slices per key head, each with its own dQ
+    accumulator (rows x d): enough work items for twice the threads, so a
+    single head still keeps every thread busy; 1 when there are enough
+    heads (then the accumulators are one dq-sized array), and never more
+    than ``config.CPU_BWD_SPLIT_BYTES`` of accumulators allow."""
+    bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
+    k_tile = config.CPU_BWD_KEY_TILE if k_tile is None else k_tile
+    n_threads = _threads()
+    heads = q.shape[0] * k.shape[1]
+    key_tiles = -(-int(max_keys) // max(1, k_tile))
+    # Memory cap: the accumulators (splits x rows x d) stay within
+    # CPU_BWD_SPLIT_BYTES, or one dq-sized array when dq alone is larger.
+    acc_bytes = q.shape[0] * q.shape[1] * (int(max_rows) + 3) * q.shape[3] * q.itemsize
+    cap = config.CPU_BWD_SPLIT_BYTES // max(1, acc_bytes)
+    splits = max(1, min(-(-2 * n_threads // max(1, heads)), key_tiles, cap))
+    return AttentionBackwardArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse,
+        dout=dout,
+        delta=delta,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        bias=bias_,
+        mask=mask_,
+        seq=seq,
+        max_rows=int(max_rows),
+        key_rows=int(key_rows),
+        max_keys=int(max_keys),
+        has_bias=has_bias,
+        has_mask=has_mask,
+        scale=float(scale),
+        left=int(window_left),
+        right=int(window_right),
+        q_tile=config.CPU_BWD_QUERY_TILE if q_tile is None else q_tile,
+        k_tile=k_tile,
+        splits=splits,
+        n_threads=n_threads,
+    )
+
+
+def attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    stream=None,
+):
+    from .kernels import attention_backward_kernel
+
+    _call(
+        attention_backward_kernel,
+        attention_backward_args(
+            q, k, v, out, lse, dout, delta, dq, dk, dv, seq, max_rows, key_rows, max_keys,
+            bias, mask, scale, window_left, window_right,
+        ),
+    )  # fmt: skip

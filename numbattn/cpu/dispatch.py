@@ -19,7 +19,11 @@ from numba import types
 from .._jit import njit, serial_copy
 from .args import arg_kinds
 
-_ELEMENT = {"bool": (types.boolean, np.dtype(np.bool_)), "int": (types.int64, np.dtype(np.int64))}
+_ELEMENT = {
+    "bool": (types.boolean, np.dtype(np.bool_)),
+    "int": (types.int64, np.dtype(np.int64)),
+    "int32": (types.int32, np.dtype(np.int32)),
+}
 
 
 class OneLayoutKernel:

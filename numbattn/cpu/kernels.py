@@ -80,6 +80,24 @@ Design
   -inf and underflow give exactly 0, NaN gives NaN. The row sum is fused in.
 * **Row max** uses ``llvm.maxnum`` (ignores NaN, vectorises as a reduction);
   NaN is propagated through the exp and the sums instead.
+* **Streaming split-K kernel** (``decode_kernel``, issue 11): few queries
+  over many keys. K and V are a (blocks, block_size, Hk, d) cache with a
+  block table (a dense (G1, Hk, Nk, d) array is viewed as one block per
+  batch element). A work item is (sequence, key heads, query tile, split):
+  the query heads of its key heads are its rows (GQA: each K / V row is
+  read once per group). Rows of K and V are read in place with unit
+  stride (other strides: packed per block), in blocks of ``k_tile`` keys
+  that may span cache blocks; the helpers ``_scores_block`` (two query rows
+  x four keys per pass) and ``_pv_block`` (one output row x four value
+  rows: more defeats LLVM's runtime alias checks) are called once per
+  contiguous segment, never per key (Numba does not inline them). Blocks
+  where some row cannot see some key, or with bias / mask, accumulate P @ V
+  key by key, skipping masked keys (never read). Key heads interleaved in a
+  row (the paged layout, (B, N, H, d)) are taken several per item, 16 rows
+  at a time, so that whole rows are read together. The visible key range of
+  an item is cut into ``num_splits`` chunks; each writes a normalised
+  partial and its lse to scratch, merged in a second parallel loop of the
+  same call (merge_attention's math, split order: bitwise reproducible).
 * **fastmath** is never the Numba ``True`` set: only
   ``{'contract', 'reassoc', 'nsz', 'arcp', 'afn'}`` (no nnan/ninf), applied to
   the helper loops; the kernels themselves are compiled without fastmath.
@@ -93,7 +111,14 @@ from numba import carray, get_thread_id, prange, types
 from numba.extending import intrinsic, overload
 
 from .._jit import njit  # njit: cache=True also works read-only
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs
+from .args import (
+    AttentionArgs,
+    AttentionBackwardArgs,
+    DecodeArgs,
+    MergeArgs,
+    ScoresArgs,
+    SoftmaxArgs,
+)
 from .dispatch import OneLayoutKernel
 
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
@@ -844,8 +869,767 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
             lse[a, b, i] = dt(float(mx) + math.log(tot))
 
 
+# ---------------------------------------------------------------------------
+# Streaming split-K kernel (few queries over many keys; paged KV caches)
+# ---------------------------------------------------------------------------
+
+
+@njit(**_HOPTS)
+def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d):
+    """sr[r, c0 + j] = qs[r] . row j for r_lo <= r < r_hi, j < kn, where row j
+    is the d values at byte offset base + j * rs of x (unit stride). Two
+    query rows x four keys per pass (8 dot products sharing their loads); one
+    call per block of keys (calls are not inlined: a call per key would cost
+    more than its dot product)."""
+    z = sr.dtype.type(0.0)
+    r_pair = r_lo + (r_hi - r_lo) // 2 * 2
+    jj = 0
+    while jj + 4 <= kn:
+        k0 = carray(_ptr_at(x, base + jj * rs), d)
+        k1 = carray(_ptr_at(x, base + (jj + 1) * rs), d)
+        k2 = carray(_ptr_at(x, base + (jj + 2) * rs), d)
+        k3 = carray(_ptr_at(x, base + (jj + 3) * rs), d)
+        for r in range(r_lo, r_pair, 2):
+            qa = qs[r]
+            qb = qs[r + 1]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z
+            for p in range(d):
+                x0 = k0[p]
+                x1 = k1[p]
+                x2 = k2[p]
+                x3 = k3[p]
+                u = qa[p]
+                w = qb[p]
+                a0 += u * x0
+                a1 += u * x1
+                a2 += u * x2
+                a3 += u * x3
+                b0 += w * x0
+                b1 += w * x1
+                b2 += w * x2
+                b3 += w * x3
+            sr[r, c0 + jj] = a0
+            sr[r, c0 + jj + 1] = a1
+            sr[r, c0 + jj + 2] = a2
+            sr[r, c0 + jj + 3] = a3
+            sr[r + 1, c0 + jj] = b0
+            sr[r + 1, c0 + jj + 1] = b1
+            sr[r + 1, c0 + jj + 2] = b2
+            sr[r + 1, c0 + jj + 3] = b3
+        for r in range(r_pair, r_hi):
+            qr = qs[r]
+            s0 = s1 = s2 = s3 = z
+            for p in range(d):
+                a = qr[p]
+                s0 += a * k0[p]
+                s1 += a * k1[p]
+                s2 += a * k2[p]
+                s3 += a * k3[p]
+            sr[r, c0 + jj] = s0
+            sr[r, c0 + jj + 1] = s1
+            sr[r, c0 + jj + 2] = s2
+            sr[r, c0 + jj + 3] = s3
+        jj += 4
+    while jj < kn:
+        k0 = carray(_ptr_at(x, base + jj * rs), d)
+        for r in range(r_lo, r_hi):
+            qr = qs[r]
+            s0 = z
+            for p in range(d):
+                s0 += qr[p] * k0[p]
+            sr[r, c0 + jj] = s0
+        jj += 1
+
+
+@njit(**_HOPTS)
+def _pv_block(o, r_lo, r_hi, x, base, rs, kn, sr, c0, dv):
+    """o[r] += sum_j sr[r, c0 + j] * row j for r_lo <= r < r_hi, j < kn (rows
+    as in :func:`_scores_block`); four value rows per pass over o[r] (one
+    output row per loop: with more, LLVM gives up its runtime alias checks
+    and the loop is not vectorised)."""
+    jj = 0
+    while jj + 4 <= kn:
+        v0 = carray(_ptr_at(x, base + jj * rs), dv)
+        v1 = carray(_ptr_at(x, base + (jj + 1) * rs), dv)
+        v2 = carray(_ptr_at(x, base + (jj + 2) * rs), dv)
+        v3 = carray(_ptr_at(x, base + (jj + 3) * rs), dv)
+        for r in range(r_lo, r_hi):
+            orow = o[r]
+            a0 = sr[r, c0 + jj]
+            a1 = sr[r, c0 + jj + 1]
+            a2 = sr[r, c0 + jj + 2]
+            a3 = sr[r, c0 + jj + 3]
+            for c in range(dv):
+                orow[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c]
+        jj += 4
+    while jj < kn:
+        v0 = carray(_ptr_at(x, base + jj * rs), dv)
+        for r in range(r_lo, r_hi):
+            orow = o[r]
+            a0 = sr[r, c0 + jj]
+            for c in range(dv):
+                orow[c] += a0 * v0[c]
+        jj += 1
+
+
+@njit(nogil=True, cache=True)
+def _split_range(lo, hi, n_splits, s):
+    """Keys [c0, c1) of split s when [lo, hi) is cut into n_splits chunks of
+    ceil((hi - lo) / n_splits) keys (the last ones may be short or empty)."""
+    c = (hi - lo + n_splits - 1) // n_splits
+    c0 = min(hi, lo + s * c)
+    return c0, min(hi, c0 + c)
+
+
+@njit(**_OPTS)
+def _decode_impl(
+    q,
+    k,
+    v,
+    table,
+    out,
+    lse,
+    bias,
+    mask,
+    seq,
+    max_rows,
+    has_lse,
+    has_bias,
+    has_mask,
+    scale,
+    left,
+    right,
+    num_splits,
+    heads_per_item,
+    q_tile,
+    k_tile,
+    n_threads,
+):
+    """Streaming attention: K and V rows read in place, keys split into
+    ``num_splits`` chunks merged in the same call (see the module docstring,
+    "Streaming split-K kernel"). k / v are (blocks, block_size, Hk, d / dv):
+    a paged cache with its ``table``, or a dense (G1, Hk, Nk, d) array viewed
+    as (G1, Nk, Hk, d) with table[a, 0] = a."""
+    g1, g2, _, d = q.shape
+    hk = k.shape[2]
+    group = g2 // hk if hk > 0 else 1
+    dv = v.shape[3]
+    bs = max(1, k.shape[1])
+    dt = q.dtype.type
+    sc = dt(scale)
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    ns = max(1, num_splits)
+    qt = max(1, min(q_tile, max_rows))
+    n_qt = (max_rows + qt - 1) // qt
+    kt = max(1, k_tile)
+    hpi = max(1, min(heads_per_item, hk))
+    n_hg = (hk + hpi - 1) // hpi
+    n_items = g1 * n_hg * n_qt * ns
+    nthr = max(1, n_threads)
+    chunk = (n_items + nthr - 1) // nthr
+    rmax = hpi * group * qt
+    # Several heads per item (heads interleaved in each row): visit a few
+    # rows for all heads at a time, so that whole rows stay in L1.
+    seg_cap = 16 if hpi > 1 else kt
+    qs_t = np.empty((nthr, rmax, d), dtype=dt)
+    s_t = np.empty((nthr, rmax, kt), dtype=dt)
+    keep_t = np.empty((nthr, rmax, kt), dtype=np.bool_)
+    o_t = np.empty((nthr, rmax, dv), dtype=dt)
+    m_t = np.empty((nthr, rmax), dtype=dt)
+    l_t = np.empty((nthr, rmax), dtype=dt)
+    lo_t = np.empty((nthr, 2, rmax), dtype=np.int64)
+    # Unit-stride rows are read in place; others are packed per block.
+    k_unit = d <= 1 or k.strides[3] == k.itemsize
+    v_unit = dv <= 1 or v.strides[3] == v.itemsize
+    kb_t = np.empty((nthr, kt if not k_unit else 1, d), dtype=dt)
+    vb_t = np.empty((nthr, kt if not v_unit else 1, dv), dtype=dt)
+    # Partials of the splits: (split, G1, G2, rows, dv) and their lse.
+    pn = ns if ns > 1 else 0
+    po = np.empty((pn, g1, g2, max_rows, dv), dtype=dt)
+    pl = np.empty((pn, g1, g2, max_rows), dtype=dt)
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        s = w % ns
+        qti = (w // ns) % n_qt
+        kh0 = ((w // (ns * n_qt)) % n_hg) * hpi
+        kh1 = min(hk, kh0 + hpi)
+        a = w // (ns * n_qt * n_hg)
+        h0 = kh0 * group
+        gm = 0  # rows per key head
+        # The table is constant over heads (the API builds it so).
+        q_off = seq[a, h0, 0]
+        q_len = seq[a, h0, 1]
+        q_rows = seq[a, h0, 2]
+        k_off = seq[a, h0, 3]
+        k_len = seq[a, h0, 4]
+        off = seq[a, h0, 5]  # the diagonal offset (numbattn._sequences ALIGN)
+        i0 = qti * qt
+        i1 = min(i0 + qt, q_rows)
+        if i0 >= q_rows:
+            continue
+        m = max(0, min(i1, q_len) - i0)
+        if s == 0:  # padding rows, written once
+            for hh in range(h0, kh1 * group):
+                for i in range(q_off + i0 + m, q_off + i1):
+                    for c in range(dv):
+                        out[a, hh, i, c] = zero
+                    if has_lse:
+                        lse[a, hh, i] = ninf
+        if m == 0:
+            continue
+        gm = group * m
+        nr = (kh1 - kh0) * gm
+        t = get_thread_id()
+        qs, sr, keep, o = _slot(qs_t, t), _slot(s_t, t), _slot(keep_t, t), _slot(o_t, t)
+        mrow, lrow, rng = _slot(m_t, t), _slot(l_t, t), _slot(lo_t, t)
+        kbuf, vbuf = _slot(kb_t, t), _slot(vb_t, t)
+        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
+        j_lo, j_hi = _split_range(lo, hi, ns, s)
+        for r in range(nr):
+            _fill(o[r], dv, zero)
+        _fill(mrow, nr, ninf)
+        _fill(lrow, nr, zero)
+        if j_hi > j_lo:
+            for r in range(nr):
+                hh = h0 + r // m
+                i = q_off + i0 + r % m
+                for p in range(d):
+                    qs[r, p] = q[a, hh, i, p]
+        j0 = j_lo
+        while j0 < j_hi:
+            # A block of kn keys, possibly spanning several cache blocks
+            # (pages): scores and P @ V run per contiguous segment.
+            kn = min(kt, j_hi - j0)
+            # Scores: each K row is read once for all rows.
+            jj = 0
+            while jj < kn:
+                p0 = k_off + j0 + jj
+                blk = table[a, p0 // bs]
+                r0 = p0 % bs
+                seg = min(kn - jj, bs - r0, seg_cap)
+                for kh in range(kh0, kh1):
+                    rl = (kh - kh0) * gm
+                    if k_unit:
+                        kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
+                        _scores_block(qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d)
+                    else:
+                        for jc in range(seg):
+                            for p in range(d):
+                                kbuf[jc, p] = k[blk, r0 + jc, kh, p]
+                        _scores_block(qs, rl, rl + gm, kbuf, 0, kbuf.strides[0], seg, sr, jj, d)
+                jj += seg
+            # Online softmax per row over its visible columns [clo, chi).
+            full = not (has_bias or has_mask)
+            for r in range(nr):
+                i = i0 + r % m
+                clo, chi = _row_range(i, j0, kn, off, left, right)
+                if chi < clo:
+                    chi = clo
+                rng[0, r] = clo
+                rng[1, r] = chi
+                if clo > 0 or chi < kn:
+                    full = False
+                if chi == clo:
+                    continue
+                srow = sr[r]
+                vis = srow[clo:chi]
+                if has_bias or has_mask:
+                    qi = q_off + i
+                    kj = k_off + j0
+                    hh = h0 + r // m
+                    for jc in range(clo, chi):
+                        x = srow[jc] * sc
+                        if has_bias:
+                            bb = bias[a, hh, qi, kj + jc]
+                            x = ninf if bb == ninf else x + bb  # -inf bias masks
+                        if has_mask and not mask[a, hh, qi, kj + jc]:
+                            x = ninf
+                        srow[jc] = x
+                        keep[r, jc] = x != ninf
+                    mul = dt(1.0)
+                    mx = _rowmax(vis, chi - clo)
+                else:
+                    mul = sc
+                    mx = _scaled_rowmax(vis, chi - clo, sc)
+                m_old = mrow[r]
+                m_new = _maxnum(m_old, mx)
+                shift = m_new if m_new > ninf else zero
+                alpha = dt(math.exp(m_old - m_new)) if m_old > ninf else zero
+                lrow[r] = lrow[r] * alpha + _exp_scaled_inplace(vis, chi - clo, mul, shift)
+                mrow[r] = m_new
+                if alpha != dt(1.0):
+                    _scale_row(o[r], dv, alpha)
+            # P @ V: each V row read once for all rows.
+            if full:  # every row sees every key of the block
+                jj = 0
+                while jj < kn:
+                    p0 = k_off + j0 + jj
+                    blk = table[a, p0 // bs]
+                    r0 = p0 % bs
+                    seg = min(kn - jj, bs - r0, seg_cap)
+                    for kh in range(kh0, kh1):
+                        rl = (kh - kh0) * gm
+                        if v_unit:
+                            vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                            _pv_block(o, rl, rl + gm, v, vbase, v.strides[1], seg, sr, jj, dv)
+                        else:
+                            for jc in range(seg):
+                                for c in range(dv):
+                                    vbuf[jc, c] = v[blk, r0 + jc, kh, c]
+                            _pv_block(o, rl, rl + gm, vbuf, 0, vbuf.strides[0], seg, sr, jj, dv)
+                    jj += seg
+            else:  # key by key, never touching a key a row cannot see
+                for jj in range(kn):
+                    p0 = k_off + j0 + jj
+                    blk = table[a, p0 // bs]
+                    r0 = p0 % bs
+                    for kh in range(kh0, kh1):
+                        rl = (kh - kh0) * gm
+                        if v_unit:
+                            vo = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                            v0 = carray(_ptr_at(v, vo), dv)
+                        else:
+                            for c in range(dv):
+                                vbuf[0, c] = v[blk, r0, kh, c]
+                            v0 = vbuf[0]
+                        for r in range(rl, rl + gm):
+                            if rng[0, r] <= jj < rng[1, r]:
+                                if (has_bias or has_mask) and not keep[r, jj]:
+                                    continue
+                                _axpy(o[r], v0, sr[r, jj], dv)
+            j0 += kn
+        # This split's rows: final (one split) or partial results.
+        for r in range(nr):
+            hh = h0 + r // m
+            il = i0 + r % m
+            lsum = lrow[r]
+            if lsum > zero:
+                inv = dt(1.0) / lsum
+                lval = mrow[r] + dt(math.log(lsum))
+            elif lsum != lsum:
+                inv = dt(np.nan)
+                lval = dt(np.nan)
+            else:
+                inv = zero
+                lval = ninf
+            orow = o[r]
+            if ns == 1:
+                for c in range(dv):
+                    out[a, hh, q_off + il, c] = orow[c] * inv
+                if has_lse:
+                    lse[a, hh, q_off + il] = lval
+            else:
+                for c in range(dv):
+                    po[s, a, hh, il, c] = orow[c] * inv
+                pl[s, a, hh, il] = lval
+    if ns == 1:
+        return
+    # Merge the splits of every real row (merge_attention's math, fixed order).
+    n_rows = g1 * g2 * max_rows
+    per = 16
+    for wm in prange((n_rows + per - 1) // per):
+        for row in range(wm * per, min(n_rows, (wm + 1) * per)):
+            a = row // (g2 * max_rows)
+            hh = (row // max_rows) % g2
+            il = row % max_rows
+            if il >= seq[a, hh, 1]:
+                continue
+            i = seq[a, hh, 0] + il
+            mx = -np.inf
+            nan = False
+            for sp in range(ns):
+                x = float(pl[sp, a, hh, il])
+                if x != x:
+                    nan = True
+                elif x > mx:
+                    mx = x
+            if nan:
+                for c in range(dv):
+                    out[a, hh, i, c] = dt(np.nan)
+                if has_lse:
+                    lse[a, hh, i] = dt(np.nan)
+                continue
+            if mx == -np.inf:
+                for c in range(dv):
+                    out[a, hh, i, c] = zero
+                if has_lse:
+                    lse[a, hh, i] = ninf
+                continue
+            tot = 0.0
+            for sp in range(ns):
+                tot += math.exp(float(pl[sp, a, hh, il]) - mx)
+            for c in range(dv):
+                out[a, hh, i, c] = zero
+            for sp in range(ns):
+                x = float(pl[sp, a, hh, il])
+                if x == -np.inf:
+                    continue
+                wgt = dt(math.exp(x - mx) / tot)
+                for c in range(dv):
+                    out[a, hh, i, c] += wgt * po[sp, a, hh, il, c]
+            if has_lse:
+                lse[a, hh, i] = dt(mx + math.log(tot))
+
+
 #: The kernels; their arguments are described (and built) by numbattn.cpu.args.
 scores_kernel = OneLayoutKernel(_scores_impl, ScoresArgs, _SERIAL_OPTS)
 softmax_kernel = OneLayoutKernel(_softmax_impl, SoftmaxArgs, _SERIAL_OPTS)
 attention_kernel = OneLayoutKernel(_attention_impl, AttentionArgs, _SERIAL_OPTS)
 merge_kernel = OneLayoutKernel(_merge_impl, MergeArgs, _SERIAL_OPTS)
+decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+#
+# FlashAttention-2's backward, deterministic and without atomics, in three
+# parallel loops of one kernel:
+#
+# 1. over (a, h, query tile): D = rowsum(dout * out) of every real row into
+#    ``delta``, and zeroing of the dQ accumulators;
+# 2. over (a, key head, slice): each work item owns a fixed set of key tiles
+#    (dealt to the ``splits`` slices in snake order, for balance under
+#    causal / windows) and, per key tile, streams every query tile of every
+#    query head of the group that sees it: S = Q K^T, P = exp(scale*S (+
+#    bias) - lse) (0 where masked), dP = dO V^T, dS = P * (dP - D),
+#    dV += P^T dO, dK += dS^T Q (kept in scratch for the key tile: no race
+#    across the group) and dQ_slice += dS K into the slice's own accumulator;
+# 3. over (a, h, query tile): dq = scale * sum over slices (fixed order).
+#
+# Five products per (query tile, key tile), all on packed tiles through
+# _gemm_acc, or _gemm_tn_acc for P^T dO and dS^T Q (no transposed copies). The
+# accumulators hold splits x (real rows, d) per head: splits is 1 when there
+# are enough key heads for the threads, so memory stays O(N). Results are
+# bitwise reproducible for a given thread count (splits depends on it).
+#
+# Masked pairs never leak: P is exactly 0 there, dS is forced to 0 where P
+# is 0 (dP may be NaN for a masked key's NaN value), rows with no visible
+# key (lse -inf) and padding rows are packed as zeros, and a key tile with
+# a non-finite key accumulates dS K key by key over P > 0 (as the forward
+# does for values).
+
+
+@njit(nogil=True, cache=True)
+def _bwd_offset(seq, a, b):
+    """The diagonal offset of sequence (a, b) (the ALIGN column): the one place
+    the backward reads it."""
+    return seq[a, b, 5]
+
+
+@njit(**_HOPTS)
+def _ds_row(p, dp, n, dd):
+    """dp[j] = p[j] * (dp[j] - dd) for j < n, exactly 0 where p[j] == 0 (a
+    masked key's dP may be NaN: its value must not reach the gradients)."""
+    zero = p.dtype.type(0.0)
+    for j in range(n):
+        x = p[j] * (dp[j] - dd)
+        dp[j] = x if p[j] != zero else zero
+
+
+@njit(**_HOPTS)
+def _gemm_tn_acc(A, B, C, M, N, K, tri):
+    """C[:M, :N] += A[:K, :M]^T @ B[:K, :N]; M must be a multiple of 4.
+
+    :func:`_gemm_acc` with A read transposed: the 16 hoisted scalars of a
+    4 x 4 block come from four rows of A instead of four columns, so P^T dO
+    and dS^T Q need no transposed copy of P or dS. Causal trimming: the row
+    block starting at i only uses k-indices p >= i - tri (A[p, i] is 0 for
+    p < i - tri: a key is seen by the query rows at or below the diagonal);
+    pass tri >= M for a full product."""
+    kmain = K - K % 4
+    for i in range(0, M, 4):
+        p0 = max(0, i - tri)
+        p0 -= p0 % 4
+        for p in range(p0, kmain, 4):
+            a00 = A[p, i]
+            a01 = A[p + 1, i]
+            a02 = A[p + 2, i]
+            a03 = A[p + 3, i]
+            a10 = A[p, i + 1]
+            a11 = A[p + 1, i + 1]
+            a12 = A[p + 2, i + 1]
+            a13 = A[p + 3, i + 1]
+            a20 = A[p, i + 2]
+            a21 = A[p + 1, i + 2]
+            a22 = A[p + 2, i + 2]
+            a23 = A[p + 3, i + 2]
+            a30 = A[p, i + 3]
+            a31 = A[p + 1, i + 3]
+            a32 = A[p + 2, i + 3]
+            a33 = A[p + 3, i + 3]
+            for j in range(N):
+                b0 = B[p, j]
+                b1 = B[p + 1, j]
+                b2 = B[p + 2, j]
+                b3 = B[p + 3, j]
+                C[i, j] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
+                C[i + 1, j] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
+                C[i + 2, j] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
+                C[i + 3, j] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
+        for p in range(max(p0, kmain), K):
+            a0 = A[p, i]
+            a1 = A[p, i + 1]
+            a2 = A[p, i + 2]
+            a3 = A[p, i + 3]
+            for j in range(N):
+                b = B[p, j]
+                C[i, j] += a0 * b
+                C[i + 1, j] += a1 * b
+                C[i + 2, j] += a2 * b
+                C[i + 3, j] += a3 * b
+
+
+@njit(**_HOPTS)
+def _dot(x, y, n):
+    total = x.dtype.type(0.0)
+    for j in range(n):
+        total += x[j] * y[j]
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _bwd_slice_owner(t, splits):
+    """The slice that owns key tile t (snake order over the slices)."""
+    r = t // splits
+    c = t % splits
+    return c if r % 2 == 0 else splits - 1 - c
+
+
+@njit(**_OPTS)
+def _attention_backward_impl(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    bias,
+    mask,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    has_bias,
+    has_mask,
+    scale,
+    left,
+    right,
+    q_tile,
+    k_tile,
+    splits,
+    n_threads,
+):
+    g1, g2, _, d = q.shape
+    hk = k.shape[1]
+    group = g2 // hk if hk > 0 else 1
+    dvn = v.shape[3]
+    dt = q.dtype.type
+    sc = dt(scale)
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    ns = max(1, splits)
+    # Query tiles start at multiples of 4 so that the padding rows of a
+    # tile's dQ product never land on another tile's rows.
+    qtt = (max(q_tile, 1) + _MR - 1) // _MR * _MR
+    kt = max(k_tile, 1)
+    qt_, n_qt, n_items, nthr, chunk = _grid(g1, g2, max_rows, qtt, n_threads)
+    # dQ accumulators: per slice, the real rows of every (a, h), each block
+    # padded to a multiple of 4 rows.
+    base = np.empty((g1, g2), dtype=np.int64)
+    total = 0
+    for a in range(g1):
+        for b in range(g2):
+            base[a, b] = total
+            total += (seq[a, b, 1] + _MR - 1) // _MR * _MR
+    acc = np.empty((ns, total, d), dtype=dt)
+
+    # 1. D = rowsum(dout * out); zero the accumulators.
+    d_unit = dvn <= 1 or (dout.strides[3] == dout.itemsize and out.strides[3] == out.itemsize)
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+        if m == 0:
+            continue
+        q_len = seq[a, b, 1]
+        for r in range(m):
+            i = q_off + i0 + r
+            if d_unit:
+                delta[a, b, i] = _dot(_row4(dout, a, b, i), _row4(out, a, b, i), dvn)
+            else:
+                tot = zero
+                for c in range(dvn):
+                    tot += dout[a, b, i, c] * out[a, b, i, c]
+                delta[a, b, i] = tot
+        r0 = base[a, b] + i0
+        r1 = min(base[a, b] + (q_len + _MR - 1) // _MR * _MR, r0 + qtt)
+        for s_ in range(ns):
+            for r in range(r0, r1):
+                _fill(acc[s_, r], d, zero)
+
+    # 2. dK, dV per key tile; dQ per slice.
+    krows_max = max(max_keys, 0)
+    n_kitems = g1 * hk * ns
+    kchunk = (n_kitems + nthr - 1) // nthr
+    rows = (max(1, min(qtt, max_rows)) + _MR - 1) // _MR * _MR
+    ktn = max(1, min(kt, krows_max))
+    ktp = (ktn + _MR - 1) // _MR * _MR
+    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    do_t = np.empty((nthr, rows, dvn), dtype=dt)
+    s_t = np.empty((nthr, rows, ktp), dtype=dt)
+    dp_t = np.empty((nthr, rows, ktp), dtype=dt)
+    kt_t = np.empty((nthr, d, ktn), dtype=dt)
+    kr_t = np.empty((nthr, ktn, d), dtype=dt)
+    vt_t = np.empty((nthr, dvn, ktn), dtype=dt)
+    dka_t = np.empty((nthr, ktp, d), dtype=dt)
+    dva_t = np.empty((nthr, ktp, dvn), dtype=dt)
+    for pos in prange(nthr * kchunk):
+        w = _work_item(pos, kchunk, nthr)
+        if w >= n_kitems:
+            continue
+        kbad = False
+        a = w // (hk * ns)
+        kb = (w // ns) % hk
+        sl = w % ns
+        b0 = kb * group
+        k_off = seq[a, b0, 3]
+        k_len = seq[a, b0, 4]
+        krows = max(k_len, key_rows)
+        t = get_thread_id()
+        qs, dos, s, dp = _slot(qs_t, t), _slot(do_t, t), _slot(s_t, t), _slot(dp_t, t)
+        ktr, kr = _slot(kt_t, t), _slot(kr_t, t)
+        vt, dka, dva = _slot(vt_t, t), _slot(dka_t, t), _slot(dva_t, t)
+        for ti in range((krows + kt - 1) // kt):
+            if _bwd_slice_owner(ti, ns) != sl:
+                continue
+            j0 = ti * kt
+            kw = min(kt, krows - j0)  # rows of dk / dv this tile writes
+            kn = max(0, min(kw, k_len - j0))  # real keys among them
+            knp = (kn + _MR - 1) // _MR * _MR
+            for jj in range(knp):
+                _fill(dka[jj], d, zero)
+                _fill(dva[jj], dvn, zero)
+            if kn > 0:
+                _pack_transposed(k, a, kb, k_off + j0, kn, ktr)
+                _pack_rows(k, a, kb, k_off + j0, kn, kr)
+                # A NaN or inf key: dQ += dS K key by key over P > 0 only.
+                kbad = not math.isfinite(_sum(kr.reshape(kr.size), kn * d))
+                _pack_transposed(v, a, kb, k_off + j0, kn, vt)
+            for g in range(group if kn > 0 else 0):
+                b = b0 + g
+                q_off = seq[a, b, 0]
+                q_len = seq[a, b, 1]
+                off = _bwd_offset(seq, a, b)
+                # Query rows that see some key of [j0, j0 + kn).
+                ilo = 0
+                ihi = q_len
+                if right >= 0:
+                    ilo = min(q_len, max(0, j0 - off - right))
+                if left >= 0:
+                    ihi = max(ilo, min(q_len, j0 + kn - 1 - off + left + 1))
+                ilo -= ilo % _MR
+                ab = base[a, b]
+                for i0 in range(ilo, ihi, qtt):
+                    m = min(qtt, ihi - i0)
+                    mp = (m + _MR - 1) // _MR * _MR
+                    _pack_rows(q, a, b, q_off + i0, m, qs)
+                    _pack_rows(dout, a, b, q_off + i0, m, dos)
+                    for r in range(mp):  # padding rows, rows with no visible key
+                        if r >= m or lse[a, b, q_off + i0 + r] == ninf:
+                            _fill(qs[r], d, zero)
+                            _fill(dos[r], dvn, zero)
+                    # Columns kn .. knp stay 0: the dV / dK products read them.
+                    for r in range(mp):
+                        _zero_row(s[r], 0, knp)
+                        _zero_row(dp[r], 0, knp)
+                    tri = i0 + off + right - j0 if right >= 0 else kn
+                    _gemm_acc(qs, ktr, s, mp, kn, d, tri, d)
+                    _gemm_acc(dos, vt, dp, mp, kn, dvn, tri, dvn)
+                    for r in range(mp):
+                        srow = s[r]
+                        i = i0 + r
+                        lv = lse[a, b, q_off + i] if r < m else ninf
+                        clo, chi = _row_range(i, j0, kn, off, left, right)
+                        if chi <= clo or lv == ninf:
+                            _zero_row(srow, 0, kn)
+                            _zero_row(dp[r], 0, kn)
+                            continue
+                        vis = srow[clo:chi]
+                        if has_bias or has_mask:
+                            qi = q_off + i
+                            kj = k_off + j0
+                            for jj in range(clo, chi):
+                                x = srow[jj] * sc
+                                if has_bias:
+                                    bb = bias[a, b, qi, kj + jj]
+                                    x = ninf if bb == ninf else x + bb
+                                if has_mask and not mask[a, b, qi, kj + jj]:
+                                    x = ninf
+                                srow[jj] = x
+                            mul = dt(1.0)
+                        else:
+                            mul = sc
+                        _exp_scaled_inplace(vis, chi - clo, mul, lv)
+                        _zero_row(srow, 0, clo)
+                        _zero_row(srow, chi, kn)
+                        _ds_row(srow, dp[r], kn, delta[a, b, q_off + i])
+                    # dQ_slice += dS K; dV += P^T dO; dK += dS^T Q.
+                    dqs = acc[sl, ab + i0 : ab + i0 + mp]
+                    if kbad:
+                        for r in range(m):
+                            for jj in range(kn):
+                                if s[r, jj] != zero:
+                                    _axpy(dqs[r], kr[jj], dp[r, jj], d)
+                    else:
+                        _gemm_acc(dp, kr, dqs, mp, d, kn, d, tri)
+                    _gemm_tn_acc(s, dos, dva, knp, dvn, mp, tri)
+                    _gemm_tn_acc(dp, qs, dka, knp, d, mp, tri)
+            for jj in range(kw):
+                j = k_off + j0 + jj
+                if jj < kn:
+                    for c in range(d):
+                        dk[a, kb, j, c] = dka[jj, c] * sc
+                    for c in range(dvn):
+                        dv[a, kb, j, c] = dva[jj, c]
+                else:
+                    for c in range(d):
+                        dk[a, kb, j, c] = zero
+                    for c in range(dvn):
+                        dv[a, kb, j, c] = zero
+
+    # 3. dq = scale * (sum of the slices' accumulators), zeros past Q_LEN.
+    for pos in prange(nthr * chunk):
+        w = _work_item(pos, chunk, nthr)
+        if w >= n_items:
+            continue
+        a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+        if i0 >= q_rows:
+            continue
+        ab = base[a, b]
+        for r in range(i1 - i0):
+            i = q_off + i0 + r
+            if r >= m:
+                for c in range(d):
+                    dq[a, b, i, c] = zero
+                continue
+            row = ab + i0 + r
+            if ns > 1:
+                first = acc[0, row]
+                for s_ in range(1, ns):
+                    _axpy(first, acc[s_, row], dt(1.0), d)
+            for c in range(d):
+                dq[a, b, i, c] = acc[0, row, c] * sc
+
+
+attention_backward_kernel = OneLayoutKernel(
+    _attention_backward_impl, AttentionBackwardArgs, _SERIAL_OPTS
+)

@@ -105,6 +105,35 @@ class MergeArgs(NamedTuple):
     write_lse: Flag
 
 
+class BackwardArgs(NamedTuple):
+    """``backward_kernel`` (both kernels of :mod:`numbattn.cuda.backward`):
+    gradients of attention, ``n_tiles`` own-row tiles per sequence; the
+    query kernel writes ``dq`` and ``delta``, the key kernel ``dk`` and ``dv``
+    (``k_rows``: dk/dv rows per sequence beyond its key length, as
+    ``key_rows`` of :meth:`numbattn._backend.Backend.attention_backward`)."""
+
+    q: Arr4
+    k: Arr4
+    v: Arr4
+    out: Arr4
+    dout: Arr4
+    lse: Arr3
+    delta: Arr3
+    dq: Arr4
+    dk: Arr4
+    dv: Arr4
+    seq: Seq
+    bias: Arr4
+    mask: Mask
+    scale: Scalar
+    n_tiles: Int
+    k_rows: Int
+    wl: Int
+    wr: Int
+    has_bias: Flag
+    has_mask: Flag
+
+
 def arg_kinds(args_type: type) -> tuple[Kind, ...]:
     """The kinds of ``args_type``'s fields, in order."""
     hints = get_type_hints(args_type, include_extras=True)
@@ -129,3 +158,48 @@ def signature(args_type: type, dtype) -> str:
     """The Numba signature string of a kernel taking ``args_type`` for float
     ``dtype`` (cached: a launch asks for it on every call)."""
     return _signature(args_type, np.dtype(dtype))
+
+
+#: The paged cache's int32 block table (a dummy when the cache is contiguous).
+BLOCKS: Kind = ("int32", 2)
+Blocks = Annotated[Any, BLOCKS]
+
+
+class DecodeArgs(NamedTuple):
+    """``decode_kernel``: streaming split-K attention over a contiguous or
+    paged KV cache (:mod:`numbattn.cuda.decode`)."""
+
+    q: Arr4
+    k: Arr4
+    v: Arr4
+    out: Arr4
+    lse: Arr3
+    seq: Seq
+    table: Blocks
+    bias: Arr4
+    mask: Mask
+    scale: Scalar
+    gh: Int
+    n_rt: Int
+    n_split: Int
+    split_rows: Int
+    block_size: Int
+    wl: Int
+    wr: Int
+    write_lse: Flag
+    has_bias: Flag
+    has_mask: Flag
+    paged: Flag
+
+
+class SplitMergeArgs(NamedTuple):
+    """``split_merge_kernel``: combine ``n_split`` partial results per row."""
+
+    part_o: Arr4
+    part_l: Arr3
+    out: Arr4
+    lse: Arr3
+    seq: Seq
+    n_split: Int
+    split_rows: Int
+    write_lse: Flag

@@ -20,7 +20,16 @@ import numpy as np
 
 from .. import config
 from . import limits
-from .args import AttentionArgs, MergeArgs, ScoresArgs, SoftmaxArgs, signature
+from .args import (
+    AttentionArgs,
+    BackwardArgs,
+    DecodeArgs,
+    MergeArgs,
+    ScoresArgs,
+    SoftmaxArgs,
+    SplitMergeArgs,
+    signature,
+)
 
 name = "cuda"
 
@@ -471,6 +480,7 @@ _HINTS = {
     "attention_kernel": _ATTENTION_HINT.format(sfx="[_F64]"),
     "scores_kernel": "lower numbattn.config.CUDA_SCORES_TILE",
     "softmax_kernel": "lower numbattn.config.CUDA_SOFTMAX_THREADS",
+    "backward_kernel": "lower numbattn.config.CUDA_BWD_ROW_TILE[_F64] or CUDA_BWD_COL_TILE[_F64]",
 }
 
 
@@ -535,6 +545,10 @@ def compiled_kernel(kind: str, dtype):
         kern = _scores_kernel(dtype)[0]
     elif kind == "merge":
         kern = _merge_kernel(dtype)
+    elif kind == "decode":
+        kern = _decode_kernel(dtype, decode_geometry(dtype, REPORT_HEAD_DIM, REPORT_HEAD_DIM))
+    elif kind == "split_merge":
+        kern = _split_merge_kernel(dtype)[0]
     else:
         kern = _softmax_kernel(dtype)[0]
     for (kid, *_), compiled in _compiled.items():
@@ -569,7 +583,8 @@ def kernel_launches(dtype) -> list[dict]:
     "threads", "geometry"}`` (``args``: the typed description of the kernel's
     arguments, from which ``signature`` is built) and ``"path"`` where the simulator runs other code than a
     GPU (the attention kernel: ``"hardware"`` and ``"simulator"``), which
-    ``python -m numbattn gpu-report`` compiles."""
+    ``python -m numbattn gpu-report`` compiles; the backward kernels at
+    d = dv = 64 (:func:`backward_launches`)."""
     dtype = np.dtype(dtype)
     att, geo = _attention_kernel(dtype, hw=True)
     att_sim, _ = _attention_kernel(dtype, hw=False)
@@ -584,42 +599,81 @@ def kernel_launches(dtype) -> list[dict]:
         head_chunk=dc,
         value_chunk=tx * rc,
     )
+    return (
+        [
+            dict(
+                kernel="attention",
+                path=path,
+                dispatcher=disp,
+                args=AttentionArgs,
+                signature=attention_signature(dtype),
+                threads=ty * tx,
+                geometry=attention_geo,
+            )
+            for path, disp in (("hardware", att), ("simulator", att_sim))
+        ]
+        + [
+            dict(
+                kernel="scores",
+                dispatcher=sc,
+                args=ScoresArgs,
+                signature=scores_signature(dtype),
+                threads=t * t,
+                geometry=dict(tile=t),
+            ),
+            dict(
+                kernel="softmax",
+                dispatcher=sm,
+                args=SoftmaxArgs,
+                signature=softmax_signature(dtype),
+                threads=nt,
+                geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
+            ),
+            dict(
+                kernel="merge",
+                dispatcher=_merge_kernel(dtype),
+                args=MergeArgs,
+                signature=merge_signature(dtype),
+                threads=_MERGE_THREADS,
+                geometry=dict(threads=_MERGE_THREADS),
+            ),
+        ]
+        + backward_launches(dtype)
+        + _decode_launches(dtype)
+    )
+
+
+#: Head dimension at which ``kernel_launches`` reports the streaming kernel
+#: (one compiled variant per power of two of elements a lane holds).
+REPORT_HEAD_DIM = 128
+
+
+def _decode_launches(dtype) -> list[dict]:
+    """The streaming kernel (both paths) at d = dv = REPORT_HEAD_DIM and the split merge."""
+    geo = decode_geometry(dtype, REPORT_HEAD_DIM, REPORT_HEAD_DIM)
+    wl, nteam, rb, kb, epl = geo
+    merge, nt = _split_merge_kernel(dtype)
+    geometry = dict(lanes=wl, teams=nteam, rows=rb, keys=kb, elements_per_lane=epl)
     return [
         dict(
-            kernel="attention",
+            kernel="decode",
             path=path,
-            dispatcher=disp,
-            args=AttentionArgs,
-            signature=attention_signature(dtype),
-            threads=ty * tx,
-            geometry=attention_geo,
+            dispatcher=_decode_kernel(dtype, geo, hw=hw),
+            args=DecodeArgs,
+            signature=decode_signature(dtype),
+            threads=wl * nteam,
+            geometry=geometry,
         )
-        for path, disp in (("hardware", att), ("simulator", att_sim))
+        for path, hw in (("hardware", True), ("simulator", False))
     ] + [
         dict(
-            kernel="scores",
-            dispatcher=sc,
-            args=ScoresArgs,
-            signature=scores_signature(dtype),
-            threads=t * t,
-            geometry=dict(tile=t),
-        ),
-        dict(
-            kernel="softmax",
-            dispatcher=sm,
-            args=SoftmaxArgs,
-            signature=softmax_signature(dtype),
+            kernel="split_merge",
+            dispatcher=merge,
+            args=SplitMergeArgs,
+            signature=split_merge_signature(dtype),
             threads=nt,
-            geometry=dict(threads=nt, cache=softmax_geometry(dtype)[1]),
-        ),
-        dict(
-            kernel="merge",
-            dispatcher=_merge_kernel(dtype),
-            args=MergeArgs,
-            signature=merge_signature(dtype),
-            threads=_MERGE_THREADS,
-            geometry=dict(threads=_MERGE_THREADS),
-        ),
+            geometry=dict(threads=nt),
+        )
     ]
 
 
@@ -786,7 +840,15 @@ def attention_args(
 def attention(
     q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None
 ):
-    """Fused attention over the sequences of ``seq``; ``lse`` may be None (not written)."""
+    """Fused attention over the sequences of ``seq``; ``lse`` may be None (not
+    written). Few rows per KV head (config.CUDA_STREAM_ROWS) take the
+    streaming kernel instead, unsplit."""
+    if _takes_streaming(q, k, max_rows):
+        split_attention(
+            q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
+            1, None, stream=stream,
+        )  # fmt: skip
+        return
     g1, g2 = q.shape[:2]
     dv = v.shape[3]
     dtype = np.dtype(q.dtype)
@@ -881,3 +943,461 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     )
     grid = -(-rows // _MERGE_THREADS)
     _launch(kern, merge_signature(dtype), grid, _MERGE_THREADS, stream, args)
+
+
+# --------------------------------------------------------------------------
+# Backward (numbattn/cuda/backward.py)
+
+
+_bwd_geometries: dict = {}
+
+
+def backward_geometry(dtype, d: int, dv: int) -> tuple:
+    """(TR, TC, RR, RC, DP, DVP) of the backward kernels for head dims d, dv.
+
+    From numbattn.config's CUDA_BWD_* knobs (ValueError naming the knob for
+    a non-positive value or a per-thread count that does not divide its
+    tile); when whole rows of that width do not fit 48 KiB of shared memory,
+    the streamed tile and then the own tile are halved (while the per-thread
+    counts still divide them); ValueError if even the smallest does not fit.
+    """
+    from .backward import backward_shared_bytes, padded_dim
+
+    dtype = np.dtype(dtype)
+    sfx = "_F64" if dtype == np.float64 else ""
+    rr, br = _divides("CUDA_BWD_ROWS_PER_THREAD" + sfx, "CUDA_BWD_ROW_TILE" + sfx)
+    rc, bc = _divides("CUDA_BWD_COLS_PER_THREAD" + sfx, "CUDA_BWD_COL_TILE" + sfx)
+    key = (dtype, int(d), int(dv), rr, br, rc, bc)
+    geo = _bwd_geometries.get(key)
+    if geo is not None:
+        return geo
+    while True:
+        tr, tc = br // rr, bc // rc
+        dp, dvp = padded_dim(d, dtype, tc), padded_dim(dv, dtype, tc)
+        geo = (tr, tc, rr, rc, dp, dvp)
+        shared = backward_shared_bytes(dtype, True, *geo)
+        problem = limits.launch_problem(tr * tc, shared)
+        if problem is None:
+            _bwd_geometries[key] = geo
+            return geo
+        if bc // 2 >= rc and (bc // 2) % rc == 0 and bc > rc:
+            bc //= 2
+        elif br // 2 >= rr and (br // 2) % rr == 0 and br > rr:
+            br //= 2
+        else:
+            raise ValueError(
+                f"numbattn.config gives the CUDA backward kernels ({dtype.name}, head "
+                f"dimensions d={d}, dv={dv}, geometry {geo}) {problem}; lower "
+                f"numbattn.config.CUDA_BWD_ROWS_PER_THREAD{sfx} or "
+                f"CUDA_BWD_COLS_PER_THREAD{sfx} (whole head rows are kept in shared memory)"
+            )
+
+
+def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
+    hw = (not simulator()) if hw is None else bool(hw)
+    key = ("backward", np.dtype(dtype), bool(kv), geo, hw)
+    kern = _kernels.get(key)
+    if kern is None:
+        from .backward import make_backward
+
+        with _lock:
+            tr, tc, rr, rc, dp, dvp = geo
+            kern = _kernels.setdefault(
+                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw)
+            )
+    return kern
+
+
+def backward_signature(dtype) -> str:
+    """The Numba signature the backward kernels are compiled for (:class:`BackwardArgs`)."""
+    return signature(BackwardArgs, dtype)
+
+
+def backward_launches(dtype, d: int = 64, dv: int = 64) -> list[dict]:
+    """The backward kernels' hardware paths for head dims (d, dv) at
+    numbattn.config's geometry, described as :func:`kernel_launches`
+    describes the others (their simulator paths differ only by launch
+    bounds and shared-memory alignment)."""
+    dtype = np.dtype(dtype)
+    geo = backward_geometry(dtype, d, dv)
+    tr, tc, rr, rc, dp, dvp = geo
+    geometry = dict(
+        own_tile=tr * rr,
+        streamed_tile=tc * rc,
+        rows_per_thread=rr,
+        cols_per_thread=rc,
+        head_dims=dp,
+        value_dims=dvp,
+    )
+    return [
+        dict(
+            kernel=name,
+            dispatcher=_backward_kernel(dtype, kv, geo, hw=True),
+            args=BackwardArgs,
+            signature=backward_signature(dtype),
+            threads=tr * tc,
+            geometry=geometry,
+        )
+        for name, kv in (("backward_dq", False), ("backward_dkdv", True))
+    ]
+
+
+def attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    delta,
+    dq,
+    dk,
+    dv,
+    seq,
+    max_rows,
+    key_rows,
+    max_keys,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    stream=None,
+):
+    """Gradients of fused attention (see :class:`numbattn._backend.Backend`).
+
+    Two launches on ``stream``, no atomics (deterministic): the query kernel
+    (D into ``delta``, then dq), then the key kernel (dk, dv, summed over each
+    group of query heads in a fixed order). See :mod:`numbattn.cuda.backward`.
+    """
+    g1, hq = q.shape[:2]
+    hk = k.shape[1]
+    d, dvw = q.shape[3], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    geo = backward_geometry(dtype, d, dvw)
+    tr, tc, rr, _rc, _dp, _dvp = geo
+    br, nthreads = tr * rr, tr * tc
+    n_qt = -(-int(max_rows) // br)
+    n_kt = -(-int(max_keys) // br)
+    if g1 * hq == 0 or (n_qt == 0 and n_kt == 0):
+        return
+    table = _seq_table(seq, stream)
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
+    args = BackwardArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        dout=dout,
+        lse=lse,
+        delta=delta,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        seq=table,
+        bias=bias,
+        mask=mask,
+        scale=dtype.type(scale),
+        n_tiles=n_qt,
+        k_rows=int(key_rows),
+        wl=_window(window_left),
+        wr=_window(window_right),
+        has_bias=has_bias,
+        has_mask=has_mask,
+    )
+    sig = backward_signature(dtype)
+    if n_qt:
+        _launch(_backward_kernel(dtype, False, geo), sig, g1 * hq * n_qt, nthreads, stream, args)
+    if n_kt and hk:
+        kv = args._replace(n_tiles=n_kt)
+        _launch(_backward_kernel(dtype, True, geo), sig, g1 * hk * n_kt, nthreads, stream, kv)
+
+
+# --------------------------------------------------------------------------
+# Split-K and paged KV caches (issue 11; numbattn._backend.Backend): the
+# streaming kernel and the merge of its splits (numbattn/cuda/decode.py).
+
+_DECODE_HINT = "lower numbattn.config.CUDA_DECODE_TEAMS, CUDA_DECODE_ROWS or CUDA_DECODE_KEYS[_F64]"
+_HINTS["decode_kernel"] = _DECODE_HINT
+_HINTS["split_merge_kernel"] = "lower numbattn.config.CUDA_SPLIT_MERGE_THREADS"
+
+
+def _pow2(name: str, limit: int) -> int:
+    value = _knob(name)
+    if value > limit or value & (value - 1):
+        raise ValueError(
+            f"numbattn.config.{name} must be a power of two between 1 and {limit}, got {value}"
+        )
+    return value
+
+
+def decode_geometry(dtype, d: int, dv: int, rows: int | None = None) -> tuple:
+    """(WL, NTEAM, RB, KB, EPL) of the streaming kernel for head dimensions
+    ``d`` and ``dv`` and ``rows`` rows per KV head (query heads of the group
+    x queries; None: the configured maximum): EPL, the elements a lane
+    holds per row, is the smallest power of two with ``WL * EPL >= max(d,
+    dv)``, RB the smallest power of two >= rows up to CUDA_DECODE_ROWS (one
+    compiled kernel per combination), and KB shrinks as EPL grows past 4
+    (the key and value fragments stay within the registers of EPL = 4).
+
+    ValueError naming the knob for a bad value or a block that cannot launch.
+    """
+    dtype = np.dtype(dtype)
+    wl = _pow2("CUDA_DECODE_LANES", limits.WARP)
+    nteam = _knob("CUDA_DECODE_TEAMS")
+    rb = _knob("CUDA_DECODE_ROWS")
+    kb = _knob("CUDA_DECODE_KEYS_F64" if dtype == np.float64 else "CUDA_DECODE_KEYS")
+    epl = 1
+    while wl * epl < max(int(d), int(dv), 1):
+        epl *= 2
+    kb = max(1, kb * 4 // max(epl, 4))
+    if rows is not None:
+        need = 1
+        while need < min(int(rows), rb):
+            need *= 2
+        rb = min(rb, need)
+    geo = (wl, nteam, rb, kb, epl)
+    from .decode import decode_shared_bytes
+
+    _check_block(
+        "streaming attention",
+        dtype,
+        geo,
+        wl * nteam,
+        decode_shared_bytes(dtype, *geo, hw=not simulator()),
+        _DECODE_HINT,
+    )
+    return geo
+
+
+def _decode_kernel(dtype, geo, hw=None):
+    dtype = np.dtype(dtype)
+    hw = (not simulator()) if hw is None else bool(hw)
+    key = ("decode", dtype, geo, hw)
+    kern = _kernels.get(key)
+    if kern is None:
+        from . import decode
+
+        with _lock:
+            wl, nteam, rb, kb, epl = geo
+            kern = _kernels.setdefault(
+                key, decode.make_decode(dtype, wl, nteam, rb, kb, epl, hw=hw)
+            )
+    return kern
+
+
+def _split_merge_kernel(dtype):
+    nt = _pow2("CUDA_SPLIT_MERGE_THREADS", limits.MAX_THREADS_PER_BLOCK)
+    key = ("split_merge", np.dtype(dtype), nt)
+    kern = _kernels.get(key)
+    if kern is None:
+        from . import decode
+
+        with _lock:
+            kern = _kernels.setdefault(key, decode.make_split_merge(dtype, nt))
+    return kern, nt
+
+
+def decode_signature(dtype) -> str:
+    """The Numba signature the streaming kernel is compiled for (:class:`DecodeArgs`)."""
+    return signature(DecodeArgs, dtype)
+
+
+def split_merge_signature(dtype) -> str:
+    """The Numba signature the split-merge kernel is compiled for (:class:`SplitMergeArgs`)."""
+    return signature(SplitMergeArgs, dtype)
+
+
+def _stream_rows() -> int:
+    """config.CUDA_STREAM_ROWS (0 allowed: never stream from :func:`attention`)."""
+    value = config.CUDA_STREAM_ROWS
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(
+            f"numbattn.config.CUDA_STREAM_ROWS must be a non-negative integer, got {value!r}"
+        )
+    return int(value)
+
+
+def _sm_count() -> int:
+    sms = _state.get("sms")
+    if sms is None:
+        sms = 1
+        if not simulator():
+            from numba import cuda
+
+            sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        _state["sms"] = sms
+    return sms
+
+
+def default_splits(batch, heads, group, max_rows, max_keys):
+    """The split count of ``num_splits=None``.
+
+    Calls the streaming kernel takes (``group * max_rows <=
+    config.CUDA_STREAM_ROWS``) have ``units = batch * (heads / group) *
+    ceil(group * max_rows / CUDA_DECODE_ROWS)`` blocks; when that is under
+    two blocks per SM, the keys are split into ``ceil(2 * SMs / units)``
+    chunks, at most one per ``CUDA_MIN_SPLIT_KEYS`` keys (and at most 64).
+    Otherwise 1: the fused kernel (many queries) does not split.
+    """
+    rows = int(group) * int(max_rows)
+    if rows == 0 or rows > _stream_rows():
+        return 1
+    rb = min(_knob("CUDA_DECODE_ROWS"), rows)  # a power of two >= that in decode_geometry
+    units = int(batch) * (int(heads) // max(int(group), 1)) * (-(-rows // rb))
+    target = 2 * _sm_count()
+    if units <= 0 or units >= target:
+        return 1
+    cap = max(1, min(64, int(max_keys) // _knob("CUDA_MIN_SPLIT_KEYS")))
+    return max(1, min(-(-target // units), cap))
+
+
+def _head_group(seq, group: int) -> int:
+    """Query heads a block takes together: the whole GQA group when the
+    sequence table is the same for every head of a group, else 1."""
+    g2 = seq.shape[1]
+    if group == 1 or g2 == 1 or seq.strides[1] == 0:
+        return group
+    t = np.asarray(seq).reshape(seq.shape[0], g2 // group, group, seq.shape[2])
+    return group if bool((t == t[:, :, :1]).all()) else 1
+
+
+_scratch_cache: dict = {}
+
+
+def _scratch(n: int, dtype, stream):
+    """A 1-d device array of at least ``n`` elements, reused by later calls
+    on the same stream (stream-ordered, so never in use by two kernels at
+    once) and grown as needed."""
+    dtype = np.dtype(dtype)
+    key = (id(stream) if stream else 0, dtype)
+    hit = _scratch_cache.get(key)
+    if hit is not None and hit[0].shape[0] >= n:
+        return hit[0]
+    from numba import cuda
+
+    arr = cuda.device_array(max(n, 1), dtype=dtype, stream=stream or 0)
+    with _lock:
+        _scratch_cache[key] = (arr, stream)  # the stream ref keeps id(stream) unique
+    return arr
+
+
+def _block_table_dummy():
+    key = ("int32", 2)
+    arr = _dummies.get(key)
+    if arr is None:
+        from numba import cuda
+
+        arr = _dummies[key] = cuda.device_array((1, 1), dtype=np.int32)
+    return arr
+
+
+def split_attention(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    seq,
+    max_rows,
+    bias,
+    mask,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    block_table,
+    stream=None,
+):
+    """:func:`attention` split over keys, over a contiguous or paged cache
+    (numbattn._backend.Backend.split_attention): the streaming kernel
+    (numbattn/cuda/decode.py), then, for more than one split, the device
+    merge of the partials (scratch ``num_splits * G1 * Hq * Tq * (dv + 1)``
+    elements, a single G1 slab when out repeats over G1)."""
+    g1, hq, tq, d = q.shape
+    dv = v.shape[3]
+    dtype = np.dtype(q.dtype)
+    if block_table is None:
+        hk = k.shape[1]
+        # (G1, Hk, Tk, d) viewed as (G1, Tk, Hk, d): the paged kernel's index order.
+        k = restride(k, (g1, k.shape[2], hk, d), _swap12(k.strides))
+        v = restride(v, (g1, v.shape[2], hk, dv), _swap12(v.strides))
+        table, block_size, paged = _block_table_dummy(), 1, False
+    else:
+        hk = k.shape[2]
+        table, block_size, paged = block_table, k.shape[1], True
+    gh = _head_group(seq, hq // hk)
+    geo = decode_geometry(dtype, d, dv, gh * int(max_rows))
+    wl, nteam, rb, _kb, _epl = geo
+    n_rt = -(-(gh * int(max_rows)) // rb)
+    n_split = max(1, int(num_splits))
+    grid = g1 * (hq // gh) * n_rt * n_split
+    if grid == 0:
+        return
+    dev_seq = _seq_table(seq, stream)
+    bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
+    kern = _decode_kernel(dtype, geo)
+    args = DecodeArgs(
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        lse=lse if lse is not None else _dummy(dtype, 3),
+        seq=dev_seq,
+        table=table,
+        bias=bias,
+        mask=mask,
+        scale=dtype.type(scale),
+        gh=gh,
+        n_rt=n_rt,
+        n_split=n_split,
+        split_rows=0,
+        block_size=block_size,
+        wl=_window(window_left),
+        wr=_window(window_right),
+        write_lse=lse is not None,
+        has_bias=has_bias,
+        has_mask=has_mask,
+        paged=paged,
+    )
+    if n_split == 1:
+        _launch(kern, decode_signature(dtype), grid, wl * nteam, stream, args)
+        return
+    # Partials: rows s*Tq + r of a (G1, Hq, n_split*Tq, dv) slab (one slab,
+    # zero stride over G1, when out repeats over G1: packed sequences).
+    slabs = 1 if g1 == 1 or out.strides[0] == 0 else g1
+    rows = n_split * tq
+    n_o = slabs * hq * rows * dv
+    n_l = slabs * hq * rows
+    buf = _scratch(n_o + n_l, dtype, stream)
+    isz = dtype.itemsize
+    s0 = 0 if slabs == 1 else hq * rows * dv * isz
+    part_o = restride(buf, (g1, hq, rows, dv), (s0, rows * dv * isz, dv * isz, isz))
+    s0 = 0 if slabs == 1 else hq * rows * isz
+    part_l = restride(index(buf, slice(n_o, n_o + n_l)), (g1, hq, rows), (s0, rows * isz, isz))
+    args = args._replace(out=part_o, lse=part_l, split_rows=tq, write_lse=True)
+    _launch(kern, decode_signature(dtype), grid, wl * nteam, stream, args)
+    merge_kern, nt = _split_merge_kernel(dtype)
+    margs = SplitMergeArgs(
+        part_o=part_o,
+        part_l=part_l,
+        out=out,
+        lse=lse if lse is not None else _dummy(dtype, 3),
+        seq=dev_seq,
+        n_split=n_split,
+        split_rows=tq,
+        write_lse=lse is not None,
+    )
+    mgrid = g1 * hq * int(max_rows)
+    if mgrid:
+        _launch(merge_kern, split_merge_signature(dtype), mgrid, nt, stream, margs)
+
+
+def _swap12(strides):
+    return (strides[0], strides[2], strides[1], strides[3])
+
+
+def _takes_streaming(q, k, max_rows: int) -> bool:
+    """Whether :func:`attention` takes the streaming kernel: few rows per KV head."""
+    group = q.shape[1] // max(k.shape[1], 1)
+    return 0 < group * int(max_rows) <= _stream_rows()

@@ -42,6 +42,25 @@ SMALL_TILES = dict(
     CUDA_VALUE_CHUNK=8,
     CUDA_SCORES_TILE=4,
     CUDA_SOFTMAX_THREADS=8,
+    # backward: 4-row tiles, 2 x 2 threads (its own knobs)
+    CUDA_BWD_ROW_TILE=4,
+    CUDA_BWD_COL_TILE=4,
+    CUDA_BWD_ROWS_PER_THREAD=2,
+    CUDA_BWD_COLS_PER_THREAD=2,
+    CUDA_BWD_ROW_TILE_F64=4,
+    CUDA_BWD_COL_TILE_F64=4,
+    CUDA_BWD_ROWS_PER_THREAD_F64=2,
+    CUDA_BWD_COLS_PER_THREAD_F64=2,
+    # Streaming split-K kernel (tests/gpu/test_cuda_decode.py): 2 teams of 4
+    # lanes, 2 rows and 2 keys a step; attention() keeps the fused kernel
+    # here (the streaming tests raise CUDA_STREAM_ROWS themselves).
+    CUDA_STREAM_ROWS=0,
+    CUDA_DECODE_LANES=4,
+    CUDA_DECODE_TEAMS=2,
+    CUDA_DECODE_ROWS=2,
+    CUDA_DECODE_KEYS=2,
+    CUDA_DECODE_KEYS_F64=2,
+    CUDA_SPLIT_MERGE_THREADS=4,
 )
 
 

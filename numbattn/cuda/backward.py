@@ -1,0 +1,777 @@
+"""CUDA kernels of the attention backward pass (FlashAttention-2's recurrence).
+
+Given the forward's ``out`` and ``lse`` and the incoming gradient ``dout``,
+with ``P = exp(S - lse)`` recomputed tile by tile (``S = scale * q k^T +
+bias``, masked entries excluded) and ``D = rowsum(dout * out)``::
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),
+    dQ = scale * dS K,   dK = scale * dS^T Q.
+
+No Nq x Nk array exists: two kernels recompute P, each accumulating its
+outputs in registers, and neither uses atomics, so the gradients are
+**deterministic** (bitwise the same on every run and for every launch
+order; the float sums run in a fixed order):
+
+1. the *query* kernel (``kv=False``), one block per (batch element, query
+   head, tile of BR query rows), computes D for its rows (written to a
+   scratch array ``delta`` shaped like ``lse``), then streams the key tiles
+   its rows can see and accumulates ``dQ``;
+2. the *key* kernel (``kv=True``), one block per (batch element, key head,
+   tile of BR key rows), keeps K and V of its keys in shared memory and
+   streams, for each query head of the key head's group (grouped-query
+   attention: dK and dV are summed over the group in registers, in head
+   order), the query tiles that can see its keys, accumulating ``dK`` and
+   ``dV``. It reads the D the query kernel wrote (same stream: ordered).
+
+One factory (:func:`make_backward`) builds both: the block's *own* rows
+(queries, or keys) stay resident in shared memory (A1 = Q or K, width d;
+A2 = dO or V, width dv) and the *streamed* rows arrive BC at a time (B1 = K
+or Q, B2 = V or dO). Per streamed tile:
+
+* S = A1 B1^T and dP = A2 B2^T (transposed for the key kernel): thread
+  (tr, tc) computes an RR x RC register micro-tile (own rows ``tr + TR*a``,
+  streamed rows ``tc + TC*b``), reading PV consecutive head dimensions per
+  (vector) shared-memory load, as the forward kernel;
+* visibility (lengths, window, causal: the diagonal offset, the table's
+  ALIGN column, read in one place per query head; mask; a -inf bias),
+  ``P = exp(S - lse)`` and ``dS = P (dP - D)`` for visible elements, exact
+  zeros elsewhere (a masked key or query contributes nothing, and rows whose
+  lse is -inf, which see no key, get zero gradients, never NaN);
+* P and dS go to shared memory, and each thread accumulates RR own rows x
+  (d or dv)/TC columns (groups of CV adjacent columns) of the outputs:
+  ``dQ += dS K`` (query kernel), ``dV += P^T dO`` and ``dK += dS^T Q`` (key
+  kernel); ``scale`` is applied once at the end.
+
+The visited range of streamed tiles is the one the block's rows can see
+(causal, window and lengths cost nothing outside it): visiting it
+heaviest-first (last query tiles, first key tiles). Rows and keys outside
+the lengths are never read: tiles are zero-filled past them. The key
+kernel writes dK/dV for all the key rows a sequence owns, ``max(K_LEN,
+k_rows)`` (``k_rows``: the whole of k's axis for dense batches, 0 for
+packed varlen sequences): rows past K_LEN get zeros.
+
+Head dimensions are compile-time: the backend builds one kernel per
+(dtype, geometry, DP, DVP), DP and DVP being d and dv rounded up to CV*TC
+columns (padded columns are zero and cost a little arithmetic). The whole
+rows stay in shared memory (48 KiB static): the backend picks the largest
+tiles of numbattn.config that fit (:func:`backward_shared_bytes`).
+
+Float64 on the tensor cores
+    At geometries :func:`backward_mma_ok` accepts (the default float64 one:
+    2 warps, 16 own rows, 16-row streamed tiles), every product is a
+    ``mma.sync.aligned.m8n8k4.row.col.f64`` (DMMA, the forward's
+    :func:`numbattn.cuda.kernels._dmma`): warp w owns rows ``8w .. 8w + 7``
+    and lane (g, t) = (lane // 4, lane % 4) holds ``S[8w + g][8n + 2t + e]``
+    (e < 2) after one DMMA per (4-dim k-step, 8-row n-tile), A = A1[r][p +
+    t], B = B1[8n + g][p + t]; the outputs likewise with A = dS or P [r][c +
+    t] (through shared memory) and B = B1 or B2 [c + t][8n + g], so the lane
+    accumulates its outputs' elements ``[r][8n + 2t + e]``. The simulator
+    (no inline PTX) runs an emulation of each mma.sync with the same
+    fragment layout (:func:`_emulated_mma`).
+
+Non-finite inputs
+    A masked entry contributes exactly nothing: when a streamed tile holds a
+    NaN or inf (each thread flags what it stages; the barrier before the
+    output products is a ``syncthreads_or``), a second copy of the output
+    loop skips the zero entries of P and dS instead of multiplying them
+    (the tensor-core kernel sums key by key there), so a NaN in a key no
+    row sees, or in a fully masked query row, reaches no gradient. (A
+    visible entry whose P underflows to exactly 0 is skipped too.)
+
+The float32 kernel has no warp-level code: its hardware path (``hw``)
+differs from the portable one the simulator runs only by launch bounds and
+16-byte aligned shared memory (vector loads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import cuda, int32, int64, uint32
+
+from .kernels import _dmma, _on_simulator, _stride, _types, _vec
+
+U = uint32
+
+
+def backward_vec(dtype) -> int:
+    """Columns per vector access (16 bytes: 4 float32, 2 float64)."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def padded_dim(n: int, dtype, TC: int) -> int:
+    """Head dimension ``n`` rounded up to a multiple of CV*TC (at least that)."""
+    unit = backward_vec(dtype) * TC
+    return max(unit, -(-int(n) // unit) * unit)
+
+
+def backward_mma_ok(dtype, TR, TC, RR, RC) -> bool:
+    """Whether float64 at this geometry runs on the tensor cores (DMMA):
+    whole warps of 8 own rows each (``TR*TC == 4*BR``) and streamed tiles
+    in 8-row n-tiles."""
+    NT, BR, BC = TR * TC, TR * RR, TC * RC
+    return np.dtype(dtype) == np.float64 and NT % 32 == 0 and NT == 4 * BR and BC % 8 == 0
+
+
+def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
+    """Shared-memory layout of :func:`make_backward`: element offsets and strides."""
+    mma = backward_mma_ok(dtype, TR, TC, RR, RC)
+    isz = np.dtype(dtype).itemsize
+    al = 16 // isz
+    BR, BC = TR * RR, TC * RC
+    # Row strides == 16 bytes (mod 128): the lanes of a vector-load phase read
+    # distinct rows at distinct bank groups; P/dS rows == 32 (mod 128).
+    lay = dict(AS=_stride(DP, isz, 16), AVS=_stride(DVP, isz, 16), PS=_stride(BC, isz, 32))
+    off = 0
+    for name, size in (
+        ("A1", BR * lay["AS"]),
+        ("A2", BR * lay["AVS"]),
+        ("B1", BC * lay["AS"]),
+        ("B2", BC * lay["AVS"]),
+        ("PT", BR * lay["PS"] if kv else 0),
+        ("DS", BR * lay["PS"]),
+        ("L", BC if kv else 0),  # lse of the streamed queries (key kernel)
+        ("DD", BC if kv else BR),  # D of the streamed (key) or own (query) rows
+        ("X", 2 * TR * TC if mma else 0),  # emulated mma.sync operands (simulator)
+    ):
+        lay["OFF_" + name] = off
+        off += -(-size // al) * al
+    lay["TOTAL"] = max(off, 1)
+    return lay
+
+
+def backward_shared_bytes(dtype, kv, TR, TC, RR, RC, DP, DVP) -> int:
+    lay = backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP)
+    return lay["TOTAL"] * np.dtype(dtype).itemsize
+
+
+_EMUL: list = []
+
+
+def _emulated_mma():
+    """``emul(sh, xw, lane, g, t, a, b, c0, c1) -> (d0, d1)``: one
+    ``mma.sync.aligned.m8n8k4.row.col.f64`` for the simulator (no inline PTX),
+    as :func:`numbattn.cuda.kernels.make_attention_mma` emulates it: the warp's
+    lanes put their A and B elements in its 64-element scratch ``xw`` of
+    shared memory, a barrier, each lane computes its two D elements with the
+    fragment layout of :func:`numbattn.cuda.kernels._dmma`, a barrier. Every
+    thread of the block must call it the same number of times."""
+    if not _EMUL:
+
+        @cuda.jit(device=True)
+        def emul(sh, xw, lane, g, t, a, b, c0, c1):
+            sh[xw + lane] = a
+            sh[xw + U(32) + lane] = b
+            cuda.syncthreads()
+            d0 = c0
+            d1 = c1
+            for kk in range(4):
+                av = sh[xw + g * U(4) + U(kk)]
+                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+            cuda.syncthreads()
+            return d0, d1
+
+        _EMUL.append(emul)
+    return _EMUL[0]
+
+
+def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
+    """The query (``kv=False``) or key (``kv=True``) kernel of the backward pass.
+
+    Signature (:class:`numbattn.cuda.args.BackwardArgs`)::
+
+        kernel(q, k, v, out, dout, lse, delta, dq, dk, dv, seq, bias, mask,
+               scale, n_tiles, k_rows, wl, wr, has_bias, has_mask)
+
+    q, out, dout, dq (G1, Hq, Tq, d or dv); k, v, dk, dv (G1, Hk, Tk, d or
+    dv) with d <= DP, dv <= DVP; lse and delta (G1, Hq, Tq) (the query
+    kernel writes delta, the key kernel reads it); seq, bias, mask, scale,
+    windows as the forward kernels. ``n_tiles``: own-row tiles per sequence;
+    ``k_rows``: a sequence writes dk/dv rows ``K_OFF .. K_OFF + max(K_LEN,
+    k_rows) - 1`` (dense: Nk; packed varlen: 0). Launch:
+    grid = G1 * (Hq or Hk) * n_tiles, block = TR*TC threads.
+    """
+    nt, sc_t = _types(dtype)
+    KV = bool(kv)
+    NT = TR * TC
+    BR, BC = TR * RR, TC * RC
+    CV = backward_vec(dtype)  # adjacent output columns per group, dims per vector read
+    PV = CV
+    JV = _vec(BC)  # streamed rows per vector read of P / dS
+    NCD = DP // TC  # output columns per thread, width d
+    NCV = DVP // TC if KV else 1  # width dv (dV, key kernel)
+    NCX = max(NCD, NCV)
+    lay = backward_layout(dtype, KV, TR, TC, RR, RC, DP, DVP)
+    AS, AVS, PS = (U(lay[x]) for x in ("AS", "AVS", "PS"))
+    ASI, AVSI, PSI = lay["AS"], lay["AVS"], lay["PS"]
+    OFF_A1, OFF_A2, OFF_B1, OFF_B2 = (U(lay[x]) for x in ("OFF_A1", "OFF_A2", "OFF_B1", "OFF_B2"))
+    OFF_PT, OFF_DS, OFF_L, OFF_DD = (U(lay[x]) for x in ("OFF_PT", "OFF_DS", "OFF_L", "OFF_DD"))
+    TOTAL = lay["TOTAL"]
+    OFF_X = U(lay["OFF_X"])
+    MMA = backward_mma_ok(dtype, TR, TC, RR, RC)
+    HW = bool(hw)
+    NB = BC // 8  # n-tiles of S (tensor cores)
+    NOD = DP // 8  # n-tiles of the outputs, width d
+    NOV = DVP // 8 if KV else 1  # width dv
+    MS, MA1, MA2 = (2 * NB, 2 * NOD, 2 * NOV) if MMA else (1, 1, 1)
+    dmma: Any = _dmma() if MMA and HW and not _on_simulator() else None
+    emul = _emulated_mma()
+    ALIGN = 16 if hw else None
+    NINF = sc_t(-np.inf)
+    PINF = sc_t(np.inf)
+    ZERO = sc_t(0.0)
+    BIG = 1 << 40  # "unbounded" window side
+    I31 = (1 << 31) - 1
+    M32 = (1 << 32) - 1
+    # The key index minus the query index of element (a, b) is
+    # SG * (own - streamed): keys are the own rows of the key kernel.
+    SG = 1 if KV else -1
+    uTC = U(TC)
+    opts = {}
+    if hw and NT % 32 == 0 and not _on_simulator():
+        # Resident threads per SM asked of ptxas (registers: 65536 / that,
+        # in whole warps per sub-partition), as shared memory allows: 512
+        # (128 registers) for the float32 query kernel, 384 (168) for the
+        # float32 key kernel and the float64 query kernel, 256 for the
+        # float64 key kernel (dK and dV in registers: fewer spill).
+        want = 384
+        if np.dtype(dtype) == np.float32 and not KV:
+            want = 512
+        elif MMA and KV:
+            want = 256
+        want = max(1, -(-want // NT))
+        smem = TOTAL * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+
+    @cuda.jit(**opts)
+    def backward_kernel(
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        delta,
+        dq,
+        dk,
+        dv,
+        seq,
+        bias,
+        mask,
+        scale,
+        n_tiles,
+        k_rows,
+        wl,
+        wr,
+        has_bias,
+        has_mask,
+    ):
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
+        s = cuda.local.array((RR, RC), nt)
+        dp = cuda.local.array((RR, RC), nt)
+        af = cuda.local.array((RR, PV), nt)
+        bf = cuda.local.array((RC, PV), nt)
+        pf = cuda.local.array((RR, JV), nt)
+        df = cuda.local.array((RR, JV), nt)
+        cf = cuda.local.array(NCX, nt)
+        acc1 = cuda.local.array((RR, NCD), nt)  # dQ (query kernel) or dK
+        acc2 = cuda.local.array((RR, NCV), nt)  # dV (key kernel)
+        own_l = cuda.local.array(RR, nt)  # query kernel: lse of its rows
+        own_d = cuda.local.array(RR, nt)  # query kernel: D of its rows
+        ms = cuda.local.array(MS, nt)  # tensor cores: S, dP and outputs of a lane
+        mdp = cuda.local.array(MS, nt)
+        macc1 = cuda.local.array(MA1, nt)
+        macc2 = cuda.local.array(MA2, nt)
+
+        hq_n = q.shape[1]
+        group = hq_n // k.shape[1]
+        d = q.shape[3]
+        dvw = v.shape[3]
+        g2n = k.shape[1] if KV else hq_n
+        bid = cuda.blockIdx.x
+        # Heaviest tiles first under causal masking: the first key tiles,
+        # the last query tiles.
+        tile = bid % n_tiles if KV else n_tiles - 1 - bid % n_tiles
+        rest = bid // n_tiles
+        b2 = U(rest % g2n)
+        b1 = U(rest // g2n)
+        o0 = tile * BR
+        h0 = b2 * U(group) if KV else b2  # a query head of this block's table rows
+        k_off = seq[b1, h0, 3]
+        k_len = seq[b1, h0, 4]
+        if KV:
+            own_off = k_off
+            own_len = k_len
+            own_rows = max(k_len, k_rows)
+        else:
+            own_off = seq[b1, h0, 0]
+            own_len = seq[b1, h0, 1]
+            own_rows = seq[b1, h0, 2]
+        if o0 >= own_rows:
+            return  # whole block: past this sequence's rows
+        utid = U(cuda.threadIdx.x)
+        utc = utid % uTC
+        utr = utid // uTC
+        tc = int64(utc)
+        tr = int64(utr)
+        hk = U(b2 if KV else b2 // U(group))
+        # Tensor cores: lane (g, t) of warp w owns row mr = 8w + g of the tile.
+        lane = U(utid & U(31))
+        ug = U(lane >> U(2))
+        ut = U(lane & U(3))
+        ut2 = U(ut * U(2))
+        t2 = int64(ut2)
+        umr = U(U(utid >> U(5)) * U(8) + ug)
+        mr = int64(umr)
+        xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
+
+        # Own rows, resident: A1 (Q or K, width d), A2 (dO or V, width dv),
+        # zero-filled past own_len and past the head dimensions.
+        idx = utid
+        while idx < U(BR * DP):
+            r = U(idx // U(DP))
+            p = U(idx % U(DP))
+            val = ZERO
+            if r < own_len - o0 and p < d:
+                if KV:
+                    val = k[b1, hk, U(own_off + o0 + r), p]
+                else:
+                    val = q[b1, b2, U(own_off + o0 + r), p]
+            sh[U(OFF_A1 + r * AS + p)] = val
+            idx = U(idx + U(NT))
+        idx = utid
+        while idx < U(BR * DVP):
+            r = U(idx // U(DVP))
+            p = U(idx % U(DVP))
+            val = ZERO
+            if r < own_len - o0 and p < dvw:
+                if KV:
+                    val = v[b1, hk, U(own_off + o0 + r), p]
+                else:
+                    val = dout[b1, b2, U(own_off + o0 + r), p]
+            sh[U(OFF_A2 + r * AVS + p)] = val
+            idx = U(idx + U(NT))
+        if not KV:
+            # D = rowsum(dO * O) of the own rows (one thread a row), for
+            # this kernel and, through delta, the key kernel.
+            if utid < U(BR):
+                r = utid
+                tot = ZERO
+                if r < own_len - o0:
+                    row = U(own_off + o0 + r)
+                    for c in range(dvw):
+                        tot += dout[b1, b2, row, c] * out[b1, b2, row, c]
+                sh[OFF_DD + r] = tot
+                if r < own_rows - o0:
+                    delta[b1, b2, U(own_off + o0 + r)] = tot
+        cuda.syncthreads()
+        if MMA:
+            for c in range(2 * NOD):
+                macc1[c] = ZERO
+            for c in range(2 * NOV):
+                macc2[c] = ZERO
+            if not KV:
+                x = PINF
+                if mr < own_len - o0:
+                    x = lse[b1, b2, U(own_off + o0 + mr)]
+                    if x == NINF:
+                        x = PINF
+                own_l[0] = x
+                own_d[0] = sh[OFF_DD + U(mr)]
+        else:
+            for a in range(RR):
+                for c in range(NCD):
+                    acc1[a, c] = ZERO
+                for c in range(NCV):
+                    acc2[a, c] = ZERO
+                if not KV:
+                    r = tr + TR * a
+                    x = PINF  # rows past own_len: no visible key
+                    if r < own_len - o0:
+                        x = lse[b1, b2, U(own_off + o0 + r)]
+                        if x == NINF:
+                            x = PINF  # no visible key: exp(s - inf) = 0
+                    own_l[a] = x
+                    own_d[a] = sh[OFF_DD + U(r)]
+
+        n_heads = group if KV else 1
+        for g in range(n_heads):
+            h = U(h0 + U(g)) if KV else b2
+            q_off = seq[b1, h, 0]
+            q_len = seq[b1, h, 1]
+            offset = seq[b1, h, 5]  # ALIGN: the diagonal (numbattn._sequences)
+            lo_base = -BIG  # key j visible to query i iff lo_base <= j - i < hi_base
+            hi_base = BIG
+            if wl >= 0:
+                lo_base = offset - wl
+            if wr >= 0:
+                hi_base = offset + wr + 1
+            # Streamed rows [slo, shi) that any own row can see.
+            slo = 0
+            shi = 0
+            if KV:
+                j1 = min(o0 + BR, k_len)
+                if j1 > o0:
+                    slo = max(0, o0 - hi_base + 1)
+                    shi = min(q_len, j1 - lo_base)
+                s_len = q_len
+                s_off = q_off
+            else:
+                if o0 < q_len:
+                    slo = max(0, o0 + lo_base)
+                    shi = min(k_len, min(o0 + BR, q_len) - 1 + hi_base)
+                s_len = k_len
+                s_off = k_off
+            n_st = 0
+            if shi > slo:
+                n_st = (shi - slo + BC - 1) // BC
+            ocnt = U(min(max(own_len - o0 - tr, 0), BR))  # real own rows: TR*a < ocnt
+            for st in range(n_st):
+                s0 = slo + st * BC
+                ns = shi - s0
+                # Streamed rows: B1 (K or Q, width d), B2 (V or dO, width dv);
+                # bad: a NaN or inf staged (an int: for syncthreads_or).
+                bad = int32(0)
+                idx = utid
+                while idx < U(BC * DP):
+                    r = U(idx // U(DP))
+                    p = U(idx % U(DP))
+                    val = ZERO
+                    if r < ns and p < d:
+                        if KV:
+                            val = q[b1, h, U(s_off + s0 + r), p]
+                        else:
+                            val = k[b1, hk, U(s_off + s0 + r), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
+                    sh[U(OFF_B1 + r * AS + p)] = val
+                    idx = U(idx + U(NT))
+                idx = utid
+                while idx < U(BC * DVP):
+                    r = U(idx // U(DVP))
+                    p = U(idx % U(DVP))
+                    val = ZERO
+                    if r < ns and p < dvw:
+                        if KV:
+                            val = dout[b1, h, U(s_off + s0 + r), p]
+                        else:
+                            val = v[b1, hk, U(s_off + s0 + r), p]
+                        if not math.isfinite(val):
+                            bad = int32(1)
+                    sh[U(OFF_B2 + r * AVS + p)] = val
+                    idx = U(idx + U(NT))
+                if KV:
+                    if utid < U(BC):
+                        lx = PINF
+                        dx = ZERO
+                        if utid < ns:
+                            row = U(s_off + s0 + utid)
+                            lx = lse[b1, h, row]
+                            if lx == NINF:
+                                lx = PINF
+                            dx = delta[b1, h, row]
+                        sh[OFF_L + utid] = lx
+                        sh[OFF_DD + utid] = dx
+                cuda.syncthreads()
+                if MMA:
+                    # Tensor cores: lane (g, t) of warp w holds S[mr][8n + 2t + e]
+                    # (mr = 8w + g) after one DMMA per (4-dim k-step, n-tile).
+                    for c in range(2 * NB):
+                        ms[c] = ZERO
+                        mdp[c] = ZERO
+                    pa = U(OFF_A1 + umr * AS + ut)
+                    pb = U(OFF_B1 + ug * AS + ut)
+                    for ks in range(U((d + 3) // 4)):
+                        av = sh[U(pa + U(4 * ks))]
+                        for n in range(NB):
+                            bv = sh[U(pb + U(4 * ks) + U(n * 8 * ASI))]
+                            if HW:
+                                d0, d1 = dmma(av, bv, ms[2 * n], ms[2 * n + 1])
+                            else:
+                                d0, d1 = emul(
+                                    sh, xw, lane, ug, ut, av, bv, ms[2 * n], ms[2 * n + 1]
+                                )
+                            ms[2 * n] = d0
+                            ms[2 * n + 1] = d1
+                    pa = U(OFF_A2 + umr * AVS + ut)
+                    pb = U(OFF_B2 + ug * AVS + ut)
+                    for ks in range(U((dvw + 3) // 4)):
+                        av = sh[U(pa + U(4 * ks))]
+                        for n in range(NB):
+                            bv = sh[U(pb + U(4 * ks) + U(n * 8 * AVSI))]
+                            if HW:
+                                d0, d1 = dmma(av, bv, mdp[2 * n], mdp[2 * n + 1])
+                            else:
+                                d0, d1 = emul(
+                                    sh, xw, lane, ug, ut, av, bv, mdp[2 * n], mdp[2 * n + 1]
+                                )
+                            mdp[2 * n] = d0
+                            mdp[2 * n + 1] = d1
+                    orow = own_off + o0 + mr
+                    ocnt_ = own_len - o0
+                    scnt_ = shi - s0
+                    for n in range(NB):
+                        for e in range(2):
+                            c = 8 * n + t2 + e
+                            diff = SG * ((o0 + mr) - (s0 + c))
+                            vis = lo_base <= diff and diff < hi_base and mr < ocnt_ and c < scnt_
+                            srow = s_off + s0 + c
+                            if KV:
+                                qrow = U(srow)
+                                kcol = U(orow)
+                            else:
+                                qrow = U(orow)
+                                kcol = U(srow)
+                            if vis and has_mask:
+                                vis = mask[b1, h, qrow, kcol]
+                            pv = ZERO
+                            dsv = ZERO
+                            if vis:
+                                x = ms[2 * n + e] * scale
+                                if has_bias:
+                                    x += bias[b1, h, qrow, kcol]
+                                if KV:
+                                    lx = sh[OFF_L + U(c)]
+                                    dx = sh[OFF_DD + U(c)]
+                                else:
+                                    lx = own_l[0]
+                                    dx = own_d[0]
+                                if x != NINF:
+                                    pv = math.exp(x - lx)
+                                    dsv = pv * (mdp[2 * n + e] - dx)
+                            if KV:
+                                sh[U(OFF_PT + umr * PS + U(c))] = pv
+                            sh[U(OFF_DS + umr * PS + U(c))] = dsv
+                else:
+                    # S = A1 B1^T, dP = A2 B2^T: own rows tr + TR*a, streamed
+                    # rows tc + TC*b, PV consecutive dims per (vector) read.
+                    for a in range(RR):
+                        for b in range(RC):
+                            s[a, b] = ZERO
+                            dp[a, b] = ZERO
+                    npv = U((d + PV - 1) // PV)
+                    pa = OFF_A1 + utr * AS
+                    pb = OFF_B1 + utc * AS
+                    for _pi in range(npv):
+                        for a in range(RR):
+                            for e in range(PV):
+                                af[a, e] = sh[pa + U(a * TR * ASI + e)]
+                        for b in range(RC):
+                            for e in range(PV):
+                                bf[b, e] = sh[pb + U(b * TC * ASI + e)]
+                        for e in range(PV):
+                            for a in range(RR):
+                                for b in range(RC):
+                                    s[a, b] += af[a, e] * bf[b, e]
+                        pa = U(pa + U(PV))
+                        pb = U(pb + U(PV))
+                    npv = U((dvw + PV - 1) // PV)
+                    pa = OFF_A2 + utr * AVS
+                    pb = OFF_B2 + utc * AVS
+                    for _pi in range(npv):
+                        for a in range(RR):
+                            for e in range(PV):
+                                af[a, e] = sh[pa + U(a * TR * AVSI + e)]
+                        for b in range(RC):
+                            for e in range(PV):
+                                bf[b, e] = sh[pb + U(b * TC * AVSI + e)]
+                        for e in range(PV):
+                            for a in range(RR):
+                                for b in range(RC):
+                                    dp[a, b] += af[a, e] * bf[b, e]
+                        pa = U(pa + U(PV))
+                        pb = U(pb + U(PV))
+                    # Visibility: key - query = SG*(own - streamed) = diag +
+                    # SG*(TR*a - TC*b); the window test is one unsigned compare
+                    # (as the forward kernel), the counts clamp to the tile.
+                    diag = SG * ((o0 - s0) + (tr - tc))
+                    dl = diag - max(lo_base, -I31)
+                    wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
+                    scnt = U(min(max(min(s_len, shi) - s0 - tc, 0), BC))  # TC*b < scnt
+                    for a in range(RR):
+                        r = tr + TR * a
+                        orow = own_off + o0 + r
+                        for b in range(RC):
+                            c = tc + TC * b
+                            srow = s_off + s0 + c
+                            vis = (
+                                U((dl + SG * (TR * a - TC * b)) & M32) < wid
+                                and U(TR * a) < ocnt
+                                and U(TC * b) < scnt
+                            )
+                            if KV:
+                                qrow = U(srow)
+                                kcol = U(orow)
+                            else:
+                                qrow = U(orow)
+                                kcol = U(srow)
+                            if vis and has_mask:
+                                vis = mask[b1, h, qrow, kcol]
+                            pv = ZERO
+                            dsv = ZERO
+                            if vis:
+                                x = s[a, b] * scale
+                                if has_bias:
+                                    x += bias[b1, h, qrow, kcol]
+                                if KV:
+                                    lx = sh[OFF_L + U(c)]
+                                    dx = sh[OFF_DD + U(c)]
+                                else:
+                                    lx = own_l[a]
+                                    dx = own_d[a]
+                                if x != NINF:  # a -inf bias masks
+                                    pv = math.exp(x - lx)
+                                    dsv = pv * (dp[a, b] - dx)
+                            if KV:
+                                sh[U(OFF_PT + U(r) * PS + U(c))] = pv
+                            sh[U(OFF_DS + U(r) * PS + U(c))] = dsv
+                vbad = cuda.syncthreads_or(bad)  # block-uniform
+                if MMA:
+                    if vbad:  # key by key, skipping masked entries (as above)
+                        for j in range(BC):
+                            dsj = sh[U(OFF_DS + umr * PS + U(j))]
+                            if dsj != ZERO:
+                                for n in range(NOD):
+                                    for e in range(2):
+                                        bv = sh[U(OFF_B1 + U(j) * AS + U(8 * n + e) + ut2)]
+                                        macc1[2 * n + e] += dsj * bv
+                            if KV:
+                                pj = sh[U(OFF_PT + umr * PS + U(j))]
+                                if pj != ZERO:
+                                    for n in range(NOV):
+                                        for e in range(2):
+                                            bv = sh[U(OFF_B2 + U(j) * AVS + U(8 * n + e) + ut2)]
+                                            macc2[2 * n + e] += pj * bv
+                    else:  # A = dS or P [mr][4ks + t], B = B1 or B2 [4ks + t][8n + g]
+                        for ks in range(BC // 4):
+                            av = sh[U(OFF_DS + umr * PS + U(4 * ks) + ut)]
+                            for n in range(NOD):
+                                bv = sh[U(OFF_B1 + (U(4 * ks) + ut) * AS + U(8 * n) + ug)]
+                                if HW:
+                                    d0, d1 = dmma(av, bv, macc1[2 * n], macc1[2 * n + 1])
+                                else:
+                                    d0, d1 = emul(
+                                        sh, xw, lane, ug, ut, av, bv, macc1[2 * n], macc1[2 * n + 1]
+                                    )
+                                macc1[2 * n] = d0
+                                macc1[2 * n + 1] = d1
+                            if KV:
+                                av = sh[U(OFF_PT + umr * PS + U(4 * ks) + ut)]
+                                for n in range(NOV):
+                                    bv = sh[U(OFF_B2 + (U(4 * ks) + ut) * AVS + U(8 * n) + ug)]
+                                    if HW:
+                                        d0, d1 = dmma(av, bv, macc2[2 * n], macc2[2 * n + 1])
+                                    else:
+                                        d0, d1 = emul(
+                                            sh, xw, lane, ug, ut, av, bv,
+                                            macc2[2 * n], macc2[2 * n + 1],
+                                        )  # fmt: skip
+                                    macc2[2 * n] = d0
+                                    macc2[2 * n + 1] = d1
+                else:
+                    # dQ += dS K (query kernel); dK += dS^T Q and dV += P^T dO
+                    # (key kernel): own rows tr + TR*a, columns
+                    # CV*tc + CV*TC*g + w; JV streamed rows per read of dS / P.
+                    pp = OFF_DS + utr * PS
+                    pt = OFF_PT + utr * PS
+                    pb = OFF_B1 + utc * U(CV)
+                    pv2 = OFF_B2 + utc * U(CV)
+                    # A NaN or inf in the streamed tile: masked entries (exact zeros)
+                    # are skipped, never multiplied (0 * NaN); the plain copy of
+                    # the loop carries no such test.
+                    if vbad:
+                        for ci in range(BC // JV):
+                            for a in range(RR):
+                                for e in range(JV):
+                                    df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                                    if KV:
+                                        pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                            for e in range(JV):
+                                cr = ci * JV + e
+                                for x in range(NCD):
+                                    cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                                for a in range(RR):
+                                    for x in range(NCD):
+                                        if df[a, e] != ZERO:
+                                            acc1[a, x] += df[a, e] * cf[x]
+                                if KV:
+                                    for x in range(NCV):
+                                        cf[x] = sh[
+                                            pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)
+                                        ]
+                                    for a in range(RR):
+                                        for x in range(NCV):
+                                            if pf[a, e] != ZERO:
+                                                acc2[a, x] += pf[a, e] * cf[x]
+                    else:
+                        for ci in range(BC // JV):
+                            for a in range(RR):
+                                for e in range(JV):
+                                    df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
+                                    if KV:
+                                        pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
+                            for e in range(JV):
+                                cr = ci * JV + e
+                                for x in range(NCD):
+                                    cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
+                                for a in range(RR):
+                                    for x in range(NCD):
+                                        acc1[a, x] += df[a, e] * cf[x]
+                                if KV:
+                                    for x in range(NCV):
+                                        cf[x] = sh[
+                                            pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)
+                                        ]
+                                    for a in range(RR):
+                                        for x in range(NCV):
+                                            acc2[a, x] += pf[a, e] * cf[x]
+                cuda.syncthreads()
+
+        if MMA:
+            if o0 + mr < own_rows:
+                row = U(own_off + o0 + mr)
+                for n in range(NOD):
+                    for e in range(2):
+                        col = U(8 * n + e) + ut2
+                        if col < d:
+                            if KV:
+                                dk[b1, b2, row, col] = macc1[2 * n + e] * scale
+                            else:
+                                dq[b1, b2, row, col] = macc1[2 * n + e] * scale
+                if KV:
+                    for n in range(NOV):
+                        for e in range(2):
+                            col = U(8 * n + e) + ut2
+                            if col < dvw:
+                                dv[b1, b2, row, col] = macc2[2 * n + e]
+        else:
+            for a in range(RR):
+                r = o0 + tr + TR * a
+                if r < own_rows:
+                    row = U(own_off + r)
+                    for x in range(NCD):
+                        col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
+                        if col < d:
+                            if KV:
+                                dk[b1, b2, row, col] = acc1[a, x] * scale
+                            else:
+                                dq[b1, b2, row, col] = acc1[a, x] * scale
+                    if KV:
+                        for x in range(NCV):
+                            col = utc * U(CV) + U((x // CV) * CV * TC + x % CV)
+                            if col < dvw:
+                                dv[b1, b2, row, col] = acc2[a, x]
+
+    backward_kernel.geometry = dict(
+        threads=NT,
+        own_tile=BR,
+        streamed_tile=BC,
+        head_dims=DP,
+        value_dims=DVP,
+        shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+        path="hardware" if hw else "simulator",
+    )
+    return backward_kernel
