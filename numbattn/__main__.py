@@ -173,6 +173,16 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return parts[0], parts[1], parts[2], parts[3]
 
 
+def _shape3(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,Q,K (three positive integers), got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
 def _csv(choices):
     def parse(text: str) -> list[str]:
         items = [x.strip() for x in text.split(",") if x.strip()]
@@ -184,7 +194,36 @@ def _csv(choices):
     return parse
 
 
+def cmd_bench_dask(args) -> int:
+    """``bench --dask``: numbattn.dask on a LocalCluster vs the in-memory call."""
+    from . import _dask_bench as D
+
+    shape = args.shape[0] if args.shape else (D.QUICK_SHAPE if args.quick else D.DEFAULT_SHAPE)
+    causal = {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal or "both"]
+    say = (lambda msg: None) if args.no_progress else (lambda msg: print(msg, file=sys.stderr))
+    doc = D.run(
+        shape=shape,
+        dtype=(args.dtype or ["float32"])[0],
+        causals=causal,
+        chunks=args.dask_chunks,
+        workers=args.dask_workers,
+        threads=args.threads or None,
+        repeat=args.min_repeat,
+        say=say,
+    )
+    if args.json:
+        print(json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default))
+    else:
+        print(D.table(doc))
+    from ._bench import RTOL
+
+    bad = [r for r in doc["results"] if not r["rel_error_vs_in_memory"] <= RTOL[doc["dtype"]]]
+    return 1 if bad else 0
+
+
 def cmd_bench(args) -> int:
+    if args.dask:
+        return cmd_bench_dask(args)
     import numba
 
     from . import _bench as B
@@ -453,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
+    p.add_argument("--dask", action="store_true",
+                   help="numbattn.dask on a LocalCluster vs the in-memory call (attention; "
+                   "default shape 8,16,4096,64, --quick 2,4,512,32; repeats: --min-repeat)")  # fmt: skip
+    p.add_argument("--dask-chunks", type=_shape3, default=(4, 1, 4), metavar="B,Q,K",
+                   help="--dask: chunks over batch, queries and keys (default 4,1,4)")  # fmt: skip
+    p.add_argument("--dask-workers", type=int, default=2,
+                   help="--dask: single-threaded process workers (default 2)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     from .cuda.limits import SM_LIMITS

@@ -6,6 +6,7 @@
     python scripts/gpu_device.py sanitize              # small multi-tile case with tails, every kernel
     python scripts/gpu_device.py profile               # one fp32 attention launch (for ncu)
     python scripts/gpu_device.py hostprof              # where the host time of a small call goes
+    python scripts/gpu_device.py dask                  # numbattn.dask on CuPy-backed chunks
     python scripts/gpu_device.py backward              # attention_backward: checks, timings vs torch
     python scripts/gpu_device.py sanitize_backward     # the backward kernels, for compute-sanitizer
     python scripts/gpu_device.py torch                 # numbattn.torch on CUDA tensors vs SDPA autograd
@@ -814,6 +815,77 @@ def cmd_hostprof(args) -> None:
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
+# ------------------------------------------------------------------ dask
+
+
+def cmd_dask(args) -> None:
+    """numbattn.dask on CuPy-backed dask arrays (synchronous scheduler): the
+    chunks run the CUDA kernels and the result's chunks are CuPy arrays;
+    causal with key lengths over uneven query/key chunks, then one timing
+    against the in-memory call on the same CuPy arrays."""
+    try:
+        import cupy
+        import dask
+        import dask.array as da
+    except ImportError as exc:
+        log(f"dask step skipped: {exc} (needs cupy and dask on this machine)")
+        return
+    import numbattn
+    import numbattn.dask as nd
+    from numbattn import reference
+
+    rng = np.random.default_rng(4)
+    b, h, nq, nk, d = (2, 2, 7, 9, 4) if args.tiny else (4, 8, 2048, 2048, 64)
+    qc, kc = (3, 4) if args.tiny else (700, 600)
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        q, k, v = (rng.standard_normal((b, h, n, d)).astype(dtype) for n in (nq, nk, nk))
+        lengths = np.array([nk, nk // 2, nk - 3, 1][:b])
+        dq, dk, dv = (
+            da.from_array(cupy.asarray(x), chunks=(1, h, c, d))
+            for x, c in ((q, qc), (k, kc), (v, kc))
+        )
+        with dask.config.set(scheduler="sync"):
+            out, lse = nd.attention(dq, dk, dv, causal=True, key_lengths=lengths, return_lse=True)
+            got, got_lse = dask.compute(out, lse)
+        log(f"dask {name}: result chunks are {type(got).__module__}.{type(got).__name__}")
+        if not isinstance(got, cupy.ndarray):
+            FAILURES.append(f"dask {name} chunk type")
+        ref, ref_lse = reference.attention(
+            q[:, :1], k[:, :1], v[:, :1], causal=True, key_lengths=lengths
+        )
+        err = reference.relative_error(cupy.asnumpy(got[:, :1]), ref)
+        _check(f"dask {name} out (causal, key_lengths, chunks {qc}x{kc})", float(err), dtype)
+        err = reference.relative_error(cupy.asnumpy(got_lse[:, :1]), ref_lse)
+        _check(f"dask {name} lse", float(err), dtype)
+        if args.tiny or dtype != np.float32:
+            continue
+        cq, ck, cv = (cupy.asarray(x) for x in (q, k, v))
+
+        def in_memory():
+            numbattn.attention(cq, ck, cv, causal=True)
+            cupy.cuda.Device().synchronize()
+
+        def on_dask():
+            with dask.config.set(scheduler="sync"):
+                nd.attention(dq, dk, dv, causal=True).compute()
+            cupy.cuda.Device().synchronize()
+
+        for f in (in_memory, on_dask):
+            f()
+        t = {f.__name__: [] for f in (in_memory, on_dask)}
+        for _ in range(5):
+            for f in (in_memory, on_dask):
+                t0 = time.perf_counter()
+                f()
+                t[f.__name__].append(time.perf_counter() - t0)
+        mem, dsk = (sorted(t[n])[2] * 1e3 for n in ("in_memory", "on_dask"))
+        log(
+            f"time dask {name} {(b, h, nq, nk, d)} causal, chunks {qc}x{kc}: in-memory "
+            f"{mem:.2f} ms, dask (sync scheduler) {dsk:.2f} ms ({dsk / mem:.2f}x)"
+        )
+
+
 # ------------------------------------------------------------------ torch
 
 
@@ -970,6 +1042,7 @@ def main(argv=None) -> int:
             "backward",
             "sanitize_backward",
             "torch",
+            "dask",
         ],
     )
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CUDA simulator)")

@@ -23,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings backward decode torch tests decodetests memcheck ncu varlen hostprof racecheck synccheck report}
+STEPS=${STEPS:-env timings backward decode torch tests decodetests memcheck ncu varlen hostprof racecheck synccheck dask report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -82,6 +82,7 @@ step_decodetests() {  # the streaming split-K kernel's tests, hardware paths inc
     -p no:cacheprovider --durations=5 2>&1 | tee "$O/decodetests.log" | tail -30
 }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
+step_dask() { timeout 90 $PY scripts/gpu_device.py dask "${T[@]}"; }
 step_torch() { timeout 90 $PY scripts/gpu_device.py torch "${T[@]}"; }
 step_report() { timeout 100 $PY -m numbattn gpu-report 2>&1 || echo "gpu-report unavailable"; }
 
