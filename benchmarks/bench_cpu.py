@@ -76,7 +76,7 @@ class MemoryCPU(_Base):
     call itself needs, its output included. Target at 1x1x16384x64: < 64 MiB
     above the inputs (the output is 4 MiB)."""
 
-    params = MEMORY_SHAPES
+    params = C.grid(MEMORY_SHAPES)
     param_names = ("B x H x N x d (float32)",)
     repeat = 1
     number = 1

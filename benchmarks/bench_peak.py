@@ -16,7 +16,7 @@ import numbattn
 from . import common as C
 
 FRACTION_SHAPES = ["1x8x2048x64", "4x8x512x64", "1x8x4096x128", "1x32x1024x64"]
-FRACTION_PARAMS = [C.DTYPES, FRACTION_SHAPES, C.CAUSAL]
+FRACTION_PARAMS = C.grid([C.DTYPES, FRACTION_SHAPES, C.CAUSAL])
 FRACTION_NAMES = ("dtype", "B x H x N x d", "causal")
 
 
@@ -24,7 +24,7 @@ class PeakCPU:
     timeout = C.TIMEOUT
     repeat = 1
     number = 1
-    params = C.DTYPES
+    params = C.grid(C.DTYPES)
     param_names = ("dtype",)
 
     def track_gemm_gflops(self, dtype):

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import textwrap
 
+from . import common as C
+
 
 def _numbattn_path() -> str:
     """Folder holding the numbattn under test, for the child interpreters: asv
@@ -85,7 +87,7 @@ def _gpu_usable() -> bool:
         return False
 
 
-FIRST_CALL_PARAMS = [["attention", "scores", "softmax"], ["cold", "warm"], ["cpu", "cuda"]]
+FIRST_CALL_PARAMS = C.grid([["attention", "scores", "softmax"], ["cold", "warm"], ["cpu", "cuda"]])
 FIRST_CALL_NAMES = ["kernel", "cache", "device"]
 
 

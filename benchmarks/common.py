@@ -21,6 +21,22 @@ import numpy as np
 # Parameter grids (issue: dtype; batch x heads; N; d; causal)
 # --------------------------------------------------------------------------
 
+#: CI's smoke run (.ci/asv_quick.sh sets NUMBATTN_ASV_SMOKE=1) keeps the
+#: first point of every parameter axis: each benchmark still runs, once,
+#: without its whole grid (with torch installed, the full grid in quick mode
+#: took over half an hour of CI on 2 cores). Real runs never set it.
+SMOKE = os.environ.get("NUMBATTN_ASV_SMOKE", "") not in ("", "0")
+
+
+def grid(params):
+    """``params`` (a list of axes, or one axis), cut to its first points in a smoke run."""
+    if not SMOKE:
+        return params
+    if params and isinstance(params[0], list):
+        return [axis[:1] for axis in params]
+    return params[:1]
+
+
 DTYPES = ["float32", "float64"]
 BATCH_HEADS = ["1x1", "2x4"]
 N_ATTENTION = [128, 512, 2048, 8192]
@@ -28,17 +44,19 @@ N_OTHER = [128, 512, 2048]  # scores and softmax write B*H*N*N elements
 D_VALUES = [64, 128]
 CAUSAL = [False, True]
 
-ATTENTION_PARAMS = [DTYPES, BATCH_HEADS, N_ATTENTION, D_VALUES, CAUSAL]
+ATTENTION_PARAMS = grid([DTYPES, BATCH_HEADS, N_ATTENTION, D_VALUES, CAUSAL])
 ATTENTION_NAMES = ["dtype", "B x H", "N", "d", "causal"]
-SCORES_PARAMS = [DTYPES, BATCH_HEADS, N_OTHER, D_VALUES, CAUSAL]
+SCORES_PARAMS = grid([DTYPES, BATCH_HEADS, N_OTHER, D_VALUES, CAUSAL])
 SCORES_NAMES = ATTENTION_NAMES
-SOFTMAX_PARAMS = [DTYPES, BATCH_HEADS, N_OTHER]
+SOFTMAX_PARAMS = grid([DTYPES, BATCH_HEADS, N_OTHER])
 SOFTMAX_NAMES = ["dtype", "B x H", "N (rows of N)"]
 #: Few queries over a long KV cache (issue 11), float32, d = 128; Nq > 1 is causal.
-DECODE_PARAMS = [
-    ["1x8x8x1x32768", "4x8x8x1x8192", "1x32x8x1x32768", "1x32x32x16x16384"],
-    ["contiguous", "paged16", "paged256"],
-]
+DECODE_PARAMS = grid(
+    [
+        ["1x8x8x1x32768", "4x8x8x1x8192", "1x32x8x1x32768", "1x32x32x16x16384"],
+        ["contiguous", "paged16", "paged256"],
+    ]
+)
 DECODE_NAMES = ["B x H x Hk x Nq x Nk", "cache"]
 
 #: Largest B*H*N*N computed by a CPU grid point; larger points are skipped
