@@ -49,8 +49,14 @@ CUDA_QUERY_TILE = 64
 CUDA_KEY_TILE = 32
 #: Threads per block for the row-wise softmax kernel.
 CUDA_SOFTMAX_THREADS = 128
-#: Square tile edge of the ``scores`` kernel (threads per block = edge**2).
-CUDA_SCORES_TILE = 16
+#: Square output tile edge of the ``scores`` kernel (rows and columns per block).
+CUDA_SCORES_TILE = 64
+#: Each ``scores`` thread computes CUDA_SCORES_PER_THREAD**2 outputs (a register
+#: micro-tile), so a block has (CUDA_SCORES_TILE / CUDA_SCORES_PER_THREAD)**2 threads.
+CUDA_SCORES_PER_THREAD = 4
+#: Head dimensions of q and k staged in shared memory per step of ``scores``
+#: (zero-padded: a fixed, unrolled trip count).
+CUDA_SCORES_HEAD_CHUNK = 16
 
 # Geometry of the fused CUDA attention kernel (see numbattn/cuda/kernels.py).
 # For float32, CUDA_QUERY_TILE and CUDA_KEY_TILE above apply; float64 has its

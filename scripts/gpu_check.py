@@ -228,7 +228,9 @@ def main(argv=None) -> int:
             CUDA_KEY_TILE_F64=8,
             CUDA_HEAD_CHUNK=8,
             CUDA_VALUE_CHUNK=8,
-            CUDA_SCORES_TILE=4,
+            CUDA_SCORES_TILE=8,
+            CUDA_SCORES_PER_THREAD=2,
+            CUDA_SCORES_HEAD_CHUNK=4,
             CUDA_SOFTMAX_THREADS=8,
         ).items():
             setattr(cfg, name, val)

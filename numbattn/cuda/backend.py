@@ -379,20 +379,28 @@ def attention_geometry(dtype) -> tuple:
     return geo
 
 
-def scores_geometry(dtype) -> int:
-    """The tile edge T of the scores kernel (block = T*T threads)."""
-    t = _knob("CUDA_SCORES_TILE")
-    if t * t > limits.MAX_THREADS_PER_BLOCK:
-        raise ValueError(
-            f"numbattn.config.CUDA_SCORES_TILE must be at most 32 (T*T threads per "
-            f"block, at most {limits.MAX_THREADS_PER_BLOCK}), got {t}"
-        )
-    _check_block("scores", dtype, (t,), t * t, scores_shared_bytes(dtype, t), "lower it")
-    return t
+def scores_geometry(dtype) -> tuple[int, int, int]:
+    """(T, R, DC) of the scores kernel from numbattn.config: T x T output
+    tiles, R x R outputs per thread ((T/R)**2 threads), d in chunks of DC.
+
+    ValueError naming the knob for a non-positive or non-integer value, a
+    per-thread count that does not divide the tile, or a block that cannot
+    launch (threads or static shared memory).
+    """
+    r, t = _divides("CUDA_SCORES_PER_THREAD", "CUDA_SCORES_TILE")
+    dc = _knob("CUDA_SCORES_HEAD_CHUNK")
+    _check_block(
+        "scores", dtype, (t, r, dc), (t // r) ** 2, scores_shared_bytes(dtype, t, dc),
+        "lower numbattn.config.CUDA_SCORES_TILE or CUDA_SCORES_HEAD_CHUNK, or raise "
+        "CUDA_SCORES_PER_THREAD",
+    )  # fmt: skip
+    return t, r, dc
 
 
-def scores_shared_bytes(dtype, t: int) -> int:
-    return 2 * t * (t + 1) * np.dtype(dtype).itemsize
+def scores_shared_bytes(dtype, t: int, dc: int) -> int:
+    from .kernels import scores_layout
+
+    return scores_layout(dtype, t, dc)["TOTAL"] * np.dtype(dtype).itemsize
 
 
 def softmax_geometry(dtype) -> tuple[int, int]:
@@ -438,15 +446,16 @@ def _attention_kernel(dtype, hw=None):
 
 
 def _scores_kernel(dtype):
-    t = scores_geometry(dtype)
-    key = ("scores", np.dtype(dtype), t)
+    """(kernel, (T, R, DC))."""
+    geo = scores_geometry(dtype)
+    key = ("scores", np.dtype(dtype), geo)
     kern = _kernels.get(key)
     if kern is None:
         from . import kernels
 
         with _lock:
-            kern = _kernels.setdefault(key, kernels.make_scores(dtype, t))
-    return kern, t
+            kern = _kernels.setdefault(key, kernels.make_scores(dtype, *geo))
+    return kern, geo
 
 
 def _softmax_kernel(dtype):
@@ -478,7 +487,7 @@ def _core_stream(stream):
 #: What to change in numbattn.config when a kernel's block cannot launch.
 _HINTS = {
     "attention_kernel": _ATTENTION_HINT.format(sfx="[_F64]"),
-    "scores_kernel": "lower numbattn.config.CUDA_SCORES_TILE",
+    "scores_kernel": "lower numbattn.config.CUDA_SCORES_TILE or raise CUDA_SCORES_PER_THREAD",
     "softmax_kernel": "lower numbattn.config.CUDA_SOFTMAX_THREADS",
     "backward_kernel": "lower numbattn.config.CUDA_BWD_ROW_TILE[_F64] or CUDA_BWD_COL_TILE[_F64]",
 }
@@ -588,7 +597,7 @@ def kernel_launches(dtype) -> list[dict]:
     dtype = np.dtype(dtype)
     att, geo = _attention_kernel(dtype, hw=True)
     att_sim, _ = _attention_kernel(dtype, hw=False)
-    sc, t = _scores_kernel(dtype)
+    sc, (t, r, dc) = _scores_kernel(dtype)
     sm, nt = _softmax_kernel(dtype)
     ty, tx, rq, rk, dc, rc = geo
     attention_geo = dict(
@@ -618,8 +627,8 @@ def kernel_launches(dtype) -> list[dict]:
                 dispatcher=sc,
                 args=ScoresArgs,
                 signature=scores_signature(dtype),
-                threads=t * t,
-                geometry=dict(tile=t),
+                threads=(t // r) ** 2,
+                geometry=dict(tile=t, per_thread=r, head_chunk=dc),
             ),
             dict(
                 kernel="softmax",
@@ -790,14 +799,14 @@ def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_righ
     g1, g2 = q.shape[:2]
     ncol = out.shape[3]
     dtype = np.dtype(q.dtype)
-    kern, t = _scores_kernel(dtype)
+    kern, (t, r, _) = _scores_kernel(dtype)
     n_it = -(-int(max_rows) // t)
     grid = g1 * g2 * n_it * (-(-ncol // t))
     if grid == 0:
         return
     table = _seq_table(seq, stream)
     args = scores_args(q, k, out, table, n_it, bias, mask, scale, window_left, window_right)
-    _launch(kern, scores_signature(dtype), grid, t * t, stream, args)
+    _launch(kern, scores_signature(dtype), grid, (t // r) ** 2, stream, args)
 
 
 def softmax(x, out, stream=None):

@@ -1149,25 +1149,145 @@ def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     return lay["TOTAL"] * np.dtype(dtype).itemsize
 
 
-def make_scores(dtype, T):
-    """Scores kernel for a T x T tile.
+def scores_layout(dtype, T, DC):
+    """Shared-memory layout of :func:`make_scores`: Q and K tiles (T rows of
+    a DC-wide d-chunk each, row-major), element strides and offsets."""
+    isz = np.dtype(dtype).itemsize
+    # Row stride: an odd multiple of 16 bytes, so the 8 lanes of a 16-byte
+    # read phase (8 consecutive keys, or rows) hit 8 distinct bank groups.
+    st = DC
+    while (st * isz) % 16 or (st * isz // 16) % 2 == 0:
+        st += 1
+    return dict(S=st, OFF_K=T * st, TOTAL=2 * T * st)
+
+
+def _unrolled(step, n, stride):
+    """A device function calling ``step(sh, qb + stride*i, kb + stride*i, *regs)``
+    for i < n, in straight-line code: NVVM does not fully unroll a loop whose
+    body is as large as a scores micro-tile step, and the report's hottest
+    loop (the d-chunk loop) should hold every product of its chunk."""
+    if n == 1:
+        return step
+    first = _unrolled(step, n - 1, stride)
+    last = U(stride * (n - 1))
+
+    @cuda.jit(device=True, inline="always")
+    def steps(sh, qb, kb, acc, qf, kf):
+        first(sh, qb, kb, acc, qf, kf)
+        step(sh, qb + last, kb + last, acc, qf, kf)
+
+    return steps
+
+
+def make_scores(dtype, T, R, DC, hw=True):
+    """Scores kernel for T x T output tiles, R x R outputs per thread, d in
+    chunks of DC (see the module docstring).
 
     Signature: ``kernel(q, k, out, seq, bias, mask, scale, n_it, window_left,
     window_right, has_bias, has_mask)`` with the arrays of
     :func:`make_attention` and out (G1, Hq, Tq, Tk). Sequence (a, h) writes
     rows ``Q_OFF + i`` (i < Q_ROWS) of out, every column c (Tk of them), the
     column's local key being ``c - K_OFF``. Launch: grid =
-    G1*Hq*n_it*ceil(Tk/T) with n_it = ceil(max_rows/T), block = T*T.
+    G1*Hq*n_it*ceil(Tk/T) with n_it = ceil(max_rows/T), block = (T/R)**2.
+
+    ``hw``: aligned shared memory and launch bounds (the simulator takes
+    neither); the same code otherwise.
     """
     nt, sc_t = _types(dtype)
+    TX = T // R  # threads per row of the block (and rows of threads)
+    NT = TX * TX
+    lay = scores_layout(dtype, T, DC)
+    S, OFF_K, TOTAL = U(lay["S"]), U(lay["OFF_K"]), lay["TOTAL"]
+    SI = lay["S"]
+    PV = max(1, 16 // np.dtype(dtype).itemsize)  # elements per 16-byte shared read
+    PV = PV if DC % PV == 0 else _vec(DC)
+    NPV = DC // PV  # fixed trip count per chunk (the chunk is zero-padded)
+    # Staging plan of a T x DC chunk of Q (and of K): when the NT threads
+    # split it evenly into runs of E consecutive dims of one row (CONTIG),
+    # thread tid owns row tid // (DC/E) and dims E*(tid % (DC/E)) + e (one
+    # row address, a 16-byte shared store per 4 floats); otherwise element
+    # tid + NT*e of the row-major chunk (GUARD: past the tile on the last).
+    E = (T * DC) // NT
+    CONTIG = E >= 1 and E * NT == T * DC and DC % E == 0
+    if not CONTIG:
+        E = -(-(T * DC) // NT)
+    GUARD = not CONTIG and E * NT != T * DC
+    RUNS = DC // E if CONTIG else 1  # threads per row (CONTIG)
+    ALIGN = 16 if hw and not _on_simulator() else None
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
-    T1 = T + 1  # padded rows: conflict-free column reads
+    uTX = U(TX)
+    opts = {}
+    if ALIGN and NT % 32 == 0:
+        # Resident blocks for 16 warps per SM (at most 128 registers), shared
+        # memory allowing.
+        smem = TOTAL * np.dtype(dtype).itemsize + 1024
+        opts["launch_bounds"] = (NT, max(1, min(-(-512 // NT), (228 * 1024) // smem)))
 
-    @cuda.jit
+    @cuda.jit(device=True, inline="always")
+    def step(sh, qb, kb, acc, qf, kf):
+        # PV consecutive dims of rows ty + TX*a and keys tx + TX*b: one
+        # 16-byte read each, then PV*R*R FMAs.
+        for a in range(R):
+            for e in range(PV):
+                qf[a, e] = sh[qb + U(a * TX * SI + e)]
+        for b in range(R):
+            for e in range(PV):
+                kf[b, e] = sh[kb + U(b * TX * SI + e)]
+        for e in range(PV):
+            for a in range(R):
+                for b in range(R):
+                    acc[a, b] += qf[a, e] * kf[b, e]
+
+    chunk = _unrolled(step, NPV, PV)
+
+    @cuda.jit(device=True, inline="always")
+    def where(utid, e):
+        """(row, dim) of the thread's staged element e in the chunk."""
+        if CONTIG:
+            return U(utid // U(RUNS)), U((utid % U(RUNS)) * U(E) + U(e))
+        x = U(utid + U(NT * e))
+        return U(x // U(DC)), U(x % U(DC))
+
+    @cuda.jit(device=True, inline="always")
+    def load(q, k, qv, kv, b1, b2, hk, qr, kr, utid, p0, d, tail, pq, pk):
+        # The thread's elements of the chunk at dims p0...: rows clamped to
+        # real ones (qr, kr; CONTIG: the row views qv, kv); in the tail
+        # chunk, dims past d read dim d - 1 and stage zeros, so the padded
+        # products add nothing.
+        for e in range(E):
+            pd = U(p0 + where(utid, e)[1])
+            pc = min(pd, U(d - 1)) if tail else pd
+            if CONTIG:
+                vq = qv[pc]
+                vk = kv[pc]
+            else:
+                vq = q[b1, b2, qr[e], pc]
+                vk = k[b1, hk, kr[e], pc]
+            if tail and pd >= d:
+                vq = ZERO
+                vk = ZERO
+            pq[e] = vq
+            pk[e] = vk
+
+    @cuda.jit(device=True, inline="always")
+    def store(sh, utid, pq, pk):
+        for e in range(E):
+            r, p = where(utid, e)
+            if not GUARD or r < U(T):
+                sh[r * S + p] = pq[e]
+                sh[OFF_K + r * S + p] = pk[e]
+
+    @cuda.jit(**opts)
     def scores_kernel(q, k, out, seq, bias, mask, scale, n_it, wl, wr, has_bias, has_mask):
-        sq = cuda.shared.array((T, T1), nt)
-        sk = cuda.shared.array((T, T1), nt)
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
+        acc = cuda.local.array((R, R), nt)
+        qf = cuda.local.array((R, PV), nt)
+        kf = cuda.local.array((R, PV), nt)
+        pq = cuda.local.array(E, nt)  # the next chunk's elements (prefetch)
+        pk = cuda.local.array(E, nt)
+        qr = cuda.local.array(E, uint32)  # their global rows
+        kr = cuda.local.array(E, uint32)
         g2n = q.shape[1]
         d = q.shape[3]
         ncol = out.shape[3]
@@ -1177,70 +1297,113 @@ def make_scores(dtype, T):
         rest = bid // n_jt
         it = rest % n_it
         rest = rest // n_it
-        b2 = rest % g2n
-        b1 = rest // g2n
+        b2 = U(rest % g2n)
+        b1 = U(rest // g2n)
         i0 = it * T
         q_rows = seq[b1, b2, 2]
         if i0 >= q_rows:
-            return
+            return  # whole block: past this sequence's rows
         q_off = seq[b1, b2, 0]
         q_len = seq[b1, b2, 1]
         k_off = seq[b1, b2, 3]
         k_len = seq[b1, b2, 4]
-        hk = b2 // (g2n // k.shape[1])
-        tx = cuda.threadIdx.x % T
-        ty = cuda.threadIdx.x // T
+        hk = U(b2 // (g2n // k.shape[1]))  # grouped-query attention
         offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
-        i = i0 + ty
-        j0 = jt * T - k_off  # local key of the tile's first column
-        j = j0 + tx
-        # Keys any row of the tile sees: [lo, hi); skip the products if the
-        # tile's keys [j0, j0 + T) miss it.
+        utid = U(cuda.threadIdx.x)
+        utx = utid % uTX
+        uty = utid // uTX
+        c0 = jt * T  # the tile's first column (global key row c0 + r)
+        j0 = c0 - k_off  # its local key
+        # Keys any row of the tile sees: [lo, hi) within [0, k_len); skip
+        # the products (and every load) if the tile's keys [j0, j0 + T) miss it.
         lo = 0
         hi = k_len
         if i0 >= q_len:
             hi = 0
         else:
             if wl >= 0:
-                lo = i0 + offset - wl
+                lo = max(0, i0 + offset - wl)
             if wr >= 0:
                 hi = min(k_len, min(i0 + T, q_len) - 1 + offset + wr + 1)
         skip = j0 + T <= lo or j0 >= hi or hi <= lo
-        acc = ZERO
+        for a in range(R):
+            for b in range(R):
+                acc[a, b] = ZERO
         if not skip:
-            for p0 in range(0, d, T):
-                pp = p0 + tx
-                val = ZERO
-                if i < q_len and pp < d:
-                    val = q[b1, b2, q_off + i, pp]
-                sq[ty, tx] = val
-                jl = j0 + ty
-                val = ZERO
-                if jl >= 0 and jl < k_len and pp < d:
-                    val = k[b1, hk, k_off + jl, pp]
-                sk[ty, tx] = val
+            # Tile rows that are real queries [0, nq) and keys [klo, khi)
+            # (both non-empty here). A staged row outside them is read from
+            # the nearest real row, without a branch: it only feeds outputs
+            # that are written -inf.
+            nq = U(min(q_len - i0, T))
+            klo = U(max(-j0, 0))
+            khi = U(min(k_len - j0, T))
+            for e in range(E):
+                r = where(utid, e)[0]
+                qr[e] = U(q_off + i0 + min(r, U(nq - U(1))))
+                kr[e] = U(c0 + min(max(r, klo), U(khi - U(1))))
+            qv = q[b1, b2, qr[0]]  # CONTIG: the thread's one row of each
+            kv = k[b1, hk, kr[0]]
+            du = U(d)
+            qbase = uty * S
+            kbase = OFF_K + utx * S
+            # Whole chunks, the next one loaded into registers while this
+            # one is multiplied; then the zero-padded tail chunk.
+            nfull = d // DC
+            if nfull > 0:
+                load(q, k, qv, kv, b1, b2, hk, qr, kr, utid, U(0), du, False, pq, pk)
+            for ci in range(nfull):
+                store(sh, utid, pq, pk)
                 cuda.syncthreads()
-                for p in range(T):
-                    acc += sq[ty, p] * sk[tx, p]
+                if ci + 1 < nfull:
+                    p0 = U((ci + 1) * DC)
+                    load(q, k, qv, kv, b1, b2, hk, qr, kr, utid, p0, du, False, pq, pk)
+                chunk(sh, qbase, kbase, acc, qf, kf)
                 cuda.syncthreads()
-        c = jt * T + tx
-        if i < q_rows and c < ncol:
-            vis = (not skip) and i < q_len and j >= 0 and j < k_len
-            if vis and wl >= 0:
-                vis = j >= i + offset - wl
-            if vis and wr >= 0:
-                vis = j <= i + offset + wr
-            if vis and has_mask:
-                vis = mask[b1, b2, q_off + i, c]
-            if vis:
-                t = acc * scale
-                if has_bias:
-                    bv = bias[b1, b2, q_off + i, c]
-                    t = NINF if bv == NINF else t + bv  # -inf bias masks
-                out[b1, b2, q_off + i, c] = t
-            else:
-                out[b1, b2, q_off + i, c] = NINF
+            if d % DC:
+                p0 = U(nfull * DC)
+                load(q, k, qv, kv, b1, b2, hk, qr, kr, utid, p0, du, True, pq, pk)
+                store(sh, utid, pq, pk)
+                cuda.syncthreads()
+                chunk(sh, qbase, kbase, acc, qf, kf)
+        # Outputs: row i0 + ty + TX*a, column c0 + tx + TX*b. The sequence
+        # is read again (the products' barriers order these loads after
+        # them), so its int64 fields need no registers across the products.
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        q_rows = seq[b1, b2, 2]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        offset = seq[b1, b2, 5]
+        ty = int64(uty)
+        tx = int64(utx)
+        for a in range(R):
+            i = i0 + ty + TX * a
+            if i < q_rows:
+                orow = U(q_off + i)
+                for b in range(R):
+                    c = c0 + tx + TX * b
+                    if c < ncol:
+                        j = c - k_off
+                        vis = (not skip) and i < q_len and j >= 0 and j < k_len
+                        if vis and wl >= 0:
+                            vis = j >= i + offset - wl
+                        if vis and wr >= 0:
+                            vis = j <= i + offset + wr
+                        if vis and has_mask:
+                            vis = mask[b1, b2, orow, U(c)]
+                        if vis:
+                            t = acc[a, b] * scale
+                            if has_bias:
+                                bv = bias[b1, b2, orow, U(c)]
+                                t = NINF if bv == NINF else t + bv  # -inf bias masks
+                            out[b1, b2, orow, U(c)] = t
+                        else:
+                            out[b1, b2, orow, U(c)] = NINF
 
+    scores_kernel.geometry = dict(
+        threads=NT, tile=T, per_thread=R, head_chunk=DC,
+        shared_bytes=TOTAL * np.dtype(dtype).itemsize,
+    )  # fmt: skip
     return scores_kernel
 
 

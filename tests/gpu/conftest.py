@@ -40,7 +40,9 @@ SMALL_TILES = dict(
     CUDA_KEYS_PER_THREAD=4,
     CUDA_HEAD_CHUNK=8,
     CUDA_VALUE_CHUNK=8,
-    CUDA_SCORES_TILE=4,
+    CUDA_SCORES_TILE=8,
+    CUDA_SCORES_PER_THREAD=2,
+    CUDA_SCORES_HEAD_CHUNK=4,
     CUDA_SOFTMAX_THREADS=8,
     # backward: 4-row tiles, 2 x 2 threads (its own knobs)
     CUDA_BWD_ROW_TILE=4,

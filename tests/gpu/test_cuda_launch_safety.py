@@ -62,8 +62,14 @@ BAD = [
     ("attention", "float32", {"CUDA_VALUE_CHUNK": 1 << 20}, r"static shared memory"),
     ("varlen", "float32", {"CUDA_KEY_TILE": 10**9, "CUDA_KEYS_PER_THREAD": 1},
      r"threads per block"),
-    ("scores", "float32", {"CUDA_SCORES_TILE": 64}, r"CUDA_SCORES_TILE must be at most 32"),
+    ("scores", "float32", {"CUDA_SCORES_TILE": 256, "CUDA_SCORES_PER_THREAD": 4},
+     r"4096 threads per block \(the limit is 1024\).*CUDA_SCORES_PER_THREAD"),
+    ("scores", "float64", {"CUDA_SCORES_HEAD_CHUNK": 1024},
+     r"bytes of static shared memory \(the limit is 49152\).*CUDA_SCORES_HEAD_CHUNK"),
+    ("scores", "float32", {"CUDA_SCORES_PER_THREAD": 3},
+     r"CUDA_SCORES_PER_THREAD must divide numbattn.config.CUDA_SCORES_TILE = 8, got 3"),
     ("scores", "float64", {"CUDA_SCORES_TILE": -1}, r"CUDA_SCORES_TILE must be a positive"),
+    ("scores", "float32", {"CUDA_SCORES_HEAD_CHUNK": 0}, r"CUDA_SCORES_HEAD_CHUNK must be a pos"),
     ("softmax", "float32", {"CUDA_SOFTMAX_THREADS": 2048},
      r"CUDA_SOFTMAX_THREADS must be a power of two between 1 and 1024.*got 2048"),
     ("softmax", "float64", {"CUDA_SOFTMAX_THREADS": 100}, r"power of two.*got 100"),
@@ -87,7 +93,7 @@ def test_silly_config_is_a_value_error(kernel, dtype, knobs, message, monkeypatc
 
 
 def test_valid_geometries_still_run(monkeypatch):
-    """Edge values that can launch: one thread per block, a 32 x 32 scores tile."""
+    """Edge values that can launch: one thread per block."""
     for name, value in dict(CUDA_QUERY_TILE=1, CUDA_KEY_TILE=1, CUDA_ROWS_PER_THREAD=1,
                             CUDA_KEYS_PER_THREAD=1, CUDA_HEAD_CHUNK=1, CUDA_VALUE_CHUNK=1,
                             CUDA_SOFTMAX_THREADS=1).items():  # fmt: skip
