@@ -2,6 +2,7 @@
 
     python scripts/gpu_device.py timings [--out DIR]   # scripts/gpu_check.py at the issue's shapes
     python scripts/gpu_device.py varlen                # packed varlen batch vs torch SDPA padded
+    python scripts/gpu_device.py scores                # numbattn.scores: check, time vs torch matmul
     python scripts/gpu_device.py decode                # few queries over a long KV cache
     python scripts/gpu_device.py sanitize              # small multi-tile case with tails, every kernel
     python scripts/gpu_device.py profile               # one fp32 attention launch (for ncu)
@@ -171,6 +172,61 @@ def cmd_varlen(args) -> None:
                 tms = _time_ms(lambda p=pad, m=mask: f(*p, attn_mask=m), 3 if args.tiny else 10)
                 row += f"; torch SDPA padded+mask {tms:.3f} ms ({tms / ms:.2f}x numbattn time)"
                 del pad, mask
+                torch.cuda.empty_cache()
+            log(row)
+
+
+# ------------------------------------------------------------------ scores
+
+
+def cmd_scores(args) -> None:
+    """numbattn.scores (the register-blocked kernel, issue 10): checked against
+    the float64 reference on a multi-tile shape with tails and options, then
+    timed at (4, 16, 2048, 64), causal and not, against torch's batched
+    matmul (q @ k^T, scaled; TF32 off) when torch has CUDA."""
+    from numba import cuda
+
+    import numbattn
+    from numbattn import reference
+
+    torch = _torch()
+    rng = np.random.default_rng(5)
+    if args.tiny:  # the simulator: one Python thread per CUDA thread
+        cfg = numbattn.config
+        cfg.CUDA_SCORES_TILE, cfg.CUDA_SCORES_PER_THREAD, cfg.CUDA_SCORES_HEAD_CHUNK = 8, 2, 4
+    for dtype in (np.float32, np.float64):
+        name = np.dtype(dtype).name
+        # Tails everywhere: 150 x 133 (3 x 3 tiles of 64), d = 72 (4 chunks + 8).
+        b, h, nq, nk, d = (1, 2, 11, 9, 5) if args.tiny else (2, 4, 150, 133, 72)
+        q = rng.standard_normal((b, h, nq, d)).astype(dtype)
+        k = rng.standard_normal((b, h // 2, nk, d)).astype(dtype)
+        bias = rng.standard_normal((b, h, nq, nk)).astype(dtype)
+        opts = dict(causal=True, key_lengths=np.array([nk, nk // 2])[:b], scale=0.7)
+        got = numbattn.scores(
+            cuda.to_device(q), cuda.to_device(k), bias=cuda.to_device(bias), **opts
+        )
+        ref = reference.scores(q, np.repeat(k, 2, axis=1), bias=bias, **opts)
+        got = got.copy_to_host()
+        fin = np.isfinite(ref)
+        same_inf = bool(np.array_equal(np.isneginf(got), np.isneginf(ref)))
+        err = float(np.linalg.norm(got[fin] - ref[fin]) / np.linalg.norm(ref[fin]))
+        _check(f"scores {name} causal lengths bias gqa", err if same_inf else math.inf, dtype)
+        b, h, n, d = (1, 2, 16, 8) if args.tiny else (4, 16, 2048, 64)
+        q, k = (rng.standard_normal((b, h, n, d)).astype(dtype) for _ in range(2))
+        dq, dk = cuda.to_device(q), cuda.to_device(k)
+        out = cuda.device_array((b, h, n, n), dtype)
+        reps = 3 if args.tiny else 10
+        for causal in (False, True):
+            ms = _time_ms(lambda c=causal: numbattn.scores(dq, dk, causal=c, out=out), reps)
+            flops = 2.0 * b * h * n * n * d
+            row = f"time scores {name} {(b, h, n, d)} causal={int(causal)}: numbattn {ms:.3f} ms"
+            row += f", {flops / ms / 1e9:.2f} TFLOP/s (all products)"
+            if torch is not None and not causal:
+                torch.backends.cuda.matmul.allow_tf32 = False
+                tq, tk = (torch.as_tensor(x, device="cuda") for x in (q, k))
+                tms = _time_ms(lambda: torch.matmul(tq, tk.transpose(-1, -2)).mul_(0.125), reps)
+                row += f"; torch matmul {tms:.3f} ms ({tms / ms:.2f}x numbattn time)"
+                del tq, tk
                 torch.cuda.empty_cache()
             log(row)
 
@@ -1035,6 +1091,7 @@ def main(argv=None) -> int:
         choices=[
             "timings",
             "varlen",
+            "scores",
             "decode",
             "sanitize",
             "profile",

@@ -13,6 +13,7 @@
 #   STEPS="tests memcheck" bash scripts/gpu_device_run.sh
 #   SHAPES=0 STEPS=timings bash scripts/gpu_device_run.sh   # only (4, 16, 4096, 64)
 #   STEPS="env backward bwdracecheck bwdmemcheck" bash scripts/gpu_device_run.sh   # the backward (issue 14)
+#   STEPS="env scores" bash scripts/gpu_device_run.sh  # the scores kernel (issue 10)
 #   TINY=1 bash scripts/gpu_device_run.sh             # rehearsal under the CUDA simulator
 set -u -o pipefail
 O=${OUT:-/tmp/numbattn-gpu}
@@ -23,7 +24,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # numpy < 2.5 for numba-cuda 0.30 (
 fi
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STEPS=${STEPS:-env timings backward decode torch tests decodetests memcheck ncu varlen hostprof racecheck synccheck dask report}
+STEPS=${STEPS:-env timings backward decode torch tests decodetests memcheck ncu varlen scores hostprof racecheck synccheck dask report}
 T=()
 if [ -n "${TINY:-}" ]; then export NUMBA_ENABLE_CUDASIM=1; T=(--tiny); fi
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -76,6 +77,7 @@ step_ncu() {
 }
 step_backward() { timeout "$(gpu && echo 150 || echo 1200)" $PY scripts/gpu_device.py backward "${T[@]}"; }
 step_varlen() { timeout 45 $PY scripts/gpu_device.py varlen "${T[@]}"; }
+step_scores() { timeout 60 $PY scripts/gpu_device.py scores "${T[@]}"; }
 step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_decodetests() {  # the streaming split-K kernel's tests, hardware paths included
   gpu && timeout "${DECODETESTS_TIMEOUT:-240}" $PY -m pytest tests/gpu/test_cuda_decode.py -q -rf \

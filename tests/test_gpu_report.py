@@ -109,7 +109,7 @@ def test_geometry_is_the_production_one(run):
         * (cfg.CUDA_KEY_TILE_F64 // cfg.CUDA_KEYS_PER_THREAD),
     }
     for dt in DTYPES:
-        want["scores", dt] = cfg.CUDA_SCORES_TILE**2
+        want["scores", dt] = (cfg.CUDA_SCORES_TILE // cfg.CUDA_SCORES_PER_THREAD) ** 2
         want["softmax", dt] = cfg.CUDA_SOFTMAX_THREADS
         want["merge", dt] = 128
         sfx = "_F64" if dt == "float64" else ""
@@ -213,7 +213,7 @@ def test_inner_loop_counts(run, tools):
 
 def test_hottest_loops_are_the_documented_ones(run):
     """Attention: the key-tile loop (the products and the barriers inside it);
-    scores: the d-chunk loop (T FMAs between two barriers)."""
+    scores: the loop over whole d-chunks (R*R*DC FMAs between two barriers)."""
     for r in _static(run[0]):
         loop = r["inner_loop"]
         if r["kernel"] == "attention":
@@ -225,8 +225,9 @@ def test_hottest_loops_are_the_documented_ones(run):
                 > (loop["fma"] + loop["mma"]) / loop["instructions"]
             )
         if r["kernel"] == "scores":
+            geo = r["geometry"]
             assert loop["barriers"] == 2
-            assert loop["fma"] == r["geometry"]["tile"]
+            assert loop["fma"] == geo["per_thread"] ** 2 * geo["head_chunk"]
     # No spills at the production geometry.
     assert all(r["spill_bytes"] == 0 for r in _static(run[0]))
 
@@ -236,7 +237,7 @@ def test_attention_hardware_path(run):
     warp shuffles (none, and more barriers, in the simulator path), vector
     shared loads only, no local memory in the loop; float32 at 16 warps
     per SM on cc 9.0, float64 on the tensor cores (DMMA from inline PTX; the
-    simulator path emulates it) at 12."""
+    simulator path emulates it) at 16 too."""
     att = {(r["dtype"], r["path"]): r for r in _static(run[0]) if r["kernel"] == "attention"}
     for dt in DTYPES:
         hw, sim = att[dt, "hardware"], att[dt, "simulator"]
@@ -247,10 +248,31 @@ def test_attention_hardware_path(run):
         loop = hw["inner_loop"]
         assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
     assert att["float32", "hardware"]["warps_per_sm"] >= 16
-    assert att["float64", "hardware"]["warps_per_sm"] >= 12
+    assert att["float64", "hardware"]["warps_per_sm"] >= 16
     assert att["float64", "hardware"]["inner_loop"]["mma"] > 0
     assert att["float64", "simulator"]["inner_loop"]["mma"] == 0
     assert att["float32", "hardware"]["inner_loop"]["mma"] == 0
+
+
+def test_scores_register_blocked(run):
+    """The scores kernel's loop over whole d-chunks (issue 10): FMAs are at
+    least 55% of it, every shared load is 16 bytes (LDS.128: 4 floats or 2
+    doubles), the next chunk's global loads are in it (prefetch), no local
+    memory, and 16 warps per SM on cc 9.0."""
+    records, save = run
+    for r in _static(records):
+        if r["kernel"] != "scores":
+            continue
+        loop = r["inner_loop"]
+        assert loop["fma_share"] >= 0.55, (r["dtype"], loop)
+        assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
+        instrs, _ = R.parse_sass(_files(save, r, ".sass").read_text())
+        start, end = int(loop["start"], 16), int(loop["end"], 16)
+        lds = [i.op for i in instrs if start <= i.offset <= end and i.base == "LDS"]
+        assert len(lds) == loop["shared_loads"] and all("128" in op.split(".") for op in lds)
+        assert loop["global_loads"] > 0 and loop["local_accesses"] == 0
+        assert r["spill_bytes"] == 0 and r["warps_per_sm"] >= 16
+        assert r["threads_per_block"] >= 256  # multi-warp blocks
 
 
 def test_occupancy_fields(run):

@@ -597,7 +597,7 @@ def kernel_launches(dtype) -> list[dict]:
     dtype = np.dtype(dtype)
     att, geo = _attention_kernel(dtype, hw=True)
     att_sim, _ = _attention_kernel(dtype, hw=False)
-    sc, (t, r, dc) = _scores_kernel(dtype)
+    sc, (t, r, sdc) = _scores_kernel(dtype)
     sm, nt = _softmax_kernel(dtype)
     ty, tx, rq, rk, dc, rc = geo
     attention_geo = dict(
@@ -628,7 +628,7 @@ def kernel_launches(dtype) -> list[dict]:
                 args=ScoresArgs,
                 signature=scores_signature(dtype),
                 threads=(t // r) ** 2,
-                geometry=dict(tile=t, per_thread=r, head_chunk=dc),
+                geometry=dict(tile=t, per_thread=r, head_chunk=sdc),
             ),
             dict(
                 kernel="softmax",

@@ -124,14 +124,46 @@ Float64 on the tensor cores (:func:`make_attention_mma`)
     and the row reductions over the 4 lanes of a row. DMMA is inline PTX
     (:func:`_dmma`), so the simulator runs an emulation of each mma.sync
     (operands through shared memory, the same fragment layout) and
-    shared-memory reductions. Its launch bounds ask for 12 warps per SM (at
-    16, ptxas spills).
+    shared-memory reductions. Its launch bounds ask for 16 warps per SM
+    (``MMA_THREADS_PER_SM``; at most 128 registers): the key-tile loop
+    carries its state (key range, window and count tests, staging rows) in
+    unsigned 32-bit values and the output phase needs only two of them, so
+    ptxas fits it in 126 registers without spills (it took 135 before).
 
 Scores (:func:`make_scores`)
-    Classic T x T shared-memory tiling (one output per thread, d in chunks
-    of T). Sequence (a, h) writes its rows ``Q_OFF + i`` (i < Q_ROWS) across
-    all columns (column c is its key ``c - K_OFF``); a tile none of whose
-    rows sees any of its keys skips the products and writes -inf.
+    A register-blocked SIMT GEMM with the attention kernel's masking. One
+    block of ``(T/R)**2`` threads per (sequence, T x T output tile: rows
+    ``i0 + ...``, columns ``c0 + ...``; defaults T = 64, R = 4: 256
+    threads); thread (ty, tx) computes the R x R outputs of rows
+    ``ty + TX*a`` and columns ``tx + TX*b`` (TX = T/R: a warp's stores of
+    one (a, b) are contiguous columns). Sequence (a, h) writes its rows
+    ``Q_OFF + i`` (i < Q_ROWS) across all columns (column c is its key
+    ``c - K_OFF``); a tile none of whose rows sees any of its keys (lengths,
+    window) skips every load and product and writes -inf.
+
+    Q and K are staged per chunk of DC (16) head dimensions into shared
+    memory, row-major, rows an odd multiple of 16 bytes apart (8 lanes of a
+    16-byte read phase, 8 consecutive keys, hit 8 distinct bank groups;
+    the Q reads are broadcasts); each region 16-byte aligned. The product
+    step reads PV dims (16 bytes: 4 floats, 2 doubles) of each of its R
+    rows and R keys (LDS.128) and does PV*R*R FMAs; a chunk is DC/PV steps
+    in straight-line code (:func:`_unrolled`: NVVM does not fully unroll a
+    loop with a body this large), a fixed trip count. Staging: when the
+    threads split a chunk evenly into runs of E dims of one row, a thread
+    owns one Q row and one K row (a row view: one address, then a dim
+    stride per element; 8- or 16-byte shared stores); otherwise element
+    ``tid + NT*e`` of the chunk. Rows past the real queries or keys are
+    read from the nearest real row, without a branch (they only feed
+    outputs written -inf), so a chunk's loads issue together. Whole chunks
+    run in a loop that loads the next chunk into registers (E + E a
+    thread) while the current one is multiplied (one barrier after the
+    store, one after the products); the tail chunk (d % DC dims) follows,
+    reading dim d - 1 for its padding and staging zeros there (both
+    operands: 0 * inf would be NaN). Indices are unsigned 32-bit (no
+    negative-index fix-ups) and shared offsets are per-thread bases plus
+    compile-time constants. The hardware path adds launch bounds asking for
+    16 warps per SM (at most 128 registers) and aligned shared memory; the
+    simulator runs the same code without them.
 
 Merge (:func:`make_merge`)
     One thread per row combines two partial results: weights
@@ -721,6 +753,10 @@ def mma_ok(dtype, TY, TX, RQ, RK, DC, RC):
     )
 
 
+#: Resident threads per SM the DMMA kernel's launch bounds ask for: 16 warps
+#: (at most 128 registers a thread) where shared memory allows.
+MMA_THREADS_PER_SM = 512
+
 _DMMA = []
 
 
@@ -811,10 +847,10 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     # Whole warps only (the test geometries have tiny blocks); the simulator
     # takes no launch bounds (it builds, never runs, the hardware path).
     if hw and NT % 32 == 0 and not _on_simulator():
-        # 384 resident threads per SM (12 warps, <= 170 registers): at 512
-        # (128 registers) ptxas spills ~24 bytes (the unrolled P @ V steps
-        # keep their B operands in flight), which costs more than it gains.
-        want = max(1, -(-384 // NT))
+        # 16 warps per SM (<= 128 registers): the key-tile loop carries its
+        # state in 32 bits and the output rows as two 32-bit values, which
+        # took the kernel from 135 registers to 126 with no spills.
+        want = max(1, -(-MMA_THREADS_PER_SM // NT))
         smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
         opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 
@@ -892,6 +928,21 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         kot = k_off + t2
         rreal = r < q_len - i0
         mrow_ = U(q_off + i0 + r)
+        # What the key-tile loop needs, in 32 bits (token counts < 2**31;
+        # j0 runs over [lo, hi) here): fewer registers across the loop, which
+        # lets 16 warps per SM fit without spills (MMA_THREADS_PER_SM).
+        lo_u = U(max(lo, 0))
+        hi_u = U(max(hi, 0))
+        lomax_u = U(min(max(lo_max, 0), I31))  # j0 < lo_max, j0 in [0, 2**31 - 1)
+        himin_i = int32(max(hi_min, -1))  # hi_min <= k_len
+        dl0_u = U(dl0 & M32)  # the window test is modulo 2**32
+        klt_i = int32(klt)
+        kot_u = U(kot)
+        koff_u = U(k_off)
+        qn_u = U(max(min(q_len - i0, BQ), 0))  # real rows of the tile
+        qrow_u = U(q_off + i0)
+        qw_u = U(min(q_rows - i0, BQ))  # rows of the tile to write (> 0)
+        t2u = U(t2)
         qa = U(ur * QS + t)  # A of S: Q[r][p + t]
         kb = U(OFF_K + g * KS + t)  # B of S: K[8n + g][p + t]
         pa = U(OFF_P + ur * PS + t)  # A of O: P[r][k + t]
@@ -911,8 +962,8 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 p = sq_p
                 while rr < U(BQ):
                     val = ZERO
-                    if rr < q_len - i0 and p < d:
-                        val = q[b1, b2, U(q_off + i0 + rr), p]
+                    if rr < qn_u and p < d:
+                        val = q[b1, b2, U(qrow_u + rr), p]
                     sh[U(rr * QS + p)] = val
                     rr = U(rr + U(RQP))
             else:
@@ -921,14 +972,15 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     rr = U(idx // U(DC))
                     p = U(idx % U(DC))
                     val = ZERO
-                    if rr < q_len - i0 and p < d:
-                        val = q[b1, b2, U(q_off + i0 + rr), p]
+                    if rr < qn_u and p < d:
+                        val = q[b1, b2, U(qrow_u + rr), p]
                     sh[U(rr * QS + p)] = val
                     idx = U(idx + U(NT))
 
-        for kt in range(n_kt):
-            j0 = lo + kt * BK
-            nk = hi - j0
+        j0 = lo_u
+        while j0 < hi_u:  # the n_kt key tiles [j0, j0 + BK)
+            nk = U(hi_u - j0)
+            kj = U(koff_u + j0)  # global row of key j0
             for c in range(2 * NB):
                 sacc[c] = ZERO
             bad = int32(0)  # a NaN or inf staged in V (int: for syncthreads_or)
@@ -938,7 +990,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 while rr < U(BK):
                     val = ZERO
                     if rr < nk and p < dv:
-                        val = v[b1, hk, U(k_off + j0 + rr), p]
+                        val = v[b1, hk, U(kj + rr), p]
                         if not math.isfinite(val):
                             bad = int32(1)
                     sh[U(OFF_V + rr * VS + p)] = val
@@ -950,7 +1002,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     p = U(idx % U(DVC))
                     val = ZERO
                     if rr < nk and p < dv:
-                        val = v[b1, hk, U(k_off + j0 + rr), p]
+                        val = v[b1, hk, U(kj + rr), p]
                         if not math.isfinite(val):
                             bad = int32(1)
                     sh[U(OFF_V + rr * VS + p)] = val
@@ -965,8 +1017,8 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                         rr = U(idx // U(DC))
                         p = U(idx % U(DC))
                         val = ZERO
-                        if rr < q_len - i0 and p < dp:
-                            val = q[b1, b2, U(q_off + i0 + rr), U(p0 + p)]
+                        if rr < qn_u and p < dp:
+                            val = q[b1, b2, U(qrow_u + rr), U(p0 + p)]
                         sh[U(rr * QS + p)] = val
                         idx = U(idx + U(NT))
                 if FK:
@@ -975,7 +1027,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     while rr < U(BK):
                         val = ZERO
                         if rr < nk and p < dp:
-                            val = k[b1, hk, U(k_off + j0 + rr), U(p0 + p)]
+                            val = k[b1, hk, U(kj + rr), U(p0 + p)]
                         sh[U(OFF_K + rr * KS + p)] = val
                         rr = U(rr + U(RKP))
                 else:
@@ -985,7 +1037,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                         p = U(idx % U(DC))
                         val = ZERO
                         if rr < nk and p < dp:
-                            val = k[b1, hk, U(k_off + j0 + rr), U(p0 + p)]
+                            val = k[b1, hk, U(kj + rr), U(p0 + p)]
                         sh[U(OFF_K + rr * KS + p)] = val
                         idx = U(idx + U(NT))
                 cuda.syncthreads()
@@ -1010,10 +1062,10 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                         sacc[2 * n] = d0
                         sacc[2 * n + 1] = d1
             # Visibility (as in make_attention), key 8n + 2t + e of row r.
-            check = j0 < lo_max or j0 + BK > hi_min
-            dl = U((j0 + dl0) & M32)
-            kcnt = U(min(max(klt - j0, 0), BK))
-            mcol = U(kot + j0)
+            check = j0 < lomax_u or int64(j0) + BK > himin_i
+            dl = U(j0 + dl0_u)
+            kcnt = U(min(max(klt_i - int64(j0), 0), BK))
+            mcol = U(kot_u + j0)
             mx = NINF
             for n in range(NB):
                 for e in range(2):
@@ -1061,7 +1113,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 for e in range(2):
                     x = sacc[2 * n + e]
                     x = NZERO if x == NINF else math.exp(x - ms)  # -0.0: masked
-                    sh[U(OFF_P + ur * PS + U(t2 + 8 * n + e))] = x
+                    sh[U(OFF_P + ur * PS + U(t2u + U(8 * n + e)))] = x
                     ps += x
             if HW:
                 ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 1)
@@ -1084,7 +1136,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 for j in range(BK):
                     pj = sh[U(OFF_P + ur * PS + U(j))]
                     if pj != ZERO or math.copysign(ONE, pj) > ZERO:
-                        vrow = U(OFF_V + U(j) * VS + U(t2))
+                        vrow = U(OFF_V + U(j) * VS + t2u)
                         for n in range(NO):
                             for e in range(2):
                                 oacc[2 * n + e] += pj * sh[U(vrow + U(8 * n + e))]
@@ -1109,10 +1161,10 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                         oacc[2 * n] = d0
                         oacc[2 * n + 1] = d1
             cuda.syncthreads()
+            j0 = U(j0 + U(BK))
 
-        i = i0 + r
-        if i < q_rows:
-            row = U(q_off + i)
+        if ur < qw_u:
+            row = U(qrow_u + ur)
             if m_r == NINF:
                 for n in range(NO):
                     for e in range(2):
