@@ -4,7 +4,8 @@ threads, 8 warps), d staged in chunks of 16 (whole chunks with the next one
 prefetched into registers, then a zero-padded tail chunk), with tails (no
 length a multiple of the tile or the chunk), both dtypes and every option:
 causal with Nq != Nk, lengths, GQA, window, bias with -inf entries, mask
-with a fully masked row, diagonal, strided q/k/out. Outputs are poisoned
+with a fully masked row, diagonal, strided q/k/out, infinite inputs in the
+zero-padded tail chunk. Outputs are poisoned
 beforehand, so an unwritten element fails.
 
 Then two odd geometries that take the kernel's other staging plans: a chunk
@@ -87,6 +88,20 @@ def test_float64_window_bias_mask():
     assert np.isneginf(got[0, 0, :40, 100:]).all()
 
 
+def test_infinite_inputs_in_the_tail_chunk():
+    """The tail chunk's padding dims stage zeros in both operands (they read
+    dim d - 1, clamped): an inf in the last dim of q or k gives +-inf
+    scores, as the reference, never NaN from 0 * inf."""
+    rng = np.random.default_rng(15)
+    q = randn(rng, (1, 1, 70, 20), np.float32)
+    k = randn(rng, (1, 1, 66, 20), np.float32)
+    q[0, 0, 7, 19] = np.inf
+    k[0, 0, 5, 19] = -np.inf
+    k[0, 0, 40, 19] = np.inf
+    got = _run(q, k, "inf in the last dim")
+    assert np.isinf(got[0, 0, 7]).all() and np.isinf(got[0, 0, :, 5]).all()
+
+
 @pytest.mark.parametrize("dtype,d", [(np.float64, 64), (np.float32, 20)])
 def test_diagonal_and_strides(dtype, d):
     """An explicit diagonal per batch element with a window, on strided q, k
@@ -97,9 +112,15 @@ def test_diagonal_and_strides(dtype, d):
     qb = randn(rng, (2, 2, nq, 2 * d), dtype)
     kb = randn(rng, (2, 2, 2 * nk, d), dtype)
     q, k = qb[..., ::2], kb[:, :, ::2]
+    # Device views by shape and strides (a real GPU's DeviceNDArray neither
+    # steps nor transposes 4-d arrays): out (2, 2, nq, nk) inside a
+    # transposed, wider buffer whose extra rows must stay NaN.
+    from numbattn.cuda.backend import restride
+
     base = dev(poisoned((2, 2, nk + 5, nq), dtype))
-    out = base[:, :, :nk].transpose((0, 1, 3, 2))  # (2, 2, nq, nk), strided
-    dq, dk = dev(qb)[..., ::2], dev(kb)[:, :, ::2]
+    st = base.strides
+    out = restride(base, (2, 2, nq, nk), (st[0], st[1], st[3], st[2]))
+    dq, dk = restride(dev(qb), q.shape, q.strides), restride(dev(kb), k.shape, k.strides)
     kw = dict(diagonal=np.array([30, -20]), window=(25, 3))
     assert numbattn.scores(dq, dk, out=out, **kw) is out
     got = base.copy_to_host()
