@@ -28,7 +28,7 @@ def _kernels(dtype):
     out = (
         [(A.AttentionArgs, K.make_attention(dtype, *geo, hw=hw)) for hw in (False, True)]
         + [
-            (A.ScoresArgs, K.make_scores(dtype, 4)),
+            (A.ScoresArgs, K.make_scores(dtype, 8, 2, 4)),
             (A.SoftmaxArgs, K.make_softmax(dtype, 8, 64)),
             (A.MergeArgs, K.make_merge(dtype, 128)),
             (A.SplitMergeArgs, D.make_split_merge(dtype, 8)),

@@ -139,7 +139,8 @@ Scores (:func:`make_scores`)
     one (a, b) are contiguous columns). Sequence (a, h) writes its rows
     ``Q_OFF + i`` (i < Q_ROWS) across all columns (column c is its key
     ``c - K_OFF``); a tile none of whose rows sees any of its keys (lengths,
-    window) skips every load and product and writes -inf.
+    window) skips every load and product and writes -inf; one that every
+    row sees whole (and no mask) writes without per-element tests.
 
     Q and K are staged per chunk of DC (16) head dimensions into shared
     memory, row-major, rows an odd multiple of 16 bytes apart (8 lanes of a
@@ -1428,6 +1429,29 @@ def make_scores(dtype, T, R, DC, hw=True):
         offset = seq[b1, b2, 5]
         ty = int64(uty)
         tx = int64(utx)
+        # A tile that every row sees whole (real rows and keys, inside the
+        # window, no mask) writes without per-element tests (block-uniform).
+        full = (
+            not skip and not has_mask and i0 + T <= q_len and j0 >= 0
+            and j0 + T <= k_len and c0 + T <= ncol
+        )  # fmt: skip
+        if full and wl >= 0:
+            full = j0 >= i0 + T - 1 + offset - wl
+        if full and wr >= 0:
+            full = j0 + T - 1 <= i0 + offset + wr
+        if full:
+            orow0 = U(q_off + i0 + ty)
+            col0 = U(c0 + tx)
+            for a in range(R):
+                orow = U(orow0 + U(TX * a))
+                for b in range(R):
+                    col = U(col0 + U(TX * b))
+                    t = acc[a, b] * scale
+                    if has_bias:
+                        bv = bias[b1, b2, orow, col]
+                        t = NINF if bv == NINF else t + bv  # -inf bias masks
+                    out[b1, b2, orow, col] = t
+            return
         for a in range(R):
             i = i0 + ty + TX * a
             if i < q_rows:

@@ -88,6 +88,18 @@ def test_float64_window_bias_mask():
     assert np.isneginf(got[0, 0, :40, 100:]).all()
 
 
+def test_float64_bias_gqa_whole_tiles():
+    """float64, d = 64 (whole chunks only), no mask: the tiles every row
+    sees whole take the untested write (bias with -inf entries still
+    masks), the tails the tested one; GQA 3:1."""
+    rng = np.random.default_rng(16)
+    q = randn(rng, (1, 3, 130, 64), np.float64)
+    k = randn(rng, (1, 1, 70, 64), np.float64)
+    bias = randn(rng, (1, 3, 130, 70), np.float64)
+    bias[rng.random(bias.shape) < 0.05] = -np.inf
+    _run(q, k, "f64 bias whole tiles", bias=bias)
+
+
 def test_infinite_inputs_in_the_tail_chunk():
     """The tail chunk's padding dims stage zeros in both operands (they read
     dim d - 1, clamped): an inf in the last dim of q or k gives +-inf
