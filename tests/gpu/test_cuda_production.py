@@ -88,6 +88,39 @@ def test_window_bias_mask(dtype, d, dv):
     _run(dtype, q, k, v, "window", window=(9, 4), bias=bias, mask=mask, scale=0.5)
 
 
+INTERIOR_CASES = [
+    # b, h, hk, nq, nk, d, dv, options: every case has full query tiles with
+    # interior key tiles (the fast loop) and boundary tiles (the general loop)
+    (1, 2, 1, 64, 100, 64, 48, dict()),  # 3 interior tiles, then the tail
+    (1, 1, 1, 128, 200, 40, 64, dict(window=(150, 100), scale=0.2)),  # leading + trailing
+    (2, 2, 2, 128, 170, 1, 8, dict(causal=True, key_lengths=np.array([170, 120]))),
+]
+
+
+@pytest.mark.parametrize("b,h,hk,nq,nk,d,dv,opts", INTERIOR_CASES)
+def test_float32_interior_tiles(b, h, hk, nq, nk, d, dv, opts):
+    """float32 with Q resident (d <= 64, zero-padded to the chunk), no mask
+    or bias: the interior key tiles of full query tiles run the fast loop,
+    visited first, then the leading (window) and trailing tiles."""
+    rng = np.random.default_rng(5 + d)
+    q, k, v = _case(rng, np.float32, b, h, hk, nq, nk, d, dv)
+    _run(np.float32, q, k, v, f"interior {opts}", **opts)
+
+
+def test_float32_nonfinite_v_leaves_the_fast_loop():
+    """NaN and inf in V in an interior tile: the fast loop hands the tile
+    (and the rest) to the general loop, whose P @ V skips masked keys; here
+    every row sees them, so their columns are NaN/inf, as the reference."""
+    rng = np.random.default_rng(6)
+    q, k, v = _case(rng, np.float32, 1, 2, 2, 64, 130, 64, 16)
+    v[0, 0, 40, 3] = np.nan  # the second tile of head 0
+    v[0, 1, 100, 5] = np.inf  # the fourth (last interior) tile of head 1
+    v[0, 1, 101, 6] = -np.inf
+    out, _ = _run(np.float32, q, k, v, "non-finite v")
+    assert np.isnan(out[0, 0, :, 3]).all() and np.isfinite(np.delete(out[0, 0], 3, 1)).all()
+    assert np.isposinf(out[0, 1, :, 5]).all() and np.isneginf(out[0, 1, :, 6]).all()
+
+
 VARLEN_CASES = [
     # dtype, d, dv, cu_seqlens_q, cu_seqlens_k (one sequence without queries,
     # one without keys)
