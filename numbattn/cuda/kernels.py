@@ -84,6 +84,26 @@ Fused attention (:func:`make_attention`)
     splits larger dv into several launches over column slices of V and out
     (each recomputes the scores).
 
+    Two loops over key tiles (as FlashAttention's masked and unmasked
+    steps). The *interior* tiles, those that every row of a full block of
+    real rows sees entirely (``lo_max <= j0``, ``j0 + BK <= hi_min``; no
+    mask, no bias), form one range [ka, ka + n_in) and run first, in the
+    fast loop: Q resident and prefetch only (d <= DC), fixed trip counts
+    over the zero-padded chunk, no visibility tests, no NaN-safe copy of
+    P @ V, both products written out step by step (:func:`_unrolled`: every
+    shared offset a compile-time constant), so its body is one key tile's
+    work, FMA-dense (``gpu-report``: its ``inner_loop``). Every other tile
+    (boundary tiles of windows, causal diagonals, lengths, masks, bias;
+    d > DC; no prefetch plan) runs in the general loop after it, leading
+    tiles then trailing ones: the online softmax takes the tiles in any
+    order. The barrier that publishes a tile in the fast loop is a
+    ``syncthreads_or`` of "V holds a NaN or inf"; when set, the block
+    leaves the fast loop before touching the tile, and the general loop
+    redoes it (its K and V are still in the prefetch registers) and the
+    rest. The general loop re-reads the block's constants from ``seq``
+    (``block_keys``), so that they are not kept in registers across the
+    fast loop (ptxas spilled them at the 128-register cap).
+
     Shared memory (:func:`attention_layout`): Q, K, P, V (and the two
     reduction buffers of the portable path), each region 16-byte aligned
     (``alignment=16`` on hardware, so the row reads compile to LDS.128).
@@ -95,10 +115,14 @@ Fused attention (:func:`make_attention`)
     columns, coalesced global reads, contiguous shared stores). Prefetch:
     when Q is resident (d <= DC) and NT is a multiple of DC and of DVC, the
     next key tile's K and V elements are loaded into registers (BK*DC/NT +
-    BK*DVC/NT a thread: 16 for float32) right after the current tile is
-    stored and synchronised, so their global latency overlaps the products
-    and the softmax; the next tile starts by storing them (one barrier for
-    both tiles). Otherwise K (per d-chunk) and V are staged at the tile's
+    BK*DVC/NT a thread: 16 for float32) while the current tile is computed
+    (the general loop: right after it is stored and synchronised; the fast
+    loop: after the Q K^T product, when fewer registers are live), so their
+    global latency overlaps the products and the softmax; the next tile
+    starts by storing them (one barrier for both tiles). The prefetch loads
+    are unconditional: row and column clamped into the tile, the value
+    zeroed past it by a select (a guarded load was a branch and ~20
+    instructions per element). Otherwise K (per d-chunk) and V are staged at the tile's
     start. (Double-buffered shared tiles would exceed the 48 KiB of static
     shared memory, and numba-cuda 0.30 has no API for the opt-in to more
     dynamic shared memory (cuFuncSetAttribute), so the buffer is the

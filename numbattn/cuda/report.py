@@ -220,7 +220,7 @@ def _blocks(instrs: list[Instr], labels: dict[str, int]) -> tuple[list[int], lis
     firsts = sorted(x for x in leaders if x < len(instrs))
     block_of = {f: b for b, f in enumerate(firsts)}
     succ: list[list[int]] = []
-    for b, f in enumerate(firsts):
+    for b in range(len(firsts)):
         last = (firsts[b + 1] if b + 1 < len(firsts) else len(instrs)) - 1
         ins = instrs[last]
         cond = ins.text.startswith("@")
@@ -329,7 +329,8 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[list[int]]:
                         stack.extend(preds[x])
     ends = firsts[1:] + [len(instrs)]
     loops = [
-        sorted(i for b in body for i in range(firsts[b], ends[b])) for _, body in sorted(bodies.items())
+        sorted(i for b in body for i in range(firsts[b], ends[b]))
+        for _, body in sorted(bodies.items())
     ]
     return sorted(loops, key=lambda lp: (lp[0], -len(lp)))
 

@@ -150,22 +150,32 @@ def test_varlen(dtype, d, dv, cu_q, cu_k):
 
 
 @pytest.mark.skipif(on_simulator(), reason="the hardware path needs a GPU")
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_hardware_path_matches_portable_path(dtype):
+def test_hardware_path_matches_portable_path(dtype, fast):
     """On a GPU: the hardware path (the one the backend launches) and the
     portable path (the simulator's code, compiled for the GPU) agree, on a
-    shape with every option."""
+    shape with every option, and (``fast``) on one without mask and bias,
+    whose interior key tiles run the float32 fast loop."""
     from numbattn.cuda import backend
 
     rng = np.random.default_rng(4)
     b, h, hk, nq, nk, d, dv = 2, 4, 2, 150, 133, 64, 64
+    if fast:
+        nq, nk = 300, 333
     q, k, v = _case(rng, dtype, b, h, hk, nq, nk, d, dv)
-    bias = randn(rng, (b, h, nq, nk), dtype)
-    mask = rng.random((b, h, nq, nk)) > 0.1
-    opts = dict(
-        causal=True, window=(50, -1), key_lengths=np.array([133, 90]),
-        query_lengths=np.array([150, 71]), bias=bias, mask=mask,
-    )  # fmt: skip
+    if fast:
+        opts = dict(
+            causal=True, window=(250, -1), key_lengths=np.array([333, 290]),
+            query_lengths=np.array([300, 171]),
+        )  # fmt: skip
+    else:
+        bias = randn(rng, (b, h, nq, nk), dtype)
+        mask = rng.random((b, h, nq, nk)) > 0.1
+        opts = dict(
+            causal=True, window=(50, -1), key_lengths=np.array([133, 90]),
+            query_lengths=np.array([150, 71]), bias=bias, mask=mask,
+        )  # fmt: skip
     res = {}
     for hw in (True, False):
         kern, geo = backend._attention_kernel(dtype, hw=hw)
