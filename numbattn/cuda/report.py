@@ -27,9 +27,16 @@ installs them). One record per compiled kernel variant:
     Instructions of the whole kernel.
 ``inner_loop``
     The body of the hottest loop (:func:`hottest_loop`): the loop over key
-    tiles of the fused attention kernel, the d-chunk loop of the scores
-    reduction, the exp-and-sum loop of softmax. Static counts of the SASS
-    between the loop's head and its backward branch, nested loops included:
+    tiles of the fused attention kernel (for float32, the fast loop over
+    interior key tiles, whose body is one tile's work; boundary tiles run
+    in a second loop), the d-chunk loop of the scores reduction, the
+    exp-and-sum loop of softmax. A loop is a natural loop of the SASS
+    (:func:`find_loops`): its head and every block that reaches its back
+    branch without passing the head, contiguous or not: cold blocks ptxas
+    placed elsewhere that return into it count (the
+    warp shuffles' WARPSYNC.COLLECTIVE fallbacks), excluding other loops
+    laid out in between; ``ranges`` lists its blocks as [first, last]
+    offsets. Static counts of its instructions, nested loops included:
     ``instructions``, ``fma`` (FFMA/DFMA), ``mma`` (HMMA/DMMA/IMMA and the
     Hopper GMMA forms), ``fma_share`` = fma / instructions, ``shared_loads``
     (LDS), ``shared_loads_vector`` (LDS.64/.128: for float64, an LDS.64 is
