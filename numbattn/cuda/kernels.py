@@ -516,8 +516,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         # the tile, then zeroed past it: a select, not a branch), so they
         # need d, dv >= 1.
         pref = PF and q_resident and d > 0 and dv > 0
-        kc, kc_ok = U(min(sk_p, d - 1)), sk_p < d
-        vc, vc_ok = U(min(sv_p, dv - 1)), sv_p < dv
+        kc, kc_ok = U(min(sk_p, max(d - 1, 0))), sk_p < d
+        vc, vc_ok = U(min(sv_p, max(dv - 1, 0))), sv_p < dv
         # Interior key tiles [ka, ka + n_in): every row of the block sees
         # all of their keys (j0 >= lo_max, j0 + BK <= hi_min; none without
         # a full block of real rows or with a mask) and there is no bias.
@@ -541,17 +541,18 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 val = v[b1, hk, U(k_off + j0n + min(rr, nkn)), vc]
                 vreg[i] = val if rr <= nkn and vc_ok else ZERO
 
+        # 32-bit copies for the loops and the epilogue (token counts < 2**31):
+        # fewer registers live across the fast loop.
+        ulo, uhi, ukoff = U(lo), U(hi), U(k_off)
+        una, unin, unkt = U(ka), U(n_in), U(n_kt)
+        ui0, uqrows, uqoff = U(i0), U(q_rows), U(q_off)
+
         # The fast loop: interior tiles, prefetched (Q resident, d <= DC),
         # fixed trip counts (the zero-padded chunk), no visibility tests,
         # no bias, no NaN-safe P @ V. A non-finite value staged into V
         # (block-uniform, from the barrier that publishes the tile) leaves
         # it for the general loop, which redoes this tile (its K and V are
         # still in the registers) and the rest.
-        # 32-bit copies for the loops and the epilogue (token counts < 2**31):
-        # fewer registers live across the fast loop.
-        ulo, uhi, ukoff = U(lo), U(hi), U(k_off)
-        una, unin, unkt = U(ka), U(n_in), U(n_kt)
-        ui0, uqrows, uqoff = U(i0), U(q_rows), U(q_off)
         kv = U(0)  # tiles visited
         while kv < unin:
             bad = int32(0)
