@@ -9,6 +9,7 @@ counts against ``cuobjdump -sass``; occupancy against the SM limits. No GPU
 is needed; with one, the device's records are checked against the driver.
 """
 
+import itertools
 import json
 import math
 import os
@@ -176,9 +177,23 @@ def _cuobjdump_ops(tools, cubin):
     return ops
 
 
+def _spans(loop):
+    return [(int(a, 16), int(b, 16)) for a, b in loop["ranges"]]
+
+
+def _loop_ops(tools, save, rec, loop=None):
+    """cuobjdump's opcodes of the loop's instructions (its offset ranges), NOPs left out."""
+    spans = _spans(loop or rec["inner_loop"])
+    return [
+        op
+        for off, op in _cuobjdump_ops(tools, _files(save, rec, ".cubin"))
+        if any(a <= off <= b for a, b in spans) and not op.startswith("NOP")
+    ]
+
+
 def test_inner_loop_counts(run, tools):
     """The hottest loop's counts are consistent, and match cuobjdump's SASS
-    between the loop's first and last instruction."""
+    over the loop's instructions (its blocks: offset ranges)."""
     records, save = run
     for r in _static(records):
         loop = r["inner_loop"]
@@ -189,17 +204,16 @@ def test_inner_loop_counts(run, tools):
         assert loop["shared_loads_vector"] <= loop["shared_loads"] <= n
         assert loop["barriers"] <= n
         start, end = int(loop["start"], 16), int(loop["end"], 16)
-        assert start < end
+        spans = _spans(loop)
+        assert start < end and spans[0][0] == start and spans[-1][1] == end
+        assert all(a <= b < c for (a, b), (c, _) in itertools.pairwise(spans))
         for inner in loop["nested"]:
             assert start <= int(inner["start"], 16) < int(inner["end"], 16) <= end
+            assert all(any(a <= x and y <= b for a, b in spans) for x, y in _spans(inner))
             for key in ("instructions", "fma", "shared_loads", "barriers"):
                 assert inner[key] <= loop[key]
 
-        ops = [
-            op
-            for off, op in _cuobjdump_ops(tools, _files(save, r, ".cubin"))
-            if start <= off <= end and not op.startswith("NOP")
-        ]
+        ops = _loop_ops(tools, save, r)
         base = [op.split(".")[0] for op in ops]
         assert len(ops) == n
         assert sum(b in ("FFMA", "DFMA") for b in base) == loop["fma"]
@@ -211,12 +225,32 @@ def test_inner_loop_counts(run, tools):
         assert sum(b == "BAR" for b in base) == loop["barriers"]
 
 
+def _attention_products(geo):
+    """FMAs per key tile and thread of the float32 kernel: S (RQ x RK scores
+    over the head chunk) and P @ V (RQ rows x RC columns over the key tile)."""
+    tx = geo["key_tile"] // geo["keys_per_thread"]
+    rq, rc = geo["rows_per_thread"], geo["value_chunk"] // tx
+    return rq * geo["keys_per_thread"] * geo["head_chunk"] + rq * rc * geo["key_tile"]
+
+
 def test_hottest_loops_are_the_documented_ones(run):
-    """Attention: the key-tile loop (the products and the barriers inside it);
-    scores: the loop over whole d-chunks (R*R*DC FMAs between two barriers)."""
+    """float32 attention: the fast loop over interior key tiles, a whole
+    tile's work in one body: both products unrolled (no loop inside holds
+    an FMA), the exponentials, the barriers, the next tile's prefetch;
+    float64 attention (tensor cores): the key-tile loop (the products and
+    the barriers inside it); scores: the loop over whole d-chunks (R*R*DC
+    FMAs between two barriers)."""
     for r in _static(run[0]):
         loop = r["inner_loop"]
-        if r["kernel"] == "attention":
+        geo = r["geometry"]
+        if r["kernel"] == "attention" and r["dtype"] == "float32":
+            assert loop["fma"] >= _attention_products(geo)
+            assert not [x for x in loop["nested"] if x["fma"] + x["mma"]]
+            assert loop["mufu"] >= geo["rows_per_thread"] * geo["keys_per_thread"]
+            assert loop["barriers"] >= (3 if r["path"] == "hardware" else 4)
+            tile = geo["key_tile"] * (geo["head_chunk"] + geo["value_chunk"])
+            assert loop["global_loads"] == tile // r["threads_per_block"]
+        elif r["kernel"] == "attention":
             assert loop["barriers"] >= 3 and len(loop["nested"]) >= 2
             products = [x for x in loop["nested"] if x["fma"] + x["mma"]]
             assert (
@@ -249,12 +283,14 @@ def test_attention_hardware_path(run):
         assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
     assert att["float32", "hardware"]["warps_per_sm"] >= 16
     assert att["float64", "hardware"]["warps_per_sm"] >= 16
+    # Issue 10 part 2, float32 at the default geometry: an FMA-dense loop.
+    assert att["float32", "hardware"]["inner_loop"]["fma_share"] >= 0.55
     assert att["float64", "hardware"]["inner_loop"]["mma"] > 0
     assert att["float64", "simulator"]["inner_loop"]["mma"] == 0
     assert att["float32", "hardware"]["inner_loop"]["mma"] == 0
 
 
-def test_scores_register_blocked(run):
+def test_scores_register_blocked(run, tools):
     """The scores kernel's loop over whole d-chunks (issue 10): FMAs are at
     least 55% of it, every shared load is 16 bytes (LDS.128: 4 floats or 2
     doubles), the next chunk's global loads are in it (prefetch), no local
@@ -266,13 +302,25 @@ def test_scores_register_blocked(run):
         loop = r["inner_loop"]
         assert loop["fma_share"] >= 0.55, (r["dtype"], loop)
         assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
-        instrs, _ = R.parse_sass(_files(save, r, ".sass").read_text())
-        start, end = int(loop["start"], 16), int(loop["end"], 16)
-        lds = [i.op for i in instrs if start <= i.offset <= end and i.base == "LDS"]
+        lds = [op for op in _loop_ops(tools, save, r) if op.split(".")[0] == "LDS"]
         assert len(lds) == loop["shared_loads"] and all("128" in op.split(".") for op in lds)
         assert loop["global_loads"] > 0 and loop["local_accesses"] == 0
         assert r["spill_bytes"] == 0 and r["warps_per_sm"] >= 16
         assert r["threads_per_block"] >= 256  # multi-warp blocks
+
+
+def test_float32_attention_loop_has_no_index_fixups(run, tools):
+    """No negative-index fix-ups in the float32 key-tile loop: Numba wraps a
+    signed index i as ``i + n if i < 0``, a signed 64-bit compare (ISETP
+    with .EX, without .U32); the kernel's indices are unsigned 32-bit."""
+    records, save = run
+    for r in _static(records):
+        if r["kernel"] == "attention" and r["dtype"] == "float32":
+            ops = _loop_ops(tools, save, r)
+            signed = [
+                op for op in ops if op.startswith("ISETP") and ".EX" in op and ".U32" not in op
+            ]
+            assert not signed, (r["path"], signed)
 
 
 def test_occupancy_fields(run):
@@ -374,13 +422,46 @@ SASS = """
 def test_sass_loops_and_counts():
     instrs, labels = R.parse_sass(SASS)
     assert len(instrs) == 13
-    assert R.find_loops(instrs, labels) == [(1, 8), (2, 5)]  # not the self-branch at the end
+    # not the self-branch at the end
+    assert R.find_loops(instrs, labels) == [list(range(1, 9)), list(range(2, 6))]
     loop = R.hottest_loop(instrs, labels)
     assert (loop["start"], loop["end"]) == ("0x0010", "0x0080")  # outer loop: same FMAs + MMA
     assert loop["instructions"] == 8 and loop["fma"] == 2 and loop["mma"] == 1
     assert loop["shared_loads"] == 2 and loop["shared_loads_vector"] == 1
     assert loop["barriers"] == 1 and loop["fma_share"] == 0.25
     assert [(x["start"], x["instructions"], x["fma"]) for x in loop["nested"]] == [("0x0020", 4, 2)]
+
+
+# Loop A (0x10-0x40) with a cold block placed after EXIT (0x80-0x90) that
+# returns into it, and loop B (0x50-0x60) laid out between the two.
+SASS_SPLIT = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0010*/                   FFMA R9, R4, R8, R9 ;
+        /*0020*/               @P0 BRA `(.L_x_9) ;
+.L_x_2:
+        /*0030*/                   FFMA R9, R4, R8, R9 ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+.L_x_3:
+        /*0050*/                   DFMA R10, R4, R8, R10 ;
+        /*0060*/               @P2 BRA `(.L_x_3) ;
+        /*0070*/                   EXIT ;
+.L_x_9:
+        /*0080*/                   WARPSYNC.COLLECTIVE R35, `(.L_x_2) ;
+        /*0090*/                   BRA `(.L_x_2) ;
+.L_x_4:
+        /*00a0*/                   BRA `(.L_x_4) ;
+"""
+
+
+def test_sass_loops_are_natural_loops():
+    instrs, labels = R.parse_sass(SASS_SPLIT)
+    assert R.find_loops(instrs, labels) == [[1, 2, 3, 4, 8, 9], [5, 6]]
+    loop = R.hottest_loop(instrs, labels)
+    assert loop["ranges"] == [["0x0010", "0x0040"], ["0x0080", "0x0090"]]
+    assert (loop["start"], loop["end"]) == ("0x0010", "0x0090")
+    assert (loop["instructions"], loop["fma"]) == (6, 2)
+    assert loop["nested"] == []
 
 
 def test_parse_ptxas():

@@ -84,6 +84,26 @@ Fused attention (:func:`make_attention`)
     splits larger dv into several launches over column slices of V and out
     (each recomputes the scores).
 
+    Two loops over key tiles (as FlashAttention's masked and unmasked
+    steps). The *interior* tiles, those that every row of a full block of
+    real rows sees entirely (``lo_max <= j0``, ``j0 + BK <= hi_min``; no
+    mask, no bias), form one range [ka, ka + n_in) and run first, in the
+    fast loop: Q resident and prefetch only (d <= DC), fixed trip counts
+    over the zero-padded chunk, no visibility tests, no NaN-safe copy of
+    P @ V, both products written out step by step (:func:`_unrolled`: every
+    shared offset a compile-time constant), so its body is one key tile's
+    work, FMA-dense (``gpu-report``: its ``inner_loop``). Every other tile
+    (boundary tiles of windows, causal diagonals, lengths, masks, bias;
+    d > DC; no prefetch plan) runs in the general loop after it, leading
+    tiles then trailing ones: the online softmax takes the tiles in any
+    order. The barrier that publishes a tile in the fast loop is a
+    ``syncthreads_or`` of "V holds a NaN or inf"; when set, the block
+    leaves the fast loop before touching the tile, and the general loop
+    redoes it (its K and V are still in the prefetch registers) and the
+    rest. The general loop re-reads the block's constants from ``seq``
+    (``block_keys``), so that they are not kept in registers across the
+    fast loop (ptxas spilled them at the 128-register cap).
+
     Shared memory (:func:`attention_layout`): Q, K, P, V (and the two
     reduction buffers of the portable path), each region 16-byte aligned
     (``alignment=16`` on hardware, so the row reads compile to LDS.128).
@@ -95,10 +115,14 @@ Fused attention (:func:`make_attention`)
     columns, coalesced global reads, contiguous shared stores). Prefetch:
     when Q is resident (d <= DC) and NT is a multiple of DC and of DVC, the
     next key tile's K and V elements are loaded into registers (BK*DC/NT +
-    BK*DVC/NT a thread: 16 for float32) right after the current tile is
-    stored and synchronised, so their global latency overlaps the products
-    and the softmax; the next tile starts by storing them (one barrier for
-    both tiles). Otherwise K (per d-chunk) and V are staged at the tile's
+    BK*DVC/NT a thread: 16 for float32) while the current tile is computed
+    (the general loop: right after it is stored and synchronised; the fast
+    loop: after the Q K^T product, when fewer registers are live), so their
+    global latency overlaps the products and the softmax; the next tile
+    starts by storing them (one barrier for both tiles). The prefetch loads
+    are unconditional: row and column clamped into the tile, the value
+    zeroed past it by a select (a guarded load was a branch and ~20
+    instructions per element). Otherwise K (per d-chunk) and V are staged at the tile's
     start. (Double-buffered shared tiles would exceed the 48 KiB of static
     shared memory, and numba-cuda 0.30 has no API for the opt-in to more
     dynamic shared memory (cuFuncSetAttribute), so the buffer is the
@@ -148,7 +172,7 @@ Scores (:func:`make_scores`)
     the Q reads are broadcasts); each region 16-byte aligned. The product
     step reads PV dims (16 bytes: 4 floats, 2 doubles) of each of its R
     rows and R keys (LDS.128) and does PV*R*R FMAs; a chunk is DC/PV steps
-    in straight-line code (:func:`_unrolled`: NVVM does not fully unroll a
+    in straight-line code (:func:`_chained`: NVVM does not fully unroll a
     loop with a body this large), a fixed trip count. Staging: when the
     threads split a chunk evenly into runs of E dims of one row, a thread
     owns one Q row and one K row (a row view: one address, then a dim
@@ -179,6 +203,7 @@ Softmax (:func:`make_softmax`)
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
@@ -241,6 +266,32 @@ def shuffles_ok(TY, TX, hw):
     or the block is one partial warp (the shuffle mask names its lanes)."""
     nt = TY * TX
     return bool(hw) and TX <= 32 and 32 % TX == 0 and (nt % 32 == 0 or nt < 32)
+
+
+def _unrolled(name, n, params, body, env):
+    """Device function ``name(params)`` that runs ``body`` (Python source of
+    one step, ``{i}`` its index) for i = 0 .. n-1, written out.
+
+    NVVM does not unroll loops of this size and numba-cuda has no unroll
+    pragma, so the fast loop of :func:`make_attention` gets its fixed-trip
+    products (every shared offset a compile-time constant, no loop
+    counters) as straight-line source; the small loops inside a step are
+    unrolled by NVVM. ``env``: the constants the body uses. Inlined into
+    the kernel (``forceinline``; the simulator runs it as it is)."""
+    step = textwrap.dedent(body).strip("\n")
+    lines = [f"def {name}({params}):"]
+    for i in range(n):
+        lines += ["    " + line for line in step.replace("{i}", str(i)).splitlines()]
+    ns = dict(env)
+    exec(compile("\n".join(lines), f"<numbattn {name} x{n}>", "exec"), ns)
+    return _device(ns[name])
+
+
+def _device(fn):
+    """``fn`` as a device function inlined into its caller (the simulator
+    takes no ``forceinline``)."""
+    opts = {} if _on_simulator() else {"forceinline": True}
+    return cuda.jit(device=True, **opts)(fn)
 
 
 def _stage_plan(COLS, NT):
@@ -309,6 +360,51 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     TKT = BK // RKP if PF else 1
     TVT = BK // RVP if PF else 1
     uTX = U(TX)
+    # The fast loop's products, written out step by step (see _unrolled).
+    env = dict(U=U, PV=PV, JV=JV, RQ=RQ, RK=RK, RC=RC, TY=TY, TX=TX, QSI=QSI, KSI=KSI,
+               PSI=PSI, VSI=VSI, VS=VS, NG=NG, CV=CV)  # fmt: skip
+    qk_chunk = _unrolled(
+        "qk_chunk",
+        DC // PV,
+        "sh, s, qf, kf, qb, kb",
+        # S += Q K^T over PV head dimensions: rows ty + TY*a, keys tx + TX*b.
+        """
+        pq = qb + U({i} * PV)
+        pk = kb + U({i} * PV)
+        for a in range(RQ):
+            for e in range(PV):
+                qf[a, e] = sh[pq + U(a * TY * QSI + e)]
+        for b in range(RK):
+            for e in range(PV):
+                kf[b, e] = sh[pk + U(b * TX * KSI + e)]
+        for e in range(PV):
+            for a in range(RQ):
+                for b in range(RK):
+                    s[a, b] += qf[a, e] * kf[b, e]
+        """,
+        env,
+    )
+    pv_tile = _unrolled(
+        "pv_tile",
+        BK // JV,
+        "sh, acc, pf, vf, pb, vb",
+        # O += P V over JV keys: one P read per row, one V read per key and group.
+        """
+        pp = pb + U({i} * JV)
+        pv = vb + U({i} * JV) * VS
+        for a in range(RQ):
+            for e in range(JV):
+                pf[a, e] = sh[pp + U(a * TY * PSI + e)]
+        for e in range(JV):
+            for g in range(NG):
+                for w in range(CV):
+                    vf[g * CV + w] = sh[pv + U(e * VSI + g * CV * TX + w)]
+            for a in range(RQ):
+                for c in range(RC):
+                    acc[a, c] += pf[a, e] * vf[c]
+        """,
+        env,
+    )
     # Registers: the hardware path asks ptxas for enough resident blocks to
     # fill 16 warps per SM (at most 65536 / (512) = 128 registers a thread),
     # when shared memory allows that many blocks.
@@ -319,6 +415,42 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         want = max(1, -(-512 // NT))
         smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
         opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+
+    def block_keys(seq, b1, b2, i0, wl, wr, has_mask):
+        """The block's sequence (q_off, q_len, k_off, k_len), window sides
+        and the keys its rows see."""
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
+        # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
+        # block constants, so the per-element test has no window branches.
+        lo_base = -BIG
+        hi_base = BIG
+        if wl >= 0:
+            lo_base = offset - wl
+        if wr >= 0:
+            hi_base = offset + wr + 1
+        # Keys [lo, hi) are the only ones any row of this tile can see. A
+        # key tile [j0, j0 + BK) needs no per-element test when every row
+        # sees all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no
+        # mask; hi_min = -1 forces the test.
+        lo = 0
+        hi = 0
+        if i0 < q_len:
+            lo = max(0, i0 + lo_base)
+            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
+        lo_max = i0 + BQ - 1 + lo_base
+        hi_min = min(k_len, i0 + hi_base)
+        if has_mask or i0 + BQ > q_len:
+            hi_min = -1
+        n_kt = 0
+        if hi > lo:
+            n_kt = (hi - lo + BK - 1) // BK
+        return q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt
+
+    block_keys = _device(block_keys)
 
     @cuda.jit(**opts)
     def attention_kernel(
@@ -363,42 +495,15 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         q_rows = seq[b1, b2, 2]
         if i0 >= q_rows:
             return  # whole block: past this sequence's rows
-        q_off = seq[b1, b2, 0]
-        q_len = seq[b1, b2, 1]
-        k_off = seq[b1, b2, 3]
-        k_len = seq[b1, b2, 4]
+        q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt = block_keys(
+            seq, b1, b2, i0, wl, wr, has_mask
+        )
         hk = uint32(b2 // (g2n // k.shape[1]))  # grouped-query attention
         utid = U(cuda.threadIdx.x)
         utx = utid % uTX
         uty = utid // uTX
         tx = int64(utx)
         ty = int64(uty)
-        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
-
-        # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
-        # block constants, so the per-element test has no window branches.
-        lo_base = -BIG
-        hi_base = BIG
-        if wl >= 0:
-            lo_base = offset - wl
-        if wr >= 0:
-            hi_base = offset + wr + 1
-        # Keys [lo, hi) are the only ones any row of this tile can see. A
-        # key tile [j0, j0 + BK) needs no per-element test when every row
-        # sees all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no
-        # mask; hi_min = -1 forces the test.
-        lo = 0
-        hi = 0
-        if i0 < q_len:
-            lo = max(0, i0 + lo_base)
-            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
-        lo_max = i0 + BQ - 1 + lo_base
-        hi_min = min(k_len, i0 + hi_base)
-        if has_mask or i0 + BQ > q_len:
-            hi_min = -1
-        n_kt = 0
-        if hi > lo:
-            n_kt = (hi - lo + BK - 1) // BK
         q_resident = d <= DC
         # Unsigned 32-bit shared-memory bases, computed once: the loops add
         # compile-time offsets to them.
@@ -440,24 +545,153 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     sh[U(r * QS + p)] = val
                     idx = U(idx + U(NT))
 
-        pref = PF and q_resident
+        # Prefetched loads are unconditional (rows and columns clamped into
+        # the tile, then zeroed past it: a select, not a branch), so they
+        # need d, dv >= 1.
+        pref = PF and q_resident and d > 0 and dv > 0
+        kc, kc_ok = U(min(sk_p, max(d - 1, 0))), sk_p < d
+        vc, vc_ok = U(min(sv_p, max(dv - 1, 0))), sv_p < dv
+        # Interior key tiles [ka, ka + n_in): every row of the block sees
+        # all of their keys (j0 >= lo_max, j0 + BK <= hi_min; none without
+        # a full block of real rows or with a mask) and there is no bias.
+        # They run first, in the fast loop; the others (boundary tiles,
+        # bias, d > DC, no prefetch) in the general loop after it, leading
+        # tiles then trailing ones (the online softmax takes any order).
+        ka = 0
+        n_in = 0
+        if pref and not has_bias and n_kt > 0:
+            ka = min(n_kt, max(0, (lo_max - lo + BK - 1) // BK))
+            n_in = max(0, min(n_kt, max(0, hi_min - lo) // BK) - ka)
         if pref and n_kt > 0:
-            nkn = hi - lo
+            j0n = lo + (ka if n_in > 0 else 0) * BK
+            nkn = U(hi - j0n - 1)  # the next tile's last row
             for i in range(TKT):
                 rr = U(sk_r + U(RKP * i))
-                val = ZERO
-                if rr < nkn and sk_p < d:
-                    val = k[b1, hk, U(k_off + lo + rr), sk_p]
-                kreg[i] = val
+                val = k[b1, hk, U(k_off + j0n + min(rr, nkn)), kc]
+                kreg[i] = val if rr <= nkn and kc_ok else ZERO
             for i in range(TVT):
                 rr = U(sv_r + U(RVP * i))
-                val = ZERO
-                if rr < nkn and sv_p < dv:
-                    val = v[b1, hk, U(k_off + lo + rr), sv_p]
-                vreg[i] = val
+                val = v[b1, hk, U(k_off + j0n + min(rr, nkn)), vc]
+                vreg[i] = val if rr <= nkn and vc_ok else ZERO
 
-        for kt in range(n_kt):
-            j0 = lo + kt * BK
+        # 32-bit copies for the loops and the epilogue (token counts < 2**31):
+        # fewer registers live across the fast loop.
+        ulo, uhi, ukoff = U(lo), U(hi), U(k_off)
+        una, unin, unkt = U(ka), U(n_in), U(n_kt)
+        ui0, uqrows, uqoff = U(i0), U(q_rows), U(q_off)
+
+        # The fast loop: interior tiles, prefetched (Q resident, d <= DC),
+        # fixed trip counts (the zero-padded chunk), no visibility tests,
+        # no bias, no NaN-safe P @ V. A non-finite value staged into V
+        # (block-uniform, from the barrier that publishes the tile) leaves
+        # it for the general loop, which redoes this tile (its K and V are
+        # still in the registers) and the rest.
+        kv = U(0)  # tiles visited
+        while kv < unin:
+            bad = int32(0)
+            for i in range(TKT):
+                sh[U(OFF_K + U(sk_r + U(RKP * i)) * KS + sk_p)] = kreg[i]
+            for i in range(TVT):
+                val = vreg[i]
+                if not math.isfinite(val):
+                    bad = int32(1)
+                sh[U(OFF_V + U(sv_r + U(RVP * i)) * VS + sv_p)] = val
+            if cuda.syncthreads_or(bad):
+                break
+            # S = Q K^T over the whole zero-padded chunk.
+            for a in range(RQ):
+                for b in range(RK):
+                    s[a, b] = ZERO
+            qk_chunk(sh, s, qf, kf, qbase, kbase)
+            # Prefetch the next tile (after the product: fewer live registers).
+            tn = U(kv + U(1))
+            if tn < unkt:
+                ktn = U(una + tn) if tn < unin else (U(tn - unin) if tn < U(unin + una) else tn)
+                j0n = U(ulo + ktn * U(BK))
+                nkn = U(uhi - j0n - U(1))  # the next tile's last row
+                for i in range(TKT):
+                    rr = U(sk_r + U(RKP * i))
+                    val = k[b1, hk, U(ukoff + j0n + min(rr, nkn)), kc]
+                    kreg[i] = val if rr <= nkn and kc_ok else ZERO
+                for i in range(TVT):
+                    rr = U(sv_r + U(RVP * i))
+                    val = v[b1, hk, U(ukoff + j0n + min(rr, nkn)), vc]
+                    vreg[i] = val if rr <= nkn and vc_ok else ZERO
+            # Scale and partial row maxima (every key visible).
+            for a in range(RQ):
+                r = ty + TY * a
+                mx = NINF
+                for b in range(RK):
+                    x = s[a, b] * scale
+                    s[a, b] = x
+                    if x > mx or x != x:
+                        mx = x
+                if SHFL:
+                    o = TX // 2
+                    while o > 0:
+                        x = cuda.shfl_xor_sync(MASK, mx, o)
+                        if x > mx or x != x:
+                            mx = x
+                        o //= 2
+                    alpha[a] = mx
+                else:
+                    sh[OFF_R1 + r * TX + tx] = mx
+            if not SHFL:
+                cuda.syncthreads()
+            # Row maxima, rescale factors, P = exp(S - m), as in the general loop.
+            for a in range(RQ):
+                r = ty + TY * a
+                mt = mrow[a]
+                if SHFL:
+                    x = alpha[a]
+                    if x > mt or x != x:
+                        mt = x
+                else:
+                    for xx in range(TX):
+                        x = sh[OFF_R1 + r * TX + xx]
+                        if x > mt or x != x:
+                            mt = x
+                ms = mt
+                if mt == NINF:
+                    ms = ZERO
+                alpha[a] = math.exp(mrow[a] - ms)
+                mrow[a] = mt
+                ps = ZERO
+                for b in range(RK):
+                    x = s[a, b]
+                    e = NZERO if x == NINF else math.exp(x - ms)
+                    sh[pbase + U(a * TY * PSI + b * TX) + utx] = e
+                    ps += e
+                if SHFL:
+                    o = TX // 2
+                    while o > 0:
+                        ps += cuda.shfl_xor_sync(MASK, ps, o)
+                        o //= 2
+                    lrow[a] = lrow[a] * alpha[a] + ps
+                else:
+                    sh[OFF_R2 + r * TX + tx] = ps
+            cuda.syncthreads()
+            for a in range(RQ):
+                if not SHFL:
+                    r = ty + TY * a
+                    tot = ZERO
+                    for xx in range(TX):
+                        tot += sh[OFF_R2 + r * TX + xx]
+                    lrow[a] = lrow[a] * alpha[a] + tot
+                for c in range(RC):
+                    acc[a, c] *= alpha[a]
+            pv_tile(sh, acc, pf, vf, pbase, vbase)  # O += P V (V finite here)
+            cuda.syncthreads()
+            kv = U(kv + U(1))
+
+        # The general loop: the remaining tiles, any option, any d. Its block
+        # constants are read again (not kept in registers across the fast loop).
+        q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt = block_keys(
+            seq, b1, b2, i0, wl, wr, has_mask
+        )
+        while kv < unkt:
+            kt = U(una + kv) if kv < unin else (U(kv - unin) if kv < U(unin + una) else kv)
+            j0 = lo + int64(kt) * BK
             for a in range(RQ):
                 for b in range(RK):
                     s[a, b] = ZERO
@@ -474,20 +708,19 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                         bad = int32(1)
                     sh[U(OFF_V + U(sv_r + U(RVP * i)) * VS + sv_p)] = val
                 cuda.syncthreads()
-                if kt + 1 < n_kt:
-                    nkn = hi - (j0 + BK)
+                tn = U(kv + U(1))
+                if tn < unkt:
+                    ktn = U(una + tn) if tn < unin else (U(tn - unin) if tn < U(unin + una) else tn)
+                    j0n = lo + int64(ktn) * BK
+                    nkn = U(hi - j0n - 1)  # the next tile's last row
                     for i in range(TKT):
                         rr = U(sk_r + U(RKP * i))
-                        val = ZERO
-                        if rr < nkn and sk_p < d:
-                            val = k[b1, hk, U(k_off + j0 + BK + rr), sk_p]
-                        kreg[i] = val
+                        val = k[b1, hk, U(k_off + j0n + min(rr, nkn)), kc]
+                        kreg[i] = val if rr <= nkn and kc_ok else ZERO
                     for i in range(TVT):
                         rr = U(sv_r + U(RVP * i))
-                        val = ZERO
-                        if rr < nkn and sv_p < dv:
-                            val = v[b1, hk, U(k_off + j0 + BK + rr), sv_p]
-                        vreg[i] = val
+                        val = v[b1, hk, U(k_off + j0n + min(rr, nkn)), vc]
+                        vreg[i] = val if rr <= nkn and vc_ok else ZERO
             elif FV:  # one column per thread, rows r0, r0 + RVP, ...
                 r = sv_r
                 p = sv_p
@@ -704,11 +937,12 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                             for c in range(RC):
                                 acc[a, c] += pf[a, e] * vf[c]
             cuda.syncthreads()
+            kv = U(kv + U(1))
 
         for a in range(RQ):
-            i = i0 + ty + TY * a
-            if i < q_rows:
-                row = uint32(q_off + i)
+            i = U(ui0 + uty + U(TY * a))
+            if i < uqrows:
+                row = U(uqoff + i)
                 m = mrow[a]
                 if m == NINF:
                     for c in range(RC):
@@ -1214,14 +1448,14 @@ def scores_layout(dtype, T, DC):
     return dict(S=st, OFF_K=T * st, TOTAL=2 * T * st)
 
 
-def _unrolled(step, n, stride):
+def _chained(step, n, stride):
     """A device function calling ``step(sh, qb + stride*i, kb + stride*i, *regs)``
     for i < n, in straight-line code: NVVM does not fully unroll a loop whose
     body is as large as a scores micro-tile step, and the report's hottest
     loop (the d-chunk loop) should hold every product of its chunk."""
     if n == 1:
         return step
-    first = _unrolled(step, n - 1, stride)
+    first = _chained(step, n - 1, stride)
     last = U(stride * (n - 1))
 
     @cuda.jit(device=True, inline="always")
@@ -1292,7 +1526,7 @@ def make_scores(dtype, T, R, DC, hw=True):
                 for b in range(R):
                     acc[a, b] += qf[a, e] * kf[b, e]
 
-    chunk = _unrolled(step, NPV, PV)
+    chunk = _chained(step, NPV, PV)
 
     @cuda.jit(device=True, inline="always")
     def where(utid, e):

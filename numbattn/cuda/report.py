@@ -27,9 +27,16 @@ installs them). One record per compiled kernel variant:
     Instructions of the whole kernel.
 ``inner_loop``
     The body of the hottest loop (:func:`hottest_loop`): the loop over key
-    tiles of the fused attention kernel, the d-chunk loop of the scores
-    reduction, the exp-and-sum loop of softmax. Static counts of the SASS
-    between the loop's head and its backward branch, nested loops included:
+    tiles of the fused attention kernel (for float32, the fast loop over
+    interior key tiles, whose body is one tile's work; boundary tiles run
+    in a second loop), the d-chunk loop of the scores reduction, the
+    exp-and-sum loop of softmax. A loop is a natural loop of the SASS
+    (:func:`find_loops`): its head and every block that reaches its back
+    branch without passing the head, contiguous or not: cold blocks ptxas
+    placed elsewhere that return into it count (the
+    warp shuffles' WARPSYNC.COLLECTIVE fallbacks), excluding other loops
+    laid out in between; ``ranges`` lists its blocks as [first, last]
+    offsets. Static counts of its instructions, nested loops included:
     ``instructions``, ``fma`` (FFMA/DFMA), ``mma`` (HMMA/DMMA/IMMA and the
     Hopper GMMA forms), ``fma_share`` = fma / instructions, ``shared_loads``
     (LDS), ``shared_loads_vector`` (LDS.64/.128: for float64, an LDS.64 is
@@ -58,6 +65,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,38 +215,142 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
     return instrs, labels
 
 
-def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
-    """Loops as (first, last) instruction indices: a branch to a label at or
-    before it closes a loop from that label to the branch (several branches
-    to one head make one loop; partly overlapping stretches are merged).
-    The self-branch after EXIT is no loop."""
-    ends: dict[int, int] = {}
+def _blocks(instrs: list[Instr], labels: dict[str, int]) -> tuple[list[int], list[list[int]]]:
+    """Basic blocks of the SASS: (first instruction of each block, successor
+    blocks of each). A block ends at a branch or EXIT, or before a label; a
+    predicated branch or EXIT also falls through. Only BRA/JMP to a label
+    are edges (WARPSYNC.COLLECTIVE and BSSY name labels, but do not jump)."""
+    leaders = {0, *labels.values()}
     for i, ins in enumerate(instrs):
-        if ins.base not in ("BRA", "JMP"):
+        if ins.base in ("BRA", "JMP", "EXIT", "RET", "BRX", "JMX"):
+            leaders.add(i + 1)
+    firsts = sorted(x for x in leaders if x < len(instrs))
+    block_of = {f: b for b, f in enumerate(firsts)}
+    succ: list[list[int]] = []
+    for b in range(len(firsts)):
+        last = (firsts[b + 1] if b + 1 < len(firsts) else len(instrs)) - 1
+        ins = instrs[last]
+        cond = ins.text.startswith("@")
+        out = []
+        if ins.base in ("BRA", "JMP"):
+            m = _TARGET.search(ins.text)
+            if m and m.group(1) in labels and labels[m.group(1)] in block_of:
+                out.append(block_of[labels[m.group(1)]])
+        if (ins.base not in ("BRA", "JMP", "EXIT", "RET", "BRX", "JMX") or cond) and b + 1 < len(
+            firsts
+        ):
+            out.append(b + 1)
+        succ.append(out)
+    return firsts, succ
+
+
+def _dominators(succ: list[list[int]]) -> list[int]:
+    """Immediate dominator of each block reachable from block 0 (-1: unreachable),
+    by the iterative algorithm of Cooper, Harvey and Kennedy."""
+    n = len(succ)
+    order: list[int] = []
+    seen = [False] * n
+    stack = [(0, 0)]
+    seen[0] = True
+    while stack:  # iterative DFS: post-order
+        b, k = stack.pop()
+        if k < len(succ[b]):
+            stack.append((b, k + 1))
+            c = succ[b][k]
+            if not seen[c]:
+                seen[c] = True
+                stack.append((c, 0))
+        else:
+            order.append(b)
+    rpo = order[::-1]
+    index = {b: x for x, b in enumerate(rpo)}
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for b in rpo:
+        for c in succ[b]:
+            preds[c].append(b)
+    idom = [-1] * n
+    idom[0] = 0
+    changed = True
+    while changed:
+        changed = False
+        for b in rpo[1:]:
+            new = -1
+            for p in preds[b]:
+                if idom[p] < 0:
+                    continue
+                if new < 0:
+                    new = p
+                    continue
+                x, y = p, new
+                while x != y:
+                    while index[x] > index[y]:
+                        x = idom[x]
+                    while index[y] > index[x]:
+                        y = idom[y]
+                new = x
+            if new != idom[b]:
+                idom[b] = new
+                changed = True
+    return idom
+
+
+def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[list[int]]:
+    """Natural loops of the SASS, each as the sorted indices of its
+    instructions. A branch from block B back to a block H that dominates B
+    closes a loop: H and every block that reaches B without passing H (the
+    loops with one head are one loop). A loop's blocks need not be
+    contiguous: ptxas places cold paths (e.g. the WARPSYNC.COLLECTIVE
+    fallbacks of warp shuffles) after the function's end, and they count
+    where they branch back into the loop; code laid out between a loop's
+    blocks that never returns to it (another loop) does not. The
+    self-branch after EXIT is no loop (unreachable)."""
+    if not instrs:
+        return []
+    firsts, succ = _blocks(instrs, labels)
+    idom = _dominators(succ)
+    preds: list[list[int]] = [[] for _ in succ]
+    for b, out in enumerate(succ):
+        for c in out:
+            preds[c].append(b)
+
+    def dominates(h: int, b: int) -> bool:
+        while True:
+            if b == h:
+                return True
+            if b == 0 or idom[b] < 0:
+                return False
+            b = idom[b]
+
+    bodies: dict[int, set[int]] = {}
+    for b, out in enumerate(succ):
+        if idom[b] < 0:
             continue
-        m = _TARGET.search(ins.text)
-        if not m or m.group(1) not in labels:
-            continue
-        head = labels[m.group(1)]
-        if head < i:
-            ends[head] = max(ends.get(head, i), i)
-    # Loops are nested or disjoint; two stretches that overlap without one
-    # holding the other are one loop whose blocks ptxas laid out around
-    # another back branch (e.g. a key-tile loop with its slow paths placed
-    # after an inner loop's end): merge them.
-    loops = sorted(ends.items())
-    merged = True
-    while merged:
-        merged = False
-        for x, (a1, b1) in enumerate(loops):
-            for a2, b2 in loops[x + 1 :]:
-                if a1 < a2 <= b1 < b2:
-                    loops = sorted(set(loops) - {(a1, b1), (a2, b2)} | {(a1, b2)})
-                    merged = True
-                    break
-            if merged:
-                break
-    return loops
+        for h in out:
+            if dominates(h, b):
+                body = bodies.setdefault(h, {h})
+                stack = [b]
+                while stack:
+                    x = stack.pop()
+                    if x not in body:
+                        body.add(x)
+                        stack.extend(preds[x])
+    ends = firsts[1:] + [len(instrs)]
+    loops = [
+        sorted(i for b in body for i in range(firsts[b], ends[b]))
+        for _, body in sorted(bodies.items())
+    ]
+    return sorted(loops, key=lambda lp: (lp[0], -len(lp)))
+
+
+def _ranges(instrs: list[Instr], idx: list[int]) -> list[list[str]]:
+    """Contiguous runs of the instructions idx, as [first, last] offsets."""
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [[f"{instrs[a].offset:#06x}", f"{instrs[b].offset:#06x}"] for a, b in runs]
 
 
 def count(instrs: list[Instr]) -> dict:
@@ -269,27 +381,33 @@ def count(instrs: list[Instr]) -> dict:
 def hottest_loop(instrs: list[Instr], labels: dict[str, int]) -> dict | None:
     """The loop with the most FMA+MMA instructions (nested loops counted in
     it); on a tie the outermost, then the first. In the fused attention
-    kernel that is the loop over key tiles, which holds both products."""
+    kernel that is the loop over key tiles that holds both products
+    unrolled: the fast loop over interior key tiles of the float32 kernel
+    (its boundary tiles run a second loop whose products are not unrolled),
+    the key-tile loop of the float64 tensor-core kernel."""
     loops = find_loops(instrs, labels)
     if not loops:
         return None
 
     def work(lp):
-        c = count(instrs[lp[0] : lp[1] + 1])
+        c = count([instrs[i] for i in lp])
         return c["fma"] + c["mma"]
 
-    head, last = max(loops, key=lambda lp: (work(lp), -lp[0], lp[1]))
-    out = count(instrs[head : last + 1])
-    out["start"] = f"{instrs[head].offset:#06x}"
-    out["end"] = f"{instrs[last].offset:#06x}"
+    best = max(loops, key=lambda lp: (work(lp), len(lp), -lp[0]))
+    members = set(best)
+    out = count([instrs[i] for i in best])
+    out["start"] = f"{instrs[best[0]].offset:#06x}"
+    out["end"] = f"{instrs[best[-1]].offset:#06x}"
+    out["ranges"] = _ranges(instrs, best)
     out["nested"] = [
         dict(
-            count(instrs[a : b + 1]),
-            start=f"{instrs[a].offset:#06x}",
-            end=f"{instrs[b].offset:#06x}",
+            count([instrs[i] for i in lp]),
+            start=f"{instrs[lp[0]].offset:#06x}",
+            end=f"{instrs[lp[-1]].offset:#06x}",
+            ranges=_ranges(instrs, lp),
         )
-        for a, b in loops
-        if head <= a and b <= last and (a, b) != (head, last)
+        for lp in loops
+        if lp is not best and members.issuperset(lp)
     ]
     return out
 
@@ -303,6 +421,24 @@ def _cc_tuple(cc: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@contextmanager
+def _device_functions_for(cc: str):
+    """numba-cuda 0.30 compiles the device functions a kernel calls (the
+    fused attention kernel's unrolled products) for the current device's
+    compute capability, even under ``compile_ptx(cc=...)``, and fails
+    without a GPU: answer with the target's while compiling."""
+    from types import SimpleNamespace
+
+    from numba.cuda import dispatcher as disp
+
+    saved = disp.get_current_device
+    disp.get_current_device = lambda: SimpleNamespace(compute_capability=_cc_tuple(cc))
+    try:
+        yield
+    finally:
+        disp.get_current_device = saved
+
+
 def compile_ptx(dispatcher, signature: str, cc: str) -> str:
     """PTX of ``dispatcher`` for ``signature``, with the options it compiles with."""
     from numba import cuda
@@ -313,7 +449,8 @@ def compile_ptx(dispatcher, signature: str, cc: str) -> str:
         if k in ("debug", "lineinfo", "fastmath", "opt", "launch_bounds")
     }
     try:
-        ptx, _ = cuda.compile_ptx(dispatcher.py_func, signature, cc=_cc_tuple(cc), **opts)
+        with _device_functions_for(cc):
+            ptx, _ = cuda.compile_ptx(dispatcher.py_func, signature, cc=_cc_tuple(cc), **opts)
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}"
         if re.search(r"nvvm|nvrtc|DynamicLib|libdevice", msg, re.I):

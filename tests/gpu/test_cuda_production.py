@@ -88,6 +88,39 @@ def test_window_bias_mask(dtype, d, dv):
     _run(dtype, q, k, v, "window", window=(9, 4), bias=bias, mask=mask, scale=0.5)
 
 
+INTERIOR_CASES = [
+    # b, h, hk, nq, nk, d, dv, options: every case has full query tiles with
+    # interior key tiles (the fast loop) and boundary tiles (the general loop)
+    (1, 2, 1, 64, 100, 64, 48, dict()),  # 3 interior tiles, then the tail
+    (1, 1, 1, 128, 200, 40, 64, dict(window=(150, 100), scale=0.2)),  # leading + trailing
+    (2, 2, 2, 128, 170, 1, 8, dict(causal=True, key_lengths=np.array([170, 120]))),
+]
+
+
+@pytest.mark.parametrize("b,h,hk,nq,nk,d,dv,opts", INTERIOR_CASES)
+def test_float32_interior_tiles(b, h, hk, nq, nk, d, dv, opts):
+    """float32 with Q resident (d <= 64, zero-padded to the chunk), no mask
+    or bias: the interior key tiles of full query tiles run the fast loop,
+    visited first, then the leading (window) and trailing tiles."""
+    rng = np.random.default_rng(5 + d)
+    q, k, v = _case(rng, np.float32, b, h, hk, nq, nk, d, dv)
+    _run(np.float32, q, k, v, f"interior {opts}", **opts)
+
+
+def test_float32_nonfinite_v_leaves_the_fast_loop():
+    """NaN and inf in V in an interior tile: the fast loop hands the tile
+    (and the rest) to the general loop, whose P @ V skips masked keys; here
+    every row sees them, so their columns are NaN/inf, as the reference."""
+    rng = np.random.default_rng(6)
+    q, k, v = _case(rng, np.float32, 1, 2, 2, 64, 130, 64, 16)
+    v[0, 0, 40, 3] = np.nan  # the second tile of head 0
+    v[0, 1, 100, 5] = np.inf  # the fourth (last interior) tile of head 1
+    v[0, 1, 101, 6] = -np.inf
+    out, _ = _run(np.float32, q, k, v, "non-finite v")
+    assert np.isnan(out[0, 0, :, 3]).all() and np.isfinite(np.delete(out[0, 0], 3, 1)).all()
+    assert np.isposinf(out[0, 1, :, 5]).all() and np.isneginf(out[0, 1, :, 6]).all()
+
+
 VARLEN_CASES = [
     # dtype, d, dv, cu_seqlens_q, cu_seqlens_k (one sequence without queries,
     # one without keys)
@@ -117,22 +150,32 @@ def test_varlen(dtype, d, dv, cu_q, cu_k):
 
 
 @pytest.mark.skipif(on_simulator(), reason="the hardware path needs a GPU")
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_hardware_path_matches_portable_path(dtype):
+def test_hardware_path_matches_portable_path(dtype, fast):
     """On a GPU: the hardware path (the one the backend launches) and the
     portable path (the simulator's code, compiled for the GPU) agree, on a
-    shape with every option."""
+    shape with every option, and (``fast``) on one without mask and bias,
+    whose interior key tiles run the float32 fast loop."""
     from numbattn.cuda import backend
 
     rng = np.random.default_rng(4)
     b, h, hk, nq, nk, d, dv = 2, 4, 2, 150, 133, 64, 64
+    if fast:
+        nq, nk = 300, 333
     q, k, v = _case(rng, dtype, b, h, hk, nq, nk, d, dv)
-    bias = randn(rng, (b, h, nq, nk), dtype)
-    mask = rng.random((b, h, nq, nk)) > 0.1
-    opts = dict(
-        causal=True, window=(50, -1), key_lengths=np.array([133, 90]),
-        query_lengths=np.array([150, 71]), bias=bias, mask=mask,
-    )  # fmt: skip
+    if fast:
+        opts = dict(
+            causal=True, window=(250, -1), key_lengths=np.array([333, 290]),
+            query_lengths=np.array([300, 171]),
+        )  # fmt: skip
+    else:
+        bias = randn(rng, (b, h, nq, nk), dtype)
+        mask = rng.random((b, h, nq, nk)) > 0.1
+        opts = dict(
+            causal=True, window=(50, -1), key_lengths=np.array([133, 90]),
+            query_lengths=np.array([150, 71]), bias=bias, mask=mask,
+        )  # fmt: skip
     res = {}
     for hw in (True, False):
         kern, geo = backend._attention_kernel(dtype, hw=hw)
