@@ -422,3 +422,81 @@ def test_diagonal(rng, tiles, dtype, diagonal):
         diagonal = np.array([-2, 0, 7])
     check(q, k, v, dtype, f"diagonal={diagonal}", rng, causal=True, diagonal=diagonal)
     check(q, k, v, dtype, "window", rng, window=(2, 1), diagonal=diagonal)
+
+
+# --- the register-blocked micro-kernel (issue 14) ----------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_gemm_matches_numpy(rng, dtype):
+    """_bwd_gemm / _bwd_gemm_tn against float64 NumPy at widths that take
+    every path of a row (4-vector blocks, 3 / 2 / 1 vectors, the scalar
+    tail), with causal trimming, accumulating and overwriting (C poisoned:
+    the overwritten part must not read it)."""
+    from numbattn.cpu import kernels as K
+
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    for m, n, kk in [(4, 120, 9), (8, 72, 16), (12, 40, 33), (4, 3, 5), (8, 16, 0), (64, 128, 64)]:
+        a = randn(rng, (m, kk), dtype)
+        b = randn(rng, (kk, n), dtype)
+        for ntri, ktri in [(n, kk), (0, kk), (5, kk), (n, 0), (n, 6), (-8, -8)]:
+            want = np.zeros((m, n))
+            for i in range(0, m, 4):  # the rows of block i see columns < ntri + i + 4
+                nlim, klim = max(0, min(n, ntri + i + 4)), max(0, min(kk, ktri + i + 4))
+                want[i : i + 4, :nlim] = a[i : i + 4, :klim].astype(np.float64) @ b[:klim, :nlim]
+            c0 = randn(rng, (m, n), dtype)
+            got = c0.copy()
+            K._bwd_gemm(a, b, got, m, n, kk, ntri, ktri, False)
+            ow = poisoned((m, n), dtype)
+            K._bwd_gemm(a, b, ow, m, n, kk, ntri, ktri, True)
+            for i in range(0, m, 4):
+                nlim = max(0, min(n, ntri + i + 4))
+                rows = slice(i, i + 4)
+                ref = want[rows, :nlim] + c0[rows, :nlim]
+                assert rel_err(got[rows, :nlim], ref) <= tol, (m, n, kk, ntri, ktri, i)
+                assert rel_err(ow[rows, :nlim], want[rows, :nlim]) <= tol, (m, n, kk, ntri, i)
+                # Columns past the trimmed ones are never written when accumulating.
+                np.testing.assert_array_equal(
+                    got[rows, min(n, nlim + 16) :], c0[rows, min(n, nlim + 16) :]
+                )
+        # Transposed A (P^T dO, dS^T Q): A is (K, M), rows of block i use p >= i - tri.
+        at = randn(rng, (kk, m), dtype)
+        for tri in (m, 0, 5):
+            at_t = at.copy()
+            for i in range(0, m, 4):  # zeros where the kernel may skip
+                p0 = max(0, i - tri)
+                at_t[: p0 - p0 % 4, i : i + 4] = 0
+            c0 = randn(rng, (m, n), dtype)
+            got = c0.copy()
+            K._bwd_gemm_tn(at_t, b, got, m, n, kk, tri)
+            ref = at_t.T.astype(np.float64) @ b + c0
+            assert rel_err(got, ref) <= tol, ("tn", m, n, kk, tri)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_wide_heads_default_tiles(rng, dtype, layout):
+    """d = 120, dv = 40 at the shipped tiles (every micro-kernel width and
+    tail), causal with Nq != Nk and key lengths (NaN keys and values past
+    them, where S and dP of earlier tiles leave stale values), and a window;
+    unit-stride rows (packed through row views) and strided ones."""
+    nq, nk, d, dv = 150, 270, 120, 40
+    if layout == "contiguous":
+        q = randn(rng, (2, 2, nq, d), dtype)
+        k = randn(rng, (2, 2, nk, d), dtype)
+        v = randn(rng, (2, 2, nk, dv), dtype)
+    else:
+        q = randn(rng, (2, nq, 2, 2 * d), dtype)[..., ::2].swapaxes(1, 2)
+        k = randn(rng, (2, nk, 2, d), dtype).swapaxes(1, 2)
+        v = randn(rng, (2, nk, 2, 2 * dv), dtype)[..., ::2].swapaxes(1, 2)
+    klen = np.array([nk, 201])
+    dout = randn(rng, (2, 2, nq, dv), dtype)
+    for kw in (dict(causal=True, key_lengths=klen), dict(window=(90, 20))):
+        out, lse = forward(q, k, v, dtype, **kw)
+        kn, vn = k.copy(), v.copy()
+        if "key_lengths" in kw:
+            kn[1, :, 201:] = np.nan
+            vn[1, :, 201:] = np.nan
+        ref = reference.attention_backward(q, k, v, dout, **kw)
+        got = backward(q, kn, vn, out, lse, dout, dtype, **kw)
+        assert_grads(got, ref, dtype, f"{layout} {kw}")
