@@ -371,6 +371,7 @@ def decode_args(
         heads_per_item=hpi,
         q_tile=qt,
         k_tile=config.CPU_STREAM_KEY_TILE if k_tile is None else k_tile,
+        wide_rows=config.CPU_STREAM_WIDE_ROWS,
         n_threads=_threads(),
     )
 
