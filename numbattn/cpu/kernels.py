@@ -1204,9 +1204,7 @@ def _decode_impl(
                     rl = (kh - kh0) * gm
                     if k_unit:
                         kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
-                        _scores_block(
-                            qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d, wide
-                        )
+                        _scores_block(qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d, wide)
                     else:
                         for jc in range(seg):
                             for p in range(d):
@@ -1268,9 +1266,7 @@ def _decode_impl(
                         rl = (kh - kh0) * gm
                         if v_unit:
                             vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
-                            _pv_block(
-                                o, rl, rl + gm, v, vbase, v.strides[1], seg, sr, jj, dv, wide
-                            )
+                            _pv_block(o, rl, rl + gm, v, vbase, v.strides[1], seg, sr, jj, dv, wide)
                         else:
                             for jc in range(seg):
                                 for c in range(dv):
