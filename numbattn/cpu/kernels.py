@@ -87,10 +87,14 @@ Design
   the query heads of its key heads are its rows (GQA: each K / V row is
   read once per group). Rows of K and V are read in place with unit
   stride (other strides: packed per block), in blocks of ``k_tile`` keys
-  that may span cache blocks; the helpers ``_scores_block`` (two query rows
-  x four keys per pass) and ``_pv_block`` (one output row x four value
-  rows: more defeats LLVM's runtime alias checks) are called once per
-  contiguous segment, never per key (Numba does not inline them). Blocks
+  that may span cache blocks; the helpers ``_scores_block`` (one key x two
+  query rows per pass) and ``_pv_block`` (two value rows per pass over each
+  output row; with ``CPU_STREAM_WIDE_ROWS`` or more rows per key head, a
+  4 x 4 register block, ``_pv_gemm``) are called once per contiguous
+  segment, never per key (Numba does not inline them). Few rows are bound by
+  the read of K and V, and reading rows in address order (not four rows
+  512 bytes apart interleaved) is what lets one core stream: on Zen 4 it
+  took a 1-query decode from 0.57x to 0.8x of a plain streaming sum. Blocks
   where some row cannot see some key, or with bias / mask, accumulate P @ V
   key by key, skipping masked keys (never read). Key heads interleaved in a
   row (the paged layout, (B, N, H, d)) are taken several per item, 16 rows
@@ -875,95 +879,34 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
 
 
 @njit(**_HOPTS)
-def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d, wide):
+def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d):
     """sr[r, c0 + j] = qs[r] . row j for r_lo <= r < r_hi, j < kn, where row j
     is the d values at byte offset base + j * rs of x (unit stride); one call
     per block of keys (calls are not inlined: a call per key would cost more
-    than its dot product).
-
-    ``wide``: two query rows x four keys per pass (8 dot products sharing
-    their loads), for many rows (compute-bound). Otherwise one key per pass
-    (two query rows at a time): K is then read strictly in address order,
-    which keeps the hardware prefetchers streaming; four rows interleaved
-    512 bytes apart read memory at ~0.8x the rate (Zen 4, 1 query row)."""
+    than its dot product). One key per pass, two query rows at a time: K is
+    read strictly in address order, which keeps the hardware prefetchers
+    streaming. Four keys per pass (rows 512 bytes apart, interleaved) read
+    memory at ~0.7x the rate on Zen 4, and were no faster with 16 rows."""
     z = sr.dtype.type(0.0)
     r_pair = r_lo + (r_hi - r_lo) // 2 * 2
-    jj = 0
-    if not wide:
-        for jj in range(kn):
-            k0 = carray(_ptr_at(x, base + jj * rs), d)
-            for r in range(r_lo, r_pair, 2):
-                qa = qs[r]
-                qb = qs[r + 1]
-                a0 = b0 = z
-                for p in range(d):
-                    x0 = k0[p]
-                    a0 += qa[p] * x0
-                    b0 += qb[p] * x0
-                sr[r, c0 + jj] = a0
-                sr[r + 1, c0 + jj] = b0
-            for r in range(r_pair, r_hi):
-                qr = qs[r]
-                s0 = z
-                for p in range(d):
-                    s0 += qr[p] * k0[p]
-                sr[r, c0 + jj] = s0
-        return
-    while jj + 4 <= kn:
+    for jj in range(kn):
         k0 = carray(_ptr_at(x, base + jj * rs), d)
-        k1 = carray(_ptr_at(x, base + (jj + 1) * rs), d)
-        k2 = carray(_ptr_at(x, base + (jj + 2) * rs), d)
-        k3 = carray(_ptr_at(x, base + (jj + 3) * rs), d)
         for r in range(r_lo, r_pair, 2):
             qa = qs[r]
             qb = qs[r + 1]
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z
+            a0 = b0 = z
             for p in range(d):
                 x0 = k0[p]
-                x1 = k1[p]
-                x2 = k2[p]
-                x3 = k3[p]
-                u = qa[p]
-                w = qb[p]
-                a0 += u * x0
-                a1 += u * x1
-                a2 += u * x2
-                a3 += u * x3
-                b0 += w * x0
-                b1 += w * x1
-                b2 += w * x2
-                b3 += w * x3
+                a0 += qa[p] * x0
+                b0 += qb[p] * x0
             sr[r, c0 + jj] = a0
-            sr[r, c0 + jj + 1] = a1
-            sr[r, c0 + jj + 2] = a2
-            sr[r, c0 + jj + 3] = a3
             sr[r + 1, c0 + jj] = b0
-            sr[r + 1, c0 + jj + 1] = b1
-            sr[r + 1, c0 + jj + 2] = b2
-            sr[r + 1, c0 + jj + 3] = b3
         for r in range(r_pair, r_hi):
-            qr = qs[r]
-            s0 = s1 = s2 = s3 = z
-            for p in range(d):
-                a = qr[p]
-                s0 += a * k0[p]
-                s1 += a * k1[p]
-                s2 += a * k2[p]
-                s3 += a * k3[p]
-            sr[r, c0 + jj] = s0
-            sr[r, c0 + jj + 1] = s1
-            sr[r, c0 + jj + 2] = s2
-            sr[r, c0 + jj + 3] = s3
-        jj += 4
-    while jj < kn:
-        k0 = carray(_ptr_at(x, base + jj * rs), d)
-        for r in range(r_lo, r_hi):
             qr = qs[r]
             s0 = z
             for p in range(d):
                 s0 += qr[p] * k0[p]
             sr[r, c0 + jj] = s0
-        jj += 1
 
 
 @njit(**_HOPTS)
@@ -1016,10 +959,13 @@ def _pv_gemm(o, r_lo, r_hi, vb, kn, sr, c0, dv):
 @njit(**_HOPTS)
 def _pv_block(o, r_lo, r_hi, x, base, rs, kn, sr, c0, dv, wide):
     """o[r] += sum_j sr[r, c0 + j] * row j for r_lo <= r < r_hi, j < kn (rows
-    as in :func:`_scores_block`); one output row per loop (with more, LLVM
-    gives up its runtime alias checks and the loop is not vectorised), four
-    value rows per pass when ``wide``, else two (read in address order, see
-    :func:`_scores_block`)."""
+    as in :func:`_scores_block`). Not ``wide`` (few rows, bound by reading V):
+    two value rows per pass over each o[r], near address order (see
+    :func:`_scores_block`). ``wide`` (many rows, bound by arithmetic): the
+    4 x 4 register block of :func:`_pv_gemm` when the rows are a multiple of
+    4 and the value rows contiguous, else four value rows per pass. One
+    output row per loop otherwise: with more, LLVM gives up its runtime alias
+    checks and the loop is not vectorised."""
     jj = 0
     m4 = (r_hi - r_lo) % 4 == 0
     if wide and m4 and (rs == dv * x.itemsize or kn <= 1):
@@ -1204,14 +1150,12 @@ def _decode_impl(
                     rl = (kh - kh0) * gm
                     if k_unit:
                         kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
-                        _scores_block(qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d, wide)
+                        _scores_block(qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d)
                     else:
                         for jc in range(seg):
                             for p in range(d):
                                 kbuf[jc, p] = k[blk, r0 + jc, kh, p]
-                        _scores_block(
-                            qs, rl, rl + gm, kbuf, 0, kbuf.strides[0], seg, sr, jj, d, wide
-                        )
+                        _scores_block(qs, rl, rl + gm, kbuf, 0, kbuf.strides[0], seg, sr, jj, d)
                 jj += seg
             # Online softmax per row over its visible columns [clo, chi).
             full = not (has_bias or has_mask)
