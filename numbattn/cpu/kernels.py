@@ -97,8 +97,8 @@ Design
   took a 1-query decode from 0.57x to 0.8x of a plain streaming sum. Blocks
   where some row cannot see some key, or with bias / mask, accumulate P @ V
   key by key, skipping masked keys (never read). Key heads interleaved in a
-  row (the paged layout, (B, N, H, d)) are taken several per item, 16 rows
-  at a time, so that whole rows are read together. The visible key range of
+  row (the paged layout, (B, N, H, d)) are taken several per item and read
+  row by row (every head of a row, then the next row: address order). The visible key range of
   an item is cut into ``num_splits`` chunks; each writes a normalised
   partial and its lse to scratch, merged in a second parallel loop of the
   same call (merge_attention's math, split order: bitwise reproducible).
@@ -879,34 +879,39 @@ def _merge_impl(o1, l1, o2, l2, out, lse):
 
 
 @njit(**_HOPTS)
-def _scores_block(qs, r_lo, r_hi, x, base, rs, kn, sr, c0, d):
-    """sr[r, c0 + j] = qs[r] . row j for r_lo <= r < r_hi, j < kn, where row j
-    is the d values at byte offset base + j * rs of x (unit stride); one call
+def _scores_block(qs, r_lo, gm, nh, x, base, rs, hs, kn, sr, c0, d):
+    """sr[i, c0 + j] = qs[i] . row (j, h) for i = r_lo + h * gm + r, h < nh, r < gm,
+    j < kn, where row (j, h) is the d values at byte offset base + j * rs +
+    h * hs of x (unit stride): nh key heads of gm query rows each. One call
     per block of keys (calls are not inlined: a call per key would cost more
-    than its dot product). One key per pass, two query rows at a time: K is
-    read strictly in address order, which keeps the hardware prefetchers
-    streaming. Four keys per pass (rows 512 bytes apart, interleaved) read
+    than its dot product). One key per pass (all heads of a row, then the
+    next row), two query rows at a time: K is read in address order, whole
+    rows of a (.., N, H, d) layout, which keeps the hardware prefetchers
+    streaming; four keys per pass (rows 512 bytes apart, interleaved) read
     memory at ~0.7x the rate on Zen 4, and were no faster with 16 rows."""
     z = sr.dtype.type(0.0)
-    r_pair = r_lo + (r_hi - r_lo) // 2 * 2
+    pair = gm // 2 * 2
     for jj in range(kn):
-        k0 = carray(_ptr_at(x, base + jj * rs), d)
-        for r in range(r_lo, r_pair, 2):
-            qa = qs[r]
-            qb = qs[r + 1]
-            a0 = b0 = z
-            for p in range(d):
-                x0 = k0[p]
-                a0 += qa[p] * x0
-                b0 += qb[p] * x0
-            sr[r, c0 + jj] = a0
-            sr[r + 1, c0 + jj] = b0
-        for r in range(r_pair, r_hi):
-            qr = qs[r]
-            s0 = z
-            for p in range(d):
-                s0 += qr[p] * k0[p]
-            sr[r, c0 + jj] = s0
+        for h in range(nh):
+            k0 = carray(_ptr_at(x, base + jj * rs + h * hs), d)
+            r0 = r_lo + h * gm
+            for r in range(r0, r0 + pair, 2):
+                qa = qs[r]
+                qb = qs[r + 1]
+                a0 = b0 = z
+                for p in range(d):
+                    x0 = k0[p]
+                    a0 += qa[p] * x0
+                    b0 += qb[p] * x0
+                sr[r, c0 + jj] = a0
+                sr[r + 1, c0 + jj] = b0
+            if pair < gm:
+                r = r0 + gm - 1
+                qr = qs[r]
+                s0 = z
+                for p in range(d):
+                    s0 += qr[p] * k0[p]
+                sr[r, c0 + jj] = s0
 
 
 @njit(**_HOPTS)
@@ -957,52 +962,56 @@ def _pv_gemm(o, r_lo, r_hi, vb, kn, sr, c0, dv):
 
 
 @njit(**_HOPTS)
-def _pv_block(o, r_lo, r_hi, x, base, rs, kn, sr, c0, dv, wide):
-    """o[r] += sum_j sr[r, c0 + j] * row j for r_lo <= r < r_hi, j < kn (rows
-    as in :func:`_scores_block`). Not ``wide`` (few rows, bound by reading V):
-    two value rows per pass over each o[r], near address order (see
-    :func:`_scores_block`). ``wide`` (many rows, bound by arithmetic): the
-    4 x 4 register block of :func:`_pv_gemm` when the rows are a multiple of
-    4 and the value rows contiguous, else four value rows per pass. One
-    output row per loop otherwise: with more, LLVM gives up its runtime alias
-    checks and the loop is not vectorised."""
-    jj = 0
-    m4 = (r_hi - r_lo) % 4 == 0
-    if wide and m4 and (rs == dv * x.itemsize or kn <= 1):
-        _pv_gemm(o, r_lo, r_hi, carray(_ptr_at(x, base), (kn, dv)), kn, sr, c0, dv)
+def _pv_block(o, r_lo, gm, nh, x, base, rs, hs, kn, sr, c0, dv, wide):
+    """o[i] += sum_j sr[i, c0 + j] * row (j, h) for i = r_lo + h * gm + r, h < nh,
+    r < gm, j < kn (rows as in :func:`_scores_block`). Not ``wide`` (few
+    rows, bound by reading V): two value rows per pass, all heads, near
+    address order (see :func:`_scores_block`). ``wide`` (many rows, bound by
+    arithmetic): the 4 x 4 register block of :func:`_pv_gemm` for one head of
+    contiguous value rows and gm a multiple of 4, else four value rows per
+    pass. One output row per loop otherwise: with more, LLVM gives up its
+    runtime alias checks and the loop is not vectorised."""
+    if wide and nh == 1 and gm % 4 == 0 and (rs == dv * x.itemsize or kn <= 1):
+        _pv_gemm(o, r_lo, r_lo + gm, carray(_ptr_at(x, base), (kn, dv)), kn, sr, c0, dv)
         return
+    jj = 0
     if not wide:
         while jj + 2 <= kn:
-            v0 = carray(_ptr_at(x, base + jj * rs), dv)
-            v1 = carray(_ptr_at(x, base + (jj + 1) * rs), dv)
-            for r in range(r_lo, r_hi):
+            for h in range(nh):
+                b = base + jj * rs + h * hs
+                v0 = carray(_ptr_at(x, b), dv)
+                v1 = carray(_ptr_at(x, b + rs), dv)
+                for r in range(r_lo + h * gm, r_lo + (h + 1) * gm):
+                    orow = o[r]
+                    a0 = sr[r, c0 + jj]
+                    a1 = sr[r, c0 + jj + 1]
+                    for c in range(dv):
+                        orow[c] += a0 * v0[c] + a1 * v1[c]
+            jj += 2
+    while jj + 4 <= kn:
+        for h in range(nh):
+            b = base + jj * rs + h * hs
+            v0 = carray(_ptr_at(x, b), dv)
+            v1 = carray(_ptr_at(x, b + rs), dv)
+            v2 = carray(_ptr_at(x, b + 2 * rs), dv)
+            v3 = carray(_ptr_at(x, b + 3 * rs), dv)
+            for r in range(r_lo + h * gm, r_lo + (h + 1) * gm):
                 orow = o[r]
                 a0 = sr[r, c0 + jj]
                 a1 = sr[r, c0 + jj + 1]
+                a2 = sr[r, c0 + jj + 2]
+                a3 = sr[r, c0 + jj + 3]
                 for c in range(dv):
-                    orow[c] += a0 * v0[c] + a1 * v1[c]
-            jj += 2
-    while jj + 4 <= kn:
-        v0 = carray(_ptr_at(x, base + jj * rs), dv)
-        v1 = carray(_ptr_at(x, base + (jj + 1) * rs), dv)
-        v2 = carray(_ptr_at(x, base + (jj + 2) * rs), dv)
-        v3 = carray(_ptr_at(x, base + (jj + 3) * rs), dv)
-        for r in range(r_lo, r_hi):
-            orow = o[r]
-            a0 = sr[r, c0 + jj]
-            a1 = sr[r, c0 + jj + 1]
-            a2 = sr[r, c0 + jj + 2]
-            a3 = sr[r, c0 + jj + 3]
-            for c in range(dv):
-                orow[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c]
+                    orow[c] += a0 * v0[c] + a1 * v1[c] + a2 * v2[c] + a3 * v3[c]
         jj += 4
     while jj < kn:
-        v0 = carray(_ptr_at(x, base + jj * rs), dv)
-        for r in range(r_lo, r_hi):
-            orow = o[r]
-            a0 = sr[r, c0 + jj]
-            for c in range(dv):
-                orow[c] += a0 * v0[c]
+        for h in range(nh):
+            v0 = carray(_ptr_at(x, base + jj * rs + h * hs), dv)
+            for r in range(r_lo + h * gm, r_lo + (h + 1) * gm):
+                orow = o[r]
+                a0 = sr[r, c0 + jj]
+                for c in range(dv):
+                    orow[c] += a0 * v0[c]
         jj += 1
 
 
@@ -1064,9 +1073,6 @@ def _decode_impl(
     nthr = max(1, n_threads)
     chunk = (n_items + nthr - 1) // nthr
     rmax = hpi * group * qt
-    # Several heads per item (heads interleaved in each row): visit a few
-    # rows for all heads at a time, so that whole rows stay in L1.
-    seg_cap = 16 if hpi > 1 else kt
     qs_t = np.empty((nthr, rmax, d), dtype=dt)
     s_t = np.empty((nthr, rmax, kt), dtype=dt)
     keep_t = np.empty((nthr, rmax, kt), dtype=np.bool_)
@@ -1145,17 +1151,19 @@ def _decode_impl(
                 p0 = k_off + j0 + jj
                 blk = table[a, p0 // bs]
                 r0 = p0 % bs
-                seg = min(kn - jj, bs - r0, seg_cap)
-                for kh in range(kh0, kh1):
-                    rl = (kh - kh0) * gm
-                    if k_unit:
-                        kbase = blk * k.strides[0] + r0 * k.strides[1] + kh * k.strides[2]
-                        _scores_block(qs, rl, rl + gm, k, kbase, k.strides[1], seg, sr, jj, d)
-                    else:
+                seg = min(kn - jj, bs - r0)
+                if k_unit:  # all heads, row by row
+                    kbase = blk * k.strides[0] + r0 * k.strides[1] + kh0 * k.strides[2]
+                    ks1, ks2 = k.strides[1], k.strides[2]
+                    _scores_block(qs, 0, gm, kh1 - kh0, k, kbase, ks1, ks2, seg, sr, jj, d)
+                else:
+                    for kh in range(kh0, kh1):
                         for jc in range(seg):
                             for p in range(d):
                                 kbuf[jc, p] = k[blk, r0 + jc, kh, p]
-                        _scores_block(qs, rl, rl + gm, kbuf, 0, kbuf.strides[0], seg, sr, jj, d)
+                        rl = (kh - kh0) * gm
+                        kr = kbuf.strides[0]
+                        _scores_block(qs, rl, gm, 1, kbuf, 0, kr, 0, seg, sr, jj, d)
                 jj += seg
             # Online softmax per row over its visible columns [clo, chi).
             full = not (has_bias or has_mask)
@@ -1205,19 +1213,19 @@ def _decode_impl(
                     p0 = k_off + j0 + jj
                     blk = table[a, p0 // bs]
                     r0 = p0 % bs
-                    seg = min(kn - jj, bs - r0, seg_cap)
-                    for kh in range(kh0, kh1):
-                        rl = (kh - kh0) * gm
-                        if v_unit:
-                            vbase = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
-                            _pv_block(o, rl, rl + gm, v, vbase, v.strides[1], seg, sr, jj, dv, wide)
-                        else:
+                    seg = min(kn - jj, bs - r0)
+                    if v_unit:
+                        vbase = blk * v.strides[0] + r0 * v.strides[1] + kh0 * v.strides[2]
+                        vs1, vs2 = v.strides[1], v.strides[2]
+                        _pv_block(o, 0, gm, kh1 - kh0, v, vbase, vs1, vs2, seg, sr, jj, dv, wide)
+                    else:
+                        for kh in range(kh0, kh1):
                             for jc in range(seg):
                                 for c in range(dv):
                                     vbuf[jc, c] = v[blk, r0 + jc, kh, c]
-                            _pv_block(
-                                o, rl, rl + gm, vbuf, 0, vbuf.strides[0], seg, sr, jj, dv, wide
-                            )
+                            rl = (kh - kh0) * gm
+                            vr = vbuf.strides[0]
+                            _pv_block(o, rl, gm, 1, vbuf, 0, vr, 0, seg, sr, jj, dv, wide)
                     jj += seg
             else:  # key by key, never touching a key a row cannot see
                 for jj in range(kn):
