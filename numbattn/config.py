@@ -32,9 +32,10 @@ CPU_BWD_SPLIT_BYTES = 32 << 20
 CPU_STREAM_ROWS = 16
 #: Keys per online-softmax step of the streaming kernel.
 CPU_STREAM_KEY_TILE = 256
-#: Query rows per key head from which the streaming kernel reads four K / V
-#: rows per pass (register blocking, compute-bound); fewer rows read one K
-#: row (two V rows) per pass, in address order, which streams faster.
+#: Query rows per key head (GQA group x queries) from which the streaming
+#: kernel runs P @ V through a 4 x 4 register block (arithmetic-bound);
+#: fewer rows read two V rows per pass in address order (bound by the read).
+#: 4 rows were 1.2x slower through the register block (32 q / 8 kv decode).
 CPU_STREAM_WIDE_ROWS = 8
 #: ``num_splits=None`` never makes a key chunk shorter than this.
 CPU_MIN_SPLIT_KEYS = 512
@@ -115,10 +116,6 @@ CUDA_DECODE_ROWS = 4
 #: registers: 4 keys give 126 registers, 4 blocks of 128 threads per SM, on cc 9.0).
 CUDA_DECODE_KEYS = 4
 CUDA_DECODE_KEYS_F64 = 2
-#: Query rows per key head from which the streaming kernel reads four K / V
-#: rows per pass (register blocking, compute-bound); fewer rows read one K
-#: row (two V rows) per pass, in address order, which streams faster.
-CPU_STREAM_WIDE_ROWS = 8
 #: ``num_splits=None`` never makes a key chunk shorter than this.
 CUDA_MIN_SPLIT_KEYS = 256
 #: Threads per block of the kernel merging the splits (over value columns).

@@ -346,9 +346,9 @@ def test_lengths_along_the_heads_axis(rng, splits):
 
 @pytest.fixture(params=[1, 4, 10**6], ids=["wide1", "wide4", "narrow"])
 def wide_rows(request, monkeypatch):
-    """CPU_STREAM_WIDE_ROWS: 1 (every item reads four K / V rows per pass; P @ V
-    through the 4 x 4 register block when rows are a multiple of 4 and the
-    value rows contiguous), 4, or never (one K row, two V rows per pass)."""
+    """CPU_STREAM_WIDE_ROWS: 1 (P @ V of every item through the 4 x 4 register
+    block when its rows are a multiple of 4 and its value rows contiguous,
+    else four value rows per pass), 4, or never (two value rows per pass)."""
     monkeypatch.setattr(numbattn.config, "CPU_STREAM_WIDE_ROWS", request.param)
     return request.param
 
