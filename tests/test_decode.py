@@ -168,6 +168,11 @@ def test_default_splits_heuristic(monkeypatch):
     assert cpu_backend.default_splits(1, 1, 1, 1, 100) == 1
     # Many queries: the tiled kernel, never split.
     assert cpu_backend.default_splits(1, 1, 1, 1000, 32768) == 1
+    # A paged cache: threads read whole rows (all key heads), so the key
+    # heads do not count; one sequence is split over the two threads.
+    assert cpu_backend.default_splits(1, 8, 1, 1, 32768, paged=True) == 2
+    assert cpu_backend.default_splits(4, 8, 1, 1, 8192, paged=True) == 1
+    assert cpu_backend.default_splits(1, 8, 1, 1, 100, paged=True) == 1
 
 
 # --- paged KV cache ------------------------------------------------------------
