@@ -94,7 +94,7 @@ Design
   segment, never per key (Numba does not inline them). Few rows are bound by
   the read of K and V, and reading rows in address order (not four rows
   512 bytes apart interleaved) is what lets one core stream: on Zen 4 it
-  took a 1-query decode on one thread from 0.67x to 0.85-0.9x of a plain
+  took a 1-query decode on one thread from ~0.67x to ~0.8-0.9x of a plain
   streaming sum. Blocks where some row cannot see some key, or with bias /
   mask, accumulate P @ V key by key, skipping masked keys (never read).
   Key heads interleaved in a row (the paged layout, (B, N, H, d)) are taken
