@@ -191,14 +191,22 @@ class Backend(Protocol):
         ...
 
     def default_splits(
-        self, batch: int, heads: int, group: int, max_rows: int, max_keys: int
+        self,
+        batch: int,
+        heads: int,
+        group: int,
+        max_rows: int,
+        max_keys: int,
+        *,
+        paged: bool = False,
     ) -> int:
         """The split count that ``num_splits=None`` uses (>= 1).
 
         ``batch``: product of the leading axes before the heads axis (dense;
         the sequence count for varlen and paged calls); ``heads``: query
         heads; ``group``: query heads per key head; ``max_rows``: the
-        largest Q_ROWS of the table; ``max_keys``: the largest K_LEN.
+        largest Q_ROWS of the table; ``max_keys``: the largest K_LEN;
+        ``paged``: a paged cache (key heads interleaved in each row).
         1 when the backend's work grid already fills the hardware (CPU
         threads, GPU SMs). Pure function of its arguments and the machine
         (thread count, device), never of the data. The API caps the result

@@ -581,12 +581,13 @@ def _splits(
     group: int,
     max_rows: int,
     table: np.ndarray,
+    paged: bool = False,
 ) -> int:
     """The split count: ``num_splits`` or the backend's pick, capped at the
     longest key length (a split never needs to be shorter than one key)."""
     max_keys = int(table[..., seqs.K_LEN].max()) if table.size else 0
     if num_splits is None:
-        num_splits = backend.default_splits(batch, heads, group, max_rows, max_keys)
+        num_splits = backend.default_splits(batch, heads, group, max_rows, max_keys, paged=paged)
     return max(1, min(int(num_splits), max_keys))
 
 
@@ -931,7 +932,9 @@ def paged_attention(
     mask : bool array, broadcastable to (B, H, Nq, max_blocks * block_size), optional
         As :func:`attention`, indexed by logical key positions.
     num_splits : int, optional
-        As :func:`attention`.
+        As :func:`attention`. None: on the CPU the work grid counts
+        sequences x query tiles, not key heads (each thread reads whole
+        cache rows of its own key range; see README, "Decoding").
     out : array, shape (B, H, Nq, dv), optional
     lse : array, shape (B, H, Nq), optional
         As :func:`attention`.
@@ -1022,7 +1025,7 @@ def paged_attention(
         return out
     bias_arr, mask_arr = _options(backend, shadows, views, bias, mask)
     max_rows = _max_rows(table)
-    splits = _splits(backend, num_splits, b, h, group, max_rows, table)
+    splits = _splits(backend, num_splits, b, h, group, max_rows, table, paged=True)
     q_, k_, v_, bt_, out_ = (
         backend.as_kernel_array(o, stream) for o in (q, k_cache, v_cache, block_table, out)
     )

@@ -35,6 +35,11 @@ CPU_BWD_SPLIT_BYTES = 32 << 20
 CPU_STREAM_ROWS = 16
 #: Keys per online-softmax step of the streaming kernel.
 CPU_STREAM_KEY_TILE = 256
+#: Query rows per key head (GQA group x queries) from which the streaming
+#: kernel runs P @ V through a 4 x 4 register block (arithmetic-bound);
+#: fewer rows read two V rows per pass in address order (bound by the read).
+#: 4 rows were 1.2x slower through the register block (32 q / 8 kv decode).
+CPU_STREAM_WIDE_ROWS = 8
 #: ``num_splits=None`` never makes a key chunk shorter than this.
 CPU_MIN_SPLIT_KEYS = 512
 

@@ -168,6 +168,11 @@ def test_default_splits_heuristic(monkeypatch):
     assert cpu_backend.default_splits(1, 1, 1, 1, 100) == 1
     # Many queries: the tiled kernel, never split.
     assert cpu_backend.default_splits(1, 1, 1, 1000, 32768) == 1
+    # A paged cache: threads read whole rows (all key heads), so the key
+    # heads do not count; one sequence is split over the two threads.
+    assert cpu_backend.default_splits(1, 8, 1, 1, 32768, paged=True) == 2
+    assert cpu_backend.default_splits(4, 8, 1, 1, 8192, paged=True) == 1
+    assert cpu_backend.default_splits(1, 8, 1, 1, 100, paged=True) == 1
 
 
 # --- paged KV cache ------------------------------------------------------------
@@ -339,3 +344,57 @@ def test_lengths_along_the_heads_axis(rng, splits):
     out, lse = _run(numbattn.attention, q, 8, F32, q, k, v, num_splits=splits, **kw)
     assert_close(out, ref_out, F32, "out")
     assert_close(lse, ref_lse, F32, "lse")
+
+
+# --- the streaming kernel's register blocks ---------------------------------------
+
+
+@pytest.fixture(params=[1, 4, 10**6], ids=["wide1", "wide4", "narrow"])
+def wide_rows(request, monkeypatch):
+    """CPU_STREAM_WIDE_ROWS: 1 (P @ V of every item through the 4 x 4 register
+    block when its rows are a multiple of 4 and its value rows contiguous,
+    else four value rows per pass), 4, or never (two value rows per pass)."""
+    monkeypatch.setattr(numbattn.config, "CPU_STREAM_WIDE_ROWS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+    "group, nq, causal", [(1, 1, False), (4, 1, False), (1, 3, True), (2, 6, True), (8, 2, False)]
+)
+def test_stream_register_blocks(rng, tiny_stream, wide_rows, splits, group, nq, causal):
+    """Rows per key head (group x nq) of 1, 3, 4, 12 and 16, under each
+    register block; 37 keys in tiles of 5 (odd blocks: the remainder loops)."""
+    b, hk, nk, d = 4, 2, 37, 16
+    q, k, v = _qkv(rng, b, hk * group, hk, nq, nk, d, F32, dv=12)
+    lengths = np.array([0, 1, 23, nk])
+    _check(q, k, v, F32, f"wide_rows={wide_rows}", num_splits=splits, causal=causal,
+           key_lengths=lengths)  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["paged", "strided", "float64"])
+def test_stream_register_blocks_layouts(rng, tiny_stream, wide_rows, layout):
+    """Value rows that are not contiguous (a paged cache's interleaved heads),
+    packed (last-axis stride 2), and float64."""
+    group, nq, hk, d = 4, 2, 2, 8
+    if layout == "paged":
+        lengths = [33, 7, 1]
+        k_cache, v_cache, table = _paged(rng, lengths, 4, hk, d, F32)
+        q = randn(rng, (3, hk * group, nq, d), F32)
+        lens = np.array(lengths)
+        ref_out, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, lens)
+        for splits in (1, 3):
+            out, lse = _run(
+                numbattn.paged_attention, q, d, F32, q, k_cache, v_cache, table, lens,
+                num_splits=splits,
+            )  # fmt: skip
+            assert_close(out, ref_out, F32, "paged out")
+            assert_close(lse, ref_lse, F32, "paged lse")
+        return
+    dtype = F64 if layout == "float64" else F32
+    q, k, v = _qkv(rng, 2, hk * group, hk, nq, 29, d, dtype)
+    if layout == "strided":
+        k = np.repeat(k, 2, axis=-1)[..., ::2]
+        v = np.repeat(v, 2, axis=-1)[..., ::2]
+    for splits in (1, 3):
+        _check(q, k, v, dtype, layout, num_splits=splits, window=(9, 0))

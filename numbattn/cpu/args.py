@@ -166,6 +166,7 @@ class DecodeArgs(NamedTuple):
     heads_per_item: Int
     q_tile: Int
     k_tile: Int
+    wide_rows: Int
     n_threads: Int
 
 

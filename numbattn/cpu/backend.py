@@ -271,18 +271,21 @@ def _stream_rows(max_rows: int, group: int) -> int:
     return max(1, min(int(max_rows), config.CPU_STREAM_ROWS))
 
 
-def default_splits(batch, heads, group, max_rows, max_keys):
+def default_splits(batch, heads, group, max_rows, max_keys, *, paged=False):
     """``num_splits=None``: split the keys only when the streaming kernel's
     work items (sequence x key head x query tile) cannot keep every thread
     busy. 1 for long queries (the tiled kernel's grid), for items >= 4x the
     threads or a multiple of them; else the smallest n <= 16 giving n x items
     a >= 90 % balanced share per thread (or >= 4x the threads), while chunks
-    keep >= config.CPU_MIN_SPLIT_KEYS keys."""
+    keep >= config.CPU_MIN_SPLIT_KEYS keys. ``paged`` (key heads interleaved
+    in each row): the key heads are not counted, as the threads then stream
+    whole rows of their own key ranges; a share of every row per thread
+    (heads dealt to the threads) ran 1.4-1.9x slower (2 threads, Zen 4)."""
     if max_rows > config.CPU_STREAM_ROWS or group < 1:
         return 1
     threads = _threads()
     qt = _stream_rows(max_rows, group)
-    items = batch * (heads // group) * -(-max_rows // qt)
+    items = batch * (1 if paged else heads // group) * -(-max_rows // qt)
     if items == 0 or items >= 4 * threads or items % threads == 0:
         return 1
     best = 1
@@ -371,6 +374,7 @@ def decode_args(
         heads_per_item=hpi,
         q_tile=qt,
         k_tile=config.CPU_STREAM_KEY_TILE if k_tile is None else k_tile,
+        wide_rows=config.CPU_STREAM_WIDE_ROWS,
         n_threads=_threads(),
     )
 

@@ -1239,7 +1239,7 @@ def _sm_count() -> int:
     return sms
 
 
-def default_splits(batch, heads, group, max_rows, max_keys):
+def default_splits(batch, heads, group, max_rows, max_keys, *, paged=False):
     """The split count of ``num_splits=None``.
 
     Calls the streaming kernel takes (``group * max_rows <=
@@ -1247,7 +1247,8 @@ def default_splits(batch, heads, group, max_rows, max_keys):
     ceil(group * max_rows / CUDA_DECODE_ROWS)`` blocks; when that is under
     two blocks per SM, the keys are split into ``ceil(2 * SMs / units)``
     chunks, at most one per ``CUDA_MIN_SPLIT_KEYS`` keys (and at most 64).
-    Otherwise 1: the fused kernel (many queries) does not split.
+    Otherwise 1: the fused kernel (many queries) does not split. ``paged``
+    does not matter here (a block reads one key head's pieces of the rows).
     """
     rows = int(group) * int(max_rows)
     if rows == 0 or rows > _stream_rows():
