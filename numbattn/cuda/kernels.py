@@ -172,7 +172,7 @@ Scores (:func:`make_scores`)
     the Q reads are broadcasts); each region 16-byte aligned. The product
     step reads PV dims (16 bytes: 4 floats, 2 doubles) of each of its R
     rows and R keys (LDS.128) and does PV*R*R FMAs; a chunk is DC/PV steps
-    in straight-line code (:func:`_chained`: NVVM does not fully unroll a
+    in straight-line code (:func:`_unrolled`: NVVM does not fully unroll a
     loop with a body this large), a fixed trip count. Staging: when the
     threads split a chunk evenly into runs of E dims of one row, a thread
     owns one Q row and one K row (a row view: one address, then a dim
@@ -273,9 +273,10 @@ def _unrolled(name, n, params, body, env):
     one step, ``{i}`` its index) for i = 0 .. n-1, written out.
 
     NVVM does not unroll loops of this size and numba-cuda has no unroll
-    pragma, so the fast loop of :func:`make_attention` gets its fixed-trip
-    products (every shared offset a compile-time constant, no loop
-    counters) as straight-line source; the small loops inside a step are
+    pragma, so the fast loop of :func:`make_attention` and the d-chunk loop
+    of :func:`make_scores` get their fixed-trip products (every shared
+    offset a compile-time constant, no loop counters) as straight-line
+    source; the small loops inside a step are
     unrolled by NVVM. ``env``: the constants the body uses. Inlined into
     the kernel (``forceinline``; the simulator runs it as it is)."""
     step = textwrap.dedent(body).strip("\n")
@@ -1448,24 +1449,6 @@ def scores_layout(dtype, T, DC):
     return dict(S=st, OFF_K=T * st, TOTAL=2 * T * st)
 
 
-def _chained(step, n, stride):
-    """A device function calling ``step(sh, qb + stride*i, kb + stride*i, *regs)``
-    for i < n, in straight-line code: NVVM does not fully unroll a loop whose
-    body is as large as a scores micro-tile step, and the report's hottest
-    loop (the d-chunk loop) should hold every product of its chunk."""
-    if n == 1:
-        return step
-    first = _chained(step, n - 1, stride)
-    last = U(stride * (n - 1))
-
-    @cuda.jit(device=True, inline="always")
-    def steps(sh, qb, kb, acc, qf, kf):
-        first(sh, qb, kb, acc, qf, kf)
-        step(sh, qb + last, kb + last, acc, qf, kf)
-
-    return steps
-
-
 def make_scores(dtype, T, R, DC, hw=True):
     """Scores kernel for T x T output tiles, R x R outputs per thread, d in
     chunks of DC (see the module docstring).
@@ -1526,7 +1509,13 @@ def make_scores(dtype, T, R, DC, hw=True):
                 for b in range(R):
                     acc[a, b] += qf[a, e] * kf[b, e]
 
-    chunk = _chained(step, NPV, PV)
+    chunk = _unrolled(
+        "chunk",
+        NPV,
+        "sh, qb, kb, acc, qf, kf",
+        "step(sh, qb + U({i} * PV), kb + U({i} * PV), acc, qf, kf)",
+        dict(step=step, U=U, PV=PV),
+    )
 
     @cuda.jit(device=True, inline="always")
     def where(utid, e):
