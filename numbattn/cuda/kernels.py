@@ -453,6 +453,74 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
 
     block_keys = _device(block_keys)
 
+    # The online-softmax step, shared by the fast and the general loop.
+    def row_max(sh, alpha, a, r, mx, tx):
+        """The tile's maximum of row ty + TY*a from each thread's partial mx:
+        a shuffle butterfly into alpha[a] (hardware), else a shared slot."""
+        if SHFL:
+            o = TX // 2
+            while o > 0:
+                t = cuda.shfl_xor_sync(MASK, mx, o)
+                if t > mx or t != t:
+                    mx = t
+                o //= 2
+            alpha[a] = mx
+        else:
+            sh[OFF_R1 + r * TX + tx] = mx
+
+    def exponentials(sh, s, mrow, lrow, alpha, ty, tx, utx, pbase):
+        """New row maxima, rescale factors alpha, P = exp(S - m) into shared
+        memory (-0.0 where masked) and the row sums (into lrow on hardware,
+        into a shared slot for the caller's barrier otherwise)."""
+        if not SHFL:
+            cuda.syncthreads()
+        for a in range(RQ):
+            r = ty + TY * a
+            mt = mrow[a]
+            if SHFL:
+                t = alpha[a]
+                if t > mt or t != t:
+                    mt = t
+            else:
+                for x in range(TX):
+                    t = sh[OFF_R1 + r * TX + x]
+                    if t > mt or t != t:
+                        mt = t
+            ms = mt
+            if mt == NINF:
+                ms = ZERO
+            alpha[a] = math.exp(mrow[a] - ms)
+            mrow[a] = mt
+            ps = ZERO
+            for b in range(RK):
+                t = s[a, b]
+                e = NZERO if t == NINF else math.exp(t - ms)  # -0.0: masked
+                sh[pbase + U(a * TY * PSI + b * TX) + utx] = e
+                ps += e
+            if SHFL:
+                o = TX // 2
+                while o > 0:
+                    ps += cuda.shfl_xor_sync(MASK, ps, o)
+                    o //= 2
+                lrow[a] = lrow[a] * alpha[a] + ps
+            else:
+                sh[OFF_R2 + r * TX + tx] = ps
+
+    def rescale(sh, acc, lrow, alpha, ty, tx):
+        """After the barrier: the row sums (portable path) and the output
+        accumulators rescaled by alpha."""
+        for a in range(RQ):
+            if not SHFL:
+                r = ty + TY * a
+                tot = ZERO
+                for x in range(TX):
+                    tot += sh[OFF_R2 + r * TX + x]
+                lrow[a] = lrow[a] * alpha[a] + tot
+            for c in range(RC):
+                acc[a, c] *= alpha[a]
+
+    row_max, exponentials, rescale = _device(row_max), _device(exponentials), _device(rescale)
+
     @cuda.jit(**opts)
     def attention_kernel(
         q,
@@ -627,60 +695,11 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     s[a, b] = x
                     if x > mx or x != x:
                         mx = x
-                if SHFL:
-                    o = TX // 2
-                    while o > 0:
-                        x = cuda.shfl_xor_sync(MASK, mx, o)
-                        if x > mx or x != x:
-                            mx = x
-                        o //= 2
-                    alpha[a] = mx
-                else:
-                    sh[OFF_R1 + r * TX + tx] = mx
-            if not SHFL:
-                cuda.syncthreads()
+                row_max(sh, alpha, a, r, mx, tx)
             # Row maxima, rescale factors, P = exp(S - m), as in the general loop.
-            for a in range(RQ):
-                r = ty + TY * a
-                mt = mrow[a]
-                if SHFL:
-                    x = alpha[a]
-                    if x > mt or x != x:
-                        mt = x
-                else:
-                    for xx in range(TX):
-                        x = sh[OFF_R1 + r * TX + xx]
-                        if x > mt or x != x:
-                            mt = x
-                ms = mt
-                if mt == NINF:
-                    ms = ZERO
-                alpha[a] = math.exp(mrow[a] - ms)
-                mrow[a] = mt
-                ps = ZERO
-                for b in range(RK):
-                    x = s[a, b]
-                    e = NZERO if x == NINF else math.exp(x - ms)
-                    sh[pbase + U(a * TY * PSI + b * TX) + utx] = e
-                    ps += e
-                if SHFL:
-                    o = TX // 2
-                    while o > 0:
-                        ps += cuda.shfl_xor_sync(MASK, ps, o)
-                        o //= 2
-                    lrow[a] = lrow[a] * alpha[a] + ps
-                else:
-                    sh[OFF_R2 + r * TX + tx] = ps
+            exponentials(sh, s, mrow, lrow, alpha, ty, tx, utx, pbase)
             cuda.syncthreads()
-            for a in range(RQ):
-                if not SHFL:
-                    r = ty + TY * a
-                    tot = ZERO
-                    for xx in range(TX):
-                        tot += sh[OFF_R2 + r * TX + xx]
-                    lrow[a] = lrow[a] * alpha[a] + tot
-                for c in range(RC):
-                    acc[a, c] *= alpha[a]
+            rescale(sh, acc, lrow, alpha, ty, tx)
             pv_tile(sh, acc, pf, vf, pbase, vbase)  # O += P V (V finite here)
             cuda.syncthreads()
             kv = U(kv + U(1))
@@ -848,60 +867,11 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     s[a, b] = t
                     if t > mx or t != t:
                         mx = t
-                if SHFL:
-                    o = TX // 2
-                    while o > 0:
-                        t = cuda.shfl_xor_sync(MASK, mx, o)
-                        if t > mx or t != t:
-                            mx = t
-                        o //= 2
-                    alpha[a] = mx
-                else:
-                    sh[OFF_R1 + r * TX + tx] = mx
-            if not SHFL:
-                cuda.syncthreads()
+                row_max(sh, alpha, a, r, mx, tx)
             # Row maxima, rescale factors, P = exp(S - m) into shared memory.
-            for a in range(RQ):
-                r = ty + TY * a
-                mt = mrow[a]
-                if SHFL:
-                    t = alpha[a]
-                    if t > mt or t != t:
-                        mt = t
-                else:
-                    for x in range(TX):
-                        t = sh[OFF_R1 + r * TX + x]
-                        if t > mt or t != t:
-                            mt = t
-                ms = mt
-                if mt == NINF:
-                    ms = ZERO
-                alpha[a] = math.exp(mrow[a] - ms)
-                mrow[a] = mt
-                ps = ZERO
-                for b in range(RK):
-                    t = s[a, b]
-                    e = NZERO if t == NINF else math.exp(t - ms)  # -0.0: masked
-                    sh[pbase + U(a * TY * PSI + b * TX) + utx] = e
-                    ps += e
-                if SHFL:
-                    o = TX // 2
-                    while o > 0:
-                        ps += cuda.shfl_xor_sync(MASK, ps, o)
-                        o //= 2
-                    lrow[a] = lrow[a] * alpha[a] + ps
-                else:
-                    sh[OFF_R2 + r * TX + tx] = ps
+            exponentials(sh, s, mrow, lrow, alpha, ty, tx, utx, pbase)
             vbad = cuda.syncthreads_or(bad)  # block-uniform: a non-finite V
-            for a in range(RQ):
-                if not SHFL:
-                    r = ty + TY * a
-                    tot = ZERO
-                    for x in range(TX):
-                        tot += sh[OFF_R2 + r * TX + x]
-                    lrow[a] = lrow[a] * alpha[a] + tot
-                for c in range(RC):
-                    acc[a, c] *= alpha[a]
+            rescale(sh, acc, lrow, alpha, ty, tx)
             # O += P V: rows ty + TY*a, columns CV*tx + CV*TX*g + (0..CV-1);
             # JV keys per (vector) read of P, CV columns per read of V.
             # Masked keys are never read: when the tile holds a NaN or inf,
