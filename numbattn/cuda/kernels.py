@@ -308,6 +308,48 @@ def _stage_plan(COLS, NT):
     return False, 0
 
 
+def _block_keys(BQ, BK):
+    """Device function ``block_keys`` of the fused kernels (BQ query rows,
+    BK keys a tile), inlined into each."""
+    BIG = 1 << 40  # "unbounded" window side, far beyond any index
+
+    def block_keys(seq, b1, b2, i0, wl, wr, has_mask):
+        """The block's sequence (q_off, q_len, k_off, k_len), window sides
+        and the keys its rows see."""
+        q_off = seq[b1, b2, 0]
+        q_len = seq[b1, b2, 1]
+        k_off = seq[b1, b2, 3]
+        k_len = seq[b1, b2, 4]
+        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
+        # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
+        # block constants, so the per-element test has no window branches.
+        lo_base = -BIG
+        hi_base = BIG
+        if wl >= 0:
+            lo_base = offset - wl
+        if wr >= 0:
+            hi_base = offset + wr + 1
+        # Keys [lo, hi) are the only ones any row of this tile can see. A
+        # key tile [j0, j0 + BK) needs no per-element test when every row
+        # sees all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no
+        # mask; hi_min = -1 forces the test.
+        lo = 0
+        hi = 0
+        if i0 < q_len:
+            lo = max(0, i0 + lo_base)
+            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
+        lo_max = i0 + BQ - 1 + lo_base
+        hi_min = min(k_len, i0 + hi_base)
+        if has_mask or i0 + BQ > q_len:
+            hi_min = -1
+        n_kt = 0
+        if hi > lo:
+            n_kt = (hi - lo + BK - 1) // BK
+        return q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt
+
+    return _device(block_keys)
+
+
 def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     """Fused attention kernel for one geometry (see the module docstring).
 
@@ -348,7 +390,6 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     ZERO = sc_t(0.0)
     NZERO = sc_t(-0.0)  # P of a masked key
     ONE = sc_t(1.0)
-    BIG = 1 << 40  # "unbounded" window side, far beyond any index
     I31 = (1 << 31) - 1
     M32 = (1 << 32) - 1
     FQ, RQP = _stage_plan(DC, NT)
@@ -417,41 +458,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
         opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 
-    def block_keys(seq, b1, b2, i0, wl, wr, has_mask):
-        """The block's sequence (q_off, q_len, k_off, k_len), window sides
-        and the keys its rows see."""
-        q_off = seq[b1, b2, 0]
-        q_len = seq[b1, b2, 1]
-        k_off = seq[b1, b2, 3]
-        k_len = seq[b1, b2, 4]
-        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
-        # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
-        # block constants, so the per-element test has no window branches.
-        lo_base = -BIG
-        hi_base = BIG
-        if wl >= 0:
-            lo_base = offset - wl
-        if wr >= 0:
-            hi_base = offset + wr + 1
-        # Keys [lo, hi) are the only ones any row of this tile can see. A
-        # key tile [j0, j0 + BK) needs no per-element test when every row
-        # sees all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no
-        # mask; hi_min = -1 forces the test.
-        lo = 0
-        hi = 0
-        if i0 < q_len:
-            lo = max(0, i0 + lo_base)
-            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
-        lo_max = i0 + BQ - 1 + lo_base
-        hi_min = min(k_len, i0 + hi_base)
-        if has_mask or i0 + BQ > q_len:
-            hi_min = -1
-        n_kt = 0
-        if hi > lo:
-            n_kt = (hi - lo + BK - 1) // BK
-        return q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt
-
-    block_keys = _device(block_keys)
+    block_keys = _block_keys(BQ, BK)
 
     # The online-softmax step, shared by the fast and the general loop.
     def row_max(sh, alpha, a, r, mx, tx):
@@ -1043,7 +1050,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     ZERO = sc_t(0.0)
     NZERO = sc_t(-0.0)  # P of a masked key
     ONE = sc_t(1.0)
-    BIG = 1 << 40
+    block_keys = _block_keys(BQ, BK)
     I31 = (1 << 31) - 1
     M32 = (1 << 32) - 1
     FQ, RQP = _stage_plan(DC, NT)
@@ -1094,10 +1101,9 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         q_rows = seq[b1, b2, 2]
         if i0 >= q_rows:
             return
-        q_off = seq[b1, b2, 0]
-        q_len = seq[b1, b2, 1]
-        k_off = seq[b1, b2, 3]
-        k_len = seq[b1, b2, 4]
+        q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt = block_keys(
+            seq, b1, b2, i0, wl, wr, has_mask
+        )
         hk = uint32(b2 // (g2n // k.shape[1]))
         utid = U(cuda.threadIdx.x)
         lane = U(utid & U(31))
@@ -1107,25 +1113,6 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         r = int64(ur)
         t2 = int64(t) * 2
         xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
-        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
-        lo_base = -BIG
-        hi_base = BIG
-        if wl >= 0:
-            lo_base = offset - wl
-        if wr >= 0:
-            hi_base = offset + wr + 1
-        lo = 0
-        hi = 0
-        if i0 < q_len:
-            lo = max(0, i0 + lo_base)
-            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
-        lo_max = i0 + BQ - 1 + lo_base
-        hi_min = min(k_len, i0 + hi_base)
-        if has_mask or i0 + BQ > q_len:
-            hi_min = -1
-        n_kt = 0
-        if hi > lo:
-            n_kt = (hi - lo + BK - 1) // BK
         q_resident = d <= DC
         # Per-row window test constants (see make_attention): computed once.
         dl0 = t2 - r - i0 - max(lo_base, -I31)
