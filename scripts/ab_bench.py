@@ -49,9 +49,10 @@ def main() -> int:
     ap.add_argument("old")
     ap.add_argument("new")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    bench_args = argv[cut + 1 :]
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     for i in range(args.rounds):
         for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
