@@ -4,7 +4,7 @@ Usage::
 
     python scripts/microkernel.py [--rounds 21] [--calls 20]
 
-Times ``numbattn.cpu.kernels._gemm_acc`` (C += A @ B on packed scratch
+Times ``numbattn.cpu.kernels._gemm`` (C += A @ B on packed scratch
 tiles, as the fused attention kernel calls it: S = Qs @ Kt with a
 CPU_QUERY_TILE x d by d x CPU_KEY_TILE product, O += P @ V with
 CPU_QUERY_TILE x CPU_KEY_TILE by CPU_KEY_TILE x dv) and NumPy's ``matmul``
@@ -68,9 +68,9 @@ def main() -> int:
                 a = rng.standard_normal((m, kk)).astype(dtype)
                 b = rng.standard_normal((kk, nn)).astype(dtype)
                 c = np.zeros((m, nn), dtype)
-                K._gemm_acc(a, b, c, m, nn, kk, nn, kk)  # compile
+                K._gemm(a, b, c, m, nn, kk, nn, kk, False)  # compile
                 if not np.allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3):
-                    raise SystemExit(f"_gemm_acc is wrong at {name} d={d}")
+                    raise SystemExit(f"_gemm is wrong at {name} d={d}")
                 cases.append((f"{name} d={d}", 2.0 * m * nn * kk, a, b, c, m, nn, kk))
         # The whole fused kernel on one thread: attention(1, 1, 512, d), 4*N^2*d flops.
         fused = []
@@ -85,8 +85,8 @@ def main() -> int:
         for _ in range(args.rounds):
             res["blas256"].append(_sample(np.matmul, (a2, a2, c2), 5))
             for label, _, a, b, c, m, nn, kk in cases:
-                gemm_args = (a, b, c, m, nn, kk, nn, kk)
-                res[label].append(_sample(K._gemm_acc, gemm_args, args.calls))
+                gemm_args = (a, b, c, m, nn, kk, nn, kk, False)
+                res[label].append(_sample(K._gemm, gemm_args, args.calls))
                 res["blas " + label].append(_sample(np.matmul, (a, b), args.calls))
             for label, _, qkv in fused:  # ~1 ms calls: several short samples
                 res[label] += [_sample(numbattn.attention, qkv, 1) for _ in range(5)]

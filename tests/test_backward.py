@@ -429,7 +429,7 @@ def test_diagonal(rng, tiles, dtype, diagonal):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_gemm_matches_numpy(rng, dtype):
-    """_bwd_gemm / _bwd_gemm_tn against float64 NumPy at widths that take
+    """_gemm / _gemm_tn against float64 NumPy at widths that take
     every path of a row (4-vector blocks, 3 / 2 / 1 vectors, the scalar
     tail), with causal trimming, accumulating and overwriting (C poisoned:
     the overwritten part must not read it)."""
@@ -446,9 +446,9 @@ def test_block_gemm_matches_numpy(rng, dtype):
                 want[i : i + 4, :nlim] = a[i : i + 4, :klim].astype(np.float64) @ b[:klim, :nlim]
             c0 = randn(rng, (m, n), dtype)
             got = c0.copy()
-            K._bwd_gemm(a, b, got, m, n, kk, ntri, ktri, False)
+            K._gemm(a, b, got, m, n, kk, ntri, ktri, False)
             ow = poisoned((m, n), dtype)
-            K._bwd_gemm(a, b, ow, m, n, kk, ntri, ktri, True)
+            K._gemm(a, b, ow, m, n, kk, ntri, ktri, True)
             for i in range(0, m, 4):
                 nlim = max(0, min(n, ntri + i + 4))
                 rows = slice(i, i + 4)
@@ -468,7 +468,7 @@ def test_block_gemm_matches_numpy(rng, dtype):
                 at_t[: p0 - p0 % 4, i : i + 4] = 0
             c0 = randn(rng, (m, n), dtype)
             got = c0.copy()
-            K._bwd_gemm_tn(at_t, b, got, m, n, kk, tri)
+            K._gemm_tn(at_t, b, got, m, n, kk, tri)
             ref = at_t.T.astype(np.float64) @ b + c0
             assert rel_err(got, ref) <= tol, ("tn", m, n, kk, tri)
 

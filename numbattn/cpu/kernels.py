@@ -37,17 +37,24 @@ Design
   ``parallel=True``, for a process forked after GNU OpenMP started
   (numbattn.cpu.backend). Caching goes through :mod:`numbattn._jit`, which
   also works on a read-only installation.
-* **Micro-kernel** (:func:`_gemm_acc`): C[:M, :N] += A[:M, :K] @ B[:K, :N]
-  for C-contiguous A, B, C with M a multiple of 4. Four rows of C and four
-  K-steps at a time: the 16 A scalars are hoisted into broadcast registers and
-  the unit-stride loop over N (vectorised by LLVM to zmm FMAs) loads 4 B
-  vectors and updates 4 C rows with 16 FMAs. Used for S = Qs @ Kt and
-  O += P @ V. With a right window bound (causal: 0) key tiles entirely
-  beyond it are never visited, and inside the boundary tiles each 4-row block
-  trims its column range (S) and key range (P @ V) to what those rows can
-  see. Loops over a row's visible part run on a C-contiguous slice starting
-  at 0: a loop from a runtime start index does not vectorise (Numba's
-  negative-index wraparound), which cost 2x.
+* **Micro-kernel** (:func:`_gemm`, :func:`_gemm_tn`; one implementation for
+  the forward's S = Qs @ Kt, O += P @ V, the scores and the backward's five
+  products): C[:M, :N] (+)= A[:M, :K] @ B[:K, :N] on packed scratch, M a
+  multiple of 4, through an LLVM intrinsic (:func:`_make_block_kernel`)
+  that keeps a block of 4 rows x 4 explicit 64-byte vectors of C in zmm
+  registers for the whole k loop (one load / store of C per block, not per
+  k-step), broadcasting 4 scalars of A and loading 4 vectors of B per step.
+  The vector width and block follow the CPU Numba compiles for
+  (:func:`_vector_shape`: 4 x 4 zmm on AVX-512, 4 x 2 ymm on AVX2, 4 x 4
+  NEON q registers on AArch64). S is overwritten (no zeroing pass). With a
+  right window bound (causal: 0) key tiles entirely beyond it are never
+  visited, and inside the boundary tiles each 4-row block trims its column
+  range (S) and key range (P @ V) to what those rows can see. Loops over a
+  row's visible part run on a C-contiguous slice starting at 0: a loop
+  from a runtime start index does not vectorise (Numba's negative-index
+  wraparound), which cost 2x. Q, K (transposed, four keys per pass) and V
+  tiles are packed through row views when the last axis has unit stride
+  (:func:`_pack_rows`, :func:`_pack_transposed`), else by strided loops.
 * **Sequence table** (numbattn._sequences): attention and scores take the
   (G1, G2, 6) table, ``max_rows``, bias / mask (with has_bias / has_mask
   flags; dummies when absent, so one specialisation serves every call) and
@@ -356,55 +363,284 @@ def _copy_scaled(src, dst, n, s):
         dst[j] = src[j] * s
 
 
-@njit(**_HOPTS)
-def _gemm_acc(A, B, C, M, NN, KK, ntri, ktri):
-    """C[:M, :N] += A[:M, :K] @ B[:K, :N]; M must be a multiple of 4.
+# ---------------------------------------------------------------------------
+# Micro-kernel and packing (forward and backward)
+# ---------------------------------------------------------------------------
 
-    A, B, C are C-contiguous 2-D scratch arrays. Causal trimming: the row
-    block starting at i only uses columns j < ntri + i + 4 (and only
-    k-indices p < ktri + i + 4); pass ntri >= N, ktri >= K for a full product.
-    """
-    for i in range(0, M, 4):
-        N = min(NN, max(0, ntri + i + 4))
-        K = min(KK, max(0, ktri + i + 4))
-        kmain = K - K % 4
-        for p in range(0, kmain, 4):
-            a00 = A[i, p]
-            a01 = A[i, p + 1]
-            a02 = A[i, p + 2]
-            a03 = A[i, p + 3]
-            a10 = A[i + 1, p]
-            a11 = A[i + 1, p + 1]
-            a12 = A[i + 1, p + 2]
-            a13 = A[i + 1, p + 3]
-            a20 = A[i + 2, p]
-            a21 = A[i + 2, p + 1]
-            a22 = A[i + 2, p + 2]
-            a23 = A[i + 2, p + 3]
-            a30 = A[i + 3, p]
-            a31 = A[i + 3, p + 1]
-            a32 = A[i + 3, p + 2]
-            a33 = A[i + 3, p + 3]
-            for j in range(N):
-                b0 = B[p, j]
-                b1 = B[p + 1, j]
-                b2 = B[p + 2, j]
-                b3 = B[p + 3, j]
-                C[i, j] += a00 * b0 + a01 * b1 + a02 * b2 + a03 * b3
-                C[i + 1, j] += a10 * b0 + a11 * b1 + a12 * b2 + a13 * b3
-                C[i + 2, j] += a20 * b0 + a21 * b1 + a22 * b2 + a23 * b3
-                C[i + 3, j] += a30 * b0 + a31 * b1 + a32 * b2 + a33 * b3
-        for p in range(kmain, K):
-            a0 = A[i, p]
-            a1 = A[i + 1, p]
-            a2 = A[i + 2, p]
-            a3 = A[i + 3, p]
-            for j in range(N):
+
+def _vector_shape(features, machine):
+    """(bytes per vector, vectors per row of a full register block) for the
+    target Numba compiles for: LLVM target features as Numba passes them
+    (``+avx512f,+avx2,...``) and the machine name. 4 rows x 4 vectors need
+    4 x 4 accumulators + 4 B vectors + a broadcast: 32 vector registers
+    (AVX-512, AArch64); with 16 (AVX2, SSE) 4 x 2 keeps them in registers.
+    Explicit vectors wider than the target's are split by LLVM: correct
+    anywhere, the choice only decides whether they spill."""
+    feats = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if "avx512f" in feats:
+        return 64, 4
+    if "avx" in feats:
+        return 32, 2
+    if machine.lower() in ("aarch64", "arm64"):
+        return 16, 4
+    return 16, 2
+
+
+def _host_vector_shape():
+    """:func:`_vector_shape` of the CPU Numba compiles for (NUMBA_CPU_FEATURES
+    when set, else the host's, as numba.core.codegen decides)."""
+    import platform
+
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+
+    feats = config.CPU_FEATURES
+    if feats is None:
+        try:
+            feats = get_host_cpu_features()
+        except Exception:  # pragma: no cover - no LLVM host query
+            feats = ""
+    return _vector_shape(feats, platform.machine())
+
+
+# Read at compile time by the intrinsics below and by _lanes / _block_row
+# (compile-time constants). Numba's cache key includes the target CPU and
+# its features, so a cache written on another CPU is not loaded.
+_VBYTES, _NV = _host_vector_shape()
+
+
+def _make_block_kernel(rows, vecs, overwrite=False):
+    """The register-blocked micro-kernel, as an LLVM intrinsic
+    ``block(A, B, C, i, j, p0, p1, sar, sap)``:
+
+        C[i + r, j : j + W] += sum over p in [p0, p1) of A(r, p) * B[p, j : j + W]
+
+    (``=`` instead of ``+=`` with ``overwrite``: C is not read) for r <
+    ``rows``, W = ``vecs`` vectors of ``_VBYTES`` bytes (64 on AVX-512: 16
+    float32 / 8 float64 lanes), A(r, p) = A.flat[(i + r) * sar + p * sap] (sar, sap: element
+    strides, so A may be read transposed: P^T dO, dS^T Q), B and C 2-D with
+    unit inner stride. The rows x vecs accumulators stay in registers for the
+    whole p loop (one load and one store of C per call, not per k-step as
+    LLVM's loop vectoriser compiles a plain loop nest):
+    each step broadcasts ``rows`` scalars of A, loads ``vecs`` vectors of B and
+    issues rows x vecs FMAs. Explicit ``<lanes x T>`` vectors sized by
+    :func:`_vector_shape` (zmm on AVX-512, ymm on AVX2, xmm / NEON q
+    registers elsewhere). Sums run in p order (one
+    FMA chain per element): deterministic."""
+
+    def block(typingctx, A, B, C, i, j, p0, p1, sar, sap):
+        sig = types.none(A, B, C, i, j, p0, p1, sar, sap)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            i64 = ir.IntType(64)
+            ints = [context.cast(builder, x, t, types.int64) for x, t in zip(args[3:], tys[3:])]
+            vi, vj, vp0, vp1, vsar, vsap = ints
+            arr = [context.make_array(t)(context, builder, x) for t, x in zip(tys[:3], args[:3])]
+            ety = context.get_data_type(tys[0].dtype)
+            isz = tys[0].dtype.bitwidth // 8
+            lanes = _VBYTES // isz
+            vty = ir.VectorType(ety, lanes)
+            i8p = ir.IntType(8).as_pointer()
+
+            def c(n):
+                return ir.Constant(i64, n)
+
+            def at(a, off):  # pointer to element off of a's data
+                raw = builder.gep(builder.bitcast(a.data, i8p), [builder.mul(off, c(isz))])
+                return builder.bitcast(raw, ety.as_pointer())
+
+            def vec_at(ptr, v):
+                return builder.bitcast(builder.gep(ptr, [c(v * lanes)]), vty.as_pointer())
+
+            ldb = builder.sdiv(builder.extract_value(arr[1].strides, 0), c(isz))
+            ldc = builder.sdiv(builder.extract_value(arr[2].strides, 0), c(isz))
+            fname = f"llvm.fma.v{lanes}f{8 * isz}"
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty] * 3), fname
+            )
+            acc = [[cgutils.alloca_once(builder, vty) for _ in range(vecs)] for _ in range(rows)]
+            cp = []
+            for r in range(rows):
+                row = at(arr[2], builder.add(builder.mul(builder.add(vi, c(r)), ldc), vj))
+                cp.append([vec_at(row, v) for v in range(vecs)])
+                for v in range(vecs):
+                    init = (
+                        ir.Constant(vty, None) if overwrite else builder.load(cp[r][v], align=isz)
+                    )
+                    builder.store(init, acc[r][v])
+            undef = ir.Constant(vty, ir.Undefined)
+            zmask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            with cgutils.for_range(builder, vp1, start=vp0, intp=i64) as loop:
+                p = loop.index
+                brow = at(arr[1], builder.add(builder.mul(p, ldb), vj))
+                bv = [builder.load(vec_at(brow, v), align=isz) for v in range(vecs)]
+                pa = builder.mul(p, vsap)
+                for r in range(rows):
+                    off = builder.add(builder.mul(builder.add(vi, c(r)), vsar), pa)
+                    x = builder.load(at(arr[0], off), align=isz)
+                    xv = builder.shuffle_vector(
+                        builder.insert_element(undef, x, c(0)), undef, zmask
+                    )
+                    for v in range(vecs):
+                        res = builder.call(fma, [xv, bv[v], builder.load(acc[r][v])])
+                        builder.store(res, acc[r][v])
+            for r in range(rows):
+                for v in range(vecs):
+                    builder.store(builder.load(acc[r][v]), cp[r][v], align=isz)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    block.__name__ = block.__qualname__ = f"_block_{rows}x{vecs}{'_set' if overwrite else ''}"
+    return intrinsic(block)
+
+
+# A full block is 4 rows x _NV vectors (4 x 4 on AVX-512: 16 accumulators,
+# 4 B vectors and a broadcast of the 32 zmm registers); 4 x 3, 4 x 2, 4 x 1
+# for the last whole vectors of a row (trimmed causal rows, d = 96 ...).
+_block4n = _make_block_kernel(4, _NV)
+_block43 = _make_block_kernel(4, 3)
+_block42 = _make_block_kernel(4, 2)
+_block41 = _make_block_kernel(4, 1)
+_set4n = _make_block_kernel(4, _NV, True)
+_set43 = _make_block_kernel(4, 3, True)
+_set42 = _make_block_kernel(4, 2, True)
+_set41 = _make_block_kernel(4, 1, True)
+
+
+@njit(**_HOPTS)
+def _lanes(A):
+    """Elements per vector of A's dtype (``_VBYTES`` bytes)."""
+    return _VBYTES // A.itemsize
+
+
+@njit(**_HOPTS)
+def _block_row(A, B, C, i, N, p0, p1, sar, sap, ow):
+    """C[i:i+4, :N] += A(0..3, p0:p1) @ B[p0:p1, :N] (``=`` if ow; A(r, p)
+    as in :func:`_make_block_kernel`): whole blocks of _NV vectors, then the
+    1 to _NV - 1 whole vectors left in one block, then the last N % lanes
+    columns by a plain loop."""
+    lanes = _lanes(A)
+    w = _NV * lanes
+    n4 = N - N % w
+    for j in range(0, n4, w):
+        if ow:
+            _set4n(A, B, C, i, j, p0, p1, sar, sap)
+        else:
+            _block4n(A, B, C, i, j, p0, p1, sar, sap)
+    n1 = N - N % lanes
+    nv = (n1 - n4) // lanes
+    if nv == 3 and ow:
+        _set43(A, B, C, i, n4, p0, p1, sar, sap)
+    elif nv == 3:
+        _block43(A, B, C, i, n4, p0, p1, sar, sap)
+    elif nv == 2 and ow:
+        _set42(A, B, C, i, n4, p0, p1, sar, sap)
+    elif nv == 2:
+        _block42(A, B, C, i, n4, p0, p1, sar, sap)
+    elif nv == 1 and ow:
+        _set41(A, B, C, i, n4, p0, p1, sar, sap)
+    elif nv == 1:
+        _block41(A, B, C, i, n4, p0, p1, sar, sap)
+    if n1 < N:
+        if ow:
+            for r in range(4):
+                _zero_row(C[i + r], n1, N)
+        for p in range(p0, p1):
+            if sap == 1:  # A(r, p) = A[r, p]
+                a0, a1, a2, a3 = A[i, p], A[i + 1, p], A[i + 2, p], A[i + 3, p]
+            else:  # A(r, p) = A[p, r]
+                a0, a1, a2, a3 = A[p, i], A[p, i + 1], A[p, i + 2], A[p, i + 3]
+            for j in range(n1, N):
                 b = B[p, j]
                 C[i, j] += a0 * b
                 C[i + 1, j] += a1 * b
                 C[i + 2, j] += a2 * b
                 C[i + 3, j] += a3 * b
+
+
+@njit(**_HOPTS)
+def _gemm(A, B, C, M, NN, KK, ntri, ktri, ow):
+    """C[:M, :N] += A[:M, :K] @ B[:K, :N] on the register-blocked
+    micro-kernel, or ``=`` if ow; M must be a multiple of 4 and A, B, C
+    have unit inner stride (packed scratch). Causal trimming: the row block
+    starting at i only uses columns j < ntri + i + 4 (and only k-indices
+    p < ktri + i + 4); pass ntri >= N, ktri >= K for a full product.
+
+    The trimmed column count is rounded up to whole vectors (within NN); C's
+    columns past it are left as they were: S / dP columns past a row's
+    visible range are overwritten afterwards (forward and backward), and a
+    vector costs what one of its columns would."""
+    lanes = _lanes(A)
+    for i in range(0, M, 4):
+        N = max(0, ntri + i + 4)
+        N = min(NN, N + (lanes - N % lanes) % lanes)
+        K = min(KK, max(0, ktri + i + 4))
+        _block_row(A, B, C, i, N, 0, K, A.shape[1], 1, ow)
+
+
+@njit(**_HOPTS)
+def _gemm_tn(A, B, C, M, N, K, tri):
+    """C[:M, :N] += A[:K, :M]^T @ B[:K, :N]; M must be a multiple of 4.
+
+    A is read transposed in place (P^T dO, dS^T Q need no transposed copy).
+    Causal trimming: the row block starting at i only uses k-indices
+    p >= i - tri (A[p, i] is 0 for p < i - tri: a key is seen by the query
+    rows at or below the diagonal); pass tri >= M for a full product."""
+    for i in range(0, M, 4):
+        p0 = max(0, i - tri)
+        p0 -= p0 % 4
+        _block_row(A, B, C, i, N, min(p0, K), K, 1, A.shape[1], False)
+
+
+@njit(**_HOPTS)
+def _copy(src, dst, n):
+    for j in range(n):
+        dst[j] = src[j]
+
+
+@njit(nogil=True, cache=True)
+def _unit_rows(x):
+    """Whether x's rows (last axis) can be read as C-contiguous views."""
+    return x.shape[3] <= 1 or x.strides[3] == x.itemsize
+
+
+@njit(nogil=True, cache=True)
+def _pack_rows(src, a, b, row0, n, dst):
+    """:func:`_pack_rows_strided` through row views (vectorised copies) when src's
+    last axis has unit stride: the strided scalar loop costs 7x at 64 x 64."""
+    if not _unit_rows(src):
+        _pack_rows_strided(src, a, b, row0, n, dst)
+        return
+    for r in range(n):
+        _copy(_row4(src, a, b, row0 + r), dst[r], src.shape[3])
+
+
+@njit(nogil=True, cache=True)
+def _pack_transposed(src, a, b, row0, n, dst):
+    """:func:`_pack_transposed_strided`, reading through row views when src's last
+    axis has unit stride, four keys per pass (four adjacent stores per
+    destination row: 2-3.5x faster than one key per pass at 128 x 64)."""
+    if not _unit_rows(src):
+        _pack_transposed_strided(src, a, b, row0, n, dst)
+        return
+    d = src.shape[3]
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        r0 = _row4(src, a, b, row0 + j)
+        r1 = _row4(src, a, b, row0 + j + 1)
+        r2 = _row4(src, a, b, row0 + j + 2)
+        r3 = _row4(src, a, b, row0 + j + 3)
+        for p in range(d):
+            dst[p, j] = r0[p]
+            dst[p, j + 1] = r1[p]
+            dst[p, j + 2] = r2[p]
+            dst[p, j + 3] = r3[p]
+    for j in range(n4, n):
+        row = _row4(src, a, b, row0 + j)
+        for p in range(d):
+            dst[p, j] = row[p]
 
 
 @njit(**_HOPTS)
@@ -458,7 +694,7 @@ def _work_item(p, chunk, nthr):
 
 
 @njit(nogil=True, cache=True)
-def _pack_rows(src, a, b, row0, n, dst):
+def _pack_rows_strided(src, a, b, row0, n, dst):
     """dst[r, :] = src[a, b, row0 + r, :] for r < n (a Q tile)."""
     for r in range(n):
         for p in range(src.shape[3]):
@@ -466,7 +702,7 @@ def _pack_rows(src, a, b, row0, n, dst):
 
 
 @njit(nogil=True, cache=True)
-def _pack_transposed(src, a, b, row0, n, dst):
+def _pack_transposed_strided(src, a, b, row0, n, dst):
     """dst[:, j] = src[a, b, row0 + j, :] for j < n (a K tile, transposed)."""
     for j in range(n):
         for p in range(src.shape[3]):
@@ -605,10 +841,10 @@ def _scores_impl(
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
             _pack_transposed(k, a, kb, k_off + j0, kn, kp)
-            for r in range(mp):
-                _zero_row(s[r], 0, kn)
+            # S is overwritten (no zeroing pass); only the columns each row
+            # can see are read below.
             tri = i0 + off + right - j0 if right >= 0 else kn
-            _gemm_acc(qs, kp, s, mp, kn, d, tri, d)
+            _gemm(qs, kp, s, mp, kn, d, tri, d, True)
             for r in range(m):
                 i = i0 + r
                 srow = s[r]
@@ -755,17 +991,16 @@ def _attention_impl(
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
             _pack_transposed(k, a, kb, k_off + j0, kn, kp)
-            for jj in range(kn):
-                for c in range(dv):
-                    vp[jj, c] = v[a, kb, k_off + j0 + jj, c]
+            _pack_rows(v, a, kb, k_off + j0, kn, vp)
             # A NaN or inf value: P @ V key by key, skipping masked keys.
             vbad = not math.isfinite(_sum(vflat, kn * dv))
-            for r in range(mp):
-                _zero_row(s[r], 0, kn)
             # Window / causal trimming of the products: row block r only
-            # needs columns (and P @ V keys) < tri + r + 4.
+            # needs columns (and P @ V keys) < tri + r + 4. S is overwritten
+            # (no zeroing pass): the row pass below zeroes every column of a
+            # real row outside its visible range; padding rows (Q = 0) only
+            # reach padding rows of o, never written out.
             tri = i0 + off + right - j0 if right >= 0 else kn
-            _gemm_acc(qs, kp, s, mp, kn, d, tri, d)
+            _gemm(qs, kp, s, mp, kn, d, tri, d, True)
             for r in range(m):
                 i = i0 + r
                 srow = s[r]
@@ -817,7 +1052,7 @@ def _attention_impl(
                         if keep[r, jj]:
                             _axpy(o[r], vp[jj], s[r, jj], dv)
             else:
-                _gemm_acc(s, vp, o, mp, dv, kn, dv, tri)
+                _gemm(s, vp, o, mp, dv, kn, dv, tri, False)
         for r in range(m):
             i = q_off + i0 + r
             lsum = lrow[r]
@@ -1349,10 +1584,10 @@ decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
 # 3. over (a, h, query tile): dq = scale * sum over slices (fixed order).
 #
 # Five products per (query tile, key tile), all on packed tiles through the
-# backward's own register-blocked micro-kernel (_make_block_kernel: explicit
-# LLVM vectors, 4 rows x 4 vectors of C held in registers over the whole
-# k loop; 2x the forward's _gemm_acc on P^T dO and dS^T Q, 1.3x on dS K, at
-# the BLAS's single-core rate on Zen 4), P^T dO and dS^T Q reading P and dS
+# register-blocked micro-kernel shared with the forward (_make_block_kernel:
+# explicit LLVM vectors, 4 rows x 4 vectors of C held in registers over the
+# whole k loop; 2x the former _gemm_acc on P^T dO and dS^T Q, 1.3x on dS K,
+# at the BLAS's single-core rate on Zen 4), P^T dO and dS^T Q reading P and dS
 # transposed in place (no transposed copies). The
 # accumulators hold splits x (real rows, d) per head: splits is 1 when there
 # are enough key heads for the threads, so memory stays O(N). Results are
@@ -1380,237 +1615,6 @@ def _ds_row(p, dp, n, dd):
     for j in range(n):
         x = p[j] * (dp[j] - dd)
         dp[j] = x if p[j] != zero else zero
-
-
-def _make_block_kernel(rows, vecs, overwrite=False):
-    """The backward's register-blocked micro-kernel, as an LLVM intrinsic
-    ``block(A, B, C, i, j, p0, p1, sar, sap)``:
-
-        C[i + r, j : j + W] += sum over p in [p0, p1) of A(r, p) * B[p, j : j + W]
-
-    (``=`` instead of ``+=`` with ``overwrite``: C is not read) for r <
-    ``rows``, W = ``vecs`` 64-byte vectors (16 float32 / 8 float64
-    lanes), A(r, p) = A.flat[(i + r) * sar + p * sap] (sar, sap: element
-    strides, so A may be read transposed: P^T dO, dS^T Q), B and C 2-D with
-    unit inner stride. The rows x vecs accumulators stay in registers for the
-    whole p loop (one load and one store of C per call, not per k-step as in
-    :func:`_gemm_acc`, which LLVM's loop vectoriser cannot block this way):
-    each step broadcasts ``rows`` scalars of A, loads ``vecs`` vectors of B and
-    issues rows x vecs FMAs. Explicit ``<lanes x T>`` vectors: zmm on
-    AVX-512, split by LLVM into ymm / xmm elsewhere. Sums run in p order (one
-    FMA chain per element): deterministic."""
-
-    def block(typingctx, A, B, C, i, j, p0, p1, sar, sap):
-        sig = types.none(A, B, C, i, j, p0, p1, sar, sap)
-
-        def codegen(context, builder, signature, args):
-            tys = signature.args
-            i64 = ir.IntType(64)
-            ints = [context.cast(builder, x, t, types.int64) for x, t in zip(args[3:], tys[3:])]
-            vi, vj, vp0, vp1, vsar, vsap = ints
-            arr = [context.make_array(t)(context, builder, x) for t, x in zip(tys[:3], args[:3])]
-            ety = context.get_data_type(tys[0].dtype)
-            isz = tys[0].dtype.bitwidth // 8
-            lanes = 64 // isz
-            vty = ir.VectorType(ety, lanes)
-            i8p = ir.IntType(8).as_pointer()
-
-            def c(n):
-                return ir.Constant(i64, n)
-
-            def at(a, off):  # pointer to element off of a's data
-                raw = builder.gep(builder.bitcast(a.data, i8p), [builder.mul(off, c(isz))])
-                return builder.bitcast(raw, ety.as_pointer())
-
-            def vec_at(ptr, v):
-                return builder.bitcast(builder.gep(ptr, [c(v * lanes)]), vty.as_pointer())
-
-            ldb = builder.sdiv(builder.extract_value(arr[1].strides, 0), c(isz))
-            ldc = builder.sdiv(builder.extract_value(arr[2].strides, 0), c(isz))
-            fname = f"llvm.fma.v{lanes}f{8 * isz}"
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty] * 3), fname
-            )
-            acc = [[cgutils.alloca_once(builder, vty) for _ in range(vecs)] for _ in range(rows)]
-            cp = []
-            for r in range(rows):
-                row = at(arr[2], builder.add(builder.mul(builder.add(vi, c(r)), ldc), vj))
-                cp.append([vec_at(row, v) for v in range(vecs)])
-                for v in range(vecs):
-                    init = (
-                        ir.Constant(vty, None) if overwrite else builder.load(cp[r][v], align=isz)
-                    )
-                    builder.store(init, acc[r][v])
-            undef = ir.Constant(vty, ir.Undefined)
-            zmask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            with cgutils.for_range(builder, vp1, start=vp0, intp=i64) as loop:
-                p = loop.index
-                brow = at(arr[1], builder.add(builder.mul(p, ldb), vj))
-                bv = [builder.load(vec_at(brow, v), align=isz) for v in range(vecs)]
-                pa = builder.mul(p, vsap)
-                for r in range(rows):
-                    off = builder.add(builder.mul(builder.add(vi, c(r)), vsar), pa)
-                    x = builder.load(at(arr[0], off), align=isz)
-                    xv = builder.shuffle_vector(
-                        builder.insert_element(undef, x, c(0)), undef, zmask
-                    )
-                    for v in range(vecs):
-                        res = builder.call(fma, [xv, bv[v], builder.load(acc[r][v])])
-                        builder.store(res, acc[r][v])
-            for r in range(rows):
-                for v in range(vecs):
-                    builder.store(builder.load(acc[r][v]), cp[r][v], align=isz)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    block.__name__ = block.__qualname__ = f"_block_{rows}x{vecs}{'_set' if overwrite else ''}"
-    return intrinsic(block)
-
-
-# 4 rows x 4 vectors: 16 accumulators, 4 B vectors and a broadcast of the
-# 32 zmm registers; 4 x 3, 4 x 2, 4 x 1 for the last whole vectors of a row
-# (trimmed causal rows, d = 96 ...).
-_block44 = _make_block_kernel(4, 4)
-_block43 = _make_block_kernel(4, 3)
-_block42 = _make_block_kernel(4, 2)
-_block41 = _make_block_kernel(4, 1)
-_set44 = _make_block_kernel(4, 4, True)
-_set43 = _make_block_kernel(4, 3, True)
-_set42 = _make_block_kernel(4, 2, True)
-_set41 = _make_block_kernel(4, 1, True)
-
-
-@njit(**_HOPTS)
-def _lanes(A):
-    """Elements per 64-byte vector of A's dtype."""
-    return 64 // A.itemsize
-
-
-@njit(**_HOPTS)
-def _bwd_block_row(A, B, C, i, N, p0, p1, sar, sap, ow):
-    """C[i:i+4, :N] += A(0..3, p0:p1) @ B[p0:p1, :N] (``=`` if ow; A(r, p)
-    as in :func:`_make_block_kernel`): whole 4-vector blocks, then the 1 to
-    3 whole vectors left in one block, then the last N % lanes columns by a
-    plain loop."""
-    lanes = _lanes(A)
-    w = 4 * lanes
-    n4 = N - N % w
-    for j in range(0, n4, w):
-        if ow:
-            _set44(A, B, C, i, j, p0, p1, sar, sap)
-        else:
-            _block44(A, B, C, i, j, p0, p1, sar, sap)
-    n1 = N - N % lanes
-    nv = (n1 - n4) // lanes
-    if nv == 3 and ow:
-        _set43(A, B, C, i, n4, p0, p1, sar, sap)
-    elif nv == 3:
-        _block43(A, B, C, i, n4, p0, p1, sar, sap)
-    elif nv == 2 and ow:
-        _set42(A, B, C, i, n4, p0, p1, sar, sap)
-    elif nv == 2:
-        _block42(A, B, C, i, n4, p0, p1, sar, sap)
-    elif nv == 1 and ow:
-        _set41(A, B, C, i, n4, p0, p1, sar, sap)
-    elif nv == 1:
-        _block41(A, B, C, i, n4, p0, p1, sar, sap)
-    if n1 < N:
-        if ow:
-            for r in range(4):
-                _zero_row(C[i + r], n1, N)
-        for p in range(p0, p1):
-            if sap == 1:  # A(r, p) = A[r, p]
-                a0, a1, a2, a3 = A[i, p], A[i + 1, p], A[i + 2, p], A[i + 3, p]
-            else:  # A(r, p) = A[p, r]
-                a0, a1, a2, a3 = A[p, i], A[p, i + 1], A[p, i + 2], A[p, i + 3]
-            for j in range(n1, N):
-                b = B[p, j]
-                C[i, j] += a0 * b
-                C[i + 1, j] += a1 * b
-                C[i + 2, j] += a2 * b
-                C[i + 3, j] += a3 * b
-
-
-@njit(**_HOPTS)
-def _bwd_gemm(A, B, C, M, NN, KK, ntri, ktri, ow):
-    """:func:`_gemm_acc` (same arguments, causal trimming) on the
-    register-blocked micro-kernel: C[:M, :N] += A[:M, :K] @ B[:K, :N], or
-    ``=`` if ow (C's columns past a row block's trimmed N are left as they
-    were).
-
-    The trimmed column count is rounded up to whole vectors (within NN): the
-    backward's S and dP columns past a row's visible range are overwritten
-    afterwards, and a vector costs what one of its columns would."""
-    lanes = _lanes(A)
-    for i in range(0, M, 4):
-        N = max(0, ntri + i + 4)
-        N = min(NN, N + (lanes - N % lanes) % lanes)
-        K = min(KK, max(0, ktri + i + 4))
-        _bwd_block_row(A, B, C, i, N, 0, K, A.shape[1], 1, ow)
-
-
-@njit(**_HOPTS)
-def _bwd_gemm_tn(A, B, C, M, N, K, tri):
-    """C[:M, :N] += A[:K, :M]^T @ B[:K, :N]; M must be a multiple of 4.
-
-    A is read transposed in place (P^T dO, dS^T Q need no transposed copy).
-    Causal trimming: the row block starting at i only uses k-indices
-    p >= i - tri (A[p, i] is 0 for p < i - tri: a key is seen by the query
-    rows at or below the diagonal); pass tri >= M for a full product."""
-    for i in range(0, M, 4):
-        p0 = max(0, i - tri)
-        p0 -= p0 % 4
-        _bwd_block_row(A, B, C, i, N, min(p0, K), K, 1, A.shape[1], False)
-
-
-@njit(**_HOPTS)
-def _copy(src, dst, n):
-    for j in range(n):
-        dst[j] = src[j]
-
-
-@njit(nogil=True, cache=True)
-def _unit_rows(x):
-    """Whether x's rows (last axis) can be read as C-contiguous views."""
-    return x.shape[3] <= 1 or x.strides[3] == x.itemsize
-
-
-@njit(nogil=True, cache=True)
-def _bwd_pack_rows(src, a, b, row0, n, dst):
-    """:func:`_pack_rows` through row views (vectorised copies) when src's
-    last axis has unit stride: the strided scalar loop costs 7x at 64 x 64."""
-    if not _unit_rows(src):
-        _pack_rows(src, a, b, row0, n, dst)
-        return
-    for r in range(n):
-        _copy(_row4(src, a, b, row0 + r), dst[r], src.shape[3])
-
-
-@njit(nogil=True, cache=True)
-def _bwd_pack_transposed(src, a, b, row0, n, dst):
-    """:func:`_pack_transposed`, reading through row views when src's last
-    axis has unit stride, four keys per pass (four adjacent stores per
-    destination row: 2-3.5x faster than one key per pass at 128 x 64)."""
-    if not _unit_rows(src):
-        _pack_transposed(src, a, b, row0, n, dst)
-        return
-    d = src.shape[3]
-    n4 = n - n % 4
-    for j in range(0, n4, 4):
-        r0 = _row4(src, a, b, row0 + j)
-        r1 = _row4(src, a, b, row0 + j + 1)
-        r2 = _row4(src, a, b, row0 + j + 2)
-        r3 = _row4(src, a, b, row0 + j + 3)
-        for p in range(d):
-            dst[p, j] = r0[p]
-            dst[p, j + 1] = r1[p]
-            dst[p, j + 2] = r2[p]
-            dst[p, j + 3] = r3[p]
-    for j in range(n4, n):
-        row = _row4(src, a, b, row0 + j)
-        for p in range(d):
-            dst[p, j] = row[p]
 
 
 @njit(**_HOPTS)
@@ -1751,11 +1755,11 @@ def _attention_backward_impl(
                 _fill(dka[jj], d, zero)
                 _fill(dva[jj], dvn, zero)
             if kn > 0:
-                _bwd_pack_transposed(k, a, kb, k_off + j0, kn, ktr)
-                _bwd_pack_rows(k, a, kb, k_off + j0, kn, kr)
+                _pack_transposed(k, a, kb, k_off + j0, kn, ktr)
+                _pack_rows(k, a, kb, k_off + j0, kn, kr)
                 # A NaN or inf key: dQ += dS K key by key over P > 0 only.
                 kbad = not math.isfinite(_sum(kr.reshape(kr.size), kn * d))
-                _bwd_pack_transposed(v, a, kb, k_off + j0, kn, vt)
+                _pack_transposed(v, a, kb, k_off + j0, kn, vt)
             for g in range(group if kn > 0 else 0):
                 b = b0 + g
                 q_off = seq[a, b, 0]
@@ -1773,8 +1777,8 @@ def _attention_backward_impl(
                 for i0 in range(ilo, ihi, qtt):
                     m = min(qtt, ihi - i0)
                     mp = (m + _MR - 1) // _MR * _MR
-                    _bwd_pack_rows(q, a, b, q_off + i0, m, qs)
-                    _bwd_pack_rows(dout, a, b, q_off + i0, m, dos)
+                    _pack_rows(q, a, b, q_off + i0, m, qs)
+                    _pack_rows(dout, a, b, q_off + i0, m, dos)
                     for r in range(mp):  # padding rows, rows with no visible key
                         if r >= m or lse[a, b, q_off + i0 + r] == ninf:
                             _fill(qs[r], d, zero)
@@ -1785,8 +1789,8 @@ def _attention_backward_impl(
                     # P is 0); columns kn .. knp only reach padding rows of
                     # the dK / dV scratch, which are never written out.
                     tri = i0 + off + right - j0 if right >= 0 else kn
-                    _bwd_gemm(qs, ktr, s, mp, kn, d, tri, d, True)
-                    _bwd_gemm(dos, vt, dp, mp, kn, dvn, tri, dvn, True)
+                    _gemm(qs, ktr, s, mp, kn, d, tri, d, True)
+                    _gemm(dos, vt, dp, mp, kn, dvn, tri, dvn, True)
                     for r in range(mp):
                         srow = s[r]
                         i = i0 + r
@@ -1823,9 +1827,9 @@ def _attention_backward_impl(
                                 if s[r, jj] != zero:
                                     _axpy(dqs[r], kr[jj], dp[r, jj], d)
                     else:
-                        _bwd_gemm(dp, kr, dqs, mp, d, kn, d, tri, False)
-                    _bwd_gemm_tn(s, dos, dva, knp, dvn, mp, tri)
-                    _bwd_gemm_tn(dp, qs, dka, knp, d, mp, tri)
+                        _gemm(dp, kr, dqs, mp, d, kn, d, tri, False)
+                    _gemm_tn(s, dos, dva, knp, dvn, mp, tri)
+                    _gemm_tn(dp, qs, dka, knp, d, mp, tri)
             for jj in range(kw):
                 j = k_off + j0 + jj
                 if jj < kn and dk_unit:
