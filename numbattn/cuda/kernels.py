@@ -402,17 +402,10 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     TKT = BK // RKP if PF else 1
     TVT = BK // RVP if PF else 1
     uTX = U(TX)
-    # The fast loop's products, written out step by step (see _unrolled).
-    env = dict(U=U, PV=PV, JV=JV, RQ=RQ, RK=RK, RC=RC, TY=TY, TX=TX, QSI=QSI, KSI=KSI,
-               PSI=PSI, VSI=VSI, VS=VS, NG=NG, CV=CV)  # fmt: skip
-    qk_chunk = _unrolled(
-        "qk_chunk",
-        DC // PV,
-        "sh, s, qf, kf, qb, kb",
-        # S += Q K^T over PV head dimensions: rows ty + TY*a, keys tx + TX*b.
-        """
-        pq = qb + U({i} * PV)
-        pk = kb + U({i} * PV)
+
+    def qk_step(sh, s, qf, kf, pq, pk):
+        """S += Q K^T over PV head dimensions: rows ty + TY*a, keys tx + TX*b
+        (one vector read per row and key)."""
         for a in range(RQ):
             for e in range(PV):
                 qf[a, e] = sh[pq + U(a * TY * QSI + e)]
@@ -423,17 +416,10 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
             for a in range(RQ):
                 for b in range(RK):
                     s[a, b] += qf[a, e] * kf[b, e]
-        """,
-        env,
-    )
-    pv_tile = _unrolled(
-        "pv_tile",
-        BK // JV,
-        "sh, acc, pf, vf, pb, vb",
-        # O += P V over JV keys: one P read per row, one V read per key and group.
-        """
-        pp = pb + U({i} * JV)
-        pv = vb + U({i} * JV) * VS
+
+    def pv_step(sh, acc, pf, vf, pp, pv):
+        """O += P V over JV keys: one P read per row, one V read per key and
+        column group."""
         for a in range(RQ):
             for e in range(JV):
                 pf[a, e] = sh[pp + U(a * TY * PSI + e)]
@@ -444,8 +430,22 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
             for a in range(RQ):
                 for c in range(RC):
                     acc[a, c] += pf[a, e] * vf[c]
-        """,
-        env,
+
+    qk_step, pv_step = _device(qk_step), _device(pv_step)
+    # The fast loop's products, written out step by step (see _unrolled).
+    qk_chunk = _unrolled(
+        "qk_chunk",
+        DC // PV,
+        "sh, s, qf, kf, qb, kb",
+        "qk_step(sh, s, qf, kf, qb + U({i} * PV), kb + U({i} * PV))",
+        dict(qk_step=qk_step, U=U, PV=PV),
+    )
+    pv_tile = _unrolled(
+        "pv_tile",
+        BK // JV,
+        "sh, acc, pf, vf, pb, vb",
+        "pv_step(sh, acc, pf, vf, pb + U({i} * JV), vb + U({i} * JV) * VS)",
+        dict(pv_step=pv_step, U=U, JV=JV, VS=VS),
     )
     # Registers: the hardware path asks ptxas for enough resident blocks to
     # fill 16 warps per SM (at most 65536 / (512) = 128 registers a thread),
@@ -823,18 +823,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 # dimensions per (vector) read.
                 npv = U((min(DC, d - p0) + PV - 1) // PV)
                 for pi in range(npv):
-                    pq = qbase + pi * U(PV)
-                    pk = kbase + pi * U(PV)
-                    for a in range(RQ):
-                        for e in range(PV):
-                            qf[a, e] = sh[pq + U(a * TY * QSI + e)]
-                    for b in range(RK):
-                        for e in range(PV):
-                            kf[b, e] = sh[pk + U(b * TX * KSI + e)]
-                    for e in range(PV):
-                        for a in range(RQ):
-                            for b in range(RK):
-                                s[a, b] += qf[a, e] * kf[b, e]
+                    qk_step(sh, s, qf, kf, qbase + pi * U(PV), kbase + pi * U(PV))
             # Scale, visibility / mask / bias, partial row maxima.
             check = j0 < lo_max or j0 + BK > hi_min
             # Key jj is visible to row i iff lo_base <= jj - i < hi_base,
@@ -902,18 +891,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                                     acc[a, c] += pa * vf[c]
             else:
                 for ji in range(BK // JV):
-                    pp_ = pbase + U(ji * JV)
-                    pv_ = vbase + U(ji * JV) * VS
-                    for a in range(RQ):
-                        for e in range(JV):
-                            pf[a, e] = sh[pp_ + U(a * TY * PSI + e)]
-                    for e in range(JV):  # one key's V row at a time
-                        for g in range(NG):
-                            for w in range(CV):
-                                vf[g * CV + w] = sh[pv_ + U(e * VSI + g * CV * TX + w)]
-                        for a in range(RQ):
-                            for c in range(RC):
-                                acc[a, c] += pf[a, e] * vf[c]
+                    pv_step(sh, acc, pf, vf, pbase + U(ji * JV), vbase + U(ji * JV) * VS)
             cuda.syncthreads()
             kv = U(kv + U(1))
 
