@@ -308,6 +308,28 @@ def _stage_plan(COLS, NT):
     return False, 0
 
 
+def _qk_step(NR, NK, PV, RSTEP, KSTEP):
+    """Device function ``step(sh, acc, qf, kf, pq, pk)``: acc[a, b] += the
+    dot product over PV consecutive head dimensions of the shared rows at
+    ``pq + RSTEP*a`` (a < NR) and ``pk + KSTEP*b`` (b < NK): one vector read
+    (16 bytes) per row and key, then PV*NR*NK FMAs. The step of the fused
+    kernel's Q K^T and of the scores kernel."""
+
+    def step(sh, acc, qf, kf, pq, pk):
+        for a in range(NR):
+            for e in range(PV):
+                qf[a, e] = sh[pq + U(a * RSTEP + e)]
+        for b in range(NK):
+            for e in range(PV):
+                kf[b, e] = sh[pk + U(b * KSTEP + e)]
+        for e in range(PV):
+            for a in range(NR):
+                for b in range(NK):
+                    acc[a, b] += qf[a, e] * kf[b, e]
+
+    return _device(step)
+
+
 def _block_keys(BQ, BK):
     """Device function ``block_keys`` of the fused kernels (BQ query rows,
     BK keys a tile), inlined into each."""
@@ -403,20 +425,6 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     TVT = BK // RVP if PF else 1
     uTX = U(TX)
 
-    def qk_step(sh, s, qf, kf, pq, pk):
-        """S += Q K^T over PV head dimensions: rows ty + TY*a, keys tx + TX*b
-        (one vector read per row and key)."""
-        for a in range(RQ):
-            for e in range(PV):
-                qf[a, e] = sh[pq + U(a * TY * QSI + e)]
-        for b in range(RK):
-            for e in range(PV):
-                kf[b, e] = sh[pk + U(b * TX * KSI + e)]
-        for e in range(PV):
-            for a in range(RQ):
-                for b in range(RK):
-                    s[a, b] += qf[a, e] * kf[b, e]
-
     def pv_step(sh, acc, pf, vf, pp, pv):
         """O += P V over JV keys: one P read per row, one V read per key and
         column group."""
@@ -431,7 +439,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 for c in range(RC):
                     acc[a, c] += pf[a, e] * vf[c]
 
-    qk_step, pv_step = _device(qk_step), _device(pv_step)
+    qk_step = _qk_step(RQ, RK, PV, TY * QSI, TX * KSI)
+    pv_step = _device(pv_step)
     # The fast loop's products, written out step by step (see _unrolled).
     qk_chunk = _unrolled(
         "qk_chunk",
@@ -1429,26 +1438,13 @@ def make_scores(dtype, T, R, DC, hw=True):
         smem = TOTAL * np.dtype(dtype).itemsize + 1024
         opts["launch_bounds"] = (NT, max(1, min(-(-512 // NT), (228 * 1024) // smem)))
 
-    @cuda.jit(device=True, inline="always")
-    def step(sh, qb, kb, acc, qf, kf):
-        # PV consecutive dims of rows ty + TX*a and keys tx + TX*b: one
-        # 16-byte read each, then PV*R*R FMAs.
-        for a in range(R):
-            for e in range(PV):
-                qf[a, e] = sh[qb + U(a * TX * SI + e)]
-        for b in range(R):
-            for e in range(PV):
-                kf[b, e] = sh[kb + U(b * TX * SI + e)]
-        for e in range(PV):
-            for a in range(R):
-                for b in range(R):
-                    acc[a, b] += qf[a, e] * kf[b, e]
+    step = _qk_step(R, R, PV, TX * SI, TX * SI)
 
     chunk = _unrolled(
         "chunk",
         NPV,
         "sh, qb, kb, acc, qf, kf",
-        "step(sh, qb + U({i} * PV), kb + U({i} * PV), acc, qf, kf)",
+        "step(sh, acc, qf, kf, qb + U({i} * PV), kb + U({i} * PV))",
         dict(step=step, U=U, PV=PV),
     )
 
