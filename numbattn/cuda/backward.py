@@ -91,7 +91,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
-from .kernels import _dmma, _on_simulator, _stride, _types, _vec
+from .kernels import _dmma, _on_simulator, _qk_step, _stride, _types, _vec
 
 U = uint32
 
@@ -230,6 +230,9 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     # SG * (own - streamed): keys are the own rows of the key kernel.
     SG = 1 if KV else -1
     uTC = U(TC)
+    # S = A1 B1^T (width d) and dP = A2 B2^T (width dv), PV dims a step.
+    s_step = _qk_step(RR, RC, PV, TR * ASI, TC * ASI)
+    dp_step = _qk_step(RR, RC, PV, TR * AVSI, TC * AVSI)
     opts = {}
     if hw and NT % 32 == 0 and not _on_simulator():
         # Resident threads per SM asked of ptxas (registers: 65536 / that,
@@ -556,32 +559,14 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                     pa = OFF_A1 + utr * AS
                     pb = OFF_B1 + utc * AS
                     for _pi in range(npv):
-                        for a in range(RR):
-                            for e in range(PV):
-                                af[a, e] = sh[pa + U(a * TR * ASI + e)]
-                        for b in range(RC):
-                            for e in range(PV):
-                                bf[b, e] = sh[pb + U(b * TC * ASI + e)]
-                        for e in range(PV):
-                            for a in range(RR):
-                                for b in range(RC):
-                                    s[a, b] += af[a, e] * bf[b, e]
+                        s_step(sh, s, af, bf, pa, pb)
                         pa = U(pa + U(PV))
                         pb = U(pb + U(PV))
                     npv = U((dvw + PV - 1) // PV)
                     pa = OFF_A2 + utr * AVS
                     pb = OFF_B2 + utc * AVS
                     for _pi in range(npv):
-                        for a in range(RR):
-                            for e in range(PV):
-                                af[a, e] = sh[pa + U(a * TR * AVSI + e)]
-                        for b in range(RC):
-                            for e in range(PV):
-                                bf[b, e] = sh[pb + U(b * TC * AVSI + e)]
-                        for e in range(PV):
-                            for a in range(RR):
-                                for b in range(RC):
-                                    dp[a, b] += af[a, e] * bf[b, e]
+                        dp_step(sh, dp, af, bf, pa, pb)
                         pa = U(pa + U(PV))
                         pb = U(pb + U(PV))
                     # Visibility: key - query = SG*(own - streamed) = diag +
