@@ -308,6 +308,25 @@ def check_heads(sq: np.ndarray, sk: np.ndarray, sv: np.ndarray) -> int:
     return group
 
 
+# --- Tuning knobs (numbattn.config) -----------------------------------------
+
+
+def check_knob(name: str, value: Any, minimum: int = 1) -> int:
+    """``numbattn.config.<name>`` as an int >= ``minimum``; ValueError otherwise.
+
+    Knobs are read at call time, before anything is written; a float, bool or
+    string would otherwise be truncated or misread by the kernels' integer
+    arguments."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"numbattn.config.{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 # --- Split-K and paged KV caches (issue 11) ---------------------------------
 
 

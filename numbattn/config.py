@@ -4,6 +4,10 @@ Kernels receive these as ordinary arguments, so tests can shrink them to
 force multi-tile paths on tiny inputs without triggering a recompilation::
 
     monkeypatch.setattr(numbattn.config, "CPU_KEY_TILE", 8)
+
+Every knob is checked when a call reads it, before anything is written: a
+ValueError names the knob unless it is a positive integer (CPU_STREAM_ROWS
+and CPU_BWD_SPLIT_BYTES may also be 0).
 """
 
 # --- CPU (numbattn.cpu) ----------------------------------------------------

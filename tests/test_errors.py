@@ -523,3 +523,56 @@ def test_merge_bad_input():
         r"lse must not overlap out",
         out,
     )
+
+
+# CPU tuning knobs are checked at call time, as the CUDA ones are: a float
+# would otherwise be truncated silently by the kernels' integer arguments.
+_KNOB_CALLS = {
+    "attention": lambda q, k, v, out: numbattn.attention(q, k, v, out=out),
+    "decode": lambda q, k, v, out: numbattn.attention(q[:, :, :1], k, v, out=out[:, :, :1]),
+    "scores": lambda q, k, v, out: numbattn.scores(q, k, out=out),
+}
+
+
+@pytest.mark.parametrize(
+    "knob, value, call, message",
+    [
+        ("CPU_QUERY_TILE", 2.5, "attention", r"CPU_QUERY_TILE must be a positive integer, got 2.5"),
+        ("CPU_KEY_TILE", 0, "attention", r"CPU_KEY_TILE must be a positive integer, got 0"),
+        ("CPU_KEY_TILE", True, "scores", r"CPU_KEY_TILE must be a positive integer, got True"),
+        ("CPU_QUERY_TILE", "8", "scores", r"CPU_QUERY_TILE must be a positive integer, got '8'"),
+        ("CPU_STREAM_ROWS", -1, "attention", r"CPU_STREAM_ROWS must be an integer >= 0, got -1"),
+        ("CPU_STREAM_WIDE_ROWS", 2.5, "decode", r"CPU_STREAM_WIDE_ROWS must be a positive"),
+        ("CPU_STREAM_KEY_TILE", None, "decode", r"CPU_STREAM_KEY_TILE must be a positive"),
+    ],
+)
+def test_bad_cpu_knob(monkeypatch, knob, value, call, message):
+    q, k, v = arrays(nq=20)  # more rows than CPU_STREAM_ROWS: the tiled kernel
+    if call == "scores":
+        out = poisoned(q.shape[:-1] + (k.shape[-2],), q.dtype)
+    else:
+        out = poisoned(q.shape[:-1] + (v.shape[-1],), q.dtype)
+    monkeypatch.setattr(numbattn.config, knob, value)
+    expect_untouched(lambda: _KNOB_CALLS[call](q, k, v, out), ValueError, message, out)
+
+
+@pytest.mark.parametrize(
+    "knob, value, message",
+    [
+        ("CPU_BWD_QUERY_TILE", 1.5, r"CPU_BWD_QUERY_TILE must be a positive integer, got 1.5"),
+        ("CPU_BWD_KEY_TILE", 0, r"CPU_BWD_KEY_TILE must be a positive integer, got 0"),
+        ("CPU_BWD_SPLIT_BYTES", -1, r"CPU_BWD_SPLIT_BYTES must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_cpu_backward_knob(monkeypatch, knob, value, message):
+    q, k, v = arrays()
+    lse = np.empty(q.shape[:-1], q.dtype)
+    out = numbattn.attention(q, k, v, lse=lse)
+    dout = np.ones_like(out)
+    grads = [poisoned(a.shape, a.dtype) for a in (q, k, v)]
+    monkeypatch.setattr(numbattn.config, knob, value)
+
+    def call():
+        numbattn.attention_backward(q, k, v, out, lse, dout, dq=grads[0], dk=grads[1], dv=grads[2])
+
+    expect_untouched(call, ValueError, message, *grads)

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 
 from .. import config
+from .._checks import check_knob
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
 from .args import (
@@ -103,6 +104,11 @@ def empty(shape, dtype, like=None, stream=None):
     return arr, arr
 
 
+def _knob(name: str, minimum: int = 1) -> int:
+    """``numbattn.config.<name>``, checked (ValueError naming it) before any work."""
+    return check_knob(name, getattr(config, name), minimum)
+
+
 def _threads():
     """Numba's thread count: the kernels interleave their work items for it."""
     if _serial:
@@ -171,8 +177,8 @@ def scores_args(
         scale=float(scale),
         left=int(window_left),
         right=int(window_right),
-        q_tile=config.CPU_QUERY_TILE if q_tile is None else q_tile,
-        k_tile=config.CPU_KEY_TILE if k_tile is None else k_tile,
+        q_tile=_knob("CPU_QUERY_TILE") if q_tile is None else q_tile,
+        k_tile=_knob("CPU_KEY_TILE") if k_tile is None else k_tile,
         n_threads=_threads(),
     )
 
@@ -231,8 +237,8 @@ def attention_args(
         scale=float(scale),
         left=int(window_left),
         right=int(window_right),
-        q_tile=config.CPU_QUERY_TILE if q_tile is None else q_tile,
-        k_tile=config.CPU_KEY_TILE if k_tile is None else k_tile,
+        q_tile=_knob("CPU_QUERY_TILE") if q_tile is None else q_tile,
+        k_tile=_knob("CPU_KEY_TILE") if k_tile is None else k_tile,
         n_threads=_threads(),
     )
 
@@ -242,7 +248,7 @@ def attention(
 ):
     from .kernels import attention_kernel
 
-    if max_rows <= config.CPU_STREAM_ROWS:  # few queries: the streaming kernel
+    if max_rows <= _knob("CPU_STREAM_ROWS", 0):  # few queries: the streaming kernel
         split_attention(
             q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right, 1, None
         )
@@ -268,7 +274,7 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
 
 def _stream_rows(max_rows: int, group: int) -> int:
     """Query rows per work item of the streaming kernel."""
-    return max(1, min(int(max_rows), config.CPU_STREAM_ROWS))
+    return max(1, min(int(max_rows), _knob("CPU_STREAM_ROWS", 0)))
 
 
 def default_splits(batch, heads, group, max_rows, max_keys, *, paged=False):
@@ -281,7 +287,7 @@ def default_splits(batch, heads, group, max_rows, max_keys, *, paged=False):
     in each row): the key heads are not counted, as the threads then stream
     whole rows of their own key ranges; a share of every row per thread
     (heads dealt to the threads) ran 1.4-1.9x slower (2 threads, Zen 4)."""
-    if max_rows > config.CPU_STREAM_ROWS or group < 1:
+    if max_rows > _knob("CPU_STREAM_ROWS", 0) or group < 1:
         return 1
     threads = _threads()
     qt = _stream_rows(max_rows, group)
@@ -290,7 +296,7 @@ def default_splits(batch, heads, group, max_rows, max_keys, *, paged=False):
         return 1
     best = 1
     for n in range(2, 17):
-        if max_keys < n * config.CPU_MIN_SPLIT_KEYS:
+        if max_keys < n * _knob("CPU_MIN_SPLIT_KEYS"):
             break
         best = n
         total = items * n
@@ -373,8 +379,8 @@ def decode_args(
         num_splits=int(num_splits),
         heads_per_item=hpi,
         q_tile=qt,
-        k_tile=config.CPU_STREAM_KEY_TILE if k_tile is None else k_tile,
-        wide_rows=config.CPU_STREAM_WIDE_ROWS,
+        k_tile=_knob("CPU_STREAM_KEY_TILE") if k_tile is None else k_tile,
+        wide_rows=_knob("CPU_STREAM_WIDE_ROWS"),
         n_threads=_threads(),
     )
 
@@ -453,14 +459,14 @@ def attention_backward_args(
     heads (then the accumulators are one dq-sized array), and never more
     than ``config.CPU_BWD_SPLIT_BYTES`` of accumulators allow."""
     bias_, mask_, has_bias, has_mask = _options(q.dtype, bias, mask)
-    k_tile = config.CPU_BWD_KEY_TILE if k_tile is None else k_tile
+    k_tile = _knob("CPU_BWD_KEY_TILE") if k_tile is None else k_tile
     n_threads = _threads()
     heads = q.shape[0] * k.shape[1]
     key_tiles = -(-int(max_keys) // max(1, k_tile))
     # Memory cap: the accumulators (splits x rows x d) stay within
     # CPU_BWD_SPLIT_BYTES, or one dq-sized array when dq alone is larger.
     acc_bytes = q.shape[0] * q.shape[1] * (int(max_rows) + 3) * q.shape[3] * q.itemsize
-    cap = config.CPU_BWD_SPLIT_BYTES // max(1, acc_bytes)
+    cap = _knob("CPU_BWD_SPLIT_BYTES", 0) // max(1, acc_bytes)
     splits = max(1, min(-(-2 * n_threads // max(1, heads)), key_tiles, cap))
     return AttentionBackwardArgs(
         q=q,
@@ -484,7 +490,7 @@ def attention_backward_args(
         scale=float(scale),
         left=int(window_left),
         right=int(window_right),
-        q_tile=config.CPU_BWD_QUERY_TILE if q_tile is None else q_tile,
+        q_tile=_knob("CPU_BWD_QUERY_TILE") if q_tile is None else q_tile,
         k_tile=k_tile,
         splits=splits,
         n_threads=n_threads,

@@ -19,6 +19,7 @@ import threading
 import numpy as np
 
 from .. import config
+from .._checks import check_knob
 from . import limits
 from .args import (
     AttentionArgs,
@@ -315,14 +316,8 @@ def restride(arr, shape, strides):
 # Kernel selection and launch
 
 
-def _pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"numbattn.config.{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _knob(name: str) -> int:
-    return _pos_int(name, getattr(config, name))
+    return check_knob(name, getattr(config, name))
 
 
 def _divides(part: str, whole: str) -> tuple[int, int]:
