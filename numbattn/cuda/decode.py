@@ -19,29 +19,67 @@ Streaming kernel (:func:`make_decode`)
     where they exist.
 
     The block is ``NTEAM`` teams of ``WL`` lanes (hardware: ``WL = 32``, one
-    warp a team). A team takes ``KB`` consecutive keys at a time; lane ``l``
-    holds head dimensions ``l + WL*e`` (``e < EPL``) of q (registers, all of
-    the block's rows) and loads the same dimensions of the KB key rows and
-    value rows: consecutive lanes read consecutive elements of a row (one
-    coalesced 128-byte transaction per warp and element), read directly from
-    the caller's arrays, no staging through shared memory. K and V of the KB
-    keys are loaded together before any arithmetic (2*KB*EPL independent
+    warp a team). A team takes ``KB`` consecutive keys at a time. Lane
+    ``l`` holds EPL head dimensions of q (registers, all of the block's
+    rows) in chunks of ``VW`` consecutive dimensions (:func:`vector_width`:
+    16 bytes, 4 floats or 2 doubles), chunk ``l + WL*c``, and reads the
+    same chunks of the KB key rows and value rows: consecutive lanes read
+    consecutive 16 bytes of a row (a warp reads 512 contiguous bytes per
+    instruction, one LDG.E.128 per lane and chunk), directly from the
+    caller's arrays, no staging through shared memory. The loads go
+    through a global-space pointer (:func:`_ldg_intrinsic`; Numba's array
+    reads are generic LD.E, one element each) at byte offsets the kernel
+    computes once per key row; 16-byte loads need aligned rows
+    (``vec``, checked by the backend: :func:`numbattn.cuda.backend.vector_ok`),
+    else the chunks are read element by element. K and V of the KB keys
+    are loaded together before any arithmetic (2*KB*EPL/VW independent
     loads in flight per lane). Partial dot products are summed over the
     team's lanes (hardware: ``shfl_xor_sync`` butterflies, which leave the
     same sum in every lane; simulator: shared memory and barriers), so every
     lane holds the same scores and runs the same online softmax (row max
     ``m``, sum ``l``); each lane accumulates its own output columns.
 
+    Why these numbers (issue 11 part 4): decoding reads each K/V byte once
+    for 1 flop per byte (fp32), so the kernel is a memory stream, and a
+    stream runs at the memory's bandwidth only with enough bytes in flight
+    (Little's law: on an H200, ~4.8 TB/s x ~600 ns / 132 SMs: 20-40 KB per
+    SM) and few enough instructions per byte to issue them (an SM issues 4
+    warp instructions a cycle, ~240 instructions per KiB of K+V at full
+    bandwidth). Float32, d = 128, one row (MHA decode): KB = 4 keys a step,
+    each 2 x 512 B per warp, 4 KiB in flight per warp when the step's loads
+    are out, 16 warps per SM (launch bounds: at most 128 registers a thread,
+    :func:`decode_threads_per_sm`): ~64 KiB per SM; the fast loop issues
+    about 80 instructions per KiB read, against 355 before (scalar generic
+    loads, 64-bit index arithmetic per element, visibility tests per key).
+    Four rows (GQA groups of 4) take 2 keys a step in the same registers
+    (``backend.decode_geometry``); float64 runs 12 warps per SM (8 for 4
+    rows: its rows' state is twice as wide).
+
     Keys: the block's rows see keys [lo, hi) (lengths, causal, window,
     aligned per sequence by the table's ALIGN column); split ``s`` of
     ``n_split`` takes the s-th of ``n_split`` equal chunks of [lo, hi), so
     splits balance whatever the lengths, and the teams of the block take
-    the chunk's keys in turn, KB at a time (the trip count is block-uniform:
-    the portable reduction has barriers). Per key and row, visibility (row
-    real, window, mask) sets a masked score to -inf; its probability is
-    stored as -0.0 and its value row is never multiplied in (a NaN or inf
-    in a masked value cannot reach the row, as in the fused kernel). A -inf
-    bias masks.
+    the chunk's keys in turn (the trip counts are block-uniform: the
+    portable reduction has barriers). Two loops cover them:
+
+    - the *fast* loop: the whole steps of NTEAM*KB keys that every real row
+      of the block sees entirely, when there is no mask and no bias (the
+      interior of a decode's split). No visibility test, no NaN-safe copy
+      of P.V; K/V offsets by a multiply per step (contiguous cache) or a
+      table read per key (paged: shift and mask for power-of-two blocks);
+      two steps a trip, written out (the hot loop of ``gpu-report``).
+    - the *general* loop: the keys before and after them, one key a team at
+      a time (fewer registers: it must fit beside the fast loop), with every
+      test: per key and row, visibility (row real, window, mask) sets a
+      masked score to -inf; its probability is stored as -0.0 and its value
+      row is never multiplied in (a NaN or inf in a masked value cannot
+      reach the row, as in the fused kernel). A -inf bias masks.
+
+    The block's coordinates and bounds are derived from the block index and
+    the sequence table twice, before the fast loop and after it (behind a
+    barrier that also keeps the compiler from carrying them in registers
+    across the fast loop): the float32 kernel at 4 rows fits 128 registers
+    without spilling that way.
 
     Paged cache: k and v are always indexed ``k[blk, slot, hk, c]``. For a
     contiguous cache the backend passes (G1, Tk, Hk, d) views of the
