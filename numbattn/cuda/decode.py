@@ -207,10 +207,10 @@ def vector_width(dtype, EPL):
     return max(1, min(16 // np.dtype(dtype).itemsize, EPL))
 
 
-#: Resident threads per SM the hardware path's launch bounds ask for, by
-#: item size and by rows per block (float32: 16 warps, at most 128 registers
-#: a thread; float64: 12 warps up to 2 rows, 8 warps for more).
 def decode_threads_per_sm(dtype, RB):
+    """Resident threads per SM the hardware path's launch bounds ask for
+    (float32: 16 warps, at most 128 registers a thread; float64: 12 warps up
+    to 2 rows per block, 8 for more: its rows' state is twice as wide)."""
     if np.dtype(dtype).itemsize == 4:
         return 512
     return 384 if RB <= 2 else 256
