@@ -125,8 +125,11 @@ CUDA_DECODE_TEAMS = 4
 #: Rows (query head x query pairs) per block, at most (a call with fewer rows
 #: per KV head uses the next power of two above them).
 CUDA_DECODE_ROWS = 4
-#: Keys per team and step, float32 / float64 (more loads in flight, more
-#: registers: 4 keys give 126 registers, 4 blocks of 128 threads per SM, on cc 9.0).
+#: Keys per team and step, float32 / float64, at up to 2 rows per block
+#: (halved per doubling of the rows past 2, and as elements per lane grow
+#: past 4: more loads in flight, more registers; float32 at d = 128: 4 keys
+#: of 1 or 2 rows, 2 keys of 4 rows fit 128 registers, 16 warps per SM on cc
+#: 9.0, see numbattn/cuda/decode.py).
 CUDA_DECODE_KEYS = 4
 CUDA_DECODE_KEYS_F64 = 2
 #: ``num_splits=None`` never makes a key chunk shorter than this.

@@ -460,14 +460,25 @@ def cmd_decode(args) -> None:
             f"{shape} MHA num_splits=1", dtype, q, k, v, None, None, None, H,
             lambda out: numbattn.attention(q, k, v, out=out, num_splits=1), {}, kv_bytes,
         )  # fmt: skip
-        # The other register budget: 8 keys a warp step (166 registers, 3 blocks/SM).
+        # Half the K/V bytes in flight per warp (2 keys a step instead of 4),
+        # and the rows read element by element (LD.E, no 16-byte loads): what
+        # each part of the kernel's design is worth, in the same run.
         keys = numbattn.config.CUDA_DECODE_KEYS
-        numbattn.config.CUDA_DECODE_KEYS = 2 * keys
+        numbattn.config.CUDA_DECODE_KEYS = max(1, keys // 2)
         run_case(
-            f"{shape} MHA CUDA_DECODE_KEYS={2 * keys}", dtype, q, k, v, None, None, None, H,
-            lambda out: numbattn.attention(q, k, v, out=out), {}, kv_bytes,
+            f"{shape} MHA CUDA_DECODE_KEYS={max(1, keys // 2)}", dtype, q, k, v,
+            None, None, None, H, lambda out: numbattn.attention(q, k, v, out=out), {}, kv_bytes,
         )  # fmt: skip
         numbattn.config.CUDA_DECODE_KEYS = keys
+        vector_ok = BE.vector_ok
+        BE.vector_ok = lambda arrays, vw: False
+        try:
+            run_case(
+                f"{shape} MHA scalar loads", dtype, q, k, v, None, None, None, H,
+                lambda out: numbattn.attention(q, k, v, out=out), {}, kv_bytes,
+            )  # fmt: skip
+        finally:
+            BE.vector_ok = vector_ok
         # GQA: 32 query heads over 8 KV heads, against the 8-head MHA decode.
         hk = H // 4
         k8, v8 = k[:, :hk], v[:, :hk]

@@ -32,7 +32,7 @@ KERNELS = (
 )  # fmt: skip
 DTYPES = ("float32", "float64")
 LOOP_KEYS = ("instructions", "fma", "mma", "fma_share", "shared_loads", "shared_loads_vector",
-             "barriers")  # fmt: skip
+             "global_loads", "global_loads_128", "barriers")  # fmt: skip
 
 
 def _tools():
@@ -223,6 +223,12 @@ def test_inner_loop_counts(run, tools):
             == loop["shared_loads_vector"]
         )
         assert sum(b == "BAR" for b in base) == loop["barriers"]
+        assert sum(b in ("LDG", "LD") for b in base) == loop["global_loads"]
+        assert (
+            sum(b in ("LDG", "LD") and "128" in op.split(".")[1:] for b, op in zip(base, ops))
+            == loop["global_loads_128"]
+            <= loop["global_loads"]
+        )
 
 
 def _attention_products(geo):
@@ -307,6 +313,34 @@ def test_scores_register_blocked(run, tools):
         assert loop["global_loads"] > 0 and loop["local_accesses"] == 0
         assert r["spill_bytes"] == 0 and r["warps_per_sm"] >= 16
         assert r["threads_per_block"] >= 256  # multi-warp blocks
+
+
+def test_decode_reads_rows_16_bytes_at_a_time(run, tools):
+    """The streaming decode kernel (issue 11 part 4) at the default geometry
+    (d = 128, 4 rows a block): its hottest loop is the fast loop, two steps
+    of KB keys a team written out; each lane reads its chunk of every K and V
+    row with one 16-byte global load (LDG.E.128: 4 floats or 2 doubles), no
+    other K/V read; no local memory, no spills; the float32 kernel in at most
+    128 registers (16 warps per SM on cc 9.0), float64 at 8 warps."""
+    records, save = run
+    dec = {(r["dtype"], r["path"]): r for r in _static(records) if r["kernel"] == "decode"}
+    assert sorted(dec) == sorted((d, p) for d in DTYPES for p in ("hardware", "simulator"))
+    for (dt, path), r in dec.items():
+        loop, geo = r["inner_loop"], r["geometry"]
+        assert geo["vector"] * (4 if dt == "float32" else 8) == 16
+        chunks = geo["elements_per_lane"] // geo["vector"]
+        ops = _loop_ops(tools, save, r)
+        wide = [op for op in ops if op.split(".")[0] == "LDG" and "128" in op.split(".")]
+        assert len(wide) == loop["global_loads_128"]
+        assert loop["global_loads_128"] >= 2 * 2 * geo["keys"] * chunks, (dt, path)
+        # K/V reads are LDG.128 only; the other global loads are the block table's.
+        assert loop["global_loads"] - loop["global_loads_128"] <= 2 * 2 * geo["keys"]
+        assert loop["fma"] >= 2 * 2 * geo["keys"] * geo["rows"] * geo["elements_per_lane"]
+        assert loop["local_accesses"] == 0 and r["spill_bytes"] == 0 and r["local_bytes"] == 0
+        assert (loop["shuffles"] > 0) == (path == "hardware")
+    assert dec["float32", "hardware"]["registers"] <= 128
+    assert dec["float32", "hardware"]["warps_per_sm"] >= 16
+    assert dec["float64", "hardware"]["warps_per_sm"] >= 8
 
 
 def test_float32_attention_loop_has_no_index_fixups(run, tools):

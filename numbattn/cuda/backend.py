@@ -654,15 +654,20 @@ REPORT_HEAD_DIM = 128
 
 def _decode_launches(dtype) -> list[dict]:
     """The streaming kernel (both paths) at d = dv = REPORT_HEAD_DIM and the split merge."""
+    from .decode import vector_width
+
     geo = decode_geometry(dtype, REPORT_HEAD_DIM, REPORT_HEAD_DIM)
     wl, nteam, rb, kb, epl = geo
     merge, nt = _split_merge_kernel(dtype)
-    geometry = dict(lanes=wl, teams=nteam, rows=rb, keys=kb, elements_per_lane=epl)
+    vw = vector_width(dtype, epl)
+    geometry = dict(lanes=wl, teams=nteam, rows=rb, keys=kb, elements_per_lane=epl, vector=vw)
+    # Aligned K/V rows (a contiguous or paged cache with d a multiple of the
+    # vector width), read vw elements a load.
     return [
         dict(
             kernel="decode",
             path=path,
-            dispatcher=_decode_kernel(dtype, geo, hw=hw),
+            dispatcher=_decode_kernel(dtype, geo, hw=hw, vec=True),
             args=DecodeArgs,
             signature=decode_signature(dtype),
             threads=wl * nteam,
@@ -1141,8 +1146,10 @@ def decode_geometry(dtype, d: int, dv: int, rows: int | None = None) -> tuple:
     x queries; None: the configured maximum): EPL, the elements a lane
     holds per row, is the smallest power of two with ``WL * EPL >= max(d,
     dv)``, RB the smallest power of two >= rows up to CUDA_DECODE_ROWS (one
-    compiled kernel per combination), and KB shrinks as EPL grows past 4
-    (the key and value fragments stay within the registers of EPL = 4).
+    compiled kernel per combination), and KB = CUDA_DECODE_KEYS[_F64],
+    halved per doubling of RB past 2 and of EPL past 4 (the key and value
+    fragments and the rows' scores stay within the registers of 2 rows at
+    EPL = 4).
 
     ValueError naming the knob for a bad value or a block that cannot launch.
     """
@@ -1154,12 +1161,15 @@ def decode_geometry(dtype, d: int, dv: int, rows: int | None = None) -> tuple:
     epl = 1
     while wl * epl < max(int(d), int(dv), 1):
         epl *= 2
-    kb = max(1, kb * 4 // max(epl, 4))
     if rows is not None:
         need = 1
         while need < min(int(rows), rb):
             need *= 2
         rb = min(rb, need)
+    # Keys x rows x elements per lane stay within the registers of the
+    # configured keys at 2 rows and EPL = 4 (each row's scores, q and
+    # accumulators and the K/V fragments share them).
+    kb = max(1, kb * 8 // (max(epl, 4) * max(rb, 2)))
     geo = (wl, nteam, rb, kb, epl)
     from .decode import decode_shared_bytes
 
@@ -1174,10 +1184,10 @@ def decode_geometry(dtype, d: int, dv: int, rows: int | None = None) -> tuple:
     return geo
 
 
-def _decode_kernel(dtype, geo, hw=None):
+def _decode_kernel(dtype, geo, hw=None, vec=False):
     dtype = np.dtype(dtype)
     hw = (not simulator()) if hw is None else bool(hw)
-    key = ("decode", dtype, geo, hw)
+    key = ("decode", dtype, geo, hw, bool(vec))
     kern = _kernels.get(key)
     if kern is None:
         from . import decode
@@ -1185,9 +1195,38 @@ def _decode_kernel(dtype, geo, hw=None):
         with _lock:
             wl, nteam, rb, kb, epl = geo
             kern = _kernels.setdefault(
-                key, decode.make_decode(dtype, wl, nteam, rb, kb, epl, hw=hw)
+                key, decode.make_decode(dtype, wl, nteam, rb, kb, epl, hw=hw, vec=bool(vec))
             )
     return kern
+
+
+def _address(arr) -> int:
+    """Device address of ``arr``'s first element (host address on the simulator)."""
+    host = getattr(arr, "_ary", None)  # the simulator's FakeCUDAArray
+    if host is not None:
+        return int(host.__array_interface__["data"][0])
+    ptr = arr.device_ctypes_pointer.value
+    return int(ptr or 0)
+
+
+def vector_ok(arrays, vw: int) -> bool:
+    """Whether the streaming kernel may read rows of ``arrays`` (k and v, in
+    the kernel's (blocks, slots, Hk, d) order) ``vw`` elements at a time:
+    unit last stride, head dimensions multiples of vw, and the first
+    element and every other stride (of axes longer than 1) multiples of
+    vw elements in bytes, so that every chunk a lane reads is aligned."""
+    if vw <= 1:
+        return False
+    for arr in arrays:
+        size = arr.dtype.itemsize
+        align = vw * size
+        if arr.shape[3] % vw or (arr.shape[3] > 1 and arr.strides[3] != size):
+            return False
+        if any(n > 1 and st % align for n, st in zip(arr.shape[:3], arr.strides[:3])):
+            return False
+        if math.prod(arr.shape) and _address(arr) % align:
+            return False
+    return True
 
 
 def _split_merge_kernel(dtype):
@@ -1341,7 +1380,9 @@ def split_attention(
         return
     dev_seq = _seq_table(seq, stream)
     bias, mask, has_bias, has_mask = _extras(dtype, bias, mask)
-    kern = _decode_kernel(dtype, geo)
+    from .decode import vector_width
+
+    kern = _decode_kernel(dtype, geo, vec=vector_ok((k, v), vector_width(dtype, geo[4])))
     args = DecodeArgs(
         q=q,
         k=k,

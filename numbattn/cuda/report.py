@@ -42,7 +42,8 @@ installs them). One record per compiled kernel variant:
     (LDS), ``shared_loads_vector`` (LDS.64/.128: for float64, an LDS.64 is
     one element), ``shared_stores``,
     ``global_loads`` (LDG, and the generic LD that Numba's array accesses
-    compile to), ``local_accesses`` (LDL/STL: spills in the loop),
+    compile to), ``global_loads_128`` (those of 16 bytes: LDG.E.128, one
+    per lane for four floats or two doubles), ``local_accesses`` (LDL/STL: spills in the loop),
     ``mufu`` (exp/log/rcp), ``barriers`` (BAR), ``shuffles`` (SHFL), the loop's ``start`` and
     ``end`` offsets, and ``nested``: the same counts for each loop inside it
     (the dynamic hot spots: the Q.K^T and P.V products of attention).
@@ -371,6 +372,9 @@ def count(instrs: list[Instr]) -> dict:
         ),
         "shared_stores": sum(i.base == "STS" for i in ops),
         "global_loads": sum(i.base in ("LDG", "LD") for i in ops),
+        "global_loads_128": sum(
+            i.base in ("LDG", "LD") and "128" in i.op.split(".")[1:] for i in ops
+        ),
         "local_accesses": sum(i.base in ("LDL", "STL") for i in ops),
         "mufu": sum(i.base == "MUFU" for i in ops),
         "barriers": sum(i.base == "BAR" for i in ops),
@@ -601,6 +605,7 @@ _LOOP_COLUMNS = [
     ("fma%", "fma_share", "{:.1%}"),
     ("lds", "shared_loads", "{}"),
     ("lds.v", "shared_loads_vector", "{}"),
+    ("ldg.128", "global_loads_128", "{}"),
     ("bar", "barriers", "{}"),
 ]
 
@@ -624,7 +629,8 @@ def table(records: list[dict]) -> str:
     )
     lines.append(
         "loop: static SASS counts of the hottest loop's body (nested loops included); "
-        "fma: FFMA/DFMA, mma: HMMA/DMMA/GMMA, lds.v: LDS.64/.128, bar: BAR."
+        "fma: FFMA/DFMA, mma: HMMA/DMMA/GMMA, lds.v: LDS.64/.128, ldg.128: 16-byte "
+        "global loads, bar: BAR."
     )
     ptxas = {r.get("ptxas") for r in records}
     lines.append(f"ptxas {', '.join(sorted(str(p) for p in ptxas))}; occupancy limited by:")

@@ -14,6 +14,8 @@ on in ``attention`` and the split heuristic made to split (fixture
 ``streaming``).
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -264,6 +266,83 @@ def test_paged_options(dtype):
         )  # fmt: skip
         assert_close(out, ro, dtype, f"splits={splits} out")
         assert_close(lse, rl, dtype, f"splits={splits} lse")
+
+
+# ------------------------------------------------------------------ fast steps, vector loads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["dense", "paged4", "paged3", "offset"])
+def test_fast_steps_and_vector_loads(monkeypatch, dtype, layout):
+    """Head dimensions that are multiples of the vector width (d = 12, dv =
+    16 on 4 lanes: 4 elements a lane, 16-byte chunks for float32, two
+    16-byte chunks of 2 for float64; the fourth lane's K chunk is
+    past d), long enough sequences for fast steps (no mask or bias; every
+    key of a step visible) with general keys before and after them (causal
+    with 3 queries, a window, lengths), MHA and GQA, splits 1 and 3, an odd
+    and an even number of fast steps (the prefetch loop runs two at a time),
+    paged caches with power-of-two and other block sizes; "offset": K and V
+    one element past an aligned address, so rows are read element by
+    element (``vector_ok`` False), with the same results."""
+    from numbattn.cuda.decode import vector_width
+
+    vecs = []
+    build = BE._decode_kernel
+    monkeypatch.setattr(
+        BE, "_decode_kernel", lambda *a, **kw: vecs.append(kw.get("vec")) or build(*a, **kw)
+    )
+    rng = np.random.default_rng(21)
+    lengths = np.array([37, 52])
+    d, dv = 12, 16
+    for hq, hk, nq, window in ((2, 2, 1, None), (4, 2, 3, (20, 0))):
+        q = randn(rng, (2, hq, nq, d), dtype)
+        opts = dict(causal=window is None and nq > 1, window=window)
+        if layout.startswith("paged"):
+            bs = int(layout[5:])
+            kc, vc, table, k, v = _paged(rng, lengths, bs, hk, d, dv, dtype)
+            dk, dvc = dev(kc), dev(vc)
+            assert BE.vector_ok((dk, dvc), vector_width(dtype, 4))
+            call = functools.partial(
+                numbattn.paged_attention, dev(q), dk, dvc, dev(table), lengths, **opts
+            )
+        else:
+            nk = 52
+            k, v = randn(rng, (2, hk, nk, d), dtype), randn(rng, (2, hk, nk, dv), dtype)
+            if layout == "offset":  # the same values one element further on
+                kb, vb = np.empty(k.size + 1, dtype), np.empty(v.size + 1, dtype)
+                kb[1:], vb[1:] = k.ravel(), v.ravel()
+                dk = dev(kb)[1:].reshape(k.shape)
+                dvc = dev(vb)[1:].reshape(v.shape)
+            else:
+                dk, dvc = dev(k), dev(v)
+            call = functools.partial(
+                numbattn.attention, dev(q), dk, dvc, key_lengths=lengths, **opts
+            )
+        ro, rl = reference.attention(q, k, v, key_lengths=lengths, **opts)
+        for splits in (1, 3):
+            out, lse = _run(call, (2, hq), nq, dv, dtype, num_splits=splits)
+            msg = f"hq={hq} splits={splits}"
+            assert_close(out, ro, dtype, msg + " out")
+            assert_close(lse, rl, dtype, msg + " lse")
+    assert vecs and all(x is (layout != "offset") for x in vecs)
+
+
+def test_vector_ok():
+    """Row reads go 16 bytes at a time only when every chunk is aligned:
+    unit last stride, d a multiple of the width, aligned strides and start."""
+    from numbattn.cuda.decode import vector_width
+
+    assert vector_width(np.float32, 4) == 4 and vector_width(np.float64, 4) == 2
+    assert vector_width(np.float32, 2) == 2 and vector_width(np.float32, 1) == 1
+    a = dev(np.zeros((2, 5, 3, 8), np.float32))
+    assert BE.vector_ok((a, a), 4)
+    assert not BE.vector_ok((a, a), 1)
+    assert not BE.vector_ok((a[:, :, :, :6], a), 4)  # d = 6
+    assert BE.vector_ok((a[:, :, :, :4], a), 4)  # row stride 32 bytes, d = 4
+    assert not BE.vector_ok((a[:, :, :, 1:5], a), 4)  # starts 4 bytes in
+    assert not BE.vector_ok((a[:, :, :, ::2], a), 4)  # last stride 8 bytes
+    b = dev(np.zeros((2, 5, 3, 6), np.float32))[:, :, :, :4]  # row stride 24 bytes
+    assert not BE.vector_ok((b, a), 4) and BE.vector_ok((b, b), 2)
 
 
 # ------------------------------------------------------------------ launch safety
