@@ -19,9 +19,10 @@ order; the float sums run in a fixed order):
 2. the *key* kernel (``kv=True``), one block per (batch element, key head,
    tile of BR key rows), keeps K and V of its keys in shared memory and
    streams, for each query head of the key head's group (grouped-query
-   attention: dK and dV are summed over the group in registers, in head
-   order), the query tiles that can see its keys, accumulating ``dK`` and
-   ``dV``. It reads the D the query kernel wrote (same stream: ordered).
+   attention: dK and dV are summed over the group in registers, in a fixed
+   order: see the fast loop below), the query tiles that can see its keys,
+   accumulating ``dK`` and ``dV``. It reads the D the query kernel wrote
+   (same stream: ordered).
 
 One factory (:func:`make_backward`) builds both: the block's *own* rows
 (queries, or keys) stay resident in shared memory (A1 = Q or K, width d;
@@ -77,6 +78,38 @@ Non-finite inputs
     (the tensor-core kernel sums key by key there), so a NaN in a key no
     row sees, or in a fully masked query row, reaches no gradient. (A
     visible entry whose P underflows to exactly 0 is skipped too.)
+
+The float32 fast loop (issue 14; as the forward kernel's)
+    Two loops over streamed tiles, as FlashAttention's masked and unmasked
+    steps. The *interior* tiles come first, in a fast loop: tiles of BC
+    real streamed rows, seen whole by a block of BR real own rows (every
+    (query, key) pair inside the window/causal band, ``head_tiles``
+    computes the range [sa, sb) per query head), no mask, no bias, float32
+    and whole rows padded to DP, DVP <= 64. Its body is one tile's work in
+    straight-line code (:func:`numbattn.cuda.kernels._unrolled`: every
+    shared offset a compile-time constant): S = A1 B1^T over DP/PV steps
+    and dP = A2 B2^T over DVP/PV steps (the zero padding makes the trip
+    counts fixed), P and dS without visibility tests, then the output
+    products over BC/JV steps (:func:`out_step`, the plain loop of the
+    general path): 2048 FMAs a thread and tile for dK/dV at d = dv = 64,
+    1536 for dQ. Staging reads only real rows (the column is clamped and
+    zeroed past d by a select). The key kernel's loop runs over (head,
+    tile) pairs of its group, the query kernel's over its one head. The
+    barrier that publishes a tile is a ``syncthreads_or`` of "a NaN or inf
+    was staged": set, the block leaves the fast loop before touching the
+    tile, and the general loop redoes it (with its NaN-safe output loop)
+    and every tile the fast loop did not do. The general loop then visits,
+    head by head, every other tile of the range (window and causal edges,
+    lengths, mask, bias, d or dv > 64). The order of the float sums is
+    fixed (interior tiles of each head in head order, then the others), so
+    the gradients stay deterministic; with the fast loop switched off
+    (``numbattn.config.CUDA_BWD_FAST_LOOP``) they differ only by that
+    order. Registers: the block's constants are read again from ``seq``
+    after the fast loop rather than kept across it, the loop state is
+    32-bit, and the query kernel reads its rows' lse and D from shared
+    memory in the fast loop (``L``/``DD``), which keeps both kernels free
+    of spills at their launch bounds (dQ: 128 registers, 16 warps per SM;
+    dK/dV: 158, 12 warps per SM; ``python -m numbattn gpu-report``).
 
 The float32 kernel has no warp-level code: its hardware path (``hw``)
 differs from the portable one the simulator runs only by launch bounds and
@@ -193,6 +226,11 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
     ``k_rows``: a sequence writes dk/dv rows ``K_OFF .. K_OFF + max(K_LEN,
     k_rows) - 1`` (dense: Nk; packed varlen: 0). Launch:
     grid = G1 * (Hq or Hk) * n_tiles, block = TR*TC threads.
+
+    ``fast``: float32 with DP, DVP <= 64 runs its interior tiles in the
+    fast loop (module docstring); False builds the general loop alone.
+    The kernel's ``head_tiles`` attribute is the Python function that
+    computes a block's streamed range and interior tiles (for tests).
     """
     nt, sc_t = _types(dtype)
     KV = bool(kv)
