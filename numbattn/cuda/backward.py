@@ -165,7 +165,9 @@ def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
         ("B2", BC * lay["AVS"]),
         ("PT", BR * lay["PS"] if kv else 0),
         ("DS", BR * lay["PS"]),
-        ("L", BC if kv else BR),  # lse of the streamed (key) or own (query) rows
+        # lse of the streamed queries (key kernel), or of the own rows (the
+        # float32 query kernel's fast loop reads it there)
+        ("L", BC if kv else (BR if isz == 4 else 0)),
         ("DD", BC if kv else BR),  # D of the streamed (key) or own (query) rows
         ("X", 2 * TR * TC if mma else 0),  # emulated mma.sync operands (simulator)
     ):
