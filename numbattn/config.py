@@ -110,6 +110,10 @@ CUDA_BWD_ROW_TILE_F64 = 16
 CUDA_BWD_COL_TILE_F64 = 16
 CUDA_BWD_ROWS_PER_THREAD_F64 = 2
 CUDA_BWD_COLS_PER_THREAD_F64 = 2
+#: float32 backward: run the interior tiles (whole tiles, every pair visible,
+#: no mask or bias, head dims <= 64) in the unrolled fast loop; False runs
+#: every tile in the general loop (same results up to summation order).
+CUDA_BWD_FAST_LOOP = True
 # Streaming split-K attention for few queries (numbattn/cuda/decode.py, issue 11).
 # A block is CUDA_DECODE_TEAMS teams of CUDA_DECODE_LANES lanes (a lane per
 # head dimension modulo the team width); it owns CUDA_DECODE_ROWS rows

@@ -1004,7 +1004,8 @@ def backward_geometry(dtype, d: int, dv: int) -> tuple:
 
 def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
     hw = (not simulator()) if hw is None else bool(hw)
-    key = ("backward", np.dtype(dtype), bool(kv), geo, hw)
+    fast = bool(config.CUDA_BWD_FAST_LOOP)
+    key = ("backward", np.dtype(dtype), bool(kv), geo, hw, fast)
     kern = _kernels.get(key)
     if kern is None:
         from .backward import make_backward
@@ -1012,7 +1013,7 @@ def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
         with _lock:
             tr, tc, rr, rc, dp, dvp = geo
             kern = _kernels.setdefault(
-                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw)
+                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw, fast=fast)
             )
     return kern
 

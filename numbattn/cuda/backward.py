@@ -19,9 +19,10 @@ order; the float sums run in a fixed order):
 2. the *key* kernel (``kv=True``), one block per (batch element, key head,
    tile of BR key rows), keeps K and V of its keys in shared memory and
    streams, for each query head of the key head's group (grouped-query
-   attention: dK and dV are summed over the group in registers, in head
-   order), the query tiles that can see its keys, accumulating ``dK`` and
-   ``dV``. It reads the D the query kernel wrote (same stream: ordered).
+   attention: dK and dV are summed over the group in registers, in a fixed
+   order: see the fast loop below), the query tiles that can see its keys,
+   accumulating ``dK`` and ``dV``. It reads the D the query kernel wrote
+   (same stream: ordered).
 
 One factory (:func:`make_backward`) builds both: the block's *own* rows
 (queries, or keys) stay resident in shared memory (A1 = Q or K, width d;
@@ -78,6 +79,38 @@ Non-finite inputs
     row sees, or in a fully masked query row, reaches no gradient. (A
     visible entry whose P underflows to exactly 0 is skipped too.)
 
+The float32 fast loop (issue 14; as the forward kernel's)
+    Two loops over streamed tiles, as FlashAttention's masked and unmasked
+    steps. The *interior* tiles come first, in a fast loop: tiles of BC
+    real streamed rows, seen whole by a block of BR real own rows (every
+    (query, key) pair inside the window/causal band, ``head_tiles``
+    computes the range [sa, sb) per query head), no mask, no bias, float32
+    and whole rows padded to DP, DVP <= 64. Its body is one tile's work in
+    straight-line code (:func:`numbattn.cuda.kernels._unrolled`: every
+    shared offset a compile-time constant): S = A1 B1^T over DP/PV steps
+    and dP = A2 B2^T over DVP/PV steps (the zero padding makes the trip
+    counts fixed), P and dS without visibility tests, then the output
+    products over BC/JV steps (:func:`out_step`, the plain loop of the
+    general path): 2048 FMAs a thread and tile for dK/dV at d = dv = 64,
+    1536 for dQ. Staging reads only real rows (the column is clamped and
+    zeroed past d by a select). The key kernel's loop runs over (head,
+    tile) pairs of its group, the query kernel's over its one head. The
+    barrier that publishes a tile is a ``syncthreads_or`` of "a NaN or inf
+    was staged": set, the block leaves the fast loop before touching the
+    tile, and the general loop redoes it (with its NaN-safe output loop)
+    and every tile the fast loop did not do. The general loop then visits,
+    head by head, every other tile of the range (window and causal edges,
+    lengths, mask, bias, d or dv > 64). The order of the float sums is
+    fixed (interior tiles of each head in head order, then the others), so
+    the gradients stay deterministic; with the fast loop switched off
+    (``numbattn.config.CUDA_BWD_FAST_LOOP``) they differ only by that
+    order. Registers: the block's constants are read again from ``seq``
+    after the fast loop rather than kept across it, the loop state is
+    32-bit, and the query kernel reads its rows' lse and D from shared
+    memory in the fast loop (``L``/``DD``), which keeps both kernels free
+    of spills at their launch bounds (dQ: 128 registers, 16 warps per SM;
+    dK/dV: 158, 12 warps per SM; ``python -m numbattn gpu-report``).
+
 The float32 kernel has no warp-level code: its hardware path (``hw``)
 differs from the portable one the simulator runs only by launch bounds and
 16-byte aligned shared memory (vector loads).
@@ -91,7 +124,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
-from .kernels import _dmma, _on_simulator, _qk_step, _stride, _types, _vec
+from .kernels import _device, _dmma, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
 
 U = uint32
 
@@ -132,7 +165,9 @@ def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
         ("B2", BC * lay["AVS"]),
         ("PT", BR * lay["PS"] if kv else 0),
         ("DS", BR * lay["PS"]),
-        ("L", BC if kv else 0),  # lse of the streamed queries (key kernel)
+        # lse of the streamed queries (key kernel), or of the own rows (the
+        # float32 query kernel's fast loop reads it there)
+        ("L", BC if kv else (BR if isz == 4 else 0)),
         ("DD", BC if kv else BR),  # D of the streamed (key) or own (query) rows
         ("X", 2 * TR * TC if mma else 0),  # emulated mma.sync operands (simulator)
     ):
@@ -178,7 +213,7 @@ def _emulated_mma():
     return _EMUL[0]
 
 
-def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
+def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
     """The query (``kv=False``) or key (``kv=True``) kernel of the backward pass.
 
     Signature (:class:`numbattn.cuda.args.BackwardArgs`)::
@@ -193,6 +228,11 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     ``k_rows``: a sequence writes dk/dv rows ``K_OFF .. K_OFF + max(K_LEN,
     k_rows) - 1`` (dense: Nk; packed varlen: 0). Launch:
     grid = G1 * (Hq or Hk) * n_tiles, block = TR*TC threads.
+
+    ``fast``: float32 with DP, DVP <= 64 runs its interior tiles in the
+    fast loop (module docstring); False builds the general loop alone.
+    The kernel's ``head_tiles`` attribute is the Python function that
+    computes a block's streamed range and interior tiles (for tests).
     """
     nt, sc_t = _types(dtype)
     KV = bool(kv)
@@ -233,6 +273,135 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
     # S = A1 B1^T (width d) and dP = A2 B2^T (width dv), PV dims a step.
     s_step = _qk_step(RR, RC, PV, TR * ASI, TC * ASI)
     dp_step = _qk_step(RR, RC, PV, TR * AVSI, TC * AVSI)
+    # The fast loop (interior tiles, float32 FMA kernel, whole rows of at
+    # most 64 dims): both score products and both output products written
+    # out step by step over the zero-padded rows (see _unrolled).
+    FAST = bool(fast) and np.dtype(dtype) == np.float32 and not MMA and DP <= 64 and DVP <= 64
+
+    def out_step(sh, acc1, acc2, df, pf, cf, pp, pt, pb, pv2):
+        """acc1 += dS B1 (and acc2 += P B2, key kernel) over JV streamed
+        rows: one vector read of dS (and P) per own row, CV columns per read
+        of B1 (B2). The plain loop of the general path, one step."""
+        for a in range(RR):
+            for e in range(JV):
+                df[a, e] = sh[pp + U(a * TR * PSI + e)]
+                if KV:
+                    pf[a, e] = sh[pt + U(a * TR * PSI + e)]
+        for e in range(JV):
+            for x in range(NCD):
+                cf[x] = sh[pb + U(e * ASI + (x // CV) * CV * TC + x % CV)]
+            for a in range(RR):
+                for x in range(NCD):
+                    acc1[a, x] += df[a, e] * cf[x]
+            if KV:
+                for x in range(NCV):
+                    cf[x] = sh[pv2 + U(e * AVSI + (x // CV) * CV * TC + x % CV)]
+                for a in range(RR):
+                    for x in range(NCV):
+                        acc2[a, x] += pf[a, e] * cf[x]
+
+    out_step = _device(out_step)
+    fast_s = _unrolled(
+        "fast_s",
+        DP // PV,
+        "sh, s, af, bf, pa, pb",
+        "s_step(sh, s, af, bf, pa + U({i} * PV), pb + U({i} * PV))",
+        dict(s_step=s_step, U=U, PV=PV),
+    )
+    fast_dp = _unrolled(
+        "fast_dp",
+        DVP // PV,
+        "sh, s, af, bf, pa, pb",
+        "dp_step(sh, s, af, bf, pa + U({i} * PV), pb + U({i} * PV))",
+        dict(dp_step=dp_step, U=U, PV=PV),
+    )
+    fast_out = _unrolled(
+        "fast_out",
+        BC // JV,
+        "sh, acc1, acc2, df, pf, cf, pp, pt, pb, pv2",
+        "out_step(sh, acc1, acc2, df, pf, cf, pp + U({i} * JV), pt + U({i} * JV),"
+        " pb + U({i} * JV * ASI), pv2 + U({i} * JV * AVSI))",
+        dict(out_step=out_step, U=U, JV=JV, ASI=ASI, AVSI=AVSI),
+    )
+
+    def head_tiles(seq, b1, h, o0, k_off, k_len, wl, wr, full):
+        """Query head h's streamed rows for this block: (s_off, s_len,
+        lo_base, hi_base, slo, shi, n_st, sa, sb). Key j is visible to query
+        i iff lo_base <= j - i < hi_base; the block's rows see streamed rows
+        [slo, shi), n_st tiles of BC from slo; tiles [sa, sb) are interior:
+        every (own, streamed) pair of the tile is a real, visible one
+        (``full``: the block's BR own rows are real, no mask, no bias)."""
+        q_off = seq[b1, h, 0]
+        q_len = seq[b1, h, 1]
+        offset = seq[b1, h, 5]  # ALIGN: the diagonal (numbattn._sequences)
+        lo_base = -BIG
+        hi_base = BIG
+        if wl >= 0:
+            lo_base = offset - wl
+        if wr >= 0:
+            hi_base = offset + wr + 1
+        slo = 0
+        shi = 0
+        if KV:
+            j1 = min(o0 + BR, k_len)
+            if j1 > o0:
+                slo = max(0, o0 - hi_base + 1)
+                shi = min(q_len, j1 - lo_base)
+            s_len = q_len
+            s_off = q_off
+            # key - query over the tile: o0 - s0 + [-(BC - 1), BR - 1].
+            smin = o0 + BR - hi_base
+            smax = o0 - BC + 1 - lo_base
+        else:
+            if o0 < q_len:
+                slo = max(0, o0 + lo_base)
+                shi = min(k_len, min(o0 + BR, q_len) - 1 + hi_base)
+            s_len = k_len
+            s_off = k_off
+            # key - query over the tile: s0 - o0 + [-(BR - 1), BC - 1].
+            smin = o0 + BR - 1 + lo_base
+            smax = o0 - BC + hi_base
+        n_st = 0
+        if shi > slo:
+            n_st = (shi - slo + BC - 1) // BC
+        sa = 0
+        sb = 0
+        if full and n_st > 0:
+            # s0 = slo + BC*st in [smin, smax] and s0 + BC <= shi.
+            sa = min(n_st, max(0, -((slo - smin) // BC)))
+            sb = max(sa, min(n_st, (min(smax, shi - BC) - slo) // BC + 1))
+        return s_off, s_len, lo_base, hi_base, slo, shi, n_st, sa, sb
+
+    head_tiles_py = head_tiles
+    head_tiles = _device(head_tiles)
+
+    def block_rows(seq, n_tiles, k_rows, g2n, group):
+        """The block's (b1, b2, o0, h0, hk, k_off, k_len, own_off, own_len,
+        own_rows): batch element, query (or key) head, first own row, a query
+        head of its table rows, key head, keys, own rows."""
+        bid = cuda.blockIdx.x
+        # Heaviest tiles first under causal masking: the first key tiles,
+        # the last query tiles.
+        tile = bid % n_tiles if KV else n_tiles - 1 - bid % n_tiles
+        rest = bid // n_tiles
+        b2 = U(rest % g2n)
+        b1 = U(rest // g2n)
+        o0 = tile * BR
+        h0 = b2 * U(group) if KV else b2  # a query head of this block's table rows
+        hk = U(b2 if KV else b2 // U(group))
+        k_off = seq[b1, h0, 3]
+        k_len = seq[b1, h0, 4]
+        if KV:
+            own_off = k_off
+            own_len = k_len
+            own_rows = max(k_len, k_rows)
+        else:
+            own_off = seq[b1, h0, 0]
+            own_len = seq[b1, h0, 1]
+            own_rows = seq[b1, h0, 2]
+        return b1, b2, o0, h0, hk, k_off, k_len, own_off, own_len, own_rows
+
+    block_rows = _device(block_rows)
     opts = {}
     if hw and NT % 32 == 0 and not _on_simulator():
         # Resident threads per SM asked of ptxas (registers: 65536 / that,
@@ -294,25 +463,9 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
         d = q.shape[3]
         dvw = v.shape[3]
         g2n = k.shape[1] if KV else hq_n
-        bid = cuda.blockIdx.x
-        # Heaviest tiles first under causal masking: the first key tiles,
-        # the last query tiles.
-        tile = bid % n_tiles if KV else n_tiles - 1 - bid % n_tiles
-        rest = bid // n_tiles
-        b2 = U(rest % g2n)
-        b1 = U(rest // g2n)
-        o0 = tile * BR
-        h0 = b2 * U(group) if KV else b2  # a query head of this block's table rows
-        k_off = seq[b1, h0, 3]
-        k_len = seq[b1, h0, 4]
-        if KV:
-            own_off = k_off
-            own_len = k_len
-            own_rows = max(k_len, k_rows)
-        else:
-            own_off = seq[b1, h0, 0]
-            own_len = seq[b1, h0, 1]
-            own_rows = seq[b1, h0, 2]
+        b1, b2, o0, h0, hk, k_off, k_len, own_off, own_len, own_rows = block_rows(
+            seq, n_tiles, k_rows, g2n, group
+        )
         if o0 >= own_rows:
             return  # whole block: past this sequence's rows
         utid = U(cuda.threadIdx.x)
@@ -320,7 +473,6 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
         utr = utid // uTC
         tc = int64(utc)
         tr = int64(utr)
-        hk = U(b2 if KV else b2 // U(group))
         # Tensor cores: lane (g, t) of warp w owns row mr = 8w + g of the tile.
         lane = U(utid & U(31))
         ug = U(lane >> U(2))
@@ -399,40 +551,153 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
                             x = PINF  # no visible key: exp(s - inf) = 0
                     own_l[a] = x
                     own_d[a] = sh[OFF_DD + U(r)]
+                    if FAST and tc == 0:  # for the fast loop, which reads it from there
+                        sh[OFF_L + U(r)] = x
 
         n_heads = group if KV else 1
+        # The fast loop: the interior tiles of every head of the group (head
+        # order; whole blocks of real own rows, no mask, no bias), one
+        # loop over (head, tile), fixed trip counts over the zero-padded
+        # rows, no visibility tests, no NaN-safe output loop. A NaN or inf
+        # staged (block-uniform, from the barrier that publishes the tile)
+        # leaves it: the general loop redoes that tile and the rest.
+        full = FAST and not has_mask and not has_bias and o0 + BR <= own_len
+        full = full and d > 0 and dvw > 0
+        gstop = -1  # heads < gstop: interior tiles done; head gstop: [sa, ststop)
+        ststop = U(0)
+        if full:
+            # 32-bit loop state (token counts < 2**31): fewer live registers.
+            # The query kernel's one head is set up here; the key kernel
+            # starts each head of its group inside the loop.
+            gi = -1 if KV else 0
+            h = h0
+            ust, usb, uslo, usoff = U(0), U(0), U(0), U(0)
+            if not KV:
+                s_off, _sl, _lb, _hb, slo, _sh, _n, sa, sb = head_tiles(
+                    seq, b1, h, o0, k_off, k_len, wl, wr, True
+                )
+                ust, usb, uslo, usoff = U(sa), U(sb), U(slo), U(s_off)
+            dm1 = U(d - 1)
+            dvm1 = U(dvw - 1)
+            while True:
+                if ust >= usb:  # the next head's interior tiles (key kernel)
+                    gi += 1
+                    if not KV or gi >= n_heads:
+                        break
+                    h = U(h0 + U(gi))
+                    s_off, _sl, _lb, _hb, slo, _sh, _n, sa, sb = head_tiles(
+                        seq, b1, h, o0, k_off, k_len, wl, wr, True
+                    )
+                    ust, usb, uslo, usoff = U(sa), U(sb), U(slo), U(s_off)
+                    continue
+                us0 = U(usoff + uslo + ust * U(BC))  # the tile's first streamed row
+                # Every streamed row is real: only the columns are tested
+                # (clamped loads, then a select).
+                bad = int32(0)
+                idx = utid
+                while idx < U(BC * DP):
+                    r = U(idx // U(DP))
+                    p = U(idx % U(DP))
+                    row = U(us0 + r)
+                    if KV:
+                        val = q[b1, h, row, min(p, dm1)]
+                    else:
+                        val = k[b1, hk, row, min(p, dm1)]
+                    val = val if p <= dm1 else ZERO
+                    if not math.isfinite(val):
+                        bad = int32(1)
+                    sh[U(OFF_B1 + r * AS + p)] = val
+                    idx = U(idx + U(NT))
+                idx = utid
+                while idx < U(BC * DVP):
+                    r = U(idx // U(DVP))
+                    p = U(idx % U(DVP))
+                    row = U(us0 + r)
+                    if KV:
+                        val = dout[b1, h, row, min(p, dvm1)]
+                    else:
+                        val = v[b1, hk, row, min(p, dvm1)]
+                    val = val if p <= dvm1 else ZERO
+                    if not math.isfinite(val):
+                        bad = int32(1)
+                    sh[U(OFF_B2 + r * AVS + p)] = val
+                    idx = U(idx + U(NT))
+                if KV and utid < U(BC):
+                    row = U(us0 + utid)
+                    lx = lse[b1, h, row]
+                    if lx == NINF:
+                        lx = PINF
+                    sh[OFF_L + utid] = lx
+                    sh[OFF_DD + utid] = delta[b1, h, row]
+                if cuda.syncthreads_or(bad):
+                    break
+                for a in range(RR):
+                    for b in range(RC):
+                        s[a, b] = ZERO
+                        dp[a, b] = ZERO
+                # Shared offsets from the thread's coordinates (fewer live
+                # registers than keeping them across the loop).
+                utc = utid % uTC
+                utr = utid // uTC
+                fast_s(sh, s, af, bf, U(OFF_A1 + utr * AS), U(OFF_B1 + utc * AS))  # S = A1 B1^T
+                fast_dp(sh, dp, af, bf, U(OFF_A2 + utr * AVS), U(OFF_B2 + utc * AVS))  # dP
+                pp = U(OFF_DS + utr * PS)
+                pt = U(OFF_PT + utr * PS)
+                for a in range(RR):
+                    for b in range(RC):
+                        x = s[a, b] * scale
+                        if KV:
+                            lx = sh[OFF_L + utc + U(TC * b)]
+                            dx = sh[OFF_DD + utc + U(TC * b)]
+                        else:  # (fewer live registers than own_l, own_d)
+                            lx = sh[OFF_L + utr + U(TR * a)]
+                            dx = sh[OFF_DD + utr + U(TR * a)]
+                        pv = ZERO
+                        dsv = ZERO
+                        if x != NINF:
+                            pv = math.exp(x - lx)
+                            dsv = pv * (dp[a, b] - dx)
+                        if KV:
+                            sh[U(pt + U(TR * a * PSI + TC * b) + utc)] = pv
+                        sh[U(pp + U(TR * a * PSI + TC * b) + utc)] = dsv
+                cuda.syncthreads()
+                # dQ += dS K, or dK += dS^T Q and dV += P^T dO.
+                fast_out(
+                    sh, acc1, acc2, df, pf, cf, pp, pt,
+                    U(OFF_B1 + utc * U(CV)), U(OFF_B2 + utc * U(CV)),
+                )  # fmt: skip
+                cuda.syncthreads()
+                ust = U(ust + U(1))
+            gstop = gi
+            ststop = ust
+            # The block's constants, read again rather than kept in registers
+            # across the fast loop.
+            b1, b2, o0, h0, hk, k_off, k_len, own_off, own_len, own_rows = block_rows(
+                seq, n_tiles, k_rows, g2n, group
+            )
+            utid = U(cuda.threadIdx.x)
+            utc = utid % uTC
+            utr = utid // uTC
+            tc = int64(utc)
+            tr = int64(utr)
+
+        # The general loop: every head, every other tile (or all of them).
         for g in range(n_heads):
             h = U(h0 + U(g)) if KV else b2
-            q_off = seq[b1, h, 0]
-            q_len = seq[b1, h, 1]
-            offset = seq[b1, h, 5]  # ALIGN: the diagonal (numbattn._sequences)
-            lo_base = -BIG  # key j visible to query i iff lo_base <= j - i < hi_base
-            hi_base = BIG
-            if wl >= 0:
-                lo_base = offset - wl
-            if wr >= 0:
-                hi_base = offset + wr + 1
-            # Streamed rows [slo, shi) that any own row can see.
-            slo = 0
-            shi = 0
-            if KV:
-                j1 = min(o0 + BR, k_len)
-                if j1 > o0:
-                    slo = max(0, o0 - hi_base + 1)
-                    shi = min(q_len, j1 - lo_base)
-                s_len = q_len
-                s_off = q_off
-            else:
-                if o0 < q_len:
-                    slo = max(0, o0 + lo_base)
-                    shi = min(k_len, min(o0 + BR, q_len) - 1 + hi_base)
-                s_len = k_len
-                s_off = k_off
-            n_st = 0
-            if shi > slo:
-                n_st = (shi - slo + BC - 1) // BC
+            s_off, s_len, lo_base, hi_base, slo, shi, n_st, sa, sb = head_tiles(
+                seq, b1, h, o0, k_off, k_len, wl, wr, full
+            )
+            # Interior tiles [sa, sa + ndone) were done by the fast loop.
+            ndone = U(0)
+            if g < gstop:
+                ndone = U(sb - sa)
+            elif g == gstop:
+                ndone = U(ststop - sa)
+            usa = U(sa)
             ocnt = U(min(max(own_len - o0 - tr, 0), BR))  # real own rows: TR*a < ocnt
             for st in range(n_st):
+                if U(st - usa) < ndone:
+                    continue
                 s0 = slo + st * BC
                 ns = shi - s0
                 # Streamed rows: B1 (K or Q, width d), B2 (V or dO, width dv);
@@ -758,5 +1023,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False):
         value_dims=DVP,
         shared_bytes=TOTAL * np.dtype(dtype).itemsize,
         path="hardware" if hw else "simulator",
+        fast_loop=FAST,
     )
+    # For tests: which tiles a block takes through the fast loop (Python).
+    backward_kernel.head_tiles = head_tiles_py
     return backward_kernel
