@@ -15,7 +15,9 @@ and CPU_BWD_SPLIT_BYTES may also be 0).
 #: ``scores``. Also the granularity of load balancing across threads. Each
 #: work item packs its K and V tiles again, so taller tiles amortise the
 #: packing: 128 ran 1.03-1.5x faster than 64 at the four shapes of issue 12
-#: (fp32 and fp64, causal too; README "Performance").
+#: (fp32 and fp64, causal too; README "Performance"). The fused kernel's
+#: items take up to four query tiles of a head that share each packed K / V
+#: tile (numbattn.cpu.kernels._tile_group).
 CPU_QUERY_TILE = 128
 #: Keys per online-softmax step of the fused kernel (and per ``scores`` tile).
 #: The working set is about CPU_QUERY_TILE x CPU_KEY_TILE scores plus a

@@ -4,6 +4,7 @@ Usage::
 
     python scripts/ab_forward.py OLD_TREE [--rounds 7] [--kernel attention]
         [--dtype float32,float64] [--shape 1,8,2048,64 ...] [--causal both]
+        [--threads N] [--cpu-time]
 
 OLD_TREE is a checkout of the baseline (e.g. ``git archive main | tar -x -C
 /tmp/old``); its ``numbattn`` package is copied to a temporary directory as
@@ -14,7 +15,10 @@ then A on odd rounds), each sample the median of a few back-to-back calls,
 so load on a shared machine hits both alike. Prints per problem the median
 time of each, the median over rounds of the per-round ratio old / new (> 1:
 new faster) with its range, and new's rate. Both are first checked against
-numbattn.reference.
+numbattn.reference. ``--cpu-time`` times the process's CPU time (divided by
+the thread count) instead of wall time: on a crowded machine it leaves out
+the time other processes hold the cores, so per-flop changes show through
+the noise (the rate column then assumes the threads never wait).
 """
 
 from __future__ import annotations
@@ -46,12 +50,12 @@ def _load_old(tree: str):
     return numbattn_old
 
 
-def _time(fn, calls: int) -> float:
+def _time(fn, calls: int, clock=time.perf_counter) -> float:
     ts = []
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return statistics.median(ts)
 
 
@@ -64,9 +68,24 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32,float64")
     ap.add_argument("--shape", action="append")
     ap.add_argument("--causal", default="both", choices=["no", "yes", "both"])
+    ap.add_argument("--threads", type=int, default=0, help="Numba threads (default: all)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the process's CPU time, not wall time: on a loaded machine it "
+        "leaves out the time other processes hold the cores (the rate column "
+        "is then per thread-second x threads)",
+    )
     args = ap.parse_args()
+    import numba
+
     import numbattn
     from numbattn import reference
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    nthreads = numba.get_num_threads()
+    clock = time.process_time if args.cpu_time else time.perf_counter
 
     old = _load_old(args.old)
     shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or ["1,8,2048,64"])]
@@ -103,9 +122,15 @@ def main() -> int:
         for label, _, fns in probs:
             order = (0, 1) if r % 2 == 0 else (1, 0)
             for i in order:
-                res[label][i].append(_time(fns[i], args.calls))
+                res[label][i].append(
+                    _time(fns[i], args.calls, clock) / (nthreads if args.cpu_time else 1)
+                )
         print(f"round {r + 1} done", file=sys.stderr, flush=True)
-    print(f"{args.kernel}: {args.rounds} alternated rounds in one process, medians")
+    what = "CPU time / threads" if args.cpu_time else "wall time"
+    print(
+        f"{args.kernel}: {args.rounds} alternated rounds in one process, {nthreads} "
+        f"threads, {what}, medians"
+    )
     print(
         f"{'problem':36} {'old ms':>8} {'new ms':>8} {'old/new':>7} {'range':>11} {'new GF/s':>8}"
     )

@@ -59,8 +59,12 @@ Design
   (G1, G2, 6) table, ``max_rows``, bias / mask (with has_bias / has_mask
   flags; dummies when absent, so one specialisation serves every call) and
   the window (left, right; causal is right = 0). The work grid is
-  G1 x G2 x ceil(max_rows / q_tile); a tile past its sequence's Q_ROWS does
-  nothing. Each query tile visits only the key range [lo, hi) its rows can
+  G1 x G2 x ceil(max_rows / q_tile) query tiles; a tile past its sequence's
+  Q_ROWS does nothing. The fused kernel deals them out in items of up to
+  four tiles of one head (:func:`_tile_group`: while each thread keeps 8
+  items and their Q / O scratch 256 KiB), which pack each K / V tile once
+  for all their tiles (the union of their key ranges; a tile skips key
+  tiles outside its own). Each query tile visits only the key range [lo, hi) its rows can
   see under the window (``_key_range``); inside a tile each row works on its
   visible columns [clo, chi) (``_row_range``), and bias / mask are applied
   element-wise there only when given; a -inf bias masks whatever the dot
@@ -915,6 +919,28 @@ def _softmax_impl(x, out):
                     out[a, b, j] = dt(0.0)
 
 
+# Query tiles per work item of the fused kernel (see _tile_group): at most
+# _GROUP_MAX tiles of one head share each packed K / V tile, as long as their
+# Q / O scratch stays within _GROUP_BYTES (L2) and every thread keeps at
+# least _GROUP_ITEMS work items for the snake balancing.
+_GROUP_MAX = 4
+_GROUP_BYTES = 256 << 10
+_GROUP_ITEMS = 8
+
+
+@njit(nogil=True, cache=True)
+def _tile_group(n_qt, heads, rows, width, itemsize, nthr):
+    """Query tiles per work item of the fused kernel: the most (up to
+    _GROUP_MAX) whose packed Q and O rows (``rows`` x ``width`` elements per
+    tile) fit _GROUP_BYTES, leaving every one of ``nthr`` threads at least
+    _GROUP_ITEMS items of the ``heads`` x ceil(n_qt / g) grid; 1 when the
+    grid is too small to share."""
+    g = max(1, min(_GROUP_MAX, n_qt, _GROUP_BYTES // max(1, rows * width * itemsize)))
+    while g > 1 and heads * ((n_qt + g - 1) // g) < _GROUP_ITEMS * nthr:
+        g -= 1
+    return g
+
+
 @njit(**_OPTS)
 def _attention_impl(
     q,
@@ -940,7 +966,7 @@ def _attention_impl(
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
     dv = v.shape[3]
-    qt, n_qt, n_items, nthr, chunk = _grid(g1, g2, max_rows, q_tile, n_threads)
+    qt, n_qt, _, nthr, _ = _grid(g1, g2, max_rows, q_tile, n_threads)
     kt = max(k_tile, 1)
     dt = q.dtype.type
     sc = dt(scale)
@@ -950,128 +976,172 @@ def _attention_impl(
     # keys a work item can have (not a full tile): tiny items allocate nothing.
     rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
     ktn = max(1, min(kt, k.shape[2]))
-    qs_t = np.empty((nthr, rows, d), dtype=dt)
+    # A work item is ng query tiles of one head (_tile_group): each K / V
+    # tile is packed once for all of them (packing was ~10% of the time with
+    # one tile per item). Q, O, m and l are per tile; S and keep are reused.
+    ng = _tile_group(n_qt, g1 * g2, rows, d + dv, q.itemsize, nthr)
+    n_gt = (n_qt + ng - 1) // ng
+    n_items = g1 * g2 * n_gt
+    chunk = (n_items + nthr - 1) // nthr
+    qs_t = np.empty((nthr, ng, rows, d), dtype=dt)
     kp_t = np.empty((nthr, d, ktn), dtype=dt)
     vp_t = np.empty((nthr, ktn, dv), dtype=dt)
     s_t = np.empty((nthr, rows, ktn), dtype=dt)
-    o_t = np.empty((nthr, rows, dv), dtype=dt)
-    m_t = np.empty((nthr, rows), dtype=dt)
-    l_t = np.empty((nthr, rows), dtype=dt)
+    o_t = np.empty((nthr, ng, rows, dv), dtype=dt)
+    m_t = np.empty((nthr, ng, rows), dtype=dt)
+    l_t = np.empty((nthr, ng, rows), dtype=dt)
     keep_t = np.empty((nthr, rows, ktn), dtype=np.bool_)
+    # Per tile of the item: first row i0, real rows m, visible keys [lo, hi).
+    info_t = np.empty((nthr, ng, 4), dtype=np.int64)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
             continue
-        a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
-        if i0 >= q_rows:
-            continue
-        for i in range(q_off + i0 + m, q_off + i1):  # padding rows
-            for c in range(dv):
-                out[a, b, i, c] = zero
-            if has_lse:
-                lse[a, b, i] = ninf
-        if m == 0:
-            continue
-        kb = b // group
-        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
-        mp = (m + _MR - 1) // _MR * _MR
+        hb = w // n_gt  # a * g2 + b
+        tile0 = (w % n_gt) * ng
+        nu = min(ng, n_qt - tile0)
         t = get_thread_id()
-        qs, kp, vp = _slot(qs_t, t), _slot(kp_t, t), _slot(vp_t, t)
-        s, o, mrow, lrow = _slot(s_t, t), _slot(o_t, t), _slot(m_t, t), _slot(l_t, t)
-        keep = _slot(keep_t, t)
+        qsg, kp, vp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(vp_t, t), _slot(s_t, t)
+        og, mg, lg = _slot(o_t, t), _slot(m_t, t), _slot(l_t, t)
+        keep, info = _slot(keep_t, t), _slot(info_t, t)
         vflat = vp.reshape(vp.size)
-        for r in range(m, mp):
-            _fill(qs[r], d, zero)
-        for r in range(mp):
-            _fill(o[r], dv, zero)
-        _fill(mrow, mp, ninf)
-        _fill(lrow, mp, zero)
-        if hi > lo:
-            _pack_rows(q, a, b, q_off + i0, m, qs)
+        a = hb // g2
+        b = hb % g2
+        kb = b // group
+        q_off = seq[a, b, 0]
+        k_off = seq[a, b, 3]
+        k_len = seq[a, b, 4]
+        off = seq[a, b, 5]
+        lo = k_len
+        hi = 0
+        for u in range(nu):
+            _, _, _, _, q_rows, _, _, i0, i1, m = _query_tile(
+                seq, hb * n_qt + tile0 + u, g2, n_qt, qt
+            )
+            info[u, 0] = i0
+            info[u, 1] = 0
+            info[u, 2] = 0
+            info[u, 3] = 0
+            if i0 >= q_rows:
+                continue
+            for i in range(q_off + i0 + m, q_off + i1):  # padding rows
+                for c in range(dv):
+                    out[a, b, i, c] = zero
+                if has_lse:
+                    lse[a, b, i] = ninf
+            if m == 0:
+                continue
+            ulo, uhi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
+            info[u, 1] = m
+            info[u, 2] = ulo
+            info[u, 3] = uhi
+            mp = (m + _MR - 1) // _MR * _MR
+            qs, o = qsg[u], og[u]
+            for r in range(m, mp):
+                _fill(qs[r], d, zero)
+            for r in range(mp):
+                _fill(o[r], dv, zero)
+            _fill(mg[u], mp, ninf)
+            _fill(lg[u], mp, zero)
+            if uhi > ulo:
+                _pack_rows(q, a, b, q_off + i0, m, qs)
+                lo = min(lo, ulo)
+                hi = max(hi, uhi)
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
             _pack_transposed(k, a, kb, k_off + j0, kn, kp)
             _pack_rows(v, a, kb, k_off + j0, kn, vp)
             # A NaN or inf value: P @ V key by key, skipping masked keys.
             vbad = not math.isfinite(_sum(vflat, kn * dv))
-            # Window / causal trimming of the products: row block r only
-            # needs columns (and P @ V keys) < tri + r + 4. S is overwritten
-            # (no zeroing pass): the row pass below zeroes every column of a
-            # real row outside its visible range; padding rows (Q = 0) only
-            # reach padding rows of o, never written out.
-            tri = i0 + off + right - j0 if right >= 0 else kn
-            _gemm(qs, kp, s, mp, kn, d, tri, d, True)
-            for r in range(m):
-                i = i0 + r
-                srow = s[r]
-                clo, chi = _row_range(i, j0, kn, off, left, right)
-                if chi <= clo:
-                    _zero_row(srow, 0, kn)
-                    if vbad:
-                        _fill(keep[r], kn, False)
+            for u in range(nu):
+                i0, m = info[u, 0], info[u, 1]
+                # Tiles of the item whose rows see none of these keys skip them
+                # (their own key range starts later or ended earlier).
+                if m == 0 or j0 >= info[u, 3] or j0 + kn <= info[u, 2]:
                     continue
-                # Through a C-contiguous slice: loops from 0 vectorise, loops
-                # from a runtime start do not (negative-index wraparound).
-                vis = srow[clo:chi]
-                if has_bias or has_mask:
-                    qi = q_off + i
-                    kj = k_off + j0
-                    for jj in range(clo, chi):
-                        x = srow[jj] * sc
-                        if has_bias:
-                            bb = bias[a, b, qi, kj + jj]
-                            x = ninf if bb == ninf else x + bb  # -inf bias masks
-                        if has_mask and not mask[a, b, qi, kj + jj]:
-                            x = ninf
-                        srow[jj] = x
-                    mul = dt(1.0)
-                    mx = _rowmax(vis, chi - clo)
-                else:  # the scale is applied in the exponentials below
-                    mul = sc
-                    mx = _scaled_rowmax(vis, chi - clo, sc)
-                if vbad:
-                    for jj in range(kn):
-                        keep[r, jj] = clo <= jj < chi and srow[jj] * mul != ninf
-                m_old = mrow[r]
-                m_new = _maxnum(m_old, mx)
-                shift = m_new if m_new > ninf else zero
-                if m_old > ninf:
-                    alpha = dt(math.exp(m_old - m_new))
-                else:
-                    alpha = zero
-                tot = _exp_scaled_inplace(vis, chi - clo, mul, shift)
-                _zero_row(srow, 0, clo)
-                _zero_row(srow, chi, kn)
-                lrow[r] = lrow[r] * alpha + tot
-                mrow[r] = m_new
-                if alpha != dt(1.0):
-                    _scale_row(o[r], dv, alpha)
-            if vbad:
+                mp = (m + _MR - 1) // _MR * _MR
+                qs, o, mrow, lrow = qsg[u], og[u], mg[u], lg[u]
+                # Window / causal trimming of the products: row block r only
+                # needs columns (and P @ V keys) < tri + r + 4. S is overwritten
+                # (no zeroing pass): the row pass below zeroes every column of a
+                # real row outside its visible range; padding rows (Q = 0) only
+                # reach padding rows of o, never written out.
+                tri = i0 + off + right - j0 if right >= 0 else kn
+                _gemm(qs, kp, s, mp, kn, d, tri, d, True)
                 for r in range(m):
-                    for jj in range(kn):
-                        if keep[r, jj]:
-                            _axpy(o[r], vp[jj], s[r, jj], dv)
-            else:
-                _gemm(s, vp, o, mp, dv, kn, dv, tri, False)
-        for r in range(m):
-            i = q_off + i0 + r
-            lsum = lrow[r]
-            if lsum > zero:
-                inv = dt(1.0) / lsum
-                for c in range(dv):
-                    out[a, b, i, c] = o[r, c] * inv
-                if has_lse:
-                    lse[a, b, i] = mrow[r] + dt(math.log(lsum))
-            elif lsum != lsum:
-                for c in range(dv):
-                    out[a, b, i, c] = dt(np.nan)
-                if has_lse:
-                    lse[a, b, i] = dt(np.nan)
-            else:
-                for c in range(dv):
-                    out[a, b, i, c] = zero
-                if has_lse:
-                    lse[a, b, i] = ninf
+                    i = i0 + r
+                    srow = s[r]
+                    clo, chi = _row_range(i, j0, kn, off, left, right)
+                    if chi <= clo:
+                        _zero_row(srow, 0, kn)
+                        if vbad:
+                            _fill(keep[r], kn, False)
+                        continue
+                    # Through a C-contiguous slice: loops from 0 vectorise, loops
+                    # from a runtime start do not (negative-index wraparound).
+                    vis = srow[clo:chi]
+                    if has_bias or has_mask:
+                        qi = q_off + i
+                        kj = k_off + j0
+                        for jj in range(clo, chi):
+                            x = srow[jj] * sc
+                            if has_bias:
+                                bb = bias[a, b, qi, kj + jj]
+                                x = ninf if bb == ninf else x + bb  # -inf bias masks
+                            if has_mask and not mask[a, b, qi, kj + jj]:
+                                x = ninf
+                            srow[jj] = x
+                        mul = dt(1.0)
+                        mx = _rowmax(vis, chi - clo)
+                    else:  # the scale is applied in the exponentials below
+                        mul = sc
+                        mx = _scaled_rowmax(vis, chi - clo, sc)
+                    if vbad:
+                        for jj in range(kn):
+                            keep[r, jj] = clo <= jj < chi and srow[jj] * mul != ninf
+                    m_old = mrow[r]
+                    m_new = _maxnum(m_old, mx)
+                    shift = m_new if m_new > ninf else zero
+                    if m_old > ninf:
+                        alpha = dt(math.exp(m_old - m_new))
+                    else:
+                        alpha = zero
+                    tot = _exp_scaled_inplace(vis, chi - clo, mul, shift)
+                    _zero_row(srow, 0, clo)
+                    _zero_row(srow, chi, kn)
+                    lrow[r] = lrow[r] * alpha + tot
+                    mrow[r] = m_new
+                    if alpha != dt(1.0):
+                        _scale_row(o[r], dv, alpha)
+                if vbad:
+                    for r in range(m):
+                        for jj in range(kn):
+                            if keep[r, jj]:
+                                _axpy(o[r], vp[jj], s[r, jj], dv)
+                else:
+                    _gemm(s, vp, o, mp, dv, kn, dv, tri, False)
+        for u in range(nu):
+            i0, m = info[u, 0], info[u, 1]
+            o, mrow, lrow = og[u], mg[u], lg[u]
+            for r in range(m):
+                i = q_off + i0 + r
+                lsum = lrow[r]
+                if lsum > zero:
+                    inv = dt(1.0) / lsum
+                    for c in range(dv):
+                        out[a, b, i, c] = o[r, c] * inv
+                    if has_lse:
+                        lse[a, b, i] = mrow[r] + dt(math.log(lsum))
+                elif lsum != lsum:
+                    for c in range(dv):
+                        out[a, b, i, c] = dt(np.nan)
+                    if has_lse:
+                        lse[a, b, i] = dt(np.nan)
+                else:
+                    for c in range(dv):
+                        out[a, b, i, c] = zero
+                    if has_lse:
+                        lse[a, b, i] = ninf
 
 
 @njit(**_OPTS)
