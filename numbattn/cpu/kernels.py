@@ -80,6 +80,14 @@ Design
   and written through C-contiguous ``carray`` views built from the data
   pointer (``_row3``/``_row4``), so softmax and the scores output stream with
   vector loads/stores; otherwise a strided scalar loop is used.
+* **Scores in place** (``_scores_impl``, issue 12): when the output rows
+  have unit stride (and a row stride of at least a row, no bias / mask),
+  :func:`_gemm` writes S straight into them through a C-contiguous view
+  whose row length is the output's row stride (:func:`_out_rows`): no
+  scratch S and no copy. The scale is folded into the packed K tile when
+  |scale| <= 1 (exact for a power of two such as 1/sqrt(64)). Its own
+  tiles (``CPU_SCORES_*``: 512 queries, so each K tile is packed once per
+  512 rows; 512 keys, so each tile writes runs of 512 elements of a row).
 * **Vectorised exp** (:func:`_exp_shift`): exp(x - shift) written as plain
   arithmetic (Cody-Waite range reduction, Cephes minimax polynomial for
   float32, degree-12 Taylor for float64, 2**n by building the exponent bits
@@ -768,6 +776,43 @@ def _row_range(i, j0, kn, off, left, right):
     return clo, chi
 
 
+@njit(nogil=True, cache=True)
+def _out_rows(x, a, b, i, j, n, ld):
+    """Rows i .. i + n - 1 of x[a, b] from column j on, as a C-contiguous
+    (n, ld) view (ld: x's row stride in elements, >= the row length): row r
+    of the view starts at x[a, b, i + r, j]; only its first ncol - j
+    elements are x's. Lets :func:`_gemm` write S straight into the output."""
+    byte = a * x.strides[0] + b * x.strides[1] + i * x.strides[2] + j * x.itemsize
+    return carray(_ptr_at(x, byte), (n, ld))
+
+
+@njit(nogil=True, cache=True)
+def _pack_transposed_scaled(src, a, b, row0, n, dst, s):
+    """:func:`_pack_transposed` with every element multiplied by s (the
+    scores' scale, folded into the packed K tile)."""
+    d = src.shape[3]
+    if not _unit_rows(src):
+        for j in range(n):
+            for p in range(d):
+                dst[p, j] = src[a, b, row0 + j, p] * s
+        return
+    n4 = n - n % 4
+    for j in range(0, n4, 4):
+        r0 = _row4(src, a, b, row0 + j)
+        r1 = _row4(src, a, b, row0 + j + 1)
+        r2 = _row4(src, a, b, row0 + j + 2)
+        r3 = _row4(src, a, b, row0 + j + 3)
+        for p in range(d):
+            dst[p, j] = r0[p] * s
+            dst[p, j + 1] = r1[p] * s
+            dst[p, j + 2] = r2[p] * s
+            dst[p, j + 3] = r3[p] * s
+    for j in range(n4, n):
+        row = _row4(src, a, b, row0 + j)
+        for p in range(d):
+            dst[p, j] = row[p] * s
+
+
 @njit(**_OPTS)
 def _scores_impl(
     q,
@@ -786,6 +831,22 @@ def _scores_impl(
     k_tile,
     n_threads,
 ):
+    """S = scale * Q K^T (+ bias, mask), -inf where the window / lengths
+    hide a key. A work item is a query tile: its Q rows are packed once,
+    then each visible key tile is packed (transposed) and multiplied.
+
+    * **Direct** (output rows with unit stride, no bias / mask, a row
+      stride of at least a row): :func:`_gemm` writes the whole 4-row
+      blocks straight into the output rows (:func:`_out_rows`); only the
+      last m % 4 rows of a tile go through the scratch S. With
+      |scale| <= 1 the scale is folded into the packed K tile (no extra
+      pass; k * scale cannot overflow; a power of two, as 1/sqrt(d) for
+      d = 4, 16, 64, 256, is exact but for subnormals, any other scale adds
+      one rounding per element of K), else the written rows are scaled in
+      place while they are in cache.
+    * **Scratch** (otherwise): S tile in scratch, then copied out with the
+      scale, bias and mask applied element-wise.
+    """
     g1, g2, _, d = q.shape
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
@@ -795,13 +856,24 @@ def _scores_impl(
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
-    o_unit = ncol <= 1 or out.strides[3] == out.itemsize
-    # Scratch per thread (see _attention_impl).
+    isz = out.itemsize
+    o_unit = ncol <= 1 or out.strides[3] == isz
+    ld = out.strides[2] // isz
+    direct = (
+        o_unit
+        and not has_bias
+        and not has_mask
+        and out.strides[2] % isz == 0
+        and ld >= max(ncol, 1)
+    )
+    pre = direct and abs(scale) <= 1.0
+    # Scratch per thread (see _attention_impl); the direct path keeps S for
+    # the last partial row block only.
     rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
     ktn = max(1, min(kt, k.shape[2]))
     qs_t = np.empty((nthr, rows, d), dtype=dt)
     kp_t = np.empty((nthr, d, ktn), dtype=dt)
-    s_t = np.empty((nthr, rows, ktn), dtype=dt)
+    s_t = np.empty((nthr, _MR if direct else rows, ktn), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -830,24 +902,41 @@ def _scores_impl(
             continue
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
+        # Rows [0, m4) are written in place on the direct path, the rest
+        # through S.
+        m4 = m - m % _MR if direct else 0
         t = get_thread_id()
         qs, kp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(s_t, t)
         for r in range(m, mp):
             _fill(qs[r], d, dt(0.0))
         _pack_rows(q, a, b, q_off + i0, m, qs)
-        # The scale multiplies the products: in the bias / mask pass when
-        # there is one, else while copying out.
-        mul = dt(1.0) if has_bias or has_mask else sc
+        # The scale multiplies the products: folded into K, or in the bias /
+        # mask pass when there is one, else while copying out.
+        mul = dt(1.0) if has_bias or has_mask or pre else sc
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
-            _pack_transposed(k, a, kb, k_off + j0, kn, kp)
+            if pre:
+                _pack_transposed_scaled(k, a, kb, k_off + j0, kn, kp, sc)
+            else:
+                _pack_transposed(k, a, kb, k_off + j0, kn, kp)
             # S is overwritten (no zeroing pass); only the columns each row
             # can see are read below.
             tri = i0 + off + right - j0 if right >= 0 else kn
-            _gemm(qs, kp, s, mp, kn, d, tri, d, True)
-            for r in range(m):
+            if m4 > 0:
+                c = _out_rows(out, a, b, q_off + i0, k_off + j0, m4, ld)
+                _gemm(qs, kp, c, m4, kn, d, tri, d, True)
+                for r in range(m4):
+                    clo, chi = _row_range(i0 + r, j0, kn, off, left, right)
+                    crow = c[r]
+                    _fill(crow, clo, ninf)
+                    if not pre:
+                        _scale_row(crow[clo:chi], chi - clo, sc)
+                    _fill(crow[chi:], kn - chi, ninf)
+            if m4 < m:
+                _gemm(qs[m4:], kp, s, mp - m4, kn, d, tri + m4, d, True)
+            for r in range(m4, m):
                 i = i0 + r
-                srow = s[r]
+                srow = s[r - m4]
                 clo, chi = _row_range(i, j0, kn, off, left, right)
                 if has_bias or has_mask:
                     qi = q_off + i
