@@ -13,8 +13,9 @@ Each round times every problem old then new (new then old on odd rounds),
 each sample the median of ``--calls`` back-to-back calls into the same
 preallocated ``out``. The GEMM rate (NumPy matmul 4096^3 into an existing
 C, numbattn._bench.machine_peaks, in a child process so that OpenBLAS's
-threads never spin beside the kernels) is measured before and after the
-rounds; the fractions use the mean of the two medians. Causal problems are
+threads never spin beside the kernels; with ``--threads 1 --clock cpu``:
+1024^3 on one BLAS thread in this process, CPU time) is measured before
+and after the rounds; the fractions use the mean of the two medians. Causal problems are
 rated on half the flops (2 B H Nq Nk d / 2). Both versions are first checked
 against numbattn.reference on one head.
 """
@@ -90,10 +91,23 @@ def main() -> int:
     gemm: dict[str, list[float]] = {dt: [] for dt in dtypes}
 
     def ceiling():
-        if args.no_gemm or args.clock == "cpu":  # the ceiling is a wall-clock rate
+        if args.no_gemm or (args.clock == "cpu" and threads > 1):
             return
         for dt in dtypes:
-            gemm[dt].append(_bench.machine_peaks(dt, threads, min_time=0.5)["gemm"]["rate"])
+            if args.clock == "wall":
+                gemm[dt].append(_bench.machine_peaks(dt, threads, min_time=0.5)["gemm"]["rate"])
+                continue
+            # One thread, CPU time: matmul 1024^3 in this process (a one-thread
+            # BLAS has no worker threads to spin beside the kernels).
+            from threadpoolctl import threadpool_limits
+
+            n = 1024
+            x, y = (rng.standard_normal((n, n)).astype(dt) for _ in range(2))
+            z = np.empty((n, n), dt)
+            with threadpool_limits(1, user_api="blas"):
+                np.matmul(x, y, out=z)
+                t = _time(functools.partial(np.matmul, x, y, out=z), 7, clock)
+            gemm[dt].append(2.0 * n**3 / t / 1e9)
 
     rng = np.random.default_rng(0)
     probs = []
@@ -131,7 +145,8 @@ def main() -> int:
     )
     for dt in dtypes:
         if gemm[dt]:
-            print(f"GEMM {dt} 4096^3 (before, after): " + ", ".join(f"{g:.1f}" for g in gemm[dt]))
+            size = "4096^3, own process" if args.clock == "wall" else "1024^3, one thread"
+            print(f"GEMM {dt} {size} (before, after): " + ", ".join(f"{g:.1f}" for g in gemm[dt]))
     print(
         f"{'problem':36} {'old ms':>8} {'new ms':>8} {'old/new':>7} {'range':>11} "
         f"{'old GF/s':>8} {'new GF/s':>8} {'old %':>6} {'new %':>6}"
