@@ -87,8 +87,8 @@ Design
   scratch S and no copy. The scale is folded into the packed K tile when
   |scale| <= 1 (exact for a power of two such as 1/sqrt(64)); K is
   transposed in registers, L x L blocks of vector loads and shuffles
-  (:func:`_transpose_block`). Its own tiles (``CPU_SCORES_*``: 512
-  queries, so each K tile is packed once per 512 rows; 512 keys, so each
+  (:func:`_transpose_block`). Its own tiles (``CPU_SCORES_*``: 256
+  queries, so each K tile is packed once per 256 rows; 512 keys, so each
   tile writes runs of 512 elements of a row).
 * **Vectorised exp** (:func:`_exp_shift`): exp(x - shift) written as plain
   arithmetic (Cody-Waite range reduction, Cephes minimax polynomial for
