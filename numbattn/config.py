@@ -23,6 +23,17 @@ CPU_QUERY_TILE = 128
 #: The working set is about CPU_QUERY_TILE x CPU_KEY_TILE scores plus a
 #: packed K and V tile, sized to stay in L1/L2.
 CPU_KEY_TILE = 128
+#: Query rows per work item of ``scores`` (its K tiles are packed once per
+#: item). 256 ran 0.97-1.1x as fast as 512 and 0.99-1.05x as fast as 128 at
+#: (4, 8, 512, 64) and (1, 8, 2048, 64), causal and not, fp32 and fp64
+#: (Zen 4, one thread, CPU time; scripts/ab_scores.py --set).
+CPU_SCORES_QUERY_TILE = 256
+#: Keys per tile of ``scores``. Its 4-row blocks are written straight into
+#: the output rows; longer runs of a row per tile write the output at nearly
+#: the rate of a scratch tile (512: 0.9-1.0x of a scratch tile, 128: 0.75x;
+#: Zen 4, one thread; 256 against 512: 0.93-1.15x). The packed K tile
+#: (d x 512) stays in L2.
+CPU_SCORES_KEY_TILE = 512
 #: Query rows per step of the backward pass (rounded up to a multiple of 4).
 #: 128 x 128 tiles (S, dP, the packed K, K^T, V^T and the dK / dV scratch:
 #: 64 KiB each in float32, in L2) ran as fast as 64 x 128 non-causal and

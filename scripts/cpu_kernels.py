@@ -221,6 +221,7 @@ def row(case, times, base, flops=None):
 
 def bench(repeat, quick):
     qt, kt = config.CPU_QUERY_TILE, config.CPU_KEY_TILE
+    sqt, skt = config.CPU_SCORES_QUERY_TILE, config.CPU_SCORES_KEY_TILE
     rng = np.random.default_rng(0)
     have_torch = torch is not None
 
@@ -280,7 +281,7 @@ def bench(repeat, quick):
     q, k = (rng.standard_normal((1, 8, 2048, 64)).astype(np.float32) for _ in range(2))
     s = np.empty((1, 8, 2048, 2048), np.float32)
     fns = {
-        "numbattn": lambda s=s: scores_kernel(q, k, s, 0.125, False, qt, kt),
+        "numbattn": lambda s=s: scores_kernel(q, k, s, 0.125, False, sqt, skt),
         "numpy matmul*scale": lambda: np.matmul(q, k.swapaxes(-1, -2)) * 0.125,
     }
     row(

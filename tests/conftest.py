@@ -19,4 +19,6 @@ def tiles(request, monkeypatch):
     if request.param == "tiny-tiles":
         monkeypatch.setattr(numbattn.config, "CPU_QUERY_TILE", 3)
         monkeypatch.setattr(numbattn.config, "CPU_KEY_TILE", 5)
+        monkeypatch.setattr(numbattn.config, "CPU_SCORES_QUERY_TILE", 3)
+        monkeypatch.setattr(numbattn.config, "CPU_SCORES_KEY_TILE", 5)
     return request.param

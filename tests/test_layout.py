@@ -146,6 +146,8 @@ SETTINGS = settings(
 def _tiles(monkeypatch, data):
     monkeypatch.setattr(numbattn.config, "CPU_QUERY_TILE", data.draw(st.integers(1, 5)))
     monkeypatch.setattr(numbattn.config, "CPU_KEY_TILE", data.draw(st.integers(1, 6)))
+    monkeypatch.setattr(numbattn.config, "CPU_SCORES_QUERY_TILE", data.draw(st.integers(1, 9)))
+    monkeypatch.setattr(numbattn.config, "CPU_SCORES_KEY_TILE", data.draw(st.integers(1, 40)))
 
 
 def _input(data, rng, shape, dtype, broadcast=True):

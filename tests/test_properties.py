@@ -67,8 +67,8 @@ def test_attention_random_shapes(monkeypatch, problem):
 @given(problems())
 def test_scores_then_softmax_random_shapes(monkeypatch, problem):
     lead, nq, nk, d, _, dtype, causal, q_tile, k_tile, seed, views = problem
-    monkeypatch.setattr(numbattn.config, "CPU_QUERY_TILE", q_tile)
-    monkeypatch.setattr(numbattn.config, "CPU_KEY_TILE", k_tile)
+    monkeypatch.setattr(numbattn.config, "CPU_SCORES_QUERY_TILE", q_tile)
+    monkeypatch.setattr(numbattn.config, "CPU_SCORES_KEY_TILE", k_tile)
     rng = np.random.default_rng(seed)
     q = carve_input(rng, lead + (nq, d), dtype, views["q"])
     k = carve_input(rng, lead + (nk, d), dtype, views["k"])

@@ -177,8 +177,8 @@ def scores_args(
         scale=float(scale),
         left=int(window_left),
         right=int(window_right),
-        q_tile=_knob("CPU_QUERY_TILE") if q_tile is None else q_tile,
-        k_tile=_knob("CPU_KEY_TILE") if k_tile is None else k_tile,
+        q_tile=_knob("CPU_SCORES_QUERY_TILE") if q_tile is None else q_tile,
+        k_tile=_knob("CPU_SCORES_KEY_TILE") if k_tile is None else k_tile,
         n_threads=_threads(),
     )
 

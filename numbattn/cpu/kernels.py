@@ -84,6 +84,16 @@ Design
   and written through C-contiguous ``carray`` views built from the data
   pointer (``_row3``/``_row4``), so softmax and the scores output stream with
   vector loads/stores; otherwise a strided scalar loop is used.
+* **Scores in place** (``_scores_impl``, issue 12): when the output rows
+  have unit stride (and a row stride of at least a row, no bias / mask),
+  :func:`_gemm` writes S straight into them through a C-contiguous view
+  whose row length is the output's row stride (:func:`_out_rows`): no
+  scratch S and no copy. The scale is folded into the packed K tile when
+  |scale| <= 1 (exact for a power of two such as 1/sqrt(64)); K is
+  transposed in registers, L x L blocks of vector loads and shuffles
+  (:func:`_transpose_block`). Its own tiles (``CPU_SCORES_*``: 256
+  queries, so each K tile is packed once per 256 rows; 512 keys, so each
+  tile writes runs of 512 elements of a row).
 * **Vectorised exp** (:func:`_exp_shift`): exp(x - shift) written as plain
   arithmetic (Cody-Waite range reduction, Cephes minimax polynomial for
   float32, degree-12 Taylor for float64, 2**n by building the exponent bits
@@ -772,6 +782,106 @@ def _row_range(i, j0, kn, off, left, right):
     return clo, chi
 
 
+@njit(nogil=True, cache=True)
+def _out_rows(x, a, b, i, j, n, ld):
+    """Rows i .. i + n - 1 of x[a, b] from column j on, as a C-contiguous
+    (n, ld) view (ld: x's row stride in elements, >= the row length): row r
+    of the view starts at x[a, b, i + r, j]; only its first ncol - j
+    elements are x's. Lets :func:`_gemm` write S straight into the output."""
+    byte = a * x.strides[0] + b * x.strides[1] + i * x.strides[2] + j * x.itemsize
+    return carray(_ptr_at(x, byte), (n, ld))
+
+
+@intrinsic
+def _transpose_block(typingctx, src, lds, dst, j, p0, s):
+    """dst[p0 + c, j + r] = src[r * lds + c] * s for r, c < L, L the lanes
+    of a ``_VBYTES`` vector (16 float32 on AVX-512): L rows of K (src: a
+    typed pointer to K[row, p0], lds its row stride in elements) loaded as
+    vectors, transposed in registers and stored as L rows of the packed
+    K^T tile (dst: 2-D, unit inner stride). The transpose swaps the
+    off-diagonal h x h blocks of every 2h x 2h block for h = L/2, ..., 1
+    (two-source shuffles, log2(L) per row): about 8x fewer instructions
+    than a scalar store per element."""
+    sig = types.none(src, lds, dst, j, p0, s)
+
+    def codegen(context, builder, signature, args):
+        dty = signature.args[2]
+        ety = context.get_data_type(dty.dtype)
+        isz = dty.dtype.bitwidth // 8
+        lanes = _VBYTES // isz
+        vty = ir.VectorType(ety, lanes)
+        i64 = ir.IntType(64)
+        i32 = ir.IntType(32)
+        vlds, vj, vp0 = (
+            context.cast(builder, args[k], signature.args[k], types.int64) for k in (1, 3, 4)
+        )
+        rows = []
+        for r in range(lanes):
+            ptr = builder.gep(args[0], [builder.mul(ir.Constant(i64, r), vlds)])
+            rows.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=isz))
+        h = lanes // 2
+        while h >= 1:
+            new = list(rows)
+            for r in range(lanes):
+                if r & h:
+                    continue
+                lo = [c if c & h == 0 else lanes + c - h for c in range(lanes)]
+                hi = [c + h if c & h == 0 else lanes + c for c in range(lanes)]
+                mty = ir.VectorType(i32, lanes)
+                new[r] = builder.shuffle_vector(rows[r], rows[r + h], ir.Constant(mty, lo))
+                new[r + h] = builder.shuffle_vector(rows[r], rows[r + h], ir.Constant(mty, hi))
+            rows = new
+            h //= 2
+        x = context.cast(builder, args[5], signature.args[5], dty.dtype)
+        undef = ir.Constant(vty, ir.Undefined)
+        zmask = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+        sv = builder.shuffle_vector(
+            builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, zmask
+        )
+        darr = context.make_array(dty)(context, builder, args[2])
+        ldd = builder.sdiv(builder.extract_value(darr.strides, 0), ir.Constant(i64, isz))
+        for c in range(lanes):
+            off = builder.add(builder.mul(builder.add(vp0, ir.Constant(i64, c)), ldd), vj)
+            ptr = builder.bitcast(builder.gep(darr.data, [off]), vty.as_pointer())
+            builder.store(builder.fmul(rows[c], sv), ptr, align=isz)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _pack_transposed_scaled(src, a, b, row0, n, dst, s):
+    """dst[:, j] = src[a, b, row0 + j, :] * s for j < n (a K tile,
+    transposed, with the scores' scale; s = 1 copies exactly). Rows of unit
+    stride go by :func:`_transpose_block` in L x L blocks (L keys x L
+    dimensions), the last d % L dimensions and n % L keys by scalar loops;
+    other strides by a strided loop."""
+    isz = src.itemsize
+    d = src.shape[3]
+    if not _unit_rows(src) or src.strides[2] % isz != 0:
+        for j in range(n):
+            for p in range(d):
+                dst[p, j] = src[a, b, row0 + j, p] * s
+        return
+    lanes = _lanes(dst)
+    lds = src.strides[2] // isz
+    n_l = n - n % lanes
+    d_l = d - d % lanes
+    for j in range(0, n_l, lanes):
+        base = a * src.strides[0] + b * src.strides[1] + (row0 + j) * src.strides[2]
+        for p0 in range(0, d_l, lanes):
+            _transpose_block(_ptr_at(src, base + p0 * isz), lds, dst, j, p0, s)
+        if d_l < d:
+            for r in range(lanes):
+                row = _row4(src, a, b, row0 + j + r)
+                for p in range(d_l, d):
+                    dst[p, j + r] = row[p] * s
+    for j in range(n_l, n):
+        row = _row4(src, a, b, row0 + j)
+        for p in range(d):
+            dst[p, j] = row[p] * s
+
+
 @njit(**_OPTS)
 def _scores_impl(
     q,
@@ -790,6 +900,22 @@ def _scores_impl(
     k_tile,
     n_threads,
 ):
+    """S = scale * Q K^T (+ bias, mask), -inf where the window / lengths
+    hide a key. A work item is a query tile: its Q rows are packed once,
+    then each visible key tile is packed (transposed) and multiplied.
+
+    * **Direct** (output rows with unit stride, no bias / mask, a row
+      stride of at least a row): :func:`_gemm` writes the whole 4-row
+      blocks straight into the output rows (:func:`_out_rows`); only the
+      last m % 4 rows of a tile go through the scratch S. With
+      |scale| <= 1 the scale is folded into the packed K tile (no extra
+      pass; k * scale cannot overflow; a power of two, as 1/sqrt(d) for
+      d = 4, 16, 64, 256, is exact but for subnormals, any other scale adds
+      one rounding per element of K), else the written rows are scaled in
+      place while they are in cache.
+    * **Scratch** (otherwise): S tile in scratch, then copied out with the
+      scale, bias and mask applied element-wise.
+    """
     g1, g2, _, d = q.shape
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
@@ -799,13 +925,24 @@ def _scores_impl(
     dt = q.dtype.type
     sc = dt(scale)
     ninf = dt(-np.inf)
-    o_unit = ncol <= 1 or out.strides[3] == out.itemsize
-    # Scratch per thread (see _attention_impl).
+    isz = out.itemsize
+    o_unit = ncol <= 1 or out.strides[3] == isz
+    ld = out.strides[2] // isz
+    direct = (
+        o_unit
+        and not has_bias
+        and not has_mask
+        and out.strides[2] % isz == 0
+        and ld >= max(ncol, 1)
+    )
+    pre = direct and abs(scale) <= 1.0
+    # Scratch per thread (see _attention_impl); the direct path keeps S for
+    # the last partial row block only.
     rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
     ktn = max(1, min(kt, k.shape[2]))
     qs_t = np.empty((nthr, rows, d), dtype=dt)
     kp_t = np.empty((nthr, d, ktn), dtype=dt)
-    s_t = np.empty((nthr, rows, ktn), dtype=dt)
+    s_t = np.empty((nthr, _MR if direct else rows, ktn), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -834,24 +971,38 @@ def _scores_impl(
             continue
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
+        # Rows [0, m4) are written in place on the direct path, the rest
+        # through S.
+        m4 = m - m % _MR if direct else 0
         t = get_thread_id()
         qs, kp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(s_t, t)
         for r in range(m, mp):
             _fill(qs[r], d, dt(0.0))
         _pack_rows(q, a, b, q_off + i0, m, qs)
-        # The scale multiplies the products: in the bias / mask pass when
-        # there is one, else while copying out.
-        mul = dt(1.0) if has_bias or has_mask else sc
+        # The scale multiplies the products: folded into K, or in the bias /
+        # mask pass when there is one, else while copying out.
+        mul = dt(1.0) if has_bias or has_mask or pre else sc
         for j0 in range(lo, hi, kt):
             kn = min(kt, hi - j0)
-            _pack_transposed(k, a, kb, k_off + j0, kn, kp)
+            _pack_transposed_scaled(k, a, kb, k_off + j0, kn, kp, sc if pre else dt(1.0))
             # S is overwritten (no zeroing pass); only the columns each row
             # can see are read below.
             tri = i0 + off + right - j0 if right >= 0 else kn
-            _gemm(qs, kp, s, mp, kn, d, tri, d, True)
-            for r in range(m):
+            if m4 > 0:
+                c = _out_rows(out, a, b, q_off + i0, k_off + j0, m4, ld)
+                _gemm(qs, kp, c, m4, kn, d, tri, d, True)
+                for r in range(m4):
+                    clo, chi = _row_range(i0 + r, j0, kn, off, left, right)
+                    crow = c[r]
+                    _fill(crow, clo, ninf)
+                    if not pre:
+                        _scale_row(crow[clo:chi], chi - clo, sc)
+                    _fill(crow[chi:], kn - chi, ninf)
+            if m4 < m:
+                _gemm(qs[m4:], kp, s, mp - m4, kn, d, tri + m4, d, True)
+            for r in range(m4, m):
                 i = i0 + r
-                srow = s[r]
+                srow = s[r - m4]
                 clo, chi = _row_range(i, j0, kn, off, left, right)
                 if has_bias or has_mask:
                     qi = q_off + i
