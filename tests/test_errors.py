@@ -539,8 +539,18 @@ _KNOB_CALLS = {
     [
         ("CPU_QUERY_TILE", 2.5, "attention", r"CPU_QUERY_TILE must be a positive integer, got 2.5"),
         ("CPU_KEY_TILE", 0, "attention", r"CPU_KEY_TILE must be a positive integer, got 0"),
-        ("CPU_SCORES_KEY_TILE", True, "scores", r"CPU_SCORES_KEY_TILE must be a positive integer, got True"),
-        ("CPU_SCORES_QUERY_TILE", "8", "scores", r"CPU_SCORES_QUERY_TILE must be a positive integer, got '8'"),
+        (
+            "CPU_SCORES_KEY_TILE",
+            True,
+            "scores",
+            r"CPU_SCORES_KEY_TILE must be a positive integer, got True",
+        ),
+        (
+            "CPU_SCORES_QUERY_TILE",
+            "8",
+            "scores",
+            r"CPU_SCORES_QUERY_TILE must be a positive integer, got '8'",
+        ),
         ("CPU_STREAM_ROWS", -1, "attention", r"CPU_STREAM_ROWS must be an integer >= 0, got -1"),
         ("CPU_STREAM_WIDE_ROWS", 2.5, "decode", r"CPU_STREAM_WIDE_ROWS must be a positive"),
         ("CPU_STREAM_KEY_TILE", None, "decode", r"CPU_STREAM_KEY_TILE must be a positive"),
