@@ -1583,6 +1583,11 @@ decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
 #    across the group) and dQ_slice += dS K into the slice's own accumulator;
 # 3. over (a, h, query tile): dq = scale * sum over slices (fixed order).
 #
+# With one slice per key head (enough key heads for the threads), 1 and 3
+# run inside loop 2's work items, on the query heads of the item's key head
+# (before and after its key tiles): one parallel loop per call, the same
+# arithmetic in the same order.
+#
 # Five products per (query tile, key tile), all on packed tiles through the
 # register-blocked micro-kernel shared with the forward (_make_block_kernel:
 # explicit LLVM vectors, 4 rows x 4 vectors of C held in registers over the
