@@ -1261,6 +1261,63 @@ def _split_range(lo, hi, n_splits, s):
     return c0, min(hi, c0 + c)
 
 
+#: Partial elements (rows x splits x dv) up to which the streaming kernel
+#: merges its splits serially.
+_SERIAL_MERGE = 1 << 16
+
+
+@njit(nogil=True, cache=True)
+def _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per):
+    """Rows wm * per .. (wm + 1) * per of the (G1, G2, rows) grid: the splits'
+    partials merged into out / lse (merge_attention's math, split order)."""
+    ns, g1, g2, max_rows, dv = po.shape
+    dt = out.dtype.type
+    zero = dt(0.0)
+    ninf = dt(-np.inf)
+    n_rows = g1 * g2 * max_rows
+    for row in range(wm * per, min(n_rows, (wm + 1) * per)):
+        a = row // (g2 * max_rows)
+        hh = (row // max_rows) % g2
+        il = row % max_rows
+        if il >= seq[a, hh, 1]:
+            continue
+        i = seq[a, hh, 0] + il
+        mx = -np.inf
+        nan = False
+        for sp in range(ns):
+            x = float(pl[sp, a, hh, il])
+            if x != x:
+                nan = True
+            elif x > mx:
+                mx = x
+        if nan:
+            for c in range(dv):
+                out[a, hh, i, c] = dt(np.nan)
+            if has_lse:
+                lse[a, hh, i] = dt(np.nan)
+            continue
+        if mx == -np.inf:
+            for c in range(dv):
+                out[a, hh, i, c] = zero
+            if has_lse:
+                lse[a, hh, i] = ninf
+            continue
+        tot = 0.0
+        for sp in range(ns):
+            tot += math.exp(float(pl[sp, a, hh, il]) - mx)
+        for c in range(dv):
+            out[a, hh, i, c] = zero
+        for sp in range(ns):
+            x = float(pl[sp, a, hh, il])
+            if x == -np.inf:
+                continue
+            wgt = dt(math.exp(x - mx) / tot)
+            for c in range(dv):
+                out[a, hh, i, c] += wgt * po[sp, a, hh, il, c]
+        if has_lse:
+            lse[a, hh, i] = dt(mx + math.log(tot))
+
+
 @njit(**_OPTS)
 def _decode_impl(
     q,
@@ -1511,50 +1568,18 @@ def _decode_impl(
     if ns == 1:
         return
     # Merge the splits of every real row (merge_attention's math, fixed order).
+    # A few partials (decoding: heads x queries rows) are merged on this
+    # thread: a second parallel loop would cost a second fork / join, which
+    # on a shared host waits whenever either thread is descheduled.
     n_rows = g1 * g2 * max_rows
     per = 16
-    for wm in prange((n_rows + per - 1) // per):
-        for row in range(wm * per, min(n_rows, (wm + 1) * per)):
-            a = row // (g2 * max_rows)
-            hh = (row // max_rows) % g2
-            il = row % max_rows
-            if il >= seq[a, hh, 1]:
-                continue
-            i = seq[a, hh, 0] + il
-            mx = -np.inf
-            nan = False
-            for sp in range(ns):
-                x = float(pl[sp, a, hh, il])
-                if x != x:
-                    nan = True
-                elif x > mx:
-                    mx = x
-            if nan:
-                for c in range(dv):
-                    out[a, hh, i, c] = dt(np.nan)
-                if has_lse:
-                    lse[a, hh, i] = dt(np.nan)
-                continue
-            if mx == -np.inf:
-                for c in range(dv):
-                    out[a, hh, i, c] = zero
-                if has_lse:
-                    lse[a, hh, i] = ninf
-                continue
-            tot = 0.0
-            for sp in range(ns):
-                tot += math.exp(float(pl[sp, a, hh, il]) - mx)
-            for c in range(dv):
-                out[a, hh, i, c] = zero
-            for sp in range(ns):
-                x = float(pl[sp, a, hh, il])
-                if x == -np.inf:
-                    continue
-                wgt = dt(math.exp(x - mx) / tot)
-                for c in range(dv):
-                    out[a, hh, i, c] += wgt * po[sp, a, hh, il, c]
-            if has_lse:
-                lse[a, hh, i] = dt(mx + math.log(tot))
+    n_w = (n_rows + per - 1) // per
+    if n_rows * ns * dv <= _SERIAL_MERGE:
+        for wm in range(n_w):
+            _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per)
+    else:
+        for wm in prange(n_w):
+            _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per)
 
 
 #: The kernels; their arguments are described (and built) by numbattn.cpu.args.
