@@ -311,6 +311,46 @@ def test_deterministic_and_splits_agree(rng):
         assert_grads(grads, ref, dtype, f"splits={splits}")
 
 
+@pytest.fixture(params=[1, 2], ids=["one-loop", "three-loops"])
+def forced_splits(request, monkeypatch):
+    """Force the dQ slice count: 1 runs loops 1 and 3 inside loop 2's work
+    items (one parallel loop per call), 2 the three separate loops."""
+    orig = cpu_backend.attention_backward_args
+
+    def args(*a, **kw):
+        return orig(*a, **kw)._replace(splits=request.param)
+
+    monkeypatch.setattr(cpu_backend, "attention_backward_args", args)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_and_three_loops(rng, tiles, forced_splits, dtype):
+    """Both loop structures on what makes loops 1 and 3 differ: GQA groups,
+    query rows past Q_LEN (zeros), sequences with no query or no key, varlen
+    (a zero-stride batch axis), causal with Nq != Nk, and strided dout / dq /
+    out (the strided delta and dq loops), into poisoned buffers."""
+    hq, hk, nq, nk, d, dv = 4, 2, 13, 17, 8, 5
+    q = randn(rng, (3, hq, nq, d), dtype)
+    k = randn(rng, (3, hk, nk, d), dtype)
+    v = randn(rng, (3, hk, nk, dv), dtype)
+    kw = dict(causal=True, query_lengths=np.array([13, 6, 0]), key_lengths=np.array([17, 0, 9]))
+    check(q, k, v, dtype, "lengths", rng, **kw)
+    check(q, k, v, dtype, "Nq > Nk", rng, causal=True, key_lengths=np.array([5, 9, 1]))
+    dout = randn(rng, (3, hq, nq, 2 * dv), dtype)[..., ::2]
+    out, lse = forward(q, k, v, dtype, **kw)
+    out_s = np.empty((3, hq, nq, 2 * dv), dtype)[..., ::2]
+    out_s[...] = out
+    bufs = [poisoned((3, hq, nq, 2 * d), dtype)[..., ::2]] + [
+        poisoned(x.shape, dtype) for x in (k, v)
+    ]
+    numbattn.attention_backward(q, k, v, out_s, lse, dout, dq=bufs[0], dk=bufs[1], dv=bufs[2], **kw)
+    ref = reference.attention_backward(q, k, v, dout, **kw)
+    assert_grads(bufs, ref, dtype, "strided dout, out, dq")
+    q, k, v, cu_q, cu_k = _varlen_inputs(rng, dtype, Q_LENS, K_LENS, 4, 2)
+    run_varlen(q, k, v, cu_q, cu_k, dtype, rng, causal=True)
+
+
 # --- validation: errors before any buffer is touched ------------------------
 
 

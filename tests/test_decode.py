@@ -157,6 +157,19 @@ def test_varlen_splits(rng, tiny_stream, splits):
     assert_close(lse, ref_lse, F32, "varlen lse")
 
 
+@pytest.mark.parametrize("splits", [3, 4])
+def test_many_rows_parallel_merge(rng, tiny_stream, splits):
+    """More partials than the kernel merges on one thread (rows x splits x dv
+    above numbattn.cpu.kernels._SERIAL_MERGE): the merge's parallel loop,
+    with causal Nq > 1, key lengths 0 and 1, GQA."""
+    from numbattn.cpu.kernels import _SERIAL_MERGE
+
+    q, k, v = _qkv(rng, 8, 16, 4, 16, 40, 16, F32)
+    assert 8 * 16 * 16 * splits * 16 > _SERIAL_MERGE
+    lens = np.array([40, 0, 1, 7, 40, 33, 12, 5])
+    _check(q, k, v, F32, "parallel merge", num_splits=splits, causal=True, key_lengths=lens)
+
+
 def test_default_splits_heuristic(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_threads", lambda: 2)
     # One sequence, one key head, one query over many keys: split.

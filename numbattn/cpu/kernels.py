@@ -1482,6 +1482,63 @@ def _split_range(lo, hi, n_splits, s):
     return c0, min(hi, c0 + c)
 
 
+#: Partial elements (rows x splits x dv) up to which the streaming kernel
+#: merges its splits serially.
+_SERIAL_MERGE = 1 << 16
+
+
+@njit(nogil=True, cache=True)
+def _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per):
+    """Rows wm * per .. (wm + 1) * per of the (G1, G2, rows) grid: the splits'
+    partials merged into out / lse (merge_attention's math, split order)."""
+    ns, g1, g2, max_rows, dv = po.shape
+    dt = out.dtype.type
+    zero = dt(0.0)
+    ninf = dt(-np.inf)
+    n_rows = g1 * g2 * max_rows
+    for row in range(wm * per, min(n_rows, (wm + 1) * per)):
+        a = row // (g2 * max_rows)
+        hh = (row // max_rows) % g2
+        il = row % max_rows
+        if il >= seq[a, hh, 1]:
+            continue
+        i = seq[a, hh, 0] + il
+        mx = -np.inf
+        nan = False
+        for sp in range(ns):
+            x = float(pl[sp, a, hh, il])
+            if x != x:
+                nan = True
+            elif x > mx:
+                mx = x
+        if nan:
+            for c in range(dv):
+                out[a, hh, i, c] = dt(np.nan)
+            if has_lse:
+                lse[a, hh, i] = dt(np.nan)
+            continue
+        if mx == -np.inf:
+            for c in range(dv):
+                out[a, hh, i, c] = zero
+            if has_lse:
+                lse[a, hh, i] = ninf
+            continue
+        tot = 0.0
+        for sp in range(ns):
+            tot += math.exp(float(pl[sp, a, hh, il]) - mx)
+        for c in range(dv):
+            out[a, hh, i, c] = zero
+        for sp in range(ns):
+            x = float(pl[sp, a, hh, il])
+            if x == -np.inf:
+                continue
+            wgt = dt(math.exp(x - mx) / tot)
+            for c in range(dv):
+                out[a, hh, i, c] += wgt * po[sp, a, hh, il, c]
+        if has_lse:
+            lse[a, hh, i] = dt(mx + math.log(tot))
+
+
 @njit(**_OPTS)
 def _decode_impl(
     q,
@@ -1732,50 +1789,18 @@ def _decode_impl(
     if ns == 1:
         return
     # Merge the splits of every real row (merge_attention's math, fixed order).
+    # A few partials (decoding: heads x queries rows) are merged on this
+    # thread: a second parallel loop would cost a second fork / join, which
+    # on a shared host waits whenever either thread is descheduled.
     n_rows = g1 * g2 * max_rows
     per = 16
-    for wm in prange((n_rows + per - 1) // per):
-        for row in range(wm * per, min(n_rows, (wm + 1) * per)):
-            a = row // (g2 * max_rows)
-            hh = (row // max_rows) % g2
-            il = row % max_rows
-            if il >= seq[a, hh, 1]:
-                continue
-            i = seq[a, hh, 0] + il
-            mx = -np.inf
-            nan = False
-            for sp in range(ns):
-                x = float(pl[sp, a, hh, il])
-                if x != x:
-                    nan = True
-                elif x > mx:
-                    mx = x
-            if nan:
-                for c in range(dv):
-                    out[a, hh, i, c] = dt(np.nan)
-                if has_lse:
-                    lse[a, hh, i] = dt(np.nan)
-                continue
-            if mx == -np.inf:
-                for c in range(dv):
-                    out[a, hh, i, c] = zero
-                if has_lse:
-                    lse[a, hh, i] = ninf
-                continue
-            tot = 0.0
-            for sp in range(ns):
-                tot += math.exp(float(pl[sp, a, hh, il]) - mx)
-            for c in range(dv):
-                out[a, hh, i, c] = zero
-            for sp in range(ns):
-                x = float(pl[sp, a, hh, il])
-                if x == -np.inf:
-                    continue
-                wgt = dt(math.exp(x - mx) / tot)
-                for c in range(dv):
-                    out[a, hh, i, c] += wgt * po[sp, a, hh, il, c]
-            if has_lse:
-                lse[a, hh, i] = dt(mx + math.log(tot))
+    n_w = (n_rows + per - 1) // per
+    if n_rows * ns * dv <= _SERIAL_MERGE:
+        for wm in range(n_w):
+            _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per)
+    else:
+        for wm in prange(n_w):
+            _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per)
 
 
 #: The kernels; their arguments are described (and built) by numbattn.cpu.args.
@@ -1803,6 +1828,11 @@ decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
 #    dV += P^T dO, dK += dS^T Q (kept in scratch for the key tile: no race
 #    across the group) and dQ_slice += dS K into the slice's own accumulator;
 # 3. over (a, h, query tile): dq = scale * sum over slices (fixed order).
+#
+# With one slice per key head (enough key heads for the threads), 1 and 3
+# run inside loop 2's work items, on the query heads of the item's key head
+# (before and after its key tiles): one parallel loop per call, the same
+# arithmetic in the same order.
 #
 # Five products per (query tile, key tile), all on packed tiles through the
 # register-blocked micro-kernel shared with the forward (_make_block_kernel:
@@ -1852,6 +1882,52 @@ def _bwd_slice_owner(t, splits):
     r = t // splits
     c = t % splits
     return c if r % 2 == 0 else splits - 1 - c
+
+
+@njit(nogil=True, cache=True)
+def _bwd_prepare(dout, out, delta, acc, a, b, i, m, r0, r1):
+    """Loop 1's work for rows i .. i + m of q[a, b] (absolute row indices):
+    D = rowsum(dout * out) into ``delta``, and zeroed dQ accumulator rows
+    r0 .. r1 of every slice."""
+    dvn = out.shape[3]
+    zero = acc.dtype.type(0.0)
+    d_unit = dvn <= 1 or (dout.strides[3] == dout.itemsize and out.strides[3] == out.itemsize)
+    for r in range(i, i + m):
+        if d_unit:
+            delta[a, b, r] = _dot(_row4(dout, a, b, r), _row4(out, a, b, r), dvn)
+        else:
+            tot = zero
+            for c in range(dvn):
+                tot += dout[a, b, r, c] * out[a, b, r, c]
+            delta[a, b, r] = tot
+    for s_ in range(acc.shape[0]):
+        for r in range(r0, r1):
+            _fill(acc[s_, r], acc.shape[2], zero)
+
+
+@njit(nogil=True, cache=True)
+def _bwd_finish(acc, dq, a, b, i, n, m, row, sc):
+    """Loop 3's work for rows i .. i + n of dq[a, b] (absolute row indices):
+    scale * (the sum of the slices' accumulator rows row, row + 1 ...; fixed
+    order) for the first m, zeros for the rest."""
+    d = dq.shape[3]
+    zero = dq.dtype.type(0.0)
+    ns = acc.shape[0]
+    dq_unit = _unit_rows(dq)
+    for r in range(n):
+        if r >= m:
+            for c in range(d):
+                dq[a, b, i + r, c] = zero
+            continue
+        if ns > 1:
+            first = acc[0, row + r]
+            for s_ in range(1, ns):
+                _axpy(first, acc[s_, row + r], dq.dtype.type(1.0), d)
+        if dq_unit:
+            _copy_scaled(acc[0, row + r], _row4(dq, a, b, i + r), d, sc)
+        else:
+            for c in range(d):
+                dq[a, b, i + r, c] = acc[0, row + r, c] * sc
 
 
 @njit(**_OPTS)
@@ -1906,30 +1982,26 @@ def _attention_backward_impl(
             total += (seq[a, b, 1] + _MR - 1) // _MR * _MR
     acc = np.empty((ns, total, d), dtype=dt)
 
+    # One slice per key head (enough key heads for the threads): loops 1 and
+    # 3 run inside loop 2's work items, each on the query heads of its key
+    # head, so a call is one parallel loop (one fork / join, not three: on a
+    # shared 2-core host a join waits whenever either thread is descheduled,
+    # which cost the short causal calls more than the long ones).
+    fused = ns == 1 and hk > 0 and hk * group == g2
+
     # 1. D = rowsum(dout * out); zero the accumulators.
-    d_unit = dvn <= 1 or (dout.strides[3] == dout.itemsize and out.strides[3] == out.itemsize)
-    for pos in prange(nthr * chunk):
-        w = _work_item(pos, chunk, nthr)
-        if w >= n_items:
-            continue
-        a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
-        if m == 0:
-            continue
-        q_len = seq[a, b, 1]
-        for r in range(m):
-            i = q_off + i0 + r
-            if d_unit:
-                delta[a, b, i] = _dot(_row4(dout, a, b, i), _row4(out, a, b, i), dvn)
-            else:
-                tot = zero
-                for c in range(dvn):
-                    tot += dout[a, b, i, c] * out[a, b, i, c]
-                delta[a, b, i] = tot
-        r0 = base[a, b] + i0
-        r1 = min(base[a, b] + (q_len + _MR - 1) // _MR * _MR, r0 + qtt)
-        for s_ in range(ns):
-            for r in range(r0, r1):
-                _fill(acc[s_, r], d, zero)
+    if not fused:
+        for pos in prange(nthr * chunk):
+            w = _work_item(pos, chunk, nthr)
+            if w >= n_items:
+                continue
+            a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+            if m == 0:
+                continue
+            q_len = seq[a, b, 1]
+            r0 = base[a, b] + i0
+            r1 = min(base[a, b] + (q_len + _MR - 1) // _MR * _MR, r0 + qtt)
+            _bwd_prepare(dout, out, delta, acc, a, b, q_off + i0, m, r0, r1)
 
     # 2. dK, dV per key tile; dQ per slice.
     krows_max = max(max_keys, 0)
@@ -1965,6 +2037,12 @@ def _attention_backward_impl(
         qs, dos, s, dp = _slot(qs_t, t), _slot(do_t, t), _slot(s_t, t), _slot(dp_t, t)
         ktr, kr = _slot(kt_t, t), _slot(kr_t, t)
         vt, dka, dva = _slot(vt_t, t), _slot(dka_t, t), _slot(dva_t, t)
+        if fused:  # loop 1 for the group's query heads
+            for g in range(group):
+                b = b0 + g
+                q_len = seq[a, b, 1]
+                r1 = base[a, b] + (q_len + _MR - 1) // _MR * _MR
+                _bwd_prepare(dout, out, delta, acc, a, b, seq[a, b, 0], q_len, base[a, b], r1)
         for ti in range((krows + kt - 1) // kt):
             if _bwd_slice_owner(ti, ns) != sl:
                 continue
@@ -2068,33 +2146,22 @@ def _attention_backward_impl(
                         dk[a, kb, j, c] = zero
                     for c in range(dvn):
                         dv[a, kb, j, c] = zero
+        if fused:  # loop 3 for the group's query heads: every key tile is done
+            for g in range(group):
+                b = b0 + g
+                q_len = seq[a, b, 1]
+                _bwd_finish(acc, dq, a, b, seq[a, b, 0], seq[a, b, 2], q_len, base[a, b], sc)
 
     # 3. dq = scale * (sum of the slices' accumulators), zeros past Q_LEN.
-    dq_unit = _unit_rows(dq)
-    for pos in prange(nthr * chunk):
-        w = _work_item(pos, chunk, nthr)
-        if w >= n_items:
-            continue
-        a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
-        if i0 >= q_rows:
-            continue
-        ab = base[a, b]
-        for r in range(i1 - i0):
-            i = q_off + i0 + r
-            if r >= m:
-                for c in range(d):
-                    dq[a, b, i, c] = zero
+    if not fused:
+        for pos in prange(nthr * chunk):
+            w = _work_item(pos, chunk, nthr)
+            if w >= n_items:
                 continue
-            row = ab + i0 + r
-            if ns > 1:
-                first = acc[0, row]
-                for s_ in range(1, ns):
-                    _axpy(first, acc[s_, row], dt(1.0), d)
-            if dq_unit:
-                _copy_scaled(acc[0, row], _row4(dq, a, b, i), d, sc)
-            else:
-                for c in range(d):
-                    dq[a, b, i, c] = acc[0, row, c] * sc
+            a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+            if i0 >= q_rows:
+                continue
+            _bwd_finish(acc, dq, a, b, q_off + i0, i1 - i0, m, base[a, b] + i0, sc)
 
 
 attention_backward_kernel = OneLayoutKernel(
