@@ -941,9 +941,10 @@ def _softmax_impl(x, out):
     o_unit = n <= 1 or out.strides[2] == isz
     # float64 (compute-bound rows): exp goes straight into a unit-stride
     # output row, which is then scaled in place while still in L1/L2 (no
-    # scratch row: at N = 2048 it took 0.7x the time, 2 threads on Zen 4).
-    # float32 keeps the scratch row (exp into buf, then copied scaled into
-    # out): the direct path measured 5-10% slower there.
+    # scratch row: at N = 2048 it took 0.7-0.8x the time, 2 threads on
+    # Zen 4). float32 rows were already at the streaming bandwidth and keep
+    # the scratch row (exp into buf, then copied scaled into out): the
+    # direct path showed no consistent difference there on a loaded machine.
     direct = o_unit and isz == 8
     # out is x itself (the API allows exact aliasing only): exp in place.
     same = x.ctypes.data == out.ctypes.data
