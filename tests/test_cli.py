@@ -223,3 +223,25 @@ def test_table_shows_both_timings():
     assert "new out" in lines[0]
     assert "2.00 ms *" in lines[2] and "3.00 ms" in lines[2]
     assert "*" not in lines[3] and lines[3].count("4.00 ms") == 2
+
+
+def test_alternated_timed_takes_turns():
+    """One sample of each call per round (after a warm-up each), until each
+    has min_repeat samples and about min_time seconds, or max_repeat."""
+    order = []
+
+    def fake(name, seconds):
+        def once():
+            order.append(name)
+            return seconds
+
+        return once
+
+    a, b = _bench.alternated_timed(
+        [fake("a", 0.1), fake("b", 0.3)], min_time=1.0, min_repeat=2, max_repeat=50
+    )
+    assert order[:2] == ["a", "b"]  # warm-up
+    assert order[2:] == ["a", "b"] * len(a.times)
+    assert len(a.times) == len(b.times) == 5  # 5 rounds of 0.4 s >= 2 x 1.0 s
+    (c,) = _bench.alternated_timed([fake("c", 1.0)], min_time=10.0, min_repeat=1, max_repeat=3)
+    assert c.times == [1.0] * 3
