@@ -939,12 +939,14 @@ def _softmax_impl(x, out):
     isz = x.itemsize
     x_unit = n <= 1 or x.strides[2] == isz
     o_unit = n <= 1 or out.strides[2] == isz
-    # exp goes straight into a unit-stride output row, which is then scaled
-    # in place while still in L1/L2: no scratch row (one row less in the
-    # cache, one pass less). At N = 2048 it took 0.7-0.8x the time (2
-    # threads, Zen 4), about the same at N = 512. A strided output goes
-    # through the scratch row buf.
-    direct = o_unit
+    # float64 (compute-bound rows): exp goes straight into a unit-stride
+    # output row, which is then scaled in place while still in L1/L2 (no
+    # scratch row: one row less in the cache). It took 0.75-0.85x the time
+    # at (1, 8, 2048, 2048) and (4, 8, 512, 512) (2 threads, Zen 4).
+    # float32 rows are memory-bound and keep the scratch row (exp into buf,
+    # then copied scaled into out): direct, (1, 8, 2048, 2048) took 1.06x on
+    # a quiet machine. A strided output always goes through buf.
+    direct = o_unit and isz == 8
     # out is x itself (the API allows exact aliasing only): exp in place.
     same = x.ctypes.data == out.ctypes.data
     # A few rows per work item to amortise the scratch allocation.
