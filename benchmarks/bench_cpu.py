@@ -3,7 +3,16 @@
 Compilation (or the load of the ``cache=True`` kernels) happens in ``setup``
 with the benchmark's own inputs, never inside a timed call. Inputs are cut
 from one random pool built once per run (``setup_cache``).
+
+scores and softmax (N x N outputs) are timed two ways: ``time_scores`` /
+``time_softmax`` with a new output each call (as NumPy and torch, in
+bench_baselines, allocate theirs; the first touch of fresh pages is counted),
+and ``time_scores_out`` / ``time_softmax_out`` into an output allocated in
+``setup`` (as the machine's ceilings in bench_peak write into existing
+arrays).
 """
+
+import numpy as np
 
 import numbattn
 
@@ -44,10 +53,17 @@ class ScoresCPU(_Base):
         C.check_size(b, h, n)
         self.q, self.k = C.attention_inputs(pool, dtype, b, h, n, d, count=2)
         self.causal = causal
+        self.out = np.empty((b, h, n, n), dtype)
         numbattn.scores(self.q, self.k, causal=causal)
+        numbattn.scores(self.q, self.k, causal=causal, out=self.out)  # first touch
 
     def time_scores(self, pool, dtype, bh, n, d, causal):
+        """A new output each call."""
         numbattn.scores(self.q, self.k, causal=self.causal)
+
+    def time_scores_out(self, pool, dtype, bh, n, d, causal):
+        """Into a preallocated ``out=``."""
+        numbattn.scores(self.q, self.k, causal=self.causal, out=self.out)
 
 
 class SoftmaxCPU(_Base):
@@ -60,10 +76,17 @@ class SoftmaxCPU(_Base):
         b, h = C.split_bh(bh)
         C.check_size(b, h, n)
         self.x = C.softmax_input(pool, dtype, b, h, n)
+        self.out = np.empty_like(self.x)
         numbattn.softmax(self.x)
+        numbattn.softmax(self.x, out=self.out)  # first touch
 
     def time_softmax(self, pool, dtype, bh, n):
+        """A new output each call."""
         numbattn.softmax(self.x)
+
+    def time_softmax_out(self, pool, dtype, bh, n):
+        """Into a preallocated ``out=``."""
+        numbattn.softmax(self.x, out=self.out)
 
 
 MEMORY_SHAPES = ["1x1x16384x64", "1x8x4096x64"]

@@ -6,6 +6,9 @@ CUDA backend, or Numba's CUDA simulator. On a machine without an NVIDIA
 driver the grids shrink to one (skipped) point, see ``common.gpu_grid``. Inputs are copied to the device in ``setup``, which also
 compiles (or loads) the kernels; each timed call ends with
 ``cuda.synchronize()`` so the time covers the kernel, not just its launch.
+scores and softmax are also timed into an output allocated in ``setup``
+(``time_scores_out``, ``time_softmax_out``; the plain names allocate a new
+output each call).
 """
 
 import numbattn
@@ -51,11 +54,17 @@ class ScoresGPU(_Base):
         b, h = C.split_bh(bh)
         self.q, self.k = self._to_device(*C.attention_inputs(pool, dtype, b, h, n, d, count=2))
         self.causal = causal
+        self.out = self.cuda.device_array((b, h, n, n), dtype)
         numbattn.scores(self.q, self.k, causal=causal)
+        numbattn.scores(self.q, self.k, causal=causal, out=self.out)
         self.cuda.synchronize()
 
     def time_scores(self, pool, dtype, bh, n, d, causal):
         numbattn.scores(self.q, self.k, causal=self.causal)
+        self.cuda.synchronize()
+
+    def time_scores_out(self, pool, dtype, bh, n, d, causal):
+        numbattn.scores(self.q, self.k, causal=self.causal, out=self.out)
         self.cuda.synchronize()
 
 
@@ -67,11 +76,17 @@ class SoftmaxGPU(_Base):
         C.require_gpu()
         b, h = C.split_bh(bh)
         (self.x,) = self._to_device(C.softmax_input(pool, dtype, b, h, n))
+        self.out = self.cuda.device_array(self.x.shape, self.x.dtype)
         numbattn.softmax(self.x)
+        numbattn.softmax(self.x, out=self.out)
         self.cuda.synchronize()
 
     def time_softmax(self, pool, dtype, bh, n):
         numbattn.softmax(self.x)
+        self.cuda.synchronize()
+
+    def time_softmax_out(self, pool, dtype, bh, n):
+        numbattn.softmax(self.x, out=self.out)
         self.cuda.synchronize()
 
 

@@ -17,6 +17,12 @@
     4096^3 for the GEMM rate, a streaming copy for the bandwidth) and reports
     each kernel's fraction of them ("of peak"); each implementation is timed
     after a short wait (``--settle``) so no other thread pool spins beside it.
+    scores and softmax (N x N outputs) are timed twice: into a preallocated
+    ``out=`` (the "median" the rate and "of peak" use: the ceilings, too,
+    write into existing arrays) and with a new output each call ("new out",
+    JSON ``new_out_s``: what the NumPy / torch ratios use, since the
+    baselines allocate too; a new output adds page faults and the zeroing of
+    fresh pages). attention and backward are timed with a new output only.
 
 ``gpu-report``
     Compiles every CUDA kernel at its production geometry for a compute
@@ -318,7 +324,11 @@ def cmd_bench(args) -> int:
                 "backward 10*B*H*N*N*d (halved if causal)",
                 "GB/s": "softmax: 2*elements*itemsize bytes (read + write)",
             },
-            "ratios": "vs_numpy / vs_torch = baseline median / numbattn median (>1: numbattn faster)",
+            "ratios": "vs_numpy / vs_torch = baseline median / numbattn new_out_s (>1: "
+            "numbattn faster)",
+            "timings": "median_s (rate, of_peak): scores and softmax into a preallocated out= "
+            "(out_given true), others a new output each call; new_out_s: a new output each "
+            "call (the baselines allocate theirs too)",
             "of_peak": "rate / peaks[dtype].gemm.rate (softmax: / peaks[dtype].stream.rate)",
             "all_ok": not failed,
             "results": records,
@@ -327,10 +337,13 @@ def cmd_bench(args) -> int:
     else:
         print(B.table(records))
         print(
-            "\nmedian of repeated calls; rate: GFLOP/s (attention 4*B*H*N^2*d, halved if causal; "
-            "scores 2*B*H*N^2*d; backward 10*B*H*N^2*d, halved if causal) or GB/s (softmax, "
-            "2 x bytes of x);\nvs NumPy / vs torch: baseline time / numbattn time (above 1: "
-            "numbattn faster; backward: torch's SDPA autograd backward, without its forward); "
+            "\nmedian of repeated calls, * into a preallocated out= (scores, softmax: like the "
+            "ceilings, into existing memory), else a new output each call; new out: median "
+            "with a new output each call;\nrate (from median): GFLOP/s (attention "
+            "4*B*H*N^2*d, halved if causal; scores 2*B*H*N^2*d; backward 10*B*H*N^2*d, halved "
+            "if causal) or GB/s (softmax, 2 x bytes of x);\nvs NumPy / vs torch: baseline "
+            "time / numbattn new-out time (both allocate their output; above 1: numbattn "
+            "faster; backward: torch's SDPA autograd backward, without its forward); "
             f"NumPy baseline runs on the host; torch: {torch_note}."
         )
         if peaks:

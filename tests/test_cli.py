@@ -68,10 +68,17 @@ def test_bench_quick_json():
         assert x["check"]["ok"] is True
         assert x["check"]["rel_err"] <= x["check"]["tol"]
         assert x["median_s"] > 0 and x["rate"] > 0
+        # scores / softmax: median_s into a preallocated out=, new_out_s a new
+        # output each call (the baselines' ratios use it); others: one timing
+        assert x["out_given"] is (x["kernel"] in ("scores", "softmax"))
+        assert x["new_out_s"] > 0
+        if not x["out_given"]:
+            assert x["new_out_s"] == x["median_s"]
         if x["kernel"] == "backward":  # no NumPy baseline for gradients
             assert x["numpy_s"] is None and x["vs_numpy"] is None
         else:
             assert x["numpy_s"] > 0 and x["vs_numpy"] > 0
+            assert x["vs_numpy"] == pytest.approx(x["numpy_s"] / x["new_out_s"])
         assert x["rate_unit"] == ("GB/s" if x["kernel"] == "softmax" else "GFLOP/s")
         if x["torch_s"] is not None:
             assert x["vs_torch"] > 0
@@ -199,3 +206,42 @@ def test_info_lists_pools_and_warnings():
     assert any(p["user_api"] == "blas" for p in pools)  # NumPy's BLAS
     if info["threading"]["layer"] == "omp":
         assert any(p["user_api"] == "openmp" for p in pools)
+
+
+def test_table_shows_both_timings():
+    """scores / softmax: 'median' (rate, of peak) into out=, marked *; 'new out'
+    (the baselines' ratios) a new output each call; attention: one timing."""
+    base = {"backend": "cpu", "dtype": "float64", "causal": False, "rate_unit": "GB/s",
+            "of_peak": 0.9, "vs_torch": None, "check": {"ok": True, "rel_err": 0.0}}  # fmt: skip
+    recs = [
+        dict(base, kernel="softmax", shape=[1, 2, 8, 8], out_given=True, median_s=0.002,
+             new_out_s=0.003, rate=1.0, vs_numpy=2.0),
+        dict(base, kernel="attention", shape=[1, 2, 8, 4], out_given=False, median_s=0.004,
+             new_out_s=0.004, rate=1.0, vs_numpy=1.5, rate_unit="GFLOP/s"),
+    ]  # fmt: skip
+    lines = _bench.table(recs).splitlines()
+    assert "new out" in lines[0]
+    assert "2.00 ms *" in lines[2] and "3.00 ms" in lines[2]
+    assert "*" not in lines[3] and lines[3].count("4.00 ms") == 2
+
+
+def test_alternated_timed_takes_turns():
+    """One sample of each call per round (after a warm-up each), until each
+    has min_repeat samples and about min_time seconds, or max_repeat."""
+    order = []
+
+    def fake(name, seconds):
+        def once():
+            order.append(name)
+            return seconds
+
+        return once
+
+    a, b = _bench.alternated_timed(
+        [fake("a", 0.1), fake("b", 0.3)], min_time=1.0, min_repeat=2, max_repeat=50
+    )
+    assert order[:2] == ["a", "b"]  # warm-up
+    assert order[2:] == ["a", "b"] * len(a.times)
+    assert len(a.times) == len(b.times) == 5  # 5 rounds of 0.4 s >= 2 x 1.0 s
+    (c,) = _bench.alternated_timed([fake("c", 1.0)], min_time=10.0, min_repeat=1, max_repeat=3)
+    assert c.times == [1.0] * 3

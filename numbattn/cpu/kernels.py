@@ -291,6 +291,43 @@ def _vexp_ov(x):
     return _vexp_f64
 
 
+def _vexp_sm(x):  # pragma: no cover - typing stub, see the overload below
+    """_vexp for softmax: float64 with a cheaper polynomial."""
+    raise NotImplementedError
+
+
+def _vexp_sm_f64(x):
+    lo = -708.0
+    ok = x >= lo
+    xc = x if ok else lo
+    fn = np.floor(xc * 1.4426950408889634074 + 0.5)
+    r = (xc - fn * 6.93147180369123816490e-01) - fn * 1.90821492927058770002e-10
+    # Degree-10 minimax polynomial (Remez, relative error) of e**r on
+    # |r| <= ln2 / 2: 2.9e-16, as the degree-12 Taylor series of _vexp_f64
+    # (softmax's rows are compute-bound there) with 2 FMAs fewer.
+    p = 2.7476800484095515e-07
+    p = p * r + 2.7634990756978247e-06
+    p = p * r + 2.480193170810392e-05
+    p = p * r + 1.984118523626433e-04
+    p = p * r + 1.3888888516236323e-03
+    p = p * r + 8.333333370870067e-03
+    p = p * r + 4.166666666813645e-02
+    p = p * r + 1.6666666666611554e-01
+    p = p * r + 4.9999999999998324e-01
+    p = p * r + 1.0
+    p = p * r + 1.0
+    sc = _bits_to_float((np.int64(fn) + 1023) << 52)
+    under = x if x != x else 0.0
+    return p * sc if ok else under
+
+
+@overload(_vexp_sm, jit_options=dict(fastmath=set(_FM)))
+def _vexp_sm_ov(x):
+    if x == types.float32:
+        return _vexp_f32
+    return _vexp_sm_f64
+
+
 @njit(**_HOPTS)
 def _sum(x, n):
     """sum(x[:n]), vectorised (reassociated); inf or NaN if any term is."""
@@ -340,6 +377,28 @@ def _exp_shift_inplace(x, n, shift):
     total = x.dtype.type(0.0)
     for j in range(n):
         e = _vexp(x[j] - shift)
+        x[j] = e
+        total += e
+    return total
+
+
+@njit(**_HOPTS)
+def _softmax_exp(src, dst, n, shift):
+    """_exp_shift with _vexp_sm (src and dst must not overlap)."""
+    total = src.dtype.type(0.0)
+    for j in range(n):
+        e = _vexp_sm(src[j] - shift)
+        dst[j] = e
+        total += e
+    return total
+
+
+@njit(**_HOPTS)
+def _softmax_exp_inplace(x, n, shift):
+    """_exp_shift_inplace with _vexp_sm."""
+    total = x.dtype.type(0.0)
+    for j in range(n):
+        e = _vexp_sm(x[j] - shift)
         x[j] = e
         total += e
     return total
@@ -1035,29 +1094,42 @@ def _softmax_impl(x, out):
     isz = x.itemsize
     x_unit = n <= 1 or x.strides[2] == isz
     o_unit = n <= 1 or out.strides[2] == isz
+    # float64 (compute-bound rows): exp goes straight into a unit-stride
+    # output row, which is then scaled in place while still in L1/L2 (no
+    # scratch row: one row less in the cache). It took 0.75-0.85x the time
+    # at (1, 8, 2048, 2048) and (4, 8, 512, 512) (2 threads, Zen 4).
+    # float32 rows are memory-bound and keep the scratch row (exp into buf,
+    # then copied scaled into out): direct, (1, 8, 2048, 2048) took 1.06x on
+    # a quiet machine. A strided output always goes through buf.
+    direct = o_unit and isz == 8
+    # out is x itself (the API allows exact aliasing only): exp in place.
+    same = x.ctypes.data == out.ctypes.data
     # A few rows per work item to amortise the scratch allocation.
     per = 8
     n_items = (rows + per - 1) // per
     for w in prange(n_items):
-        buf = np.empty(n, dtype=dt)
+        buf = np.empty(0 if direct else n, dtype=dt)
         for row in range(w * per, min(rows, (w + 1) * per)):
             a = row // g2
             b = row % g2
-            m = dt(-np.inf)
-            if x_unit:
+            dst = _row3(out, a, b) if direct else buf
+            if x_unit and not (same and direct):
                 src = _row3(x, a, b)
                 m = _rowmax(src, n)
                 shift = m if m > dt(-np.inf) else dt(0.0)
-                total = _exp_shift(src, buf, n, shift)
+                total = _softmax_exp(src, dst, n, shift)
             else:
-                for j in range(n):
-                    buf[j] = x[a, b, j]
-                m = _rowmax(buf, n)
+                if not (same and direct):  # strided x: gathered into dst
+                    for j in range(n):
+                        dst[j] = x[a, b, j]
+                m = _rowmax(dst, n)
                 shift = m if m > dt(-np.inf) else dt(0.0)
-                total = _exp_shift_inplace(buf, n, shift)
+                total = _softmax_exp_inplace(dst, n, shift)
             if total > dt(0.0):
                 inv = dt(1.0) / total
-                if o_unit:
+                if direct:
+                    _scale_row(dst, n, inv)
+                elif o_unit:
                     _copy_scaled(buf, _row3(out, a, b), n, inv)
                 else:
                     for j in range(n):
