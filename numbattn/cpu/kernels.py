@@ -94,9 +94,10 @@ Design
   (:func:`_transpose_block`). Its own tiles (``CPU_SCORES_*``: 256
   queries, so each K tile is packed once per 256 rows; 512 keys, so each
   tile writes runs of 512 elements of a row).
-* **Vectorised exp** (:func:`_exp_shift`): exp(x - shift) written as plain
-  arithmetic (Cody-Waite range reduction, Cephes minimax polynomial for
-  float32, degree-12 Taylor for float64, 2**n by building the exponent bits
+* **Vectorised exp** (:func:`_vexp`; softmax's :func:`_exp_shift` uses
+  :func:`_vexp_sm`, a degree-10 minimax polynomial for float64): exp(x)
+  written as plain arithmetic (Cody-Waite range reduction, Cephes minimax
+  polynomial for float32, degree-12 Taylor for float64, 2**n by building the exponent bits
   with an integer shift + bitcast) in a branch-free loop that LLVM vectorises.
   -inf and underflow give exactly 0, NaN gives NaN. The row sum is fused in.
 * **Row max** uses ``llvm.maxnum`` (ignores NaN, vectorises as a reduction);
@@ -348,10 +349,11 @@ def _axpy(y, x, a, n):
 def _exp_shift(src, dst, n, shift):
     """dst[j] = exp(src[j] - shift) for j < n; returns the sum (NaN-propagating).
 
-    src and dst must not overlap (use _exp_shift_inplace)."""
+    softmax's exp (:func:`_vexp_sm`); src and dst must not overlap (use
+    _exp_shift_inplace)."""
     total = src.dtype.type(0.0)
     for j in range(n):
-        e = _vexp(src[j] - shift)
+        e = _vexp_sm(src[j] - shift)
         dst[j] = e
         total += e
     return total
@@ -373,29 +375,7 @@ def _exp_scaled_inplace(x, n, s, shift):
 
 @njit(**_HOPTS)
 def _exp_shift_inplace(x, n, shift):
-    """x[j] = exp(x[j] - shift) for j < n; returns the sum (NaN-propagating)."""
-    total = x.dtype.type(0.0)
-    for j in range(n):
-        e = _vexp(x[j] - shift)
-        x[j] = e
-        total += e
-    return total
-
-
-@njit(**_HOPTS)
-def _softmax_exp(src, dst, n, shift):
-    """_exp_shift with _vexp_sm (src and dst must not overlap)."""
-    total = src.dtype.type(0.0)
-    for j in range(n):
-        e = _vexp_sm(src[j] - shift)
-        dst[j] = e
-        total += e
-    return total
-
-
-@njit(**_HOPTS)
-def _softmax_exp_inplace(x, n, shift):
-    """_exp_shift_inplace with _vexp_sm."""
+    """_exp_shift in place."""
     total = x.dtype.type(0.0)
     for j in range(n):
         e = _vexp_sm(x[j] - shift)
@@ -1117,14 +1097,14 @@ def _softmax_impl(x, out):
                 src = _row3(x, a, b)
                 m = _rowmax(src, n)
                 shift = m if m > dt(-np.inf) else dt(0.0)
-                total = _softmax_exp(src, dst, n, shift)
+                total = _exp_shift(src, dst, n, shift)
             else:
                 if not (same and direct):  # strided x: gathered into dst
                     for j in range(n):
                         dst[j] = x[a, b, j]
                 m = _rowmax(dst, n)
                 shift = m if m > dt(-np.inf) else dt(0.0)
-                total = _softmax_exp_inplace(dst, n, shift)
+                total = _exp_shift_inplace(dst, n, shift)
             if total > dt(0.0):
                 inv = dt(1.0) / total
                 if direct:
