@@ -68,6 +68,7 @@ class ScoresArgs(NamedTuple):
     q_tile: Int
     k_tile: Int
     n_threads: Int
+    nt_store: Flag
 
 
 class SoftmaxArgs(NamedTuple):
@@ -75,6 +76,7 @@ class SoftmaxArgs(NamedTuple):
 
     x: In3
     out: Out3
+    nt_store: Flag
 
 
 class AttentionArgs(NamedTuple):
