@@ -34,12 +34,6 @@ CPU_SCORES_QUERY_TILE = 256
 #: Zen 4, one thread; 256 against 512: 0.93-1.15x). The packed K tile
 #: (d x 512) stays in L2.
 CPU_SCORES_KEY_TILE = 512
-#: Output bytes from which ``scores`` and ``softmax`` write their output by
-#: non-temporal (streaming) stores, which skip the read of each output line
-#: that an ordinary store to an uncached line costs. Smaller outputs, which
-#: a caller may read back from the cache, take ordinary stores. 16 MiB: half
-#: the L3 of the Zen 4 host the figures come from.
-CPU_NT_STORE_BYTES = 16 << 20
 #: Query rows per step of the backward pass (rounded up to a multiple of 4).
 #: 128 x 128 tiles (S, dP, the packed K, K^T, V^T and the dK / dV scratch:
 #: 64 KiB each in float32, in L2) ran as fast as 64 x 128 non-causal and

@@ -22,12 +22,10 @@ against numbattn.reference first.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import statistics
 import subprocess
 import time
-import typing
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -52,19 +50,7 @@ def old_kernel(rev: str) -> OneLayoutKernel:
     ns = dict(vars(K))
     exec(body, ns)
     fn = numba.njit(parallel=True, nogil=True, fastmath=False)(ns["_old_softmax_impl"])
-    # Revisions before the nt_store flag take (x, out) only.
-    n = len(inspect.signature(ns["_old_softmax_impl"]).parameters)
-    hints = typing.get_type_hints(SoftmaxArgs, include_extras=True)
-    fields = [(f, hints[f]) for f in SoftmaxArgs._fields[:n]]
-    return OneLayoutKernel(fn, typing.NamedTuple("OldSoftmaxArgs", fields), {})  # type: ignore[misc]
-
-
-def _bind(kernel, x3, o3):
-    """kernel(x3, o3, ...): the flags the package would pass, as many as it takes."""
-    from numbattn.cpu.backend import _nt_store
-
-    extra = (_nt_store(o3),)[: len(kernel.args_type._fields) - 2]
-    return lambda o=o3: kernel(x3, o, *extra)
+    return OneLayoutKernel(fn, SoftmaxArgs, {})
 
 
 def case(old, dtype: str, shape: tuple[int, ...], rounds: int) -> None:
@@ -86,15 +72,15 @@ def case(old, dtype: str, shape: tuple[int, ...], rounds: int) -> None:
     def alloc(kernel):
         def run():
             o = np.empty_like(x3)
-            _bind(kernel, x3, o)(o)
+            kernel(x3, o)
             return o
 
         return run
 
     fns = {
         "stream": lambda: list(pool.map(part, bounds)),
-        "old out": _bind(old, x3, o3),
-        "new out": _bind(new, x3, o3),
+        "old out": lambda: old(x3, o3),
+        "new out": lambda: new(x3, o3),
         "old alloc": alloc(old),
         "new alloc": alloc(new),
     }

@@ -14,26 +14,15 @@ from numbattn import reference
 from .helpers import DTYPES, assert_close, poisoned, randn
 
 
-@pytest.fixture(params=["shipped", "odd", "tiny", "streaming", "streaming-tiny"])
+@pytest.fixture(params=["shipped", "odd", "tiny"])
 def scores_tiles(request, monkeypatch):
     """Shipped tiles; a query tile that is not a multiple of 4 (whole row
     blocks, then 1 row through scratch) and a key tile of 4 whole vectors, a
-    part and a scalar tail (72 = 64 + 8 float32 / 9 x 8 float64); tiny.
-    "streaming": the odd tiles with every output written by non-temporal
-    stores (CPU_NT_STORE_BYTES = 1; chunks of S through scratch, aligned
-    vectors, scalar heads and tails), "streaming-tiny" with tiny tiles."""
-    tiles = {
-        "shipped": None,
-        "odd": (13, 72),
-        "tiny": (3, 5),
-        "streaming": (13, 72),
-        "streaming-tiny": (3, 5),
-    }[request.param]
+    part and a scalar tail (72 = 64 + 8 float32 / 9 x 8 float64); tiny."""
+    tiles = {"shipped": None, "odd": (13, 72), "tiny": (3, 5)}[request.param]
     if tiles is not None:
         monkeypatch.setattr(numbattn.config, "CPU_SCORES_QUERY_TILE", tiles[0])
         monkeypatch.setattr(numbattn.config, "CPU_SCORES_KEY_TILE", tiles[1])
-    if request.param.startswith("streaming"):
-        monkeypatch.setattr(numbattn.config, "CPU_NT_STORE_BYTES", 1)
     return request.param
 
 
@@ -135,48 +124,3 @@ def test_scores_strided_inputs_and_one_row(rng, scores_tiles, dtype):
         out = poisoned((2, 3, nq, nk), dtype)
         numbattn.scores(q[..., :nq, :], k[..., :nk, :], out=out)
         assert_close(out, reference.scores(q[..., :nq, :], k[..., :nk, :]), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_nt_row_alignments_and_ranges(rng, dtype):
-    """The streaming row writer (numbattn.cpu.kernels._nt_row) at every
-    element offset from a 64-byte boundary, with the visible range [clo, chi)
-    inside one vector, across vector boundaries, empty and whole: each
-    element is src * s inside, the fill outside, and nothing past n."""
-    from numbattn.cpu.kernels import _VBYTES, _nt_row
-
-    isz = np.dtype(dtype).itemsize
-    lanes = _VBYTES // isz
-    store = np.full(8 * lanes + 4 * lanes + _VBYTES, np.nan, dtype)
-    base = (-store.ctypes.data % _VBYTES) // isz  # store[base]: aligned
-    src = randn(rng, (8 * lanes + 3,), dtype)
-    for off in range(lanes + 1):
-        for n in (0, 1, lanes - 1, 3 * lanes + 5, 8 * lanes + 3):
-            for clo, chi in ((0, n), (0, 0), (n, n), (1, n - 1), (lanes + 2, lanes + 3)):
-                clo, chi = min(max(clo, 0), n), min(max(chi, 0), n)
-                chi = max(chi, clo)
-                store[:] = np.nan
-                dst = store[base + off : base + off + n]
-                _nt_row(src[:n], dst, n, clo, chi, dtype(0.5), dtype(-np.inf))
-                want = np.full(n, -np.inf, dtype)
-                want[clo:chi] = src[clo:chi] * dtype(0.5)
-                np.testing.assert_array_equal(dst, want, err_msg=f"{off} {n} {clo} {chi}")
-                assert (
-                    np.isnan(store[: base + off]).all() and np.isnan(store[base + off + n :]).all()
-                )
-
-
-def test_nt_store_threshold(monkeypatch):
-    """Streaming stores only for outputs of at least CPU_NT_STORE_BYTES (a
-    positive integer, checked before anything is written)."""
-    from numbattn.cpu.backend import _nt_store
-
-    out = np.empty((2, 3, 4, 5), np.float32)  # 480 bytes
-    monkeypatch.setattr(numbattn.config, "CPU_NT_STORE_BYTES", 480)
-    assert _nt_store(out)
-    monkeypatch.setattr(numbattn.config, "CPU_NT_STORE_BYTES", 481)
-    assert not _nt_store(out)
-    monkeypatch.setattr(numbattn.config, "CPU_NT_STORE_BYTES", 0)
-    q = np.ones((1, 1, 4, 8), np.float32)
-    with pytest.raises(ValueError, match="CPU_NT_STORE_BYTES must be a positive integer"):
-        numbattn.scores(q, q)

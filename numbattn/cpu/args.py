@@ -68,7 +68,6 @@ class ScoresArgs(NamedTuple):
     q_tile: Int
     k_tile: Int
     n_threads: Int
-    nt_store: Flag
 
 
 class SoftmaxArgs(NamedTuple):
@@ -76,7 +75,6 @@ class SoftmaxArgs(NamedTuple):
 
     x: In3
     out: Out3
-    nt_store: Flag
 
 
 class AttentionArgs(NamedTuple):

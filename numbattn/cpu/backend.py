@@ -180,15 +180,7 @@ def scores_args(
         q_tile=_knob("CPU_SCORES_QUERY_TILE") if q_tile is None else q_tile,
         k_tile=_knob("CPU_SCORES_KEY_TILE") if k_tile is None else k_tile,
         n_threads=_threads(),
-        nt_store=_nt_store(out),
     )
-
-
-def _nt_store(out) -> bool:
-    """Whether scores / softmax write ``out`` by non-temporal stores: only an
-    output of at least numbattn.config.CPU_NT_STORE_BYTES, which would not
-    stay in cache for the caller anyway."""
-    return out.nbytes >= _knob("CPU_NT_STORE_BYTES")
 
 
 def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_right, stream=None):
@@ -203,7 +195,7 @@ def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_righ
 def softmax(x, out, stream=None):
     from .kernels import softmax_kernel
 
-    _call(softmax_kernel, SoftmaxArgs(x=x, out=out, nt_store=_nt_store(out)))
+    _call(softmax_kernel, SoftmaxArgs(x=x, out=out))
 
 
 def attention_args(

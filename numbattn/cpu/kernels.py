@@ -921,137 +921,6 @@ def _pack_transposed_scaled(src, a, b, row0, n, dst, s):
             dst[p, j] = row[p] * s
 
 
-# Non-temporal (streaming) stores for large outputs of scores and softmax
-# (issue 12): an ordinary store to a line not in cache first reads it
-# (read-for-ownership), so writing an output larger than the caches costs a
-# read plus a write; a non-temporal store writes whole lines without the
-# read. LLVM's ``!nontemporal`` store: vmovntps / vmovntpd on x86 (aligned
-# vectors only, hence the peeling in _nt_row), stnp or a plain store
-# elsewhere.
-# Rows of S per chunk of the scores kernel's scratch path (streaming, bias,
-# mask, strided output): 16 x 512 keys is 32 KiB of float32.
-_NT_ROWS = 16
-_X86 = __import__("platform").machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
-def _nt_metadata(builder):
-    return builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-
-
-@intrinsic
-def _nt_store_scaled(typingctx, dst, j, src, s):
-    """dst[j : j + L] = src[j : j + L] * s (L: lanes of a ``_VBYTES``
-    vector) by one non-temporal vector store; dst, src: unit stride,
-    dst + j aligned to ``_VBYTES``, src unaligned."""
-    sig = types.none(dst, j, src, s)
-
-    def codegen(context, builder, signature, args):
-        dty, sty = signature.args[0], signature.args[2]
-        ety = context.get_data_type(dty.dtype)
-        isz = dty.dtype.bitwidth // 8
-        lanes = _VBYTES // isz
-        vty = ir.VectorType(ety, lanes)
-        i32 = ir.IntType(32)
-        vj = context.cast(builder, args[1], signature.args[1], types.int64)
-        darr = context.make_array(dty)(context, builder, args[0])
-        sarr = context.make_array(sty)(context, builder, args[2])
-        sp = builder.bitcast(builder.gep(sarr.data, [vj]), vty.as_pointer())
-        v = builder.load(sp, align=isz)
-        x = context.cast(builder, args[3], signature.args[3], dty.dtype)
-        undef = ir.Constant(vty, ir.Undefined)
-        sv = builder.shuffle_vector(
-            builder.insert_element(undef, x, ir.Constant(i32, 0)),
-            undef,
-            ir.Constant(ir.VectorType(i32, lanes), [0] * lanes),
-        )
-        dp = builder.bitcast(builder.gep(darr.data, [vj]), vty.as_pointer())
-        st = builder.store(builder.fmul(v, sv), dp, align=_VBYTES)
-        st.set_metadata("nontemporal", _nt_metadata(builder))
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _nt_store_fill(typingctx, dst, j, value):
-    """dst[j : j + L] = value by one non-temporal vector store (dst + j
-    aligned to ``_VBYTES``)."""
-    sig = types.none(dst, j, value)
-
-    def codegen(context, builder, signature, args):
-        dty = signature.args[0]
-        ety = context.get_data_type(dty.dtype)
-        lanes = _VBYTES // (dty.dtype.bitwidth // 8)
-        vty = ir.VectorType(ety, lanes)
-        i32 = ir.IntType(32)
-        vj = context.cast(builder, args[1], signature.args[1], types.int64)
-        x = context.cast(builder, args[2], signature.args[2], dty.dtype)
-        undef = ir.Constant(vty, ir.Undefined)
-        sv = builder.shuffle_vector(
-            builder.insert_element(undef, x, ir.Constant(i32, 0)),
-            undef,
-            ir.Constant(ir.VectorType(i32, lanes), [0] * lanes),
-        )
-        darr = context.make_array(dty)(context, builder, args[0])
-        dp = builder.bitcast(builder.gep(darr.data, [vj]), vty.as_pointer())
-        st = builder.store(sv, dp, align=_VBYTES)
-        st.set_metadata("nontemporal", _nt_metadata(builder))
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _store_fence(typingctx):
-    """Orders this thread's non-temporal stores before its later stores
-    (``sfence`` on x86, a full fence elsewhere): called once per work item
-    that wrote with :func:`_nt_row`, so that the kernel's results are
-    visible when its parallel region ends, whatever the OpenMP barrier
-    does."""
-    sig = types.none()
-
-    def codegen(context, builder, signature, args):
-        if _X86:
-            fnty = ir.FunctionType(ir.VoidType(), [])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.sfence")
-            builder.call(fn, [])
-        else:
-            builder.fence("seq_cst")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(nogil=True, cache=True)
-def _nt_row(src, dst, n, clo, chi, s, fill):
-    """dst[j] = src[j] * s for clo <= j < chi, ``fill`` for the other
-    j < n (src is not read there); dst, src: 1-D, unit stride. Whole
-    ``_VBYTES`` vectors of dst from its first aligned element on go by
-    non-temporal stores (:func:`_nt_store_scaled`, :func:`_nt_store_fill`),
-    the head before it, the tail and the (at most two) vectors that straddle
-    clo or chi by ordinary scalar stores; an element-misaligned dst
-    entirely by scalar stores."""
-    isz = dst.itemsize
-    lanes = _lanes(dst)
-    addr = dst.ctypes.data
-    h = n
-    if addr % isz == 0:
-        h = min(n, (lanes - (addr % _VBYTES) // isz) % lanes)
-    nv = h + (n - h) // lanes * lanes
-    for j in range(h):
-        dst[j] = src[j] * s if clo <= j < chi else fill
-    for j in range(h, nv, lanes):
-        if clo <= j and j + lanes <= chi:
-            _nt_store_scaled(dst, j, src, s)
-        elif j + lanes <= clo or chi <= j:
-            _nt_store_fill(dst, j, fill)
-        else:
-            for jj in range(j, j + lanes):
-                dst[jj] = src[jj] * s if clo <= jj < chi else fill
-    for j in range(nv, n):
-        dst[j] = src[j] * s if clo <= j < chi else fill
-
-
 @njit(**_OPTS)
 def _scores_impl(
     q,
@@ -1069,17 +938,10 @@ def _scores_impl(
     q_tile,
     k_tile,
     n_threads,
-    nt_store,
 ):
     """S = scale * Q K^T (+ bias, mask), -inf where the window / lengths
     hide a key. A work item is a query tile: its Q rows are packed once,
     then each visible key tile is packed (transposed) and multiplied.
-
-    * **Streaming** (``nt_store`` and output rows with unit stride: an
-      output larger than the caches, numbattn.config.CPU_NT_STORE_BYTES):
-      chunks of _NT_ROWS rows of S go through the scratch S (L1 / L2) and
-      every element of the output, -inf included, is written by
-      :func:`_nt_row` (non-temporal stores: no read of the output lines).
 
     * **Direct** (output rows with unit stride, no bias / mask, a row
       stride of at least a row): :func:`_gemm` writes the whole 4-row
@@ -1105,10 +967,8 @@ def _scores_impl(
     isz = out.itemsize
     o_unit = ncol <= 1 or out.strides[3] == isz
     ld = out.strides[2] // isz
-    nt = nt_store and o_unit
     direct = (
         o_unit
-        and not nt
         and not has_bias
         and not has_mask
         and out.strides[2] % isz == 0
@@ -1116,14 +976,12 @@ def _scores_impl(
     )
     pre = direct and abs(scale) <= 1.0
     # Scratch per thread (see _attention_impl); the direct path keeps S for
-    # the last partial row block only, the others for a chunk of _NT_ROWS
-    # rows at a time (multiplied, then written out while in L1 / L2).
+    # the last partial row block only.
     rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
     ktn = max(1, min(kt, k.shape[2]))
-    ch = _MR if direct else min(rows, _NT_ROWS)
     qs_t = np.empty((nthr, rows, d), dtype=dt)
     kp_t = np.empty((nthr, d, ktn), dtype=dt)
-    s_t = np.empty((nthr, ch, ktn), dtype=dt)
+    s_t = np.empty((nthr, _MR if direct else rows, ktn), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
         if w >= n_items:
@@ -1139,11 +997,7 @@ def _scores_impl(
             i = q_off + i0 + r
             c_lo = k_off + lo if r < m else ncol
             c_hi = k_off + hi if r < m else ncol
-            if nt:
-                orow = _row4(out, a, b, i)
-                _nt_row(orow, orow[k_off:c_lo], c_lo - k_off, 0, 0, ninf, ninf)
-                _nt_row(orow, orow[c_hi:], ncol - c_hi, 0, 0, ninf, ninf)
-            elif o_unit:
+            if o_unit:
                 orow = _row4(out, a, b, i)
                 _fill(orow[k_off:c_lo], c_lo - k_off, ninf)
                 _fill(orow[c_hi:], ncol - c_hi, ninf)
@@ -1153,8 +1007,6 @@ def _scores_impl(
                 for j in range(c_hi, ncol):
                     out[a, b, i, j] = ninf
         if m == 0 or hi <= lo:
-            if nt:
-                _store_fence()
             continue
         kb = b // group
         mp = (m + _MR - 1) // _MR * _MR
@@ -1185,56 +1037,37 @@ def _scores_impl(
                     if not pre:
                         _scale_row(crow[clo:chi], chi - clo, sc)
                     _fill(crow[chi:], kn - chi, ninf)
-            for c0 in range(m4, m, ch):
-                _gemm(qs[c0:], kp, s, min(ch, mp - c0), kn, d, tri + c0, d, True)
-                for r in range(c0, min(c0 + ch, m)):
-                    _scores_out_row(
-                        out, s[r - c0], bias, mask, a, b, q_off + i0 + r, k_off + j0, i0 + r,
-                        j0, kn, off, left, right, has_bias, has_mask, sc, mul, o_unit, nt,
-                    )  # fmt: skip
-        if nt:
-            _store_fence()
-
-
-@njit(nogil=True, cache=True)
-def _scores_out_row(
-    out, srow, bias, mask, a, b, qi, kj, i, j0, kn, off, left, right, has_bias, has_mask, sc, mul,
-    o_unit, nt,
-):  # fmt: skip
-    """Row qi of out, columns kj .. kj + kn - 1, from srow (S's row for
-    query i of the sequence, key tile j0): scale, bias and mask on the
-    visible columns, -inf on the others; non-temporal stores if nt."""
-    ninf = srow.dtype.type(-np.inf)
-    clo, chi = _row_range(i, j0, kn, off, left, right)
-    if has_bias or has_mask:
-        for jj in range(clo, chi):
-            x = srow[jj] * sc
-            if has_bias:
-                bb = bias[a, b, qi, kj + jj]
-                x = ninf if bb == ninf else x + bb  # -inf bias masks
-            if has_mask and not mask[a, b, qi, kj + jj]:
-                x = ninf
-            srow[jj] = x
-    if nt:
-        orow = _row4(out, a, b, qi)
-        _nt_row(srow, orow[kj : kj + kn], kn, clo, chi, mul, ninf)
-    elif o_unit:
-        dst = _row4(out, a, b, qi)[kj : kj + kn]
-        _fill(dst, clo, ninf)
-        _copy_scaled(srow[clo:chi], dst[clo:chi], chi - clo, mul)
-        _fill(dst[chi:], kn - chi, ninf)
-    else:
-        for jj in range(kn):
-            out[a, b, qi, kj + jj] = srow[jj] * mul if clo <= jj < chi else ninf
+            if m4 < m:
+                _gemm(qs[m4:], kp, s, mp - m4, kn, d, tri + m4, d, True)
+            for r in range(m4, m):
+                i = i0 + r
+                srow = s[r - m4]
+                clo, chi = _row_range(i, j0, kn, off, left, right)
+                if has_bias or has_mask:
+                    qi = q_off + i
+                    kj = k_off + j0
+                    for jj in range(clo, chi):
+                        x = srow[jj] * sc
+                        if has_bias:
+                            bb = bias[a, b, qi, kj + jj]
+                            x = ninf if bb == ninf else x + bb  # -inf bias masks
+                        if has_mask and not mask[a, b, qi, kj + jj]:
+                            x = ninf
+                        srow[jj] = x
+                if o_unit:
+                    orow = _row4(out, a, b, q_off + i)
+                    dst = orow[k_off + j0 : k_off + j0 + kn]
+                    _fill(dst, clo, ninf)
+                    _copy_scaled(srow[clo:chi], dst[clo:chi], chi - clo, mul)
+                    _fill(dst[chi:], kn - chi, ninf)
+                else:
+                    for jj in range(kn):
+                        x = srow[jj] * mul if clo <= jj < chi else ninf
+                        out[a, b, q_off + i, k_off + j0 + jj] = x
 
 
 @njit(**_OPTS)
-def _softmax_impl(x, out, nt_store):
-    """Row-wise softmax of x into out (which may be x). With ``nt_store``
-    (an output larger than the caches, numbattn.config.CPU_NT_STORE_BYTES)
-    and unit-stride output rows, the exponentials go into the scratch row
-    and the scaled row is written by non-temporal stores (:func:`_nt_row`:
-    no read of the output lines), in float64 too."""
+def _softmax_impl(x, out):
     g1, g2, n = x.shape
     dt = x.dtype.type
     rows = g1 * g2
@@ -1248,8 +1081,7 @@ def _softmax_impl(x, out, nt_store):
     # float32 rows are memory-bound and keep the scratch row (exp into buf,
     # then copied scaled into out): direct, (1, 8, 2048, 2048) took 1.06x on
     # a quiet machine. A strided output always goes through buf.
-    nt = nt_store and o_unit
-    direct = o_unit and isz == 8 and not nt
+    direct = o_unit and isz == 8
     # out is x itself (the API allows exact aliasing only): exp in place.
     same = x.ctypes.data == out.ctypes.data
     # A few rows per work item to amortise the scratch allocation.
@@ -1277,8 +1109,6 @@ def _softmax_impl(x, out, nt_store):
                 inv = dt(1.0) / total
                 if direct:
                     _scale_row(dst, n, inv)
-                elif nt:
-                    _nt_row(buf, _row3(out, a, b), n, 0, n, inv, dt(0.0))
                 elif o_unit:
                     _copy_scaled(buf, _row3(out, a, b), n, inv)
                 else:
@@ -1290,8 +1120,6 @@ def _softmax_impl(x, out, nt_store):
             else:
                 for j in range(n):
                     out[a, b, j] = dt(0.0)
-        if nt:
-            _store_fence()
 
 
 # Query tiles per work item of the fused kernel (see _tile_group): at most
