@@ -13,7 +13,10 @@ Then::
     OLD=/tmp/old PYTHONPATH=. python scripts/decode_ab.py --threads 2
 
 One thread is timed in thread CPU time (robust on a shared machine), more
-threads in wall time. Prints medians and the old / new time ratio per case.
+threads in wall time, or with ``--clock process`` in the process's CPU time
+(all threads; run with ``OMP_WAIT_POLICY=passive`` so that idle threads do
+not spin): on a loaded host, where wall times mostly measure the scheduler.
+Prints medians and the old / new time ratio per case.
 """
 
 from __future__ import annotations
@@ -35,12 +38,11 @@ CASES = {
 }
 
 
-def run_case(name, old, new, threads, rounds, torch, read, x, rng) -> str:
+def run_case(name, old, new, threads, rounds, torch, read, x, rng, clock) -> str:
     """One case: check old == new, time them alternated, one line of results."""
     from numbattn._bench import _paged_from
     from numbattn.reference import visible
 
-    clock = time.thread_time if threads == 1 else time.perf_counter
     (b, h, hk, nq, nk, d), causal, block = CASES[name]
     q = rng.standard_normal((b, h, nq, d), dtype=np.float32)
     k = rng.standard_normal((b, hk, nk, d), dtype=np.float32)
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--clock", choices=["auto", "process"], default="auto")
     a = ap.parse_args()
     sys.path.insert(0, os.environ["OLD"])
     import numba
@@ -111,9 +114,14 @@ def main() -> None:
     read = _stream_read_kernel()
     x = np.ones(64 << 20, np.float32)
     rng = np.random.default_rng(0)
+    clock = time.thread_time if a.threads == 1 else time.perf_counter
+    if a.clock == "process":
+        clock = time.process_time
     print(f"numbattn_old: {numbattn_old.__file__}\nnumbattn: {numbattn.__file__}")
     for name in a.cases.split(","):
-        line = run_case(name, numbattn_old, numbattn, a.threads, a.rounds, torch, read, x, rng)
+        line = run_case(
+            name, numbattn_old, numbattn, a.threads, a.rounds, torch, read, x, rng, clock
+        )
         print(line, flush=True)
 
 

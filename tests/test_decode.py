@@ -411,3 +411,59 @@ def test_stream_register_blocks_layouts(rng, tiny_stream, wide_rows, layout):
         v = np.repeat(v, 2, axis=-1)[..., ::2]
     for splits in (1, 3):
         _check(q, k, v, dtype, layout, num_splits=splits, window=(9, 0))
+
+
+# --- several blocks (or halves of one) read at once -----------------------------
+
+
+@pytest.fixture(params=[17, 24])
+def stream_tile(request, monkeypatch):
+    """Key tiles of 17 (one segment: two halves of 8 and a last row) and 24
+    (four whole blocks of 1, 3 or 6; two of 8, 12 or 4 and a shorter one;
+    halves of 12)."""
+    monkeypatch.setattr(numbattn.config, "CPU_STREAM_KEY_TILE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 6, 8, 12, 64])
+@pytest.mark.parametrize(
+    "group, nq, causal", [(1, 1, False), (3, 1, False), (4, 1, False), (2, 3, True)]
+)
+def test_paged_block_streams(rng, stream_tile, wide_rows, block_size, group, nq, causal):
+    """K and V read four or two cache blocks at a time, or a segment as two
+    halves (with the last odd row), for 1, 3 (odd: the last-row loop), 4 and
+    6 query rows per key head, under each P @ V register block; split
+    boundaries inside blocks (3 splits); the result depends on the logical
+    keys only, not on where the table puts the blocks (bitwise)."""
+    lengths = [0, 1, 50, 77, 100]
+    hk, d = 2, 8
+    k_cache, v_cache, table = _paged(rng, lengths, block_size, hk, d, F32)
+    q = randn(rng, (len(lengths), hk * group, nq, d), F32)
+    lens = np.array(lengths)
+    ref_out, ref_lse = reference.paged_attention(q, k_cache, v_cache, table, lens, causal=causal)
+    # The same logical cache, the blocks moved (another permutation).
+    perm = rng.permutation(k_cache.shape[0])
+    inv = np.argsort(perm).astype(np.int32)
+    table2 = np.where(table >= 0, inv[np.clip(table, 0, None)], table).astype(np.int32)
+    for splits in (1, 3):
+        out, lse = _run(
+            numbattn.paged_attention, q, d, F32, q, k_cache, v_cache, table, lens,
+            num_splits=splits, causal=causal,
+        )  # fmt: skip
+        assert_close(out, ref_out, F32, f"paged blocks of {block_size} out")
+        assert_close(lse, ref_lse, F32, f"paged blocks of {block_size} lse")
+        out2, lse2 = _run(
+            numbattn.paged_attention, q, d, F32, q, k_cache[perm], v_cache[perm], table2, lens,
+            num_splits=splits, causal=causal,
+        )  # fmt: skip
+        np.testing.assert_array_equal(out2, out)
+        np.testing.assert_array_equal(lse2, lse)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_dense_segment_halves(rng, stream_tile, wide_rows, dtype):
+    """A contiguous cache: each key tile one segment, read as two halves."""
+    q, k, v = _qkv(rng, 3, 4, 2, 2, 61, 8, dtype)
+    for splits in (1, 2):
+        _check(q, k, v, dtype, "halves", num_splits=splits, key_lengths=np.array([61, 18, 5]))
+        _check(q, k, v, dtype, "halves causal", num_splits=splits, causal=True)
