@@ -34,7 +34,7 @@ ceiling for the row's dtype (:class:`Ceilings`):
   numbattn call beside them by 35-45 %, so the two never share a process,
   and the bench waits :data:`NUMBA_SPIN_S` after the kernel (Numba's pool
   asleep) and :data:`BLAS_SPIN_S` after the matmul (the worker's threads
-  asleep). One matmul takes 0.7 s (float32) or 1.3 s (float64) here, hence
+  asleep). One matmul takes 0.7 s (float32) or 1.3 s (float64) here (quiet), hence
   3 rounds by default: a row costs 2-4 s more than a single timing.
 - GB/s rows (softmax): the streaming bandwidth, ``y = x * 1`` over 128 MiB
   arrays into an existing one, bytes read + written, on a ThreadPoolExecutor
