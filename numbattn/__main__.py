@@ -12,10 +12,14 @@
     (outputs poisoned with NaN first; relative error ||out-ref||/||ref|| within
     1e-5 for float32, 1e-12 for float64), then times it and the baselines
     (batched NumPy; torch, SDPA for attention, when installed) and prints a
-    table, or JSON with ``--json``. Progress goes to stderr. On the CPU it first measures
-    the machine's ceilings for each dtype in a separate process (NumPy matmul
-    4096^3 for the GEMM rate, a streaming copy for the bandwidth) and reports
-    each kernel's fraction of them ("of peak"); each implementation is timed
+    table, or JSON with ``--json``. Progress goes to stderr. On the CPU each
+    kernel's fraction of the machine's ceiling ("of peak") is measured in the
+    same rounds as the kernel: each of ``--rounds`` rounds (default 3) takes
+    the kernel's samples, then one sample of the ceiling for its dtype
+    (NumPy matmul 4096^3 in a persistent worker process for the GEMM rate;
+    softmax: ``y = x * 1`` over 128 MiB in this process, 3x as many rounds),
+    and "of peak" is the median over rounds of the two rates' ratio; the row
+    also gives the ceiling's median ("ceiling"). Each implementation is timed
     after a short wait (``--settle``) so no other thread pool spins beside it.
     scores and softmax (N x N outputs) are timed twice: into a preallocated
     ``out=`` (the "median" the rate and "of peak" use: the ceilings, too,
@@ -288,29 +292,40 @@ def cmd_bench(args) -> int:
         baselines=not args.no_baselines,
         threads=threads,
         settle=args.settle if args.settle is not None else (0.02 if args.quick else 0.3),
+        rounds=args.rounds,
     )
     say(
         f"numbattn bench: {len(problems)} problems on {backend.name}, numba "
         f"{numba.__version__} with {threads} threads; baselines: "
         f"{'NumPy, ' + torch_note if opts.baselines else 'skipped'}"
     )
+    # The ceilings are sampled in the rounds of each row (see numbattn._bench):
+    # the GEMM in a worker process started (and pre-warmed) here.
     peaks: dict = {}
+    ceilings = None
     if not args.no_peak and backend.name == "cpu":  # a host ceiling rates host kernels only
         size = args.peak_size or (512 if args.quick else 4096)
-        for dtype in dict.fromkeys(p.dtype for p in problems):
-            say(f"machine peaks {dtype}: NumPy matmul {size}^3 and streaming, own process ...")
-            try:
-                peaks[dtype] = B.machine_peaks(dtype, threads, size, opts.min_time)
-            except (RuntimeError, OSError, ValueError) as exc:
-                say(f"machine peaks {dtype}: not measured ({exc})")
-        say(B.peaks_text(peaks))
-        opts.peaks = peaks
+        gemm_dtypes = [p.dtype for p in problems if p.work()[1] == "GFLOP/s"]
+        if gemm_dtypes:
+            say(f"ceilings: starting the GEMM worker (NumPy matmul {size}^3) ...")
+        try:
+            ceilings = B.Ceilings(threads, gemm_dtypes, size)
+        except (RuntimeError, OSError, ValueError) as exc:
+            say(f"ceilings: not measured ({exc})")
+        opts.ceilings = ceilings
     records = []
-    for i, p in enumerate(problems, 1):
-        prefix = f"[{i}/{len(problems)}] {p.label}:"
-        say(f"{prefix} compiling/checking ...")
-        opts.progress = (lambda pre: lambda msg: say(f"{pre} {msg}"))(prefix)
-        records.append(B.run_problem(p, backend, torch_runner, opts))
+    try:
+        for i, p in enumerate(problems, 1):
+            prefix = f"[{i}/{len(problems)}] {p.label}:"
+            say(f"{prefix} compiling/checking ...")
+            opts.progress = (lambda pre: lambda msg: say(f"{pre} {msg}"))(prefix)
+            records.append(B.run_problem(p, backend, torch_runner, opts))
+    finally:
+        if ceilings is not None:
+            peaks = ceilings.summary()
+            ceilings.close()
+    if peaks:
+        say(B.peaks_text(peaks))
 
     failed = [r for r in records if not r["check"]["ok"]]
     if args.json:
@@ -329,7 +344,13 @@ def cmd_bench(args) -> int:
             "timings": "median_s (rate, of_peak): scores and softmax into a preallocated out= "
             "(out_given true), others a new output each call; new_out_s: a new output each "
             "call (the baselines allocate theirs too)",
-            "of_peak": "rate / peaks[dtype].gemm.rate (softmax: / peaks[dtype].stream.rate)",
+            "of_peak": "median over the row's rounds of (numbattn's rate in the round, from "
+            "the median of its median_s samples there) / (the ceiling's rate in the same "
+            "round): the GEMM (NumPy matmul n^3, worker process) for GFLOP/s rows, the "
+            "stream (y = x * 1, this process) for GB/s rows; of_peak_rounds: each round's "
+            "fraction; ceiling_rate: the median of the ceiling's rates over the rounds "
+            "(ceiling: what, unit, rates, rounds); peaks: each ceiling's medians over all "
+            "of the run's samples",
             "all_ok": not failed,
             "results": records,
         }
@@ -348,8 +369,12 @@ def cmd_bench(args) -> int:
         )
         if peaks:
             print(
-                "of peak: rate / the machine's GEMM rate (softmax: / streaming bandwidth) "
-                "for the dtype, measured in this run:\n" + B.peaks_text(peaks)
+                "of peak: median over rounds of numbattn's rate / the machine's ceiling "
+                "for the dtype in the same round (each round: numbattn's samples, then one "
+                "sample of the ceiling): the GEMM rate (NumPy matmul, in a worker process, "
+                "with waits so no thread pool spins beside another) or, softmax, the "
+                "streaming bandwidth; ceiling: its median over the rounds (GFLOP/s or "
+                "GB/s). Over the whole run:\n" + B.peaks_text(peaks)
             )
     if failed:
         print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
@@ -499,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip measuring the machine's GEMM rate and bandwidth")  # fmt: skip
     p.add_argument("--peak-size", type=int, default=0, metavar="N",
                    help="matmul size for the GEMM rate (default 4096; 512 with --quick)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, metavar="R",
+                   help="rounds per row, each closed by one sample of the ceiling (one "
+                   "matmul; softmax: 3R rounds of the stream); default 3")  # fmt: skip
     p.add_argument("--settle", type=float, default=None, metavar="SECONDS",
                    help="wait before timing each implementation, so the previous one's "
                    "threads stop spinning (default 0.3; 0.02 with --quick)")  # fmt: skip
@@ -537,8 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "min_repeat", 1) < 1 or getattr(args, "max_repeat", 1) < 1:
-        print("numbattn bench: --min-repeat and --max-repeat must be >= 1", file=sys.stderr)
+    if min(getattr(args, k, 1) for k in ("min_repeat", "max_repeat", "rounds")) < 1:
+        print(
+            "numbattn bench: --min-repeat, --max-repeat and --rounds must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     return args.func(args)
 

@@ -17,14 +17,46 @@ Work counts
   causal. Its torch baseline is SDPA's autograd backward (``out.backward(dout)``),
   timed without the forward; it has no NumPy baseline.
 
+Ceilings, sampled in the same rounds as each kernel
+---------------------------------------------------
+This host's speed moves by 1.4-1.7x between minutes, so a ceiling measured
+once and a kernel timed minutes later do not make a fraction. On the CPU
+each row is timed in rounds (:func:`rounds_timed`; ``Options.rounds``, CLI
+``--rounds``, default 3): a round is the kernel's samples (about
+``min_time / rounds`` seconds of each timing), then one sample of the
+ceiling for the row's dtype (:class:`Ceilings`):
+
+- GFLOP/s rows (attention, scores, backward): the GEMM rate, 2 n**3 flop of
+  NumPy's ``np.matmul(a, b, out=c)`` with n x n matrices (n = 4096;
+  ``--peak-size``), in a persistent worker process (:class:`GemmWorker`,
+  started once and pre-warmed; it answers one request per round over a
+  pipe). OpenBLAS's threads spin ~0.1 s after each call and slowed a
+  numbattn call beside them by 35-45 %, so the two never share a process,
+  and the bench waits :data:`NUMBA_SPIN_S` after the kernel (Numba's pool
+  asleep) and :data:`BLAS_SPIN_S` after the matmul (the worker's threads
+  asleep). One matmul takes 0.7 s (float32) or 1.3 s (float64) here (quiet), hence
+  3 rounds by default: a row costs 2-4 s more than a single timing.
+- GB/s rows (softmax): the streaming bandwidth, ``y = x * 1`` over 128 MiB
+  arrays into an existing one, bytes read + written, on a ThreadPoolExecutor
+  in the bench process (no BLAS; its idle threads block, not spin), after
+  :data:`NUMBA_SPIN_S`; 3x as many rounds (a sample takes ~10 ms).
+
+``of_peak`` is the median over rounds of (the kernel's rate in the round, from
+the median of its rated samples there) / (the ceiling's rate in the same
+round) (:func:`round_fractions`); ``ceiling_rate`` is the ceiling's median
+over the row's rounds, ``of_peak_rounds`` each round's fraction, and
+``peaks`` (:meth:`Ceilings.summary`) each ceiling's median over the whole
+run. ``median_s`` pools the kernel's samples of all rounds. The baselines
+(NumPy, torch) are timed after the rounds, each after ``settle``, as before.
+
 Two timings of scores and softmax
 ---------------------------------
 Their output is an N x N array per head (134 MB at (1, 8, 2048, 2048)
 float64). A new output each call costs the kernel the first touch of fresh
 pages (page faults, and the operating system zeroing them: a third memory
-pass), while the ceilings (:data:`_PEAKS_SCRIPT`) write into existing
-arrays. So scores and softmax are timed both ways (:data:`OUT_GIVEN`),
-alternated call by call (:func:`alternated_timed`):
+pass), while the ceilings write into existing arrays. So scores and
+softmax are timed both ways (:data:`OUT_GIVEN`), alternated call by call
+(within each round):
 
 - ``median_s``: into a preallocated ``out=``, like the ceilings; ``rate`` and
   ``of_peak`` use it;
@@ -493,6 +525,70 @@ def alternated_timed(
 
 
 @dataclass
+class Rounds:
+    """Samples taken in rounds (:func:`rounds_timed`): ``calls[i][r]`` holds
+    call i's seconds in round r, ``ceiling[r]`` the ceiling's seconds in
+    round r (one sample, taken right after the calls' samples)."""
+
+    calls: list[list[list[float]]]
+    ceiling: list[float]
+
+    def timing(self, i: int) -> Timing:
+        """Call i's samples of every round, pooled."""
+        return Timing([s for rnd in self.calls[i] for s in rnd])
+
+
+def rounds_timed(
+    timed_once: list[Callable[[], float]],
+    ceiling_once: Callable[[], float],
+    *,
+    rounds: int,
+    min_time: float,
+    min_repeat: int,
+    max_repeat: int,
+) -> Rounds:
+    """:func:`alternated_timed` cut into ``rounds`` rounds, each closed by one
+    sample of the ceiling (``ceiling_once``: one sample's seconds; it waits
+    for other thread pools itself), so that each round's kernel samples and
+    ceiling sample meet the same load on a shared machine. After one warm-up
+    call of each ``timed_once``, a round takes one sample of each in turn
+    until it has ``ceil(min_repeat / rounds)`` samples each and about
+    ``min_time / rounds`` seconds of each, or ``max(1, max_repeat // rounds)``
+    samples each."""
+    rounds = max(1, int(rounds))
+    for fn in timed_once:
+        fn()
+    per_min = max(1, -(-min_repeat // rounds))
+    per_max = max(1, max_repeat // rounds)
+    budget = min_time * len(timed_once) / rounds
+    out = Rounds([[] for _ in timed_once], [])
+    for _ in range(rounds):
+        got: list[list[float]] = [[] for _ in timed_once]
+        total = 0.0
+        while len(got[0]) < per_max and (len(got[0]) < per_min or total < budget):
+            for fn, g in zip(timed_once, got):
+                s = fn()
+                g.append(s)
+                total += s
+        for i, g in enumerate(got):
+            out.calls[i].append(g)
+        out.ceiling.append(ceiling_once())
+    return out
+
+
+def round_fractions(
+    work: float, kernel_rounds: list[list[float]], ceiling_work: float, ceiling_s: list[float]
+) -> list[float]:
+    """Per round: the kernel's rate (``work`` over the median of its samples in
+    that round) over the ceiling's rate in that round (``ceiling_work`` over
+    its sample). The units cancel: both works in flop, or both in bytes."""
+    return [
+        (work / statistics.median(ks)) / (ceiling_work / cs)
+        for ks, cs in zip(kernel_rounds, ceiling_s)
+    ]
+
+
+@dataclass
 class Options:
     min_time: float = 0.5
     min_repeat: int = 3
@@ -504,8 +600,16 @@ class Options:
     #: pool of whatever ran before (OpenBLAS spins ~0.1 s after each call)
     #: is asleep; see README "Using numbattn beside NumPy and PyTorch".
     settle: float = 0.3
-    #: machine_peaks() per dtype, for the "of peak" fraction (None: not measured).
-    peaks: dict | None = None
+    #: The machine's ceilings, sampled in the same rounds as each kernel
+    #: (None: no "of peak" fraction; the CPU backend only).
+    ceilings: Ceilings | None = None
+    #: Rounds of a row rated against the GEMM (one 4096^3 matmul each); rows
+    #: rated against the stream (a 10 ms sample) take STREAM_ROUNDS_PER times as many.
+    rounds: int = 3
+
+
+#: Rounds of a stream-rated row (softmax) per ``Options.rounds``.
+STREAM_ROUNDS_PER = 3
 
 
 def _rate(p: Problem, seconds: float) -> float:
@@ -556,12 +660,31 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
     def timed(call: Callable[[], Any]) -> Callable[[], float]:
         return lambda: backend.timed(call)
 
-    timings = alternated_timed(
-        [timed(c) for c in calls],
-        min_time=opts.min_time,
-        min_repeat=opts.min_repeat,
-        max_repeat=opts.max_repeat,
-    )
+    # With the ceilings, in rounds: each round's samples end with one sample
+    # of the ceiling, and "of peak" is the median over rounds of the kernel's
+    # rate in the round over the ceiling's rate in the same round.
+    ceiling = None
+    if opts.ceilings is not None and backend.name == "cpu":
+        ceiling = opts.ceilings.get(p.dtype, "stream" if unit == "GB/s" else "gemm")
+    rounds: Rounds | None = None
+    if ceiling is None:
+        timings = alternated_timed(
+            [timed(c) for c in calls],
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+    else:
+        per = STREAM_ROUNDS_PER if ceiling.kind == "stream" else 1
+        rounds = rounds_timed(
+            [timed(c) for c in calls],
+            ceiling.sample,
+            rounds=opts.rounds * per,
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+        timings = [rounds.timing(i) for i in range(len(calls))]
     t_new, tm = timings[0], timings[-1]  # the same Timing without out=
     del calls
     if out_given:
@@ -582,12 +705,28 @@ def run_problem(p: Problem, backend, torch_runner: TorchRunner | None, opts: Opt
         "rate": _rate(p, tm.median),
         "rate_unit": unit,
         "of_peak": None,
+        "of_peak_rounds": None,
+        "ceiling_rate": None,
+        "ceiling": None,
         "numpy_s": None,
         "vs_numpy": None,
         "torch_s": None,
         "vs_torch": None,
     }
-    rec["of_peak"] = of_peak(rec, opts.peaks)
+    if ceiling is not None and rounds is not None:
+        fracs = round_fractions(p.work()[0], rounds.calls[-1], ceiling.work, rounds.ceiling)
+        rates = [ceiling.work / c / 1e9 for c in rounds.ceiling]
+        rec["of_peak"] = statistics.median(fracs)
+        rec["of_peak_rounds"] = fracs
+        rec["ceiling_rate"] = statistics.median(rates)
+        rec["ceiling"] = {
+            "kind": ceiling.kind,
+            "what": ceiling.what,
+            "unit": unit,
+            "rate": rec["ceiling_rate"],
+            "rates": rates,
+            "rounds": len(rates),
+        }
     frac = "" if rec["of_peak"] is None else f", {rec['of_peak']:.0%} of peak"
     how = f" into out=; new output each call {fmt_time(t_new.median)}" if out_given else ""
     opts.progress(f"numbattn {fmt_time(tm.median)}{how} ({rec['rate']:.2f} {unit}{frac})")
@@ -658,14 +797,16 @@ def _ratio(r: float | None) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """Plain-text table; 'median' is the time 'rate' and 'of peak' (the
-    fraction of the machine's ceiling, :func:`of_peak`) use: scores and
-    softmax into a preallocated ``out=`` (marked ``*``), the others with a
-    new output; 'new out' is the time with a new output each call, which
-    'vs NumPy' / 'vs torch' use (speed-ups: baseline time / numbattn time,
-    above 1 means numbattn is faster)."""
+    """Plain-text table; 'median' is the time 'rate' uses; 'of peak' is the
+    median over rounds of the kernel's rate over the machine's ceiling in the
+    same round and 'ceiling' that ceiling's median rate, in the rate's unit
+    (:func:`rounds_timed`). 'median' times scores and softmax into a
+    preallocated ``out=`` (marked ``*``), the others with a new output; 'new
+    out' is the time with a new output each call, which 'vs NumPy' / 'vs
+    torch' use (speed-ups: baseline time / numbattn time, above 1 means
+    numbattn is faster)."""
     head = ["kernel", "backend", "dtype", "shape", "causal", "median", "rate", "of peak",
-            "new out", "vs NumPy", "vs torch", "check"]  # fmt: skip
+            "ceiling", "new out", "vs NumPy", "vs torch", "check"]  # fmt: skip
     rows = [head]
     for r in records:
         rows.append(
@@ -678,6 +819,7 @@ def table(records: list[dict]) -> str:
                 fmt_time(r["median_s"]) + (" *" if r.get("out_given") else ""),
                 f"{r['rate']:.2f} {r['rate_unit']}",
                 "-" if r.get("of_peak") is None else f"{r['of_peak']:.0%}",
+                "-" if r.get("ceiling_rate") is None else f"{r['ceiling_rate']:.1f}",
                 fmt_time(r.get("new_out_s", r["median_s"])),
                 _ratio(r["vs_numpy"]),
                 _ratio(r["vs_torch"]),
@@ -685,7 +827,7 @@ def table(records: list[dict]) -> str:
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    right = {5, 6, 7, 8, 9, 10}
+    right = {5, 6, 7, 8, 9, 10, 11}
     lines = []
     for n, row in enumerate(rows):
         cells = [
@@ -701,10 +843,13 @@ def table(records: list[dict]) -> str:
 # The machine's ceilings: GEMM rate and streaming bandwidth
 # --------------------------------------------------------------------------
 
-# Run in a child process of its own (``python -c``): NumPy's BLAS threads
-# keep spinning for a while after each call (OpenBLAS: about 2**28 cycles,
-# OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next on the same cores,
-# so the ceilings are measured where no numbattn or torch call can meet them.
+# The ceilings measured once, up front (``machine_peaks``; scripts/ab_scores.py
+# uses it; ``bench`` samples them in each row's rounds instead, see
+# :class:`Ceilings`). Run in a child process of its own (``python -c``):
+# NumPy's BLAS threads keep spinning for a while after each call (OpenBLAS:
+# about 2**28 cycles, OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next
+# on the same cores, so the ceilings are measured where no numbattn or torch
+# call can meet them.
 _PEAKS_SCRIPT = r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
@@ -801,27 +946,279 @@ def machine_peaks(dtype: str, threads: int, n: int = 4096, min_time: float = 0.5
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def of_peak(rec: dict, peaks: dict | None) -> float | None:
-    """The fraction of the machine's ceiling that ``rec`` reaches: its GFLOP/s
-    over the GEMM rate, or (softmax) its GB/s over the streaming bandwidth,
-    for its dtype; None without peaks."""
-    if not peaks or rec["dtype"] not in peaks:
-        return None
-    pk = peaks[rec["dtype"]]
-    ceiling = pk["stream"]["rate"] if rec["rate_unit"] == "GB/s" else pk["gemm"]["rate"]
-    return rec["rate"] / ceiling if ceiling > 0 else None
+#: Seconds to wait after a numbattn call before a ceiling sample: Numba's
+#: pool (omp layer, libgomp) keeps spinning after a parallel region; measured
+#: here (process CPU time in windows after a call, 2 threads) it was busy for
+#: up to 25 ms and idle from 30 ms on.
+NUMBA_SPIN_S = 0.05
+#: Seconds to wait after a GEMM sample before the next numbattn call: the
+#: worker's OpenBLAS threads spin for 2**28 cycles after each call
+#: (OPENBLAS_THREAD_TIMEOUT's default); measured here, busy for 100 ms,
+#: idle from 100 ms on.
+BLAS_SPIN_S = 0.15
+
+# A persistent worker process for the GEMM ceiling: OpenBLAS's spinning
+# threads and numbattn's pool never run side by side (the issue measured a
+# numbattn call right after a NumPy matmul 35-45 % slower). Started once,
+# pre-warmed (one matmul per dtype: page faults, thread start-up), it then
+# answers each line of stdin naming a dtype with the seconds of one
+# ``np.matmul(a, b, out=c)`` of n x n matrices, as one JSON line; an empty
+# line or end of input ends it.
+_GEMM_WORKER = r"""
+import json, sys, time
+import numpy as np
+
+n = int(sys.argv[1])
+rng = np.random.default_rng(0)
+mats = {}
+for dtype in sys.argv[2:]:
+    dt = np.dtype(dtype)
+    a = rng.standard_normal((n, n)).astype(dt)
+    b = rng.standard_normal((n, n)).astype(dt)
+    c = np.empty((n, n), dt)
+    np.matmul(a, b, out=c)
+    mats[dtype] = (a, b, c)
+blas = None
+try:
+    from threadpoolctl import threadpool_info
+    for p in threadpool_info():
+        if p.get("user_api") == "blas":
+            blas = " ".join(str(p.get(k)) for k in ("internal_api", "version", "architecture")
+                            if p.get(k))
+            break
+except Exception:
+    pass
+print(json.dumps({"ready": True, "n": n, "blas": blas}), flush=True)
+for line in sys.stdin:
+    dtype = line.strip()
+    if not dtype:
+        break
+    a, b, c = mats[dtype]
+    t0 = time.perf_counter()
+    np.matmul(a, b, out=c)
+    print(json.dumps({"dtype": dtype, "seconds": time.perf_counter() - t0}), flush=True)
+"""
+
+
+class GemmWorker:
+    """The GEMM ceiling's worker process (:data:`_GEMM_WORKER`) for ``dtypes``:
+    ``sample(dtype)`` asks it for one n x n matmul and returns its seconds,
+    waiting :data:`NUMBA_SPIN_S` before (numbattn's pool asleep) and
+    :data:`BLAS_SPIN_S` after (the worker's BLAS threads asleep). Raises
+    RuntimeError when the worker fails."""
+
+    def __init__(self, dtypes: Iterable[str], threads: int, n: int = 4096):
+        import json
+        import subprocess
+        import sys
+
+        self.n = n
+        self.dtypes = list(dict.fromkeys(dtypes))
+        env = dict(os.environ)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(max(1, int(threads)))
+        self._json = json
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _GEMM_WORKER, str(n), *self.dtypes],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self.blas = self._reply().get("blas")
+
+    def _reply(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr is not None else ""
+            self.proc.wait()
+            raise RuntimeError(f"the GEMM worker failed: {err.strip()[-500:]}")
+        return self._json.loads(line)
+
+    def sample(self, dtype: str) -> float:
+        assert self.proc.stdin is not None
+        time.sleep(NUMBA_SPIN_S)
+        try:
+            self.proc.stdin.write(dtype + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the worker is gone; _reply says why
+        seconds = float(self._reply()["seconds"])
+        time.sleep(BLAS_SPIN_S)
+        return seconds
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+class StreamCeiling:
+    """The streaming ceiling in the bench process: ``y = x * 1`` over 128 MiB
+    arrays (far beyond the caches), one contiguous chunk per thread of a
+    ThreadPoolExecutor (NumPy's loops release the GIL; no BLAS; its idle
+    threads block, they do not spin). ``sample()`` waits
+    :data:`NUMBA_SPIN_S` (numbattn's pool asleep) and returns the seconds
+    of one pass."""
+
+    def __init__(self, dtype: str, threads: int, mib: int = 128):
+        from concurrent.futures import ThreadPoolExecutor
+
+        dt = np.dtype(dtype)
+        m = (mib << 20) // dt.itemsize
+        self.x = np.ones(m, dt)
+        self.y = np.empty(m, dt)
+        self.one = dt.type(1.0)
+        threads = max(1, int(threads))
+        self.bounds = [(i * m // threads, (i + 1) * m // threads) for i in range(threads)]
+        self.pool = ThreadPoolExecutor(threads)
+        self.bytes = 2 * m * dt.itemsize
+        self._pass()  # warm-up: page faults, thread start-up
+
+    def _part(self, r: tuple[int, int]) -> None:
+        np.multiply(self.x[r[0] : r[1]], self.one, out=self.y[r[0] : r[1]])
+
+    def _pass(self) -> None:
+        list(self.pool.map(self._part, self.bounds))
+
+    def sample(self) -> float:
+        time.sleep(NUMBA_SPIN_S)
+        t0 = time.perf_counter()
+        self._pass()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        del self.x, self.y
+
+
+@dataclass
+class Ceiling:
+    """One ceiling for one dtype, as :func:`run_problem` uses it: ``sample()``
+    is one sample's seconds of ``work`` (flop or bytes)."""
+
+    kind: str  # "gemm" or "stream"
+    dtype: str
+    work: float
+    what: str
+    sample: Callable[[], float]
+
+
+class Ceilings:
+    """The machine's ceilings, sampled in the rounds of each row
+    (:func:`rounds_timed`):
+
+    - ``gemm``: NumPy's ``matmul`` of two n x n matrices (2 n**3 flop), in a
+      :class:`GemmWorker` process started here (pre-warmed) for
+      ``gemm_dtypes``;
+    - ``stream``: :class:`StreamCeiling`, in this process, made on first use.
+
+    Every sample's rate is kept for :meth:`summary`. ``close()`` ends the
+    worker. Raises RuntimeError when the worker cannot start."""
+
+    def __init__(self, threads: int, gemm_dtypes: Iterable[str], n: int = 4096):
+        self.threads = max(1, int(threads))
+        self.n = n
+        gemm_dtypes = list(dict.fromkeys(gemm_dtypes))
+        self.worker = GemmWorker(gemm_dtypes, self.threads, n) if gemm_dtypes else None
+        self.streams: dict[str, StreamCeiling] = {}
+        #: rates (GFLOP/s or GB/s) of every sample, per (dtype, kind)
+        self.rates: dict[tuple[str, str], list[float]] = {}
+
+    def get(self, dtype: str, kind: str) -> Ceiling | None:
+        """The ``kind`` ceiling for ``dtype`` (None: the worker has no such dtype)."""
+        if kind == "gemm":
+            if self.worker is None or dtype not in self.worker.dtypes:
+                return None
+            worker = self.worker
+            work = 2.0 * self.n**3
+            what = f"NumPy matmul {self.n}^3, worker process"
+            raw: Callable[[], float] = lambda: worker.sample(dtype)  # noqa: E731
+        else:
+            if dtype not in self.streams:
+                self.streams[dtype] = StreamCeiling(dtype, self.threads)
+            st = self.streams[dtype]
+            work = float(st.bytes)
+            what = f"y = x * 1, {st.bytes / 2**20:.0f} MiB moved, this process"
+            raw = st.sample
+        rates = self.rates.setdefault((dtype, kind), [])
+
+        def sample() -> float:
+            s = raw()
+            rates.append(work / s / 1e9)
+            return s
+
+        return Ceiling(kind, dtype, work, what, sample)
+
+    def summary(self) -> dict:
+        """Per dtype, the medians (``rate``) and best (``best``) of all the
+        run's samples of each ceiling and their count (``repeats``); the
+        shape of the earlier up-front ``machine_peaks``."""
+        out: dict[str, dict] = {}
+        for (dtype, kind), rates in self.rates.items():
+            if not rates:
+                continue
+            pk = out.setdefault(
+                dtype,
+                {
+                    "dtype": dtype,
+                    "threads": self.threads,
+                    "blas": self.worker.blas if self.worker else None,
+                    "where": "sampled in the rounds of each row",
+                },
+            )
+            entry = {
+                "rate": statistics.median(rates),
+                "best": max(rates),
+                "repeats": len(rates),
+            }
+            if kind == "gemm":
+                entry["n"] = self.n
+            else:
+                entry["mib"] = self.streams[dtype].bytes / 2**20
+            pk[kind] = entry
+        return out
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        for st in self.streams.values():
+            st.close()
+        self.streams.clear()
 
 
 def peaks_text(peaks: dict) -> str:
-    """One line per dtype describing the measured ceilings."""
+    """One line per dtype describing the ceilings (:meth:`Ceilings.summary`)."""
     lines = []
     for dtype, pk in peaks.items():
-        g, s = pk["gemm"], pk["stream"]
-        blas = f", {pk['blas']}" if pk.get("blas") else ""
+        parts = []
+        if "gemm" in pk:
+            g = pk["gemm"]
+            blas = f", {pk['blas']}" if pk.get("blas") else ""
+            parts.append(
+                f"GEMM {g['rate']:.1f} GFLOP/s (NumPy matmul {g['n']}^3{blas}, worker "
+                f"process, {g['repeats']} samples)"
+            )
+        if "stream" in pk:
+            st = pk["stream"]
+            parts.append(
+                f"stream {st['rate']:.1f} GB/s (y = x * 1, {st['mib']:.0f} MiB moved, "
+                f"{st['repeats']} samples)"
+            )
         lines.append(
-            f"{dtype}: GEMM {g['rate']:.1f} GFLOP/s (NumPy matmul {g['n']}^3{blas}), "
-            f"stream {s['rate']:.1f} GB/s (y = x * 1, {s['mib']:.0f} MiB moved), "
-            f"{pk['threads']} threads, own process; medians"
+            f"{dtype}: " + ", ".join(parts) + f", {pk['threads']} threads; medians of the run"
         )
     return "\n".join(lines)
 

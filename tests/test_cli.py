@@ -84,13 +84,20 @@ def test_bench_quick_json():
             assert x["vs_torch"] > 0
     # progress is reported on stderr, stdout holds only the JSON document
     assert "[1/" in r.stderr
-    # the machine's ceilings, measured in the same run, and each kernel's fraction
+    # the machine's ceilings, sampled in each row's rounds, and the fraction:
+    # the median over rounds of the per-round fractions
     assert set(doc["peaks"]) == {"float32", "float64"}
     for x in results:
+        kind = "stream" if x["kernel"] == "softmax" else "gemm"
+        c = x["ceiling"]
+        assert c["kind"] == kind and c["unit"] == x["rate_unit"]
+        rounds = 9 if kind == "stream" else 3  # --rounds 3; the stream 3x as many
+        assert c["rounds"] == len(c["rates"]) == len(x["of_peak_rounds"]) == rounds
+        assert all(r > 0 for r in c["rates"]) and all(f > 0 for f in x["of_peak_rounds"])
+        assert x["ceiling_rate"] == c["rate"] == pytest.approx(np.median(c["rates"]))
+        assert x["of_peak"] == pytest.approx(np.median(x["of_peak_rounds"]))
         pk = doc["peaks"][x["dtype"]]
-        ceiling = pk["stream" if x["kernel"] == "softmax" else "gemm"]["rate"]
-        assert ceiling > 0
-        assert x["of_peak"] == pytest.approx(x["rate"] / ceiling)
+        assert pk[kind]["rate"] > 0 and pk[kind]["repeats"] >= c["rounds"]
 
 
 def test_bench_table_and_options():
@@ -171,21 +178,84 @@ def test_bench_backward_with_torch_baseline():
         assert x["torch_s"] > 0
 
 
-def test_of_peak_and_text():
-    peaks = {
-        "float32": {
-            "dtype": "float32", "threads": 2, "blas": "openblas 0.3 SkylakeX",
-            "gemm": {"n": 64, "rate": 200.0, "best": 210.0, "repeats": 3},
-            "stream": {"mib": 256.0, "rate": 40.0, "best": 41.0, "repeats": 3},
-        }
-    }  # fmt: skip
-    rec = {"dtype": "float32", "rate": 50.0, "rate_unit": "GFLOP/s"}
-    assert _bench.of_peak(rec, peaks) == 0.25
-    assert _bench.of_peak(dict(rec, rate_unit="GB/s"), peaks) == 1.25
-    assert _bench.of_peak(dict(rec, dtype="float64"), peaks) is None
-    assert _bench.of_peak(rec, None) is None
-    text = _bench.peaks_text(peaks)
-    assert "GEMM 200.0 GFLOP/s" in text and "stream 40.0 GB/s" in text and "SkylakeX" in text
+def test_round_fractions_on_fake_timings():
+    """Per round: (work / median of the round's samples) / (ceiling work /
+    the round's ceiling sample); the row's fraction is their median."""
+    kernel = [[1.0, 3.0, 2.0], [4.0], [0.5, 0.5]]  # medians 2, 4, 0.5 s
+    ceiling = [1.0, 2.0, 0.25]  # s for 100 units: 100, 50, 400 units/s
+    fr = _bench.round_fractions(40.0, kernel, 100.0, ceiling)
+    assert fr == pytest.approx([20 / 100, 10 / 50, 80 / 400])
+    # a slower machine in round 2 (kernel and ceiling alike) leaves it alone
+    fr2 = _bench.round_fractions(40.0, [[2.0], [8.0], [2.0]], 100.0, [1.0, 4.0, 1.0])
+    assert fr2 == pytest.approx([0.2, 0.2, 0.2])
+
+
+def test_rounds_timed_takes_turns():
+    """After a warm-up of each call, each round takes the calls' samples in
+    turn, then one ceiling sample; at least one sample per round."""
+    order = []
+
+    def fake(name, seconds):
+        def once():
+            order.append(name)
+            return seconds
+
+        return once
+
+    r = _bench.rounds_timed(
+        [fake("a", 0.1), fake("b", 0.3)], fake("C", 5.0),
+        rounds=2, min_time=1.0, min_repeat=2, max_repeat=50,
+    )  # fmt: skip
+    # per round: >= 1 sample and >= 2 * 1.0 / 2 s of samples: 3 x (0.1 + 0.3)
+    assert order == ["a", "b"] + (["a", "b"] * 3 + ["C"]) * 2
+    assert r.calls == [[[0.1] * 3] * 2, [[0.3] * 3] * 2]
+    assert r.ceiling == [5.0, 5.0]
+    assert r.timing(1).times == [0.3] * 6
+    order.clear()
+    r = _bench.rounds_timed([fake("a", 1.0)], fake("C", 1.0), rounds=3, min_time=100.0,
+                            min_repeat=1, max_repeat=2)  # fmt: skip
+    assert order == ["a"] + ["a", "C"] * 3  # max(1, 2 // 3) samples per round
+    assert len(r.ceiling) == 3
+
+
+def test_gemm_worker_protocol():
+    """The worker answers one request per line with one matmul's seconds, for
+    each dtype it was started with; it ends on an empty line; a dtype it
+    does not hold kills it, and the bench says so."""
+    w = _bench.GemmWorker(["float64", "float32"], threads=1, n=16)
+    try:
+        assert w.proc.poll() is None
+        assert all(w.sample(dt) > 0 for dt in ("float32", "float64", "float32"))
+        with pytest.raises(RuntimeError, match="GEMM worker failed"):
+            w.sample("int8")
+    finally:
+        w.close()
+    w = _bench.GemmWorker(["float32"], threads=1, n=16)
+    w.close()
+    assert w.proc.returncode == 0
+
+
+def test_ceilings_summary_and_text():
+    c = _bench.Ceilings(1, ["float32"], n=16)
+    try:
+        assert c.get("float64", "gemm") is None  # not started for float64
+        g = c.get("float32", "gemm")
+        st = c.get("float64", "stream")
+        assert g is not None and st is not None
+        assert g.kind == "gemm" and g.work == 2.0 * 16**3 and "16^3" in g.what
+        assert st.kind == "stream" and st.work == 2 * 128 * 2**20
+        for _ in range(3):
+            assert g.sample() > 0 and st.sample() > 0
+        pk = c.summary()
+    finally:
+        c.close()
+    assert set(pk) == {"float32", "float64"}
+    assert pk["float32"]["gemm"]["repeats"] == 3 and pk["float32"]["gemm"]["n"] == 16
+    assert "stream" not in pk["float32"] and "gemm" not in pk["float64"]
+    assert pk["float64"]["stream"]["mib"] == 256.0
+    assert pk["float64"]["stream"]["best"] >= pk["float64"]["stream"]["rate"] > 0
+    text = _bench.peaks_text(pk)
+    assert "float32: GEMM" in text and "16^3" in text and "float64: stream" in text
 
 
 def test_machine_peaks_child_process():
