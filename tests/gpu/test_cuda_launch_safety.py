@@ -36,10 +36,14 @@ def _case(kernel, dtype):
             )
 
         return backward, grads
-    if kernel == "decode":  # one query per head: the streaming kernel
+    if kernel == "decode":
+        # One query per head, two query heads on one KV head: the streaming
+        # kernel, one block (so num_splits=None weighs a split, reading
+        # CUDA_MIN_SPLIT_KEYS).
         q1 = dev(randn(rng, (1, 2, 1, 4), dtype))
+        k1, v1 = (dev(randn(rng, (1, 1, 5, 4), dtype)) for _ in range(2))
         out = dev(poisoned((1, 2, 1, 4), dtype))
-        return lambda: numbattn.attention(q1, k, v, out=out), [out]
+        return lambda: numbattn.attention(q1, k1, v1, out=out), [out]
     if kernel == "attention":
         out = dev(poisoned((1, 2, 5, 4), dtype))
         return lambda: numbattn.attention(q, k, v, causal=True, out=out), [out]
