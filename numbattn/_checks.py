@@ -327,6 +327,15 @@ def check_knob(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_knob_flag(name: str, value: Any) -> bool:
+    """``numbattn.config.<name>`` as a bool (``bool`` or ``numpy.bool_``);
+    ValueError otherwise, as :func:`check_knob` (``bool()`` would take any
+    value: ``"False"`` or ``0.5`` would silently switch a path on)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"numbattn.config.{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 # --- Split-K and paged KV caches (issue 11) ---------------------------------
 
 

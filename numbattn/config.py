@@ -6,8 +6,9 @@ force multi-tile paths on tiny inputs without triggering a recompilation::
     monkeypatch.setattr(numbattn.config, "CPU_KEY_TILE", 8)
 
 Every knob is checked when a call reads it, before anything is written: a
-ValueError names the knob unless it is a positive integer (CPU_STREAM_ROWS
-and CPU_BWD_SPLIT_BYTES may also be 0).
+ValueError names the knob unless it is a positive integer (CPU_STREAM_ROWS,
+CPU_BWD_SPLIT_BYTES and CUDA_STREAM_ROWS may also be 0; CUDA_BWD_FAST_LOOP is
+a bool).
 """
 
 # --- CPU (numbattn.cpu) ----------------------------------------------------

@@ -586,3 +586,16 @@ def test_bad_cpu_backward_knob(monkeypatch, knob, value, message):
         numbattn.attention_backward(q, k, v, out, lse, dout, dq=grads[0], dk=grads[1], dv=grads[2])
 
     expect_untouched(call, ValueError, message, *grads)
+
+
+@pytest.mark.parametrize("value", [1, 0, "False", None, 0.5])
+def test_bool_knob_rejects_non_bools(value):
+    """A bool knob (CUDA_BWD_FAST_LOOP) is True or False, never bool(value)."""
+    from numbattn._checks import check_knob_flag
+
+    with pytest.raises(
+        ValueError, match=r"numbattn.config.CUDA_BWD_FAST_LOOP must be True or False"
+    ):
+        check_knob_flag("CUDA_BWD_FAST_LOOP", value)
+    assert check_knob_flag("CUDA_BWD_FAST_LOOP", np.bool_(False)) is False
+    assert check_knob_flag("CUDA_BWD_FAST_LOOP", True) is True

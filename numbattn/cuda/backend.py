@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 from .. import config
-from .._checks import check_knob
+from .._checks import check_knob, check_knob_flag
 from . import limits
 from .args import (
     AttentionArgs,
@@ -318,6 +318,10 @@ def restride(arr, shape, strides):
 
 def _knob(name: str) -> int:
     return check_knob(name, getattr(config, name))
+
+
+def _flag(name: str) -> bool:
+    return check_knob_flag(name, getattr(config, name))
 
 
 def _divides(part: str, whole: str) -> tuple[int, int]:
@@ -1004,7 +1008,7 @@ def backward_geometry(dtype, d: int, dv: int) -> tuple:
 
 def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
     hw = (not simulator()) if hw is None else bool(hw)
-    fast = bool(config.CUDA_BWD_FAST_LOOP)
+    fast = _flag("CUDA_BWD_FAST_LOOP")
     key = ("backward", np.dtype(dtype), bool(kv), geo, hw, fast)
     kern = _kernels.get(key)
     if kern is None:
@@ -1085,6 +1089,7 @@ def attention_backward(
     d, dvw = q.shape[3], v.shape[3]
     dtype = np.dtype(q.dtype)
     geo = backward_geometry(dtype, d, dvw)
+    _flag("CUDA_BWD_FAST_LOOP")  # read again per kernel; checked before either launch
     tr, tc, rr, _rc, _dp, _dvp = geo
     br, nthreads = tr * rr, tr * tc
     n_qt = -(-int(max_rows) // br)
@@ -1254,12 +1259,7 @@ def split_merge_signature(dtype) -> str:
 
 def _stream_rows() -> int:
     """config.CUDA_STREAM_ROWS (0 allowed: never stream from :func:`attention`)."""
-    value = config.CUDA_STREAM_ROWS
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(
-            f"numbattn.config.CUDA_STREAM_ROWS must be a non-negative integer, got {value!r}"
-        )
-    return int(value)
+    return check_knob("CUDA_STREAM_ROWS", config.CUDA_STREAM_ROWS, minimum=0)
 
 
 def _sm_count() -> int:

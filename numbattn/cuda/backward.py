@@ -278,29 +278,36 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
     # out step by step over the zero-padded rows (see _unrolled).
     FAST = bool(fast) and np.dtype(dtype) == np.float32 and not MMA and DP <= 64 and DVP <= 64
 
-    def out_step(sh, acc1, acc2, df, pf, cf, pp, pt, pb, pv2):
-        """acc1 += dS B1 (and acc2 += P B2, key kernel) over JV streamed
-        rows: one vector read of dS (and P) per own row, CV columns per read
-        of B1 (B2). The plain loop of the general path, one step."""
-        for a in range(RR):
-            for e in range(JV):
-                df[a, e] = sh[pp + U(a * TR * PSI + e)]
-                if KV:
-                    pf[a, e] = sh[pt + U(a * TR * PSI + e)]
-        for e in range(JV):
-            for x in range(NCD):
-                cf[x] = sh[pb + U(e * ASI + (x // CV) * CV * TC + x % CV)]
+    def make_out_step(SAFE):
+        def out_step(sh, acc1, acc2, df, pf, cf, pp, pt, pb, pv2):
+            """acc1 += dS B1 (and acc2 += P B2, key kernel) over JV streamed
+            rows: one vector read of dS (and P) per own row, CV columns per
+            read of B1 (B2). One step of the general path's output loop;
+            ``SAFE`` (a NaN or inf in the tile): exact zeros of dS and P
+            (masked entries) are skipped, never multiplied (0 * NaN)."""
             for a in range(RR):
+                for e in range(JV):
+                    df[a, e] = sh[pp + U(a * TR * PSI + e)]
+                    if KV:
+                        pf[a, e] = sh[pt + U(a * TR * PSI + e)]
+            for e in range(JV):
                 for x in range(NCD):
-                    acc1[a, x] += df[a, e] * cf[x]
-            if KV:
-                for x in range(NCV):
-                    cf[x] = sh[pv2 + U(e * AVSI + (x // CV) * CV * TC + x % CV)]
+                    cf[x] = sh[pb + U(e * ASI + (x // CV) * CV * TC + x % CV)]
                 for a in range(RR):
+                    for x in range(NCD):
+                        if not SAFE or df[a, e] != ZERO:
+                            acc1[a, x] += df[a, e] * cf[x]
+                if KV:
                     for x in range(NCV):
-                        acc2[a, x] += pf[a, e] * cf[x]
+                        cf[x] = sh[pv2 + U(e * AVSI + (x // CV) * CV * TC + x % CV)]
+                    for a in range(RR):
+                        for x in range(NCV):
+                            if not SAFE or pf[a, e] != ZERO:
+                                acc2[a, x] += pf[a, e] * cf[x]
 
-    out_step = _device(out_step)
+        return _device(out_step)
+
+    out_step, out_step_safe = make_out_step(False), make_out_step(True)
     fast_s = _unrolled(
         "fast_s",
         DP // PV,
@@ -323,6 +330,31 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
         " pb + U({i} * JV * ASI), pv2 + U({i} * JV * AVSI))",
         dict(out_step=out_step, U=U, JV=JV, ASI=ASI, AVSI=AVSI),
     )
+
+    # The fast loop's staging of B1 and B2 (one definition): element idx =
+    # tid + NT*trip of a BC x W tile, consecutive threads on consecutive
+    # columns; `bad` is set (an int, for syncthreads_or) when a staged value
+    # is NaN or inf.
+    def make_stage_fast(W, RS, OFF):
+        def stage_fast(sh, src, b1, hh, us0, wm1, utid, bad):
+            """The fast loop's: BC real rows from us0, columns past ``wm1``
+            (the last real one) zeroed by a select after a clamped load."""
+            idx = utid
+            while idx < U(BC * W):
+                r = U(idx // U(W))
+                p = U(idx % U(W))
+                row = U(us0 + r)
+                val = src[b1, hh, row, min(p, wm1)]
+                val = val if p <= wm1 else ZERO
+                if not math.isfinite(val):
+                    bad = int32(1)
+                sh[U(OFF + r * RS + p)] = val
+                idx = U(idx + U(NT))
+            return bad
+
+        return _device(stage_fast)
+
+    fast_b1, fast_b2 = make_stage_fast(DP, AS, OFF_B1), make_stage_fast(DVP, AVS, OFF_B2)
 
     def head_tiles(seq, b1, h, o0, k_off, k_len, wl, wr, full):
         """Query head h's streamed rows for this block: (s_off, s_len,
@@ -594,34 +626,12 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                 # Every streamed row is real: only the columns are tested
                 # (clamped loads, then a select).
                 bad = int32(0)
-                idx = utid
-                while idx < U(BC * DP):
-                    r = U(idx // U(DP))
-                    p = U(idx % U(DP))
-                    row = U(us0 + r)
-                    if KV:
-                        val = q[b1, h, row, min(p, dm1)]
-                    else:
-                        val = k[b1, hk, row, min(p, dm1)]
-                    val = val if p <= dm1 else ZERO
-                    if not math.isfinite(val):
-                        bad = int32(1)
-                    sh[U(OFF_B1 + r * AS + p)] = val
-                    idx = U(idx + U(NT))
-                idx = utid
-                while idx < U(BC * DVP):
-                    r = U(idx // U(DVP))
-                    p = U(idx % U(DVP))
-                    row = U(us0 + r)
-                    if KV:
-                        val = dout[b1, h, row, min(p, dvm1)]
-                    else:
-                        val = v[b1, hk, row, min(p, dvm1)]
-                    val = val if p <= dvm1 else ZERO
-                    if not math.isfinite(val):
-                        bad = int32(1)
-                    sh[U(OFF_B2 + r * AVS + p)] = val
-                    idx = U(idx + U(NT))
+                if KV:
+                    bad = fast_b1(sh, q, b1, h, us0, dm1, utid, bad)
+                    bad = fast_b2(sh, dout, b1, h, us0, dvm1, utid, bad)
+                else:
+                    bad = fast_b1(sh, k, b1, hk, us0, dm1, utid, bad)
+                    bad = fast_b2(sh, v, b1, hk, us0, dvm1, utid, bad)
                 if KV and utid < U(BC):
                     row = U(us0 + utid)
                     lx = lse[b1, h, row]
@@ -934,50 +944,16 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                     # the loop carries no such test.
                     if vbad:
                         for ci in range(BC // JV):
-                            for a in range(RR):
-                                for e in range(JV):
-                                    df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
-                                    if KV:
-                                        pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
-                            for e in range(JV):
-                                cr = ci * JV + e
-                                for x in range(NCD):
-                                    cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
-                                for a in range(RR):
-                                    for x in range(NCD):
-                                        if df[a, e] != ZERO:
-                                            acc1[a, x] += df[a, e] * cf[x]
-                                if KV:
-                                    for x in range(NCV):
-                                        cf[x] = sh[
-                                            pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)
-                                        ]
-                                    for a in range(RR):
-                                        for x in range(NCV):
-                                            if pf[a, e] != ZERO:
-                                                acc2[a, x] += pf[a, e] * cf[x]
+                            out_step_safe(
+                                sh, acc1, acc2, df, pf, cf, pp + U(ci * JV), pt + U(ci * JV),
+                                pb + U(ci * JV * ASI), pv2 + U(ci * JV * AVSI),
+                            )  # fmt: skip
                     else:
                         for ci in range(BC // JV):
-                            for a in range(RR):
-                                for e in range(JV):
-                                    df[a, e] = sh[pp + U(a * TR * PSI + ci * JV + e)]
-                                    if KV:
-                                        pf[a, e] = sh[pt + U(a * TR * PSI + ci * JV + e)]
-                            for e in range(JV):
-                                cr = ci * JV + e
-                                for x in range(NCD):
-                                    cf[x] = sh[pb + U(cr * ASI + (x // CV) * CV * TC + x % CV)]
-                                for a in range(RR):
-                                    for x in range(NCD):
-                                        acc1[a, x] += df[a, e] * cf[x]
-                                if KV:
-                                    for x in range(NCV):
-                                        cf[x] = sh[
-                                            pv2 + U(cr * AVSI + (x // CV) * CV * TC + x % CV)
-                                        ]
-                                    for a in range(RR):
-                                        for x in range(NCV):
-                                            acc2[a, x] += pf[a, e] * cf[x]
+                            out_step(
+                                sh, acc1, acc2, df, pf, cf, pp + U(ci * JV), pt + U(ci * JV),
+                                pb + U(ci * JV * ASI), pv2 + U(ci * JV * AVSI),
+                            )  # fmt: skip
                 cuda.syncthreads()
 
         if MMA:

@@ -109,14 +109,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int64, uint32
+from numba import cuda, int64, uint32
+
+from .kernels import _device, _on_simulator, _softmax_shift, _types
 
 U = uint32
-
-
-def _types(dtype):
-    dtype = np.dtype(dtype)
-    return (float32 if dtype == np.float32 else float64), dtype.type
 
 
 def decode_shuffles_ok(WL, NTEAM, hw):
@@ -239,10 +236,9 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
     multiples of VW elements in bytes, and d and dv multiples of VW (the
     backend checks: :func:`numbattn.cuda.backend.vector_ok`).
     """
-    from .kernels import _device, _on_simulator
-
     nt, sc_t = _types(dtype)
     NT = WL * NTEAM
+    shift = _softmax_shift(dtype)  # the online softmax's rescale step (kernels.py)
     DVM = WL * EPL
     VW = vector_width(dtype, EPL)
     NCH = EPL // VW  # VW-element chunks a lane holds of a row
@@ -377,10 +373,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
                     sc[a, b] = t
                     if t > mx or t != t:
                         mx = t
-                ms = mx
-                if mx == NINF:
-                    ms = ZERO
-                alpha = math.exp(mr[a] - ms)
+                ms, alpha = shift(mr[a], mx)
                 mr[a] = mx
                 ps = ZERO
                 for b in range(KB):
@@ -647,10 +640,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
                     mx = mr[a]
                     if t > mx or t != t:
                         mx = t
-                    ms = mx
-                    if mx == NINF:
-                        ms = ZERO
-                    alpha = math.exp(mr[a] - ms)
+                    ms, alpha = shift(mr[a], mx)
                     mr[a] = mx
                     pv = NZERO if t == NINF else math.exp(t - ms)
                     lr[a] = lr[a] * alpha + pv

@@ -295,6 +295,33 @@ def _device(fn):
     return cuda.jit(device=True, **opts)(fn)
 
 
+_SHIFT: dict = {}
+
+
+def _softmax_shift(dtype):
+    """Device function ``shift(m_old, m_new) -> (ms, alpha)``, the online
+    softmax's rescale step, shared by the fused kernels and the streaming
+    decode kernel: ``m_new`` is the row's new running maximum (``m_old``
+    included, NaN-propagating), ``ms`` the shift the exponentials use (0
+    while the row has seen only masked keys, so ``exp(-inf - ms)`` is 0,
+    never NaN) and ``alpha = exp(m_old - ms)`` the factor that rescales the
+    row's sum and accumulators."""
+    key = np.dtype(dtype)
+    if key not in _SHIFT:
+        sc_t = key.type
+        NINF = sc_t(-np.inf)
+        ZERO = sc_t(0.0)
+
+        def shift(m_old, m_new):
+            ms = m_new
+            if m_new == NINF:
+                ms = ZERO
+            return ms, math.exp(m_old - ms)
+
+        _SHIFT[key] = _device(shift)
+    return _SHIFT[key]
+
+
 def _stage_plan(COLS, NT):
     """(fast, rows per trip) of a staging loop over a tile with COLS columns
     and NT threads: when COLS divides NT (fast), each thread keeps one
@@ -468,6 +495,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
 
     block_keys = _block_keys(BQ, BK)
+    shift = _softmax_shift(dtype)
 
     # The online-softmax step, shared by the fast and the general loop.
     def row_max(sh, alpha, a, r, mx, tx):
@@ -502,10 +530,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     t = sh[OFF_R1 + r * TX + x]
                     if t > mt or t != t:
                         mt = t
-            ms = mt
-            if mt == NINF:
-                ms = ZERO
-            alpha[a] = math.exp(mrow[a] - ms)
+            ms, al = shift(mrow[a], mt)
+            alpha[a] = al
             mrow[a] = mt
             ps = ZERO
             for b in range(RK):
@@ -1038,6 +1064,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     NZERO = sc_t(-0.0)  # P of a masked key
     ONE = sc_t(1.0)
     block_keys = _block_keys(BQ, BK)
+    shift = _softmax_shift(dtype)
     I31 = (1 << 31) - 1
     M32 = (1 << 32) - 1
     FQ, RQP = _stage_plan(DC, NT)
@@ -1283,10 +1310,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
             mt = m_r
             if mx > mt or mx != mx:
                 mt = mx
-            ms = mt
-            if mt == NINF:
-                ms = ZERO
-            alpha = math.exp(m_r - ms)
+            ms, alpha = shift(m_r, mt)
             m_r = mt
             ps = ZERO
             for n in range(NB):

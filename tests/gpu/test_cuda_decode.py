@@ -359,7 +359,7 @@ def test_vector_ok():
         ({"CUDA_DECODE_LANES": 32, "CUDA_DECODE_TEAMS": 32},
          r"bytes of static shared memory.*CUDA_DECODE_TEAMS", 512),
         ({"CUDA_SPLIT_MERGE_THREADS": 6}, r"CUDA_SPLIT_MERGE_THREADS must be a power of two", 4),
-        ({"CUDA_STREAM_ROWS": -1}, r"CUDA_STREAM_ROWS must be a non-negative integer", 4),
+        ({"CUDA_STREAM_ROWS": -1}, r"CUDA_STREAM_ROWS must be an integer >= 0", 4),
     ],
 )  # fmt: skip
 def test_bad_geometry_refused(monkeypatch, knobs, message, d):

@@ -20,24 +20,44 @@ def dev(x):
 
 
 def _case(kernel, dtype):
-    """(call, out): ``call()`` runs ``kernel`` on tiny device inputs into the
-    NaN-poisoned device array ``out``."""
+    """(call, outs): ``call()`` runs ``kernel`` on tiny device inputs into the
+    NaN-poisoned device arrays ``outs``."""
     rng = np.random.default_rng(0)
     q, k, v = (dev(randn(rng, (1, 2, 5, 4), dtype)) for _ in range(3))
+    if kernel == "backward":
+        lse = dev(poisoned((1, 2, 5), dtype))
+        out = numbattn.attention(q, k, v, causal=True, lse=lse)
+        dout = dev(randn(rng, (1, 2, 5, 4), dtype))
+        grads = [dev(poisoned((1, 2, 5, 4), dtype)) for _ in range(3)]
+
+        def backward():
+            numbattn.attention_backward(
+                q, k, v, out, lse, dout, causal=True, dq=grads[0], dk=grads[1], dv=grads[2]
+            )
+
+        return backward, grads
+    if kernel == "decode":
+        # One query per head, two query heads on one KV head: the streaming
+        # kernel, one block (so num_splits=None weighs a split, reading
+        # CUDA_MIN_SPLIT_KEYS).
+        q1 = dev(randn(rng, (1, 2, 1, 4), dtype))
+        k1, v1 = (dev(randn(rng, (1, 1, 5, 4), dtype)) for _ in range(2))
+        out = dev(poisoned((1, 2, 1, 4), dtype))
+        return lambda: numbattn.attention(q1, k1, v1, out=out), [out]
     if kernel == "attention":
         out = dev(poisoned((1, 2, 5, 4), dtype))
-        return lambda: numbattn.attention(q, k, v, causal=True, out=out), out
+        return lambda: numbattn.attention(q, k, v, causal=True, out=out), [out]
     if kernel == "varlen":
         packed = [dev(randn(rng, (5, 2, 4), dtype)) for _ in range(3)]
         out = dev(poisoned((5, 2, 4), dtype))
         cu = np.array([0, 2, 5])
-        return lambda: numbattn.varlen_attention(*packed, cu, cu, causal=True, out=out), out
+        return lambda: numbattn.varlen_attention(*packed, cu, cu, causal=True, out=out), [out]
     if kernel == "scores":
         out = dev(poisoned((1, 2, 5, 5), dtype))
-        return lambda: numbattn.scores(q, k, out=out), out
+        return lambda: numbattn.scores(q, k, out=out), [out]
     x = dev(randn(rng, (1, 2, 5), dtype))
     out = dev(poisoned((1, 2, 5), dtype))
-    return lambda: numbattn.softmax(x, out=out), out
+    return lambda: numbattn.softmax(x, out=out), [out]
 
 
 BAD = [
@@ -77,19 +97,56 @@ BAD = [
     ("softmax", "float64", {"CUDA_SOFTMAX_CACHE_BYTES": 10**6},
      r"CUDA_SOFTMAX_CACHE_BYTES is too large.*the limit is 49152"),
     ("softmax", "float32", {"CUDA_SOFTMAX_CACHE_BYTES": 0}, r"CUDA_SOFTMAX_CACHE_BYTES must be"),
+    # The backward and streaming kernels' knobs: checked as the others, before
+    # the first launch (the backward's query kernel writes dq before the key
+    # kernel is chosen).
+    ("backward", "float32", {"CUDA_BWD_FAST_LOOP": 1},
+     r"CUDA_BWD_FAST_LOOP must be True or False, got 1"),
+    ("backward", "float32", {"CUDA_BWD_FAST_LOOP": "False"},
+     r"CUDA_BWD_FAST_LOOP must be True or False, got 'False'"),
+    ("backward", "float64", {"CUDA_BWD_FAST_LOOP": None}, r"CUDA_BWD_FAST_LOOP must be True or"),
+    ("backward", "float32", {"CUDA_BWD_ROW_TILE": 0},
+     r"CUDA_BWD_ROW_TILE must be a positive integer, got 0"),
+    ("backward", "float64", {"CUDA_BWD_COLS_PER_THREAD_F64": 2.0},
+     r"CUDA_BWD_COLS_PER_THREAD_F64 must be a positive integer, got 2.0"),
+    ("backward", "float32", {"CUDA_BWD_ROWS_PER_THREAD": 3},
+     r"CUDA_BWD_ROWS_PER_THREAD must divide numbattn.config.CUDA_BWD_ROW_TILE"),
+    ("decode", "float32", {"CUDA_STREAM_ROWS": -1},
+     r"CUDA_STREAM_ROWS must be an integer >= 0, got -1"),
+    ("decode", "float32", {"CUDA_STREAM_ROWS": 4.0}, r"CUDA_STREAM_ROWS must be an integer >= 0"),
+    ("decode", "float32", {"CUDA_MIN_SPLIT_KEYS": 0},
+     r"CUDA_MIN_SPLIT_KEYS must be a positive integer, got 0"),
+    ("decode", "float64", {"CUDA_DECODE_KEYS_F64": True},
+     r"CUDA_DECODE_KEYS_F64 must be a positive integer, got True"),
+    ("decode", "float32", {"CUDA_DECODE_ROWS": "4"}, r"CUDA_DECODE_ROWS must be a positive"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel, dtype, knobs, message", BAD)
 def test_silly_config_is_a_value_error(kernel, dtype, knobs, message, monkeypatch):
-    call, out = _case(kernel, dtype)
+    if kernel == "decode":
+        monkeypatch.setattr(numbattn.config, "CUDA_STREAM_ROWS", 16)  # conftest: 0
+    call, outs = _case(kernel, dtype)
     call()  # the conftest's small tiles launch
-    out.copy_to_device(poisoned(out.shape, dtype))
+    for out in outs:
+        out.copy_to_device(poisoned(out.shape, dtype))
     for name, value in knobs.items():
         monkeypatch.setattr(numbattn.config, name, value)
     with pytest.raises(ValueError, match=message):
         call()
-    assert np.isnan(out.copy_to_host()).all(), "written before the error"
+    for out in outs:
+        assert np.isnan(out.copy_to_host()).all(), "written before the error"
+
+
+@pytest.mark.parametrize("value", [False, np.bool_(True)])
+def test_fast_loop_knob_takes_bools(value, monkeypatch):
+    """CUDA_BWD_FAST_LOOP: Python and NumPy bools are accepted (and the call
+    writes its gradients)."""
+    call, grads = _case("backward", "float32")
+    monkeypatch.setattr(numbattn.config, "CUDA_BWD_FAST_LOOP", value)
+    call()
+    for g in grads:
+        assert np.isfinite(g.copy_to_host()).all()
 
 
 def test_valid_geometries_still_run(monkeypatch):
