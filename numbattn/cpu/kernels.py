@@ -1893,7 +1893,13 @@ decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
 # explicit LLVM vectors, 4 rows x 4 vectors of C held in registers over the
 # whole k loop; 2x the former _gemm_acc on P^T dO and dS^T Q, 1.3x on dS K,
 # at the BLAS's single-core rate on Zen 4), P^T dO and dS^T Q reading P and dS
-# transposed in place (no transposed copies). The
+# transposed in place (no transposed copies); dS K reads K's rows in place
+# when they have unit stride, K^T and V^T are packed by register transposes
+# (:func:`_pack_transposed_scaled`, s = 1). On tiles cut by the diagonal the
+# row pass stays on whole vectors: exp up to the vector holding a row's last
+# visible key (zeroed past it afterwards), dS only as far as the trimmed
+# products read it (the diagonal tile costs ~0.6 of a full one; the five
+# products alone ~0.55). The
 # accumulators hold splits x (real rows, d) per head: splits is 1 when there
 # are enough key heads for the threads, so memory stays O(N). Results are
 # bitwise reproducible for a given thread count (splits depends on it).
