@@ -550,7 +550,8 @@ def test_trimmed_diagonal_tiles(rng, monkeypatch, dtype, q_tile, k_tile):
     over whole vectors past a row's last visible key and dS only as far as
     the trimmed products read it, so stale S / dP columns of earlier tiles
     must never reach a gradient. d = 40 packs K through 16 x 16 register
-    transposes (float32) with a tail; unit-stride and strided layouts."""
+    transposes (float32) with a tail; K rows of unit stride (read in place
+    by dS K) and of stride 2 (packed)."""
     monkeypatch.setattr(numbattn.config, "CPU_BWD_QUERY_TILE", q_tile)
     monkeypatch.setattr(numbattn.config, "CPU_BWD_KEY_TILE", k_tile)
     nq, nk, d, dv = 90, 117, 40, 24
@@ -565,6 +566,9 @@ def test_trimmed_diagonal_tiles(rng, monkeypatch, dtype, q_tile, k_tile):
     ]
     for kw in cases:
         check(q, k, v, dtype, f"{(q_tile, k_tile)} {kw}", rng, **kw)
+    # K rows of non-unit stride: dS K from a packed copy, not in place.
+    k3 = randn(rng, (2, 2, nk, 2 * d), dtype)[..., ::2]
+    check(q, k3, v, dtype, f"{(q_tile, k_tile)} strided K", rng, causal=True, key_lengths=klen)
     # Nq > Nk: the first rows see no key (zero gradients).
     q2 = randn(rng, (2, 2, nk, d), dtype)
     k2, v2 = q[:, :, :nq], v[:, :, :nq]
