@@ -540,3 +540,36 @@ def test_wide_heads_default_tiles(rng, dtype, layout):
         ref = reference.attention_backward(q, k, v, dout, **kw)
         got = backward(q, kn, vn, out, lse, dout, dtype, **kw)
         assert_grads(got, ref, dtype, f"{layout} {kw}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_tile, k_tile", [(20, 36), (36, 20), (64, 48)], ids=str)
+def test_trimmed_diagonal_tiles(rng, monkeypatch, dtype, q_tile, k_tile):
+    """Diagonal tiles wider than a vector, at offsets that are not multiples
+    of 4 (causal with Nq != Nk, key lengths, a window): the exponentials run
+    over whole vectors past a row's last visible key and dS only as far as
+    the trimmed products read it, so stale S / dP columns of earlier tiles
+    must never reach a gradient. d = 40 packs K through 16 x 16 register
+    transposes (float32) with a tail; K rows of unit stride (read in place
+    by dS K) and of stride 2 (packed)."""
+    monkeypatch.setattr(numbattn.config, "CPU_BWD_QUERY_TILE", q_tile)
+    monkeypatch.setattr(numbattn.config, "CPU_BWD_KEY_TILE", k_tile)
+    nq, nk, d, dv = 90, 117, 40, 24
+    q = randn(rng, (2, 2, nq, d), dtype)
+    k = randn(rng, (2, nk, 2, d), dtype).swapaxes(1, 2)  # rows of stride 2 d
+    v = randn(rng, (2, 2, nk, dv), dtype)
+    klen = np.array([nk, 97])
+    cases = [
+        dict(causal=True),
+        dict(causal=True, key_lengths=klen),
+        dict(window=(33, 5), key_lengths=klen),
+    ]
+    for kw in cases:
+        check(q, k, v, dtype, f"{(q_tile, k_tile)} {kw}", rng, **kw)
+    # K rows of non-unit stride: dS K from a packed copy, not in place.
+    k3 = randn(rng, (2, 2, nk, 2 * d), dtype)[..., ::2]
+    check(q, k3, v, dtype, f"{(q_tile, k_tile)} strided K", rng, causal=True, key_lengths=klen)
+    # Nq > Nk: the first rows see no key (zero gradients).
+    q2 = randn(rng, (2, 2, nk, d), dtype)
+    k2, v2 = q[:, :, :nq], v[:, :, :nq]
+    check(q2, k2, v2, dtype, f"{(q_tile, k_tile)} Nq > Nk", rng, causal=True)

@@ -713,8 +713,10 @@ def _scale_row(x, n, s):
 
 @njit(**_HOPTS)
 def _zero_row(x, n0, n1):
-    for j in range(n0, n1):
-        x[j] = 0
+    """x[n0:n1] = 0, on a slice starting at 0: a loop from a runtime start
+    does not vectorise (30x slower on the diagonal tiles' row tails)."""
+    if n1 > n0:
+        _fill(x[n0:], n1 - n0, x.dtype.type(0))
 
 
 @njit(**_HOPTS)
@@ -2063,7 +2065,13 @@ decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
 # explicit LLVM vectors, 4 rows x 4 vectors of C held in registers over the
 # whole k loop; 2x the former _gemm_acc on P^T dO and dS^T Q, 1.3x on dS K,
 # at the BLAS's single-core rate on Zen 4), P^T dO and dS^T Q reading P and dS
-# transposed in place (no transposed copies). The
+# transposed in place (no transposed copies); dS K reads K's rows in place
+# when they have unit stride, K^T and V^T are packed by register transposes
+# (:func:`_pack_transposed_scaled`, s = 1). On tiles cut by the diagonal the
+# row pass stays on whole vectors: exp up to the vector holding a row's last
+# visible key (zeroed past it afterwards), dS only as far as the trimmed
+# products read it (the diagonal tile costs ~0.6 of a full one; the five
+# products alone ~0.55). The
 # accumulators hold splits x (real rows, d) per head: splits is 1 when there
 # are enough key heads for the threads, so memory stays O(N). Results are
 # bitwise reproducible for a given thread count (splits depends on it).
@@ -2154,6 +2162,16 @@ def _bwd_finish(acc, dq, a, b, i, n, m, row, sc):
                 dq[a, b, i + r, c] = acc[0, row + r, c] * sc
 
 
+@njit(nogil=True, cache=True)
+def _bwd_rows(x, a, b, i, n):
+    """Rows i .. i + n - 1 of x[a, b] in place, as a C-contiguous (n, ld)
+    view, ld x's row stride in elements (>= the row length, unit inner
+    stride): only the first x.shape[3] columns of a row are x's."""
+    ld = x.strides[2] // x.itemsize
+    byte = a * x.strides[0] + b * x.strides[1] + i * x.strides[2]
+    return carray(_ptr_at(x, byte), (n, ld))
+
+
 @njit(**_OPTS)
 def _attention_backward_impl(
     q,
@@ -2190,6 +2208,7 @@ def _attention_backward_impl(
     sc = dt(scale)
     ninf = dt(-np.inf)
     zero = dt(0.0)
+    one = dt(1.0)
     ns = max(1, splits)
     # Query tiles start at multiples of 4 so that the padding rows of a
     # tile's dQ product never land on another tile's rows.
@@ -2241,7 +2260,8 @@ def _attention_backward_impl(
     s_t = np.empty((nthr, rows, ktp), dtype=dt)
     dp_t = np.empty((nthr, rows, ktp), dtype=dt)
     kt_t = np.empty((nthr, d, ktn), dtype=dt)
-    kr_t = np.empty((nthr, ktn, d), dtype=dt)
+    k_rows = _unit_rows(k) and k.strides[2] % k.itemsize == 0 and k.strides[2] >= d * k.itemsize
+    kr_t = np.empty((nthr if not k_rows else 0, ktn, d), dtype=dt)
     vt_t = np.empty((nthr, dvn, ktn), dtype=dt)
     dka_t = np.empty((nthr, ktp, d), dtype=dt)
     dva_t = np.empty((nthr, ktp, dvn), dtype=dt)
@@ -2259,7 +2279,8 @@ def _attention_backward_impl(
         krows = max(k_len, key_rows)
         t = get_thread_id()
         qs, dos, s, dp = _slot(qs_t, t), _slot(do_t, t), _slot(s_t, t), _slot(dp_t, t)
-        ktr, kr = _slot(kt_t, t), _slot(kr_t, t)
+        ktr = _slot(kt_t, t)
+        kr = _bwd_rows(k, a, kb, 0, 0) if k_rows else _slot(kr_t, t)
         vt, dka, dva = _slot(vt_t, t), _slot(dka_t, t), _slot(dva_t, t)
         if fused:  # loop 1 for the group's query heads
             for g in range(group):
@@ -2278,11 +2299,21 @@ def _attention_backward_impl(
                 _fill(dka[jj], d, zero)
                 _fill(dva[jj], dvn, zero)
             if kn > 0:
-                _pack_transposed(k, a, kb, k_off + j0, kn, ktr)
-                _pack_rows(k, a, kb, k_off + j0, kn, kr)
+                # K^T and V^T by register transposes (exact with s = 1):
+                # 1.3-2.5x faster than _pack_transposed on cold rows.
+                _pack_transposed_scaled(k, a, kb, k_off + j0, kn, ktr, one)
+                _pack_transposed_scaled(v, a, kb, k_off + j0, kn, vt, one)
+                # dS K reads K's rows in place when they are unit-stride
+                # (no second pass over the tile), else a packed copy.
+                if k_rows:
+                    kr = _bwd_rows(k, a, kb, k_off + j0, kn)
+                else:
+                    _pack_rows(k, a, kb, k_off + j0, kn, kr)
                 # A NaN or inf key: dQ += dS K key by key over P > 0 only.
-                kbad = not math.isfinite(_sum(kr.reshape(kr.size), kn * d))
-                _pack_transposed(v, a, kb, k_off + j0, kn, vt)
+                ksum = zero
+                for c in range(d):
+                    ksum += _sum(ktr[c], kn)
+                kbad = not math.isfinite(ksum)
             for g in range(group if kn > 0 else 0):
                 b = b0 + g
                 q_off = seq[a, b, 0]
@@ -2314,6 +2345,7 @@ def _attention_backward_impl(
                     tri = i0 + off + right - j0 if right >= 0 else kn
                     _gemm(qs, ktr, s, mp, kn, d, tri, d, True)
                     _gemm(dos, vt, dp, mp, kn, dvn, tri, dvn, True)
+                    lanes = _lanes(s)
                     for r in range(mp):
                         srow = s[r]
                         i = i0 + r
@@ -2323,7 +2355,6 @@ def _attention_backward_impl(
                             _zero_row(srow, 0, kn)
                             _zero_row(dp[r], 0, kn)
                             continue
-                        vis = srow[clo:chi]
                         if has_bias or has_mask:
                             qi = q_off + i
                             kj = k_off + j0
@@ -2338,10 +2369,17 @@ def _attention_backward_impl(
                             mul = dt(1.0)
                         else:
                             mul = sc
-                        _exp_scaled_inplace(vis, chi - clo, mul, lv)
+                        # Whole vectors (a scalar tail costs more than the
+                        # extra lanes), zeroed past chi below.
+                        ce = min(kn, (chi + lanes - 1) // lanes * lanes)
+                        _exp_scaled_inplace(srow[clo:ce], ce - clo, mul, lv)
                         _zero_row(srow, 0, clo)
                         _zero_row(srow, chi, kn)
-                        _ds_row(srow, dp[r], kn, delta[a, b, q_off + i])
+                        # dS only up to where the trimmed products read it:
+                        # dS K takes columns < chi + 3 of this row, P^T dO and
+                        # dS^T Q (4-key blocks from a 4-row floor) < chi + 6.
+                        ce = min(kn, (chi + 6 + lanes) // lanes * lanes)
+                        _ds_row(srow, dp[r], ce, delta[a, b, q_off + i])
                     # dQ_slice += dS K; dV += P^T dO; dK += dS^T Q.
                     dqs = acc[sl, ab + i0 : ab + i0 + mp]
                     if kbad:
