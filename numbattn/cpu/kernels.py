@@ -1077,6 +1077,10 @@ def _scores_impl(
                         out[a, b, q_off + i, k_off + j0 + jj] = x
 
 
+#: Longest float32 row (bytes) that softmax writes directly (see _softmax_impl).
+_SOFTMAX_DIRECT_BYTES = 4096
+
+
 @njit(**_OPTS)
 def _softmax_impl(x, out):
     g1, g2, n = x.shape
@@ -1085,14 +1089,15 @@ def _softmax_impl(x, out):
     isz = x.itemsize
     x_unit = n <= 1 or x.strides[2] == isz
     o_unit = n <= 1 or out.strides[2] == isz
-    # float64 (compute-bound rows): exp goes straight into a unit-stride
-    # output row, which is then scaled in place while still in L1/L2 (no
-    # scratch row: one row less in the cache). It took 0.75-0.85x the time
-    # at (1, 8, 2048, 2048) and (4, 8, 512, 512) (2 threads, Zen 4).
-    # float32 rows are memory-bound and keep the scratch row (exp into buf,
-    # then copied scaled into out): direct, (1, 8, 2048, 2048) took 1.06x on
-    # a quiet machine. A strided output always goes through buf.
-    direct = o_unit and isz == 8
+    # Direct (exp straight into a unit-stride output row, then scaled in
+    # place while still in L1/L2; no scratch row) for float64 rows, which
+    # are compute-bound: 0.75-0.85x the time at (1, 8, 2048, 2048) and
+    # (4, 8, 512, 512) (2 threads, Zen 4); and for short float32 rows
+    # (<= _SOFTMAX_DIRECT_BYTES): 0.75-0.9x at (4, 8, 512, 512). Longer
+    # float32 rows keep the scratch row (exp into buf, then copied scaled
+    # into out), which took 0.94-1.0x the direct time at (1, 8, 2048, 2048).
+    # A strided output always goes through buf.
+    direct = o_unit and (isz == 8 or n * isz <= _SOFTMAX_DIRECT_BYTES)
     # out is x itself (the API allows exact aliasing only): exp in place.
     same = x.ctypes.data == out.ctypes.data
     # A few rows per work item to amortise the scratch allocation.
