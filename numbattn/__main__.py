@@ -399,6 +399,7 @@ def _bench_decode(args, B, torch, threads: int, say) -> int:
     if torch_use is not None:
         torch_use.set_num_threads(threads)
     bandwidth = B.stream_read_gbs(threads, opts=opts)
+    reader = B.StreamRead(threads)
     say(f"numbattn bench decode: streaming read {bandwidth:.1f} GB/s on {threads} threads")
     records = []
     cases = B.decode_cases(args.quick)
@@ -406,7 +407,7 @@ def _bench_decode(args, B, torch, threads: int, say) -> int:
         prefix = f"[{i}/{len(cases)}] decode {c.label}:"
         say(f"{prefix} compiling/checking ...")
         opts.progress = (lambda pre: lambda msg: say(f"{pre} {msg}"))(prefix)
-        records.append(B.run_decode(c, torch_use, bandwidth, opts))
+        records.append(B.run_decode(c, torch_use, bandwidth, opts, reader))
     failed = [r for r in records if not r["check"]["ok"]]
     if args.json:
         doc = {
@@ -422,9 +423,11 @@ def _bench_decode(args, B, torch, threads: int, say) -> int:
     else:
         print(B.decode_table(records, bandwidth, threads))
         print(
-            "\nfloat32, median of repeated calls; K+V GB/s: bytes of K and V / time, as a "
-            "fraction of the streaming read bandwidth measured above; torch: SDPA on the "
-            "contiguous cache (causal: a bottom-right boolean mask)."
+            "\nfloat32, median of repeated calls; K+V GB/s: bytes of K and V / time; of "
+            f"stream: median over {B.DECODE_ROUNDS} rounds of that rate over the streaming "
+            "read's rate in the same round (each round: numbattn's samples, then one pass "
+            "of the read); torch: SDPA on the contiguous cache (causal: a bottom-right "
+            "boolean mask)."
         )
     if failed:
         print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)

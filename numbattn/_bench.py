@@ -1332,6 +1332,26 @@ def stream_read_gbs(threads: int, nbytes: int = 256 << 20, opts: Options | None 
     return x.nbytes / t.median / 1e9
 
 
+class StreamRead:
+    """The streaming read of :func:`stream_read_gbs` as a ceiling sampled in
+    rounds (:func:`rounds_timed`) beside each decode case: ``sample()`` is
+    one pass's seconds over ``nbytes`` (256 MiB: far beyond the caches)."""
+
+    def __init__(self, threads: int, nbytes: int = 256 << 20):
+        self.fn = _stream_read_kernel()
+        self.threads = threads
+        self.x = np.ones(nbytes // 4, dtype=np.float32)
+        self.nbytes = self.x.nbytes
+        self.fn(self.x, threads)
+
+    def sample(self) -> float:
+        return CpuBackend().timed(lambda: self.fn(self.x, self.threads))
+
+
+#: Rounds of each decode case, each closed by one sample of the streaming read.
+DECODE_ROUNDS = 9
+
+
 def _decode_inputs(c: DecodeCase, seed: int = 0):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((c.b, c.h, c.nq, c.d), dtype=np.float32)
@@ -1353,11 +1373,18 @@ def _paged_from(k, v, block_size: int, seed: int = 1):
     return kc[perm], vc[perm], table
 
 
-def run_decode(c: DecodeCase, torch, bandwidth: float, opts: Options) -> dict:
+def run_decode(
+    c: DecodeCase, torch, bandwidth: float, opts: Options, reader: StreamRead | None = None
+) -> dict:
     """Check numbattn on ``c`` against the reference, then time it and torch SDPA
     (contiguous cache; a bottom-right boolean mask when causal, as torch's
     ``is_causal`` is top-left for Nq != Nk) one library after the other,
-    pausing between them so that no thread pool is still spinning."""
+    pausing between them so that no thread pool is still spinning.
+
+    With ``reader``, numbattn is timed in :data:`DECODE_ROUNDS` rounds, each
+    closed by one sample of the streaming read, and the K+V fraction of the
+    stream is the median over rounds of the two rates' ratio (this host's
+    speed moves between minutes); else the fraction of ``bandwidth``."""
     import numbattn
 
     from .reference import attention as ref_attention
@@ -1381,13 +1408,32 @@ def run_decode(c: DecodeCase, torch, bandwidth: float, opts: Options) -> dict:
     del ref
     opts.progress(f"check {'ok' if ok else 'FAILED'} (rel. err {err:.2e})")
     time.sleep(0.2)
-    tm = repeat_timed(
-        lambda: CpuBackend().timed(call),
-        min_time=opts.min_time,
-        min_repeat=opts.min_repeat,
-        max_repeat=opts.max_repeat,
-    )
+    fraction = None
+    stream_gbs = None
+    if reader is None:
+        tm = repeat_timed(
+            lambda: CpuBackend().timed(call),
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+    else:  # the same pool runs both: no other library's threads to wait for
+        rounds = rounds_timed(
+            [lambda: CpuBackend().timed(call)],
+            reader.sample,
+            rounds=DECODE_ROUNDS,
+            min_time=opts.min_time,
+            min_repeat=opts.min_repeat,
+            max_repeat=opts.max_repeat,
+        )
+        tm = rounds.timing(0)
+        fraction = statistics.median(
+            round_fractions(c.kv_bytes(), rounds.calls[0], reader.nbytes, rounds.ceiling)
+        )
+        stream_gbs = statistics.median(reader.nbytes / t / 1e9 for t in rounds.ceiling)
     gbs = c.kv_bytes() / tm.median / 1e9
+    if fraction is None and bandwidth > 0:
+        fraction = gbs / bandwidth
     rec: dict[str, Any] = {
         "case": c.label,
         "shape": [c.b, c.h, c.hk, c.nq, c.nk, c.d],
@@ -1396,7 +1442,8 @@ def run_decode(c: DecodeCase, torch, bandwidth: float, opts: Options) -> dict:
         "check": {"ok": ok, "rel_err": err, "tol": RTOL["float32"]},
         "median_s": tm.median,
         "kv_gbs": gbs,
-        "kv_fraction_of_stream": gbs / bandwidth if bandwidth > 0 else None,
+        "kv_fraction_of_stream": fraction,
+        "stream_read_gbs": stream_gbs,
         "torch_s": None,
         "vs_torch": None,
     }
@@ -1435,7 +1482,7 @@ def run_decode(c: DecodeCase, torch, bandwidth: float, opts: Options) -> dict:
 def decode_table(records: list[dict], bandwidth: float, threads: int) -> str:
     """Plain-text decode table and the derived ratios (GQA vs MHA, paged vs
     contiguous) where those cases ran."""
-    head = ["case", "numbattn", "torch", "vs torch", "K+V GB/s", "of stream", "check"]
+    head = ["case", "numbattn", "torch", "vs torch", "K+V GB/s", "stream", "of stream", "check"]
     rows = [head]
     for r in records:
         frac = r["kv_fraction_of_stream"]
@@ -1446,12 +1493,15 @@ def decode_table(records: list[dict], bandwidth: float, threads: int) -> str:
                 fmt_time(r["torch_s"]),
                 _ratio(r["vs_torch"]),
                 f"{r['kv_gbs']:.1f}",
+                "-" if r.get("stream_read_gbs") is None else f"{r['stream_read_gbs']:.1f}",
                 "-" if frac is None else f"{frac:.0%}",
                 "ok" if r["check"]["ok"] else f"FAIL {r['check']['rel_err']:.1e}",
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"streaming read bandwidth ({threads} threads, same run): {bandwidth:.1f} GB/s"]
+    lines = [
+        f"streaming read bandwidth ({threads} threads, start of the run): {bandwidth:.1f} GB/s"
+    ]
     for n, row in enumerate(rows):
         cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())

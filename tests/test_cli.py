@@ -315,3 +315,17 @@ def test_alternated_timed_takes_turns():
     assert len(a.times) == len(b.times) == 5  # 5 rounds of 0.4 s >= 2 x 1.0 s
     (c,) = _bench.alternated_timed([fake("c", 1.0)], min_time=10.0, min_repeat=1, max_repeat=3)
     assert c.times == [1.0] * 3
+
+
+def test_bench_decode_quick_json():
+    """The decode bench: each case's K+V fraction of the stream is the median
+    of per-round ratios against the streaming read sampled in the same rounds."""
+    r = run_cli("bench", "--kernel", "decode", "--quick", "--json", "--no-baselines")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["all_ok"] is True and doc["stream_read_gbs"] > 0
+    for x in doc["decode"]:
+        assert x["check"]["ok"] is True
+        assert x["median_s"] > 0 and x["kv_gbs"] > 0 and x["stream_read_gbs"] > 0
+        assert 0 < x["kv_fraction_of_stream"]
+        assert x["torch_s"] is None
