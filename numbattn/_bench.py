@@ -865,7 +865,22 @@ def table(records: list[dict]) -> str:
 # about 2**28 cycles, OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next
 # on the same cores, so the ceilings are measured where no numbattn or torch
 # call can meet them.
-_PEAKS_SCRIPT = r"""
+#: Script lines naming the BLAS NumPy loaded (threadpoolctl where installed), as ``blas``.
+_BLAS_SNIPPET = r"""
+blas = None
+try:
+    from threadpoolctl import threadpool_info
+    for p in threadpool_info():
+        if p.get("user_api") == "blas":
+            blas = " ".join(str(p.get(k)) for k in ("internal_api", "version", "architecture")
+                            if p.get(k))
+            break
+except Exception:
+    pass
+"""
+
+_PEAKS_SCRIPT = (
+    r"""
 import json, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
@@ -908,17 +923,9 @@ def stream():
 s = samples(stream)
 pool.shutdown()
 
-blas = None
-try:
-    from threadpoolctl import threadpool_info
-    for p in threadpool_info():
-        if p.get("user_api") == "blas":
-            blas = " ".join(str(p.get(k)) for k in ("internal_api", "version", "architecture")
-                            if p.get(k))
-            break
-except Exception:
-    pass
-
+"""
+    + _BLAS_SNIPPET
+    + r"""
 med = lambda v: v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 print(json.dumps({
     "dtype": dtype, "threads": threads, "blas": blas,
@@ -928,6 +935,7 @@ print(json.dumps({
                "best": 2 * m * dt.itemsize / s[0] / 1e9, "repeats": len(s)},
 }))
 """
+)
 
 
 def machine_peaks(dtype: str, threads: int, n: int = 4096, min_time: float = 0.5) -> dict:
@@ -979,7 +987,8 @@ BLAS_SPIN_S = 0.15
 # answers each line of stdin naming a dtype with the seconds of one
 # ``np.matmul(a, b, out=c)`` of n x n matrices, as one JSON line; an empty
 # line or end of input ends it.
-_GEMM_WORKER = r"""
+_GEMM_WORKER = (
+    r"""
 import json, sys, time
 import numpy as np
 
@@ -993,16 +1002,9 @@ for dtype in sys.argv[2:]:
     c = np.empty((n, n), dt)
     np.matmul(a, b, out=c)
     mats[dtype] = (a, b, c)
-blas = None
-try:
-    from threadpoolctl import threadpool_info
-    for p in threadpool_info():
-        if p.get("user_api") == "blas":
-            blas = " ".join(str(p.get(k)) for k in ("internal_api", "version", "architecture")
-                            if p.get(k))
-            break
-except Exception:
-    pass
+"""
+    + _BLAS_SNIPPET
+    + r"""
 print(json.dumps({"ready": True, "n": n, "blas": blas}), flush=True)
 for line in sys.stdin:
     dtype = line.strip()
@@ -1013,6 +1015,7 @@ for line in sys.stdin:
     np.matmul(a, b, out=c)
     print(json.dumps({"dtype": dtype, "seconds": time.perf_counter() - t0}), flush=True)
 """
+)
 
 
 class GemmWorker:

@@ -190,10 +190,9 @@ def test_round_fractions_on_fake_timings():
     assert fr2 == pytest.approx([0.2, 0.2, 0.2])
 
 
-def test_rounds_timed_takes_turns():
-    """After a warm-up of each call, each round takes the calls' samples in
-    turn, then one ceiling sample; at least one sample per round."""
-    order = []
+def _recorder(order):
+    """fake(name, seconds): a timed call that logs its name in ``order`` and
+    returns ``seconds``."""
 
     def fake(name, seconds):
         def once():
@@ -201,6 +200,15 @@ def test_rounds_timed_takes_turns():
             return seconds
 
         return once
+
+    return fake
+
+
+def test_rounds_timed_takes_turns():
+    """After a warm-up of each call, each round takes the calls' samples in
+    turn, then one ceiling sample; at least one sample per round."""
+    order: list[str] = []
+    fake = _recorder(order)
 
     r = _bench.rounds_timed(
         [fake("a", 0.1), fake("b", 0.3)], fake("C", 5.0),
@@ -298,14 +306,8 @@ def test_table_shows_both_timings():
 def test_alternated_timed_takes_turns():
     """One sample of each call per round (after a warm-up each), until each
     has min_repeat samples and about min_time seconds, or max_repeat."""
-    order = []
-
-    def fake(name, seconds):
-        def once():
-            order.append(name)
-            return seconds
-
-        return once
+    order: list[str] = []
+    fake = _recorder(order)
 
     a, b = _bench.alternated_timed(
         [fake("a", 0.1), fake("b", 0.3)], min_time=1.0, min_repeat=2, max_repeat=50
