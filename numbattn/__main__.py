@@ -398,8 +398,8 @@ def _bench_decode(args, B, torch, threads: int, say) -> int:
     torch_use = None if (args.no_baselines or args.no_torch) else torch
     if torch_use is not None:
         torch_use.set_num_threads(threads)
-    bandwidth = B.stream_read_gbs(threads, opts=opts)
     reader = B.StreamRead(threads)
+    bandwidth = B.stream_read_gbs(threads, opts=opts, reader=reader)
     say(f"numbattn bench decode: streaming read {bandwidth:.1f} GB/s on {threads} threads")
     records = []
     cases = B.decode_cases(args.quick)

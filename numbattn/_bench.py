@@ -1319,22 +1319,6 @@ def _stream_read_kernel():
 _STREAM_READ = None
 
 
-def stream_read_gbs(threads: int, nbytes: int = 256 << 20, opts: Options | None = None) -> float:
-    """The machine's streaming read bandwidth (GB/s): a vectorised parallel sum
-    over ``nbytes`` of float32 (far larger than the caches) on ``threads``
-    threads, median of repeated runs."""
-    fn = _stream_read_kernel()
-    x = np.ones(nbytes // 4, dtype=np.float32)
-    fn(x, threads)
-    t = repeat_timed(
-        lambda: CpuBackend().timed(lambda: fn(x, threads)),
-        min_time=0.3 if opts is None else opts.min_time,
-        min_repeat=5,
-        max_repeat=50,
-    )
-    return x.nbytes / t.median / 1e9
-
-
 class StreamRead:
     """The streaming read of :func:`stream_read_gbs` as a ceiling sampled in
     rounds (:func:`rounds_timed`) beside each decode case: ``sample()`` is
@@ -1349,6 +1333,25 @@ class StreamRead:
 
     def sample(self) -> float:
         return CpuBackend().timed(lambda: self.fn(self.x, self.threads))
+
+
+def stream_read_gbs(
+    threads: int,
+    nbytes: int = 256 << 20,
+    opts: Options | None = None,
+    reader: StreamRead | None = None,
+) -> float:
+    """The machine's streaming read bandwidth (GB/s): a vectorised parallel sum
+    over ``nbytes`` of float32 (far larger than the caches) on ``threads``
+    threads, median of repeated runs (``reader``'s array when given)."""
+    reader = reader if reader is not None else StreamRead(threads, nbytes)
+    t = repeat_timed(
+        reader.sample,
+        min_time=0.3 if opts is None else opts.min_time,
+        min_repeat=5,
+        max_repeat=50,
+    )
+    return reader.nbytes / t.median / 1e9
 
 
 #: Rounds of each decode case, each closed by one sample of the streaming read.
