@@ -12,7 +12,7 @@
 #   bash scripts/gpu_device_run.sh                    # on the GPU machine, every step
 #   STEPS="tests memcheck" bash scripts/gpu_device_run.sh
 #   SHAPES=0 STEPS=timings bash scripts/gpu_device_run.sh   # only (4, 16, 4096, 64)
-#   STEPS="env backward bwdracecheck bwdmemcheck" bash scripts/gpu_device_run.sh   # the backward (issue 14)
+#   STEPS="env backward bwdtests bwdracecheck" bash scripts/gpu_device_run.sh   # the backward (issue 14)
 #   STEPS="env scores" bash scripts/gpu_device_run.sh  # the scores kernel (issue 10)
 #   TINY=1 bash scripts/gpu_device_run.sh             # rehearsal under the CUDA simulator
 set -u -o pipefail
@@ -82,6 +82,11 @@ step_decode() { timeout 120 $PY scripts/gpu_device.py decode "${T[@]}"; }
 step_decodetests() {  # the streaming split-K kernel's tests, hardware paths included
   gpu && timeout "${DECODETESTS_TIMEOUT:-240}" $PY -m pytest tests/gpu/test_cuda_decode.py -q -rf \
     -p no:cacheprovider --durations=5 2>&1 | tee "$O/decodetests.log" | tail -30
+}
+step_bwdtests() {  # the backward's tests, production geometry (fast loop) included
+  gpu && timeout "${BWDTESTS_TIMEOUT:-150}" $PY -m pytest tests/gpu/test_cuda_backward_production.py \
+    tests/gpu/test_cuda_backward.py -q -rf -p no:cacheprovider --durations=5 2>&1 |
+    tee "$O/bwdtests.log" | tail -30
 }
 step_hostprof() { timeout 60 $PY scripts/gpu_device.py hostprof "${T[@]}" 2>&1 | head -60; }
 step_dask() { timeout 90 $PY scripts/gpu_device.py dask "${T[@]}"; }
