@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -48,6 +49,10 @@ def old_kernel(rev: str) -> OneLayoutKernel:
     ).stdout  # fmt: skip
     body = src[src.index(HEAD) : src.index(NEXT)].replace(HEAD, "def _old_softmax_impl(x, out):")
     ns = dict(vars(K))
+    # The old module's constants (e.g. ones since removed), as the old kernel saw them.
+    for line in src.splitlines():
+        if re.match(r"_[A-Z][A-Z0-9_]* = [-0-9.e+x<() ]+$", line):
+            exec(line, ns)
     exec(body, ns)
     fn = numba.njit(parallel=True, nogil=True, fastmath=False)(ns["_old_softmax_impl"])
     return OneLayoutKernel(fn, SoftmaxArgs, {})

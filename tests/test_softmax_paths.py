@@ -1,10 +1,10 @@
 """numbattn.softmax on the CPU: every row path of the kernel against
 numbattn.reference, with outputs poisoned.
 
-For float64 the kernel writes exp straight into a unit-stride output row
-and scales it there, taking the row from x (unit stride), from the output
-itself (in place) or gathering a strided x into the output row; float32 and
-strided outputs go through a scratch row. Each of these paths is run here,
+The kernel writes exp straight into a unit-stride output row and scales it
+there, taking the row from x (unit stride), from the output itself (in
+place) or gathering a strided x into the output row; strided outputs go
+through a scratch row. Each of these paths is run here,
 for both dtypes, on rows with special values and on rows of length 1.
 """
 
