@@ -517,11 +517,17 @@ def cmd_decode(args) -> None:
                 qx, tqx = _randn(torch, rng, (b, h, nq, D), dtype)
                 kx, tkx = _randn(torch, rng, (b, h, n, D), dtype)
                 vx, tvx = _randn(torch, rng, (b, h, n, D), dtype)
+            # numbattn's causal is aligned bottom-right (query i sees keys
+            # <= i + n - nq); torch's is_causal is top-left, which would let
+            # the 16 queries see only their first 16 keys: an explicit mask.
+            tkw = {}
+            if causal and tqx is not None:
+                tkw = {"attn_mask": torch.ones(nq, n, dtype=torch.bool, device="cuda").tril(n - nq)}
             run_case(
                 f"({b}, {h}, {nq}, {n}, {D}) causal={int(causal)}", dtype, qx, kx, vx,
                 tqx, tkx, tvx, h,
                 lambda out: numbattn.attention(qx, kx, vx, causal=causal, out=out),
-                {"is_causal": causal}, 2 * kx.size * np.dtype(dtype).itemsize,
+                tkw, 2 * kx.size * np.dtype(dtype).itemsize,
             )  # fmt: skip
             qx = kx = vx = tqx = tkx = tvx = None
         q = k = v = tq = tk = tv = None
