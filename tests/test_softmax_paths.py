@@ -132,3 +132,29 @@ def test_softmax_batched_views(rng, dtype):
     out2 = poisoned((4, 3, 33), dtype)
     numbattn.softmax(b, out=out2)
     assert_close(out2, reference.softmax(b), dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,bound", [(np.float32, 5e-7), (np.float64, 1e-14)], ids=["f32", "f64"]
+)
+def test_softmax_exp_accuracy(dtype, bound):
+    """softmax's own exp (kernels._vexp_sm: degree-5 / degree-10 polynomials):
+    exp(0) is exactly 1 (the row maximum's term), relative error within
+    ``bound`` over [-80, 0] against np.exp in float64, exactly 0 for -inf
+    and far below, NaN for NaN."""
+    from numba import njit
+
+    from numbattn.cpu import kernels
+
+    @njit
+    def exps(x, out):
+        for i in range(x.size):
+            out[i] = kernels._vexp_sm(x[i])
+
+    x = np.concatenate([np.linspace(-80.0, 0.0, 100_001), [-np.inf, -1e4, np.nan]]).astype(dtype)
+    got = np.empty_like(x)
+    exps(x, got)
+    ref = np.exp(x[:-3].astype(np.float64))
+    assert got[100_000] == 1.0
+    assert np.max(np.abs(got[:-3] - ref) / ref) <= bound
+    assert got[-3] == 0.0 and got[-2] == 0.0 and np.isnan(got[-1])
