@@ -111,7 +111,7 @@ import math
 import numpy as np
 from numba import cuda, int64, uint32
 
-from .kernels import _device, _on_simulator, _softmax_shift, _types
+from .kernels import _device, _nanmax, _on_simulator, _softmax_shift, _types
 
 U = uint32
 
@@ -239,6 +239,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
     nt, sc_t = _types(dtype)
     NT = WL * NTEAM
     shift = _softmax_shift(dtype)  # the online softmax's rescale step (kernels.py)
+    nanmax = _nanmax()
     DVM = WL * EPL
     VW = vector_width(dtype, EPL)
     NCH = EPL // VW  # VW-element chunks a lane holds of a row
@@ -371,8 +372,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
                 for b in range(KB):
                     t = sc[a, b] * scale
                     sc[a, b] = t
-                    if t > mx or t != t:
-                        mx = t
+                    mx = nanmax(mx, t)
                 ms, alpha = shift(mr[a], mx)
                 mr[a] = mx
                 ps = ZERO
@@ -638,8 +638,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
                             bv = bias[ub1, hh, mrow, cc]
                             t = NINF if bv == NINF else t + bv  # -inf bias masks
                     mx = mr[a]
-                    if t > mx or t != t:
-                        mx = t
+                    mx = nanmax(mx, t)
                     ms, alpha = shift(mr[a], mx)
                     mr[a] = mx
                     pv = NZERO if t == NINF else math.exp(t - ms)
@@ -671,8 +670,7 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
                 m = NINF
                 for x in range(NTEAM):
                     t = sh[OFF_M + x * RB + a]
-                    if t > m or t != t:
-                        m = t
+                    m = nanmax(m, t)
                 if m == NINF:
                     if c >= 0:
                         out[b1, h, row, c] = ZERO
@@ -716,6 +714,7 @@ def make_split_merge(dtype, NT):
     G1*Hq*max_rows, block = NT.
     """
     _, sc_t = _types(dtype)
+    nanmax = _nanmax()
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
 
@@ -735,8 +734,7 @@ def make_split_merge(dtype, NT):
         m = NINF
         for s in range(n_split):
             t = part_l[b1, h, s * split_rows + row]
-            if t > m or t != t:
-                m = t
+            m = nanmax(m, t)
         tid = cuda.threadIdx.x
         if m == NINF:
             for c in range(tid, dv, NT):

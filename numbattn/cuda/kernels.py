@@ -322,6 +322,28 @@ def _softmax_shift(dtype):
     return _SHIFT[key]
 
 
+_NANMAX: list = []
+
+
+def _nanmax():
+    """Device function ``nanmax(a, b)``: ``b`` if ``b > a`` or ``b`` is NaN,
+    else ``a``: the running maximum every softmax in these kernels keeps
+    (a NaN score makes the row's maximum NaN, so the row comes out NaN as
+    in the reference). One function for the ~15 places that take such a
+    maximum (shuffles, shared-memory reductions, merges), so that they
+    cannot drift apart; inlined, it compiles to what the inline tests
+    did. Any float type (one specialisation per argument types)."""
+    if not _NANMAX:
+
+        def nanmax(a, b):
+            if b > a or b != b:
+                return b
+            return a
+
+        _NANMAX.append(_device(nanmax))
+    return _NANMAX[0]
+
+
 def _stage_plan(COLS, NT):
     """(fast, rows per trip) of a staging loop over a tile with COLS columns
     and NT threads: when COLS divides NT (fast), each thread keeps one
@@ -496,6 +518,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
 
     block_keys = _block_keys(BQ, BK)
     shift = _softmax_shift(dtype)
+    nanmax = _nanmax()
 
     # The online-softmax step, shared by the fast and the general loop.
     def row_max(sh, alpha, a, r, mx, tx):
@@ -505,8 +528,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
             o = TX // 2
             while o > 0:
                 t = cuda.shfl_xor_sync(MASK, mx, o)
-                if t > mx or t != t:
-                    mx = t
+                mx = nanmax(mx, t)
                 o //= 2
             alpha[a] = mx
         else:
@@ -523,13 +545,11 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
             mt = mrow[a]
             if SHFL:
                 t = alpha[a]
-                if t > mt or t != t:
-                    mt = t
+                mt = nanmax(mt, t)
             else:
                 for x in range(TX):
                     t = sh[OFF_R1 + r * TX + x]
-                    if t > mt or t != t:
-                        mt = t
+                    mt = nanmax(mt, t)
             ms, al = shift(mrow[a], mt)
             alpha[a] = al
             mrow[a] = mt
@@ -735,8 +755,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                 for b in range(RK):
                     x = s[a, b] * scale
                     s[a, b] = x
-                    if x > mx or x != x:
-                        mx = x
+                    mx = nanmax(mx, x)
                 row_max(sh, alpha, a, r, mx, tx)
             # Row maxima, rescale factors, P = exp(S - m), as in the general loop.
             exponentials(sh, s, mrow, lrow, alpha, ty, tx, utx, pbase)
@@ -896,8 +915,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                             bv = bias[b1, b2, mrow_, U(mcol + TX * b)]
                             t = NINF if bv == NINF else t + bv  # -inf bias masks
                     s[a, b] = t
-                    if t > mx or t != t:
-                        mx = t
+                    mx = nanmax(mx, t)
                 row_max(sh, alpha, a, r, mx, tx)
             # Row maxima, rescale factors, P = exp(S - m) into shared memory.
             exponentials(sh, s, mrow, lrow, alpha, ty, tx, utx, pbase)
@@ -1065,6 +1083,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     ONE = sc_t(1.0)
     block_keys = _block_keys(BQ, BK)
     shift = _softmax_shift(dtype)
+    nanmax = _nanmax()
     I31 = (1 << 31) - 1
     M32 = (1 << 32) - 1
     FQ, RQP = _stage_plan(DC, NT)
@@ -1293,23 +1312,19 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                             bv = bias[b1, b2, mrow_, U(mcol + 8 * n + e)]
                             x = NINF if bv == NINF else x + bv  # -inf bias masks
                     sacc[2 * n + e] = x
-                    if x > mx or x != x:
-                        mx = x
+                    mx = nanmax(mx, x)
             if HW:
                 for o in (1, 2):
                     x = cuda.shfl_xor_sync(0xFFFFFFFF, mx, o)
-                    if x > mx or x != x:
-                        mx = x
+                    mx = nanmax(mx, x)
             else:
                 sh[OFF_R1 + r * 4 + int64(t)] = mx
                 cuda.syncthreads()
                 for y in range(4):
                     x = sh[OFF_R1 + r * 4 + y]
-                    if x > mx or x != x:
-                        mx = x
+                    mx = nanmax(mx, x)
             mt = m_r
-            if mx > mt or mx != mx:
-                mt = mx
+            mt = nanmax(mt, mx)
             ms, alpha = shift(m_r, mt)
             m_r = mt
             ps = ZERO
@@ -1669,6 +1684,7 @@ def make_merge(dtype, NT):
     element before writing it. Launch: grid = ceil(G1*G2*Nq / NT), block = NT.
     """
     _, sc_t = _types(dtype)
+    nanmax = _nanmax()
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
     ONE = sc_t(1.0)
@@ -1687,9 +1703,7 @@ def make_merge(dtype, NT):
         b1 = rest // g2n
         x1 = l1[b1, b2, i]
         x2 = l2[b1, b2, i]
-        m = x1
-        if x2 > x1 or x2 != x2:
-            m = x2
+        m = nanmax(x1, x2)
         if m == NINF:
             for c in range(dv):
                 out[b1, b2, i, c] = ZERO
@@ -1713,6 +1727,7 @@ def make_merge(dtype, NT):
 def make_softmax(dtype, NT, CACHE):
     """``kernel(x, out)``; grid = G1*G2 rows, block = NT (a power of two)."""
     nt, sc_t = _types(dtype)
+    nanmax = _nanmax()
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
     ONE = sc_t(1.0)
@@ -1735,16 +1750,13 @@ def make_softmax(dtype, NT, CACHE):
             t = x[b1, b2, j]
             if cached:
                 cache[j] = t
-            if t > mx or t != t:
-                mx = t
+            mx = nanmax(mx, t)
         red[tid] = mx
         cuda.syncthreads()
         w = NT // 2
         while w > 0:
             if tid < w:
-                o = red[tid + w]
-                if o > red[tid] or o != o:
-                    red[tid] = o
+                red[tid] = nanmax(red[tid], red[tid + w])
             cuda.syncthreads()
             w //= 2
         m = red[0]
