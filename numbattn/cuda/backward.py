@@ -68,7 +68,7 @@ Float64 on the tensor cores
     t] (through shared memory) and B = B1 or B2 [c + t][8n + g], so the lane
     accumulates its outputs' elements ``[r][8n + 2t + e]``. The simulator
     (no inline PTX) runs an emulation of each mma.sync with the same
-    fragment layout (:func:`_emulated_mma`).
+    fragment layout (:func:`numbattn.cuda.kernels._mma_step`).
 
 Non-finite inputs
     A masked entry contributes exactly nothing: when a streamed tile holds a
@@ -119,12 +119,11 @@ differs from the portable one the simulator runs only by launch bounds and
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
-from .kernels import _device, _dmma, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
+from .kernels import _device, _mma_step, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
 
 U = uint32
 
@@ -182,37 +181,6 @@ def backward_shared_bytes(dtype, kv, TR, TC, RR, RC, DP, DVP) -> int:
     return lay["TOTAL"] * np.dtype(dtype).itemsize
 
 
-_EMUL: list = []
-
-
-def _emulated_mma():
-    """``emul(sh, xw, lane, g, t, a, b, c0, c1) -> (d0, d1)``: one
-    ``mma.sync.aligned.m8n8k4.row.col.f64`` for the simulator (no inline PTX),
-    as :func:`numbattn.cuda.kernels.make_attention_mma` emulates it: the warp's
-    lanes put their A and B elements in its 64-element scratch ``xw`` of
-    shared memory, a barrier, each lane computes its two D elements with the
-    fragment layout of :func:`numbattn.cuda.kernels._dmma`, a barrier. Every
-    thread of the block must call it the same number of times."""
-    if not _EMUL:
-
-        @cuda.jit(device=True)
-        def emul(sh, xw, lane, g, t, a, b, c0, c1):
-            sh[xw + lane] = a
-            sh[xw + U(32) + lane] = b
-            cuda.syncthreads()
-            d0 = c0
-            d1 = c1
-            for kk in range(4):
-                av = sh[xw + g * U(4) + U(kk)]
-                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
-                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
-            cuda.syncthreads()
-            return d0, d1
-
-        _EMUL.append(emul)
-    return _EMUL[0]
-
-
 def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
     """The query (``kv=False``) or key (``kv=True``) kernel of the backward pass.
 
@@ -257,8 +225,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
     NOD = DP // 8  # n-tiles of the outputs, width d
     NOV = DVP // 8 if KV else 1  # width dv
     MS, MA1, MA2 = (2 * NB, 2 * NOD, 2 * NOV) if MMA else (1, 1, 1)
-    dmma: Any = _dmma() if MMA and HW and not _on_simulator() else None
-    emul = _emulated_mma()
+    mma = _mma_step(HW)  # DMMA on hardware, emulated on the simulator
     ALIGN = 16 if hw else None
     NINF = sc_t(-np.inf)
     PINF = sc_t(np.inf)
@@ -766,12 +733,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                         av = sh[U(pa + U(4 * ks))]
                         for n in range(NB):
                             bv = sh[U(pb + U(4 * ks) + U(n * 8 * ASI))]
-                            if HW:
-                                d0, d1 = dmma(av, bv, ms[2 * n], ms[2 * n + 1])
-                            else:
-                                d0, d1 = emul(
-                                    sh, xw, lane, ug, ut, av, bv, ms[2 * n], ms[2 * n + 1]
-                                )
+                            d0, d1 = mma(sh, xw, lane, ug, ut, av, bv, ms[2 * n], ms[2 * n + 1])
                             ms[2 * n] = d0
                             ms[2 * n + 1] = d1
                     pa = U(OFF_A2 + umr * AVS + ut)
@@ -780,12 +742,7 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                         av = sh[U(pa + U(4 * ks))]
                         for n in range(NB):
                             bv = sh[U(pb + U(4 * ks) + U(n * 8 * AVSI))]
-                            if HW:
-                                d0, d1 = dmma(av, bv, mdp[2 * n], mdp[2 * n + 1])
-                            else:
-                                d0, d1 = emul(
-                                    sh, xw, lane, ug, ut, av, bv, mdp[2 * n], mdp[2 * n + 1]
-                                )
+                            d0, d1 = mma(sh, xw, lane, ug, ut, av, bv, mdp[2 * n], mdp[2 * n + 1])
                             mdp[2 * n] = d0
                             mdp[2 * n + 1] = d1
                     orow = own_off + o0 + mr
@@ -910,25 +867,18 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                             av = sh[U(OFF_DS + umr * PS + U(4 * ks) + ut)]
                             for n in range(NOD):
                                 bv = sh[U(OFF_B1 + (U(4 * ks) + ut) * AS + U(8 * n) + ug)]
-                                if HW:
-                                    d0, d1 = dmma(av, bv, macc1[2 * n], macc1[2 * n + 1])
-                                else:
-                                    d0, d1 = emul(
-                                        sh, xw, lane, ug, ut, av, bv, macc1[2 * n], macc1[2 * n + 1]
-                                    )
+                                d0, d1 = mma(
+                                    sh, xw, lane, ug, ut, av, bv, macc1[2 * n], macc1[2 * n + 1]
+                                )
                                 macc1[2 * n] = d0
                                 macc1[2 * n + 1] = d1
                             if KV:
                                 av = sh[U(OFF_PT + umr * PS + U(4 * ks) + ut)]
                                 for n in range(NOV):
                                     bv = sh[U(OFF_B2 + (U(4 * ks) + ut) * AVS + U(8 * n) + ug)]
-                                    if HW:
-                                        d0, d1 = dmma(av, bv, macc2[2 * n], macc2[2 * n + 1])
-                                    else:
-                                        d0, d1 = emul(
-                                            sh, xw, lane, ug, ut, av, bv,
-                                            macc2[2 * n], macc2[2 * n + 1],
-                                        )  # fmt: skip
+                                    d0, d1 = mma(
+                                        sh, xw, lane, ug, ut, av, bv, macc2[2 * n], macc2[2 * n + 1]
+                                    )
                                     macc2[2 * n] = d0
                                     macc2[2 * n + 1] = d1
                 else:

@@ -1041,6 +1041,47 @@ def _dmma():
     return _DMMA[0]
 
 
+_MMA: dict = {}
+
+
+def _mma_step(hw):
+    """Device function ``mma(sh, xw, lane, g, t, a, b, c0, c1) -> (d0, d1)``:
+    one ``mma.sync.aligned.m8n8k4.row.col.f64`` of the warp, fragments as in
+    :func:`_dmma` (lane = 4g + t). ``hw`` (off the simulator): the DMMA
+    itself, the other arguments unused. Otherwise (the simulator: no inline
+    PTX) its emulation: the warp's lanes put their A and B elements in its
+    64-element scratch ``xw`` of shared memory, a barrier, each lane computes
+    its two D elements, a barrier; every thread of the block must call it
+    the same number of times. One function for the forward tensor-core
+    kernel's two mma sites and the backward kernels' four, the choice made when
+    the kernel is built; inlined, so the unused arguments cost nothing."""
+    key = bool(hw) and not _on_simulator()
+    if key not in _MMA:
+        if key:
+            dmma = _dmma()
+
+            def mma(sh, xw, lane, g, t, a, b, c0, c1):
+                return dmma(a, b, c0, c1)
+
+        else:
+
+            def mma(sh, xw, lane, g, t, a, b, c0, c1):
+                sh[xw + lane] = a
+                sh[xw + U(32) + lane] = b
+                cuda.syncthreads()
+                d0 = c0
+                d1 = c1
+                for kk in range(4):
+                    av = sh[xw + g * U(4) + U(kk)]
+                    d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
+                    d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
+                cuda.syncthreads()
+                return d0, d1
+
+        _MMA[key] = _device(mma)
+    return _MMA[key]
+
+
 def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     """Float64 fused attention on the tensor cores (:func:`mma_ok` geometries).
 
@@ -1071,7 +1112,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     NB2, NO2 = 2 * NB, 2 * NO
     lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=True)
     HW = bool(hw)
-    dmma = _dmma() if HW and not _on_simulator() else None
+    mma = _mma_step(HW)
     QS, KS, PS, VS = (U(lay[x]) for x in ("QS", "KS", "PS", "VS"))
     KSI, VSI = lay["KS"], lay["VS"]
     OFF_K, OFF_P, OFF_V = (U(lay[x]) for x in ("OFF_K", "OFF_P", "OFF_V"))
@@ -1272,19 +1313,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     a = sh[U(qa + U(ks * 4))]
                     for n in range(NB):
                         b = sh[U(kb + U(ks * 4)) + U(n * 8 * KSI)]
-                        if HW:
-                            d0, d1 = dmma(a, b, sacc[2 * n], sacc[2 * n + 1])
-                        else:
-                            sh[xw + lane] = a
-                            sh[xw + U(32) + lane] = b
-                            cuda.syncthreads()
-                            d0 = sacc[2 * n]
-                            d1 = sacc[2 * n + 1]
-                            for kk in range(4):
-                                av = sh[xw + g * U(4) + U(kk)]
-                                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
-                                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
-                            cuda.syncthreads()
+                        d0, d1 = mma(sh, xw, lane, g, t, a, b, sacc[2 * n], sacc[2 * n + 1])
                         sacc[2 * n] = d0
                         sacc[2 * n + 1] = d1
             # Visibility (as in make_attention), key 8n + 2t + e of row r.
@@ -1364,19 +1393,7 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
                     a = sh[U(pa + U(ks * 4))]
                     for n in range(NO):
                         b = sh[U(vb + U(ks * 4 * VSI + n * 8))]
-                        if HW:
-                            d0, d1 = dmma(a, b, oacc[2 * n], oacc[2 * n + 1])
-                        else:
-                            sh[xw + lane] = a
-                            sh[xw + U(32) + lane] = b
-                            cuda.syncthreads()
-                            d0 = oacc[2 * n]
-                            d1 = oacc[2 * n + 1]
-                            for kk in range(4):
-                                av = sh[xw + g * U(4) + U(kk)]
-                                d0 += av * sh[xw + U(32) + t * U(8) + U(kk)]
-                                d1 += av * sh[xw + U(36) + t * U(8) + U(kk)]
-                            cuda.syncthreads()
+                        d0, d1 = mma(sh, xw, lane, g, t, a, b, oacc[2 * n], oacc[2 * n + 1])
                         oacc[2 * n] = d0
                         oacc[2 * n + 1] = d1
             cuda.syncthreads()
