@@ -96,8 +96,7 @@ Design
   tile writes runs of 512 elements of a row).
 * **Vectorised exp** (:func:`_vexp`; softmax's :func:`_exp_shift` uses
   :func:`_vexp_sm`, minimax polynomials of degree 10 (float64) and 5
-  (float32), a few ulp): exp(x)
-  written as plain arithmetic (Cody-Waite range reduction, Cephes minimax
+  (float32), a few ulp): exp(x) written as plain arithmetic (Cody-Waite range reduction, Cephes minimax
   polynomial for float32, degree-12 Taylor for float64, 2**n by building the exponent bits
   with an integer shift + bitcast) in a branch-free loop that LLVM vectorises.
   -inf and underflow give exactly 0, NaN gives NaN. The row sum is fused in.
@@ -343,9 +342,9 @@ def _vexp_sm_f32(x):
     r = r - fn * f(-2.12194440e-4)
     # Degree-5 minimax polynomial (relative error, Lawson, constant term 1 so
     # that exp(0) = 1) of e**r on |r| <= ln2 / 2: 9.1e-8, 1.7e-7 (3 ulp)
-    # evaluated in float32, against
-    # Cephes' ~1 ulp in _vexp_f32, for 3 operations fewer an element:
-    # 0.96-0.99x the time of long float32 rows through a scratch row.
+    # evaluated in float32, against Cephes' ~1 ulp in _vexp_f32, for 3
+    # operations fewer an element: 0.96-0.99x the time of long float32 rows
+    # through a scratch row.
     p = f(8.290315e-3)
     p = p * r + f(4.189793e-2)
     p = p * r + f(1.6667636e-1)
@@ -1116,7 +1115,7 @@ def _softmax_impl(x, out):
     # scratch row at (4, 8, 512, 512) and (1, 8, 2048, 2048) float64. At
     # (1, 8, 2048, 2048) float32 (2 threads, Zen 4, alternated rounds) the
     # direct path with _vexp_sm's degree-5 exp took 0.86-1.07x (median
-    # 0.91) the scratch path's time with the Cephes exp: faster while the
+    # 0.93) the scratch path's time with the Cephes exp: faster while the
     # host's memory was busy, where the target fraction is missed, slower
     # while quiet, where the kernel reads at ~95 % of the stream anyway.
     # A strided output goes through buf.
