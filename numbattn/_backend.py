@@ -231,6 +231,7 @@ class Backend(Protocol):
         num_splits: int,
         block_table: KernelArray | None,
         stream: Any = None,
+        like: Any = None,
     ) -> None:
         """:meth:`attention`, with each sequence's keys split into chunks whose
         partial results are merged exactly, inside the call; optionally over a
@@ -253,6 +254,10 @@ class Backend(Protocol):
         reproducible for a given ``num_splits``. Scratch: O(num_splits *
         rows * dv), never O(rows * keys). ``num_splits == 1`` must equal the
         unsplit computation (it may be the same kernel as :meth:`attention`).
+        The scratch belongs to the call: never shared with another call (on
+        any thread or stream) and never kept after it; a device backend
+        allocates it with the array library of ``like`` (the caller's public
+        ``q``) on ``stream``.
 
         ``block_table`` None: ``k``, ``v`` are (G1, Hk, Nk, d) / (G1, Hk,
         Nk, dv) exactly as for :meth:`attention`. Otherwise a paged cache:

@@ -558,7 +558,7 @@ def attention(
         ) -> None:
             _attend(
                 backend, splits, None, q_, k_, v_, out_, lse_, seq_, max_rows, bias_, mask_,
-                scale, left, right, stream,
+                scale, left, right, stream, q,
             )  # fmt: skip
 
         _launch(
@@ -608,9 +608,11 @@ def _attend(
     left: int,
     right: int,
     stream: Any,
+    like: Any,
 ) -> None:
     """The backend's attention: unsplit and dense through ``attention``
-    (unchanged path), split or paged through ``split_attention``."""
+    (unchanged path), split or paged through ``split_attention`` (whose
+    scratch ``like``'s array library allocates)."""
     if splits == 1 and block_table is None:
         backend.attention(
             q, k, v, out, lse, seq, max_rows, bias, mask, scale, left, right, stream=stream
@@ -618,7 +620,7 @@ def _attend(
     else:
         backend.split_attention(
             q, k, v, out, lse, seq, max_rows, bias, mask, scale, left, right,
-            splits, block_table, stream=stream,
+            splits, block_table, stream=stream, like=like,
         )  # fmt: skip
 
 
@@ -772,7 +774,7 @@ def varlen_attention(
     splits = _splits(backend, num_splits, nseq, h, group, max_rows, table)
     _attend(
         backend, splits, None, q_, k_, v_, out_, lse_, table4, max_rows, bias_, mask_, scale,
-        left, right, stream,
+        left, right, stream, q,
     )  # fmt: skip
     return out
 
@@ -1032,7 +1034,7 @@ def paged_attention(
     lse_ = None if lse is None else backend.as_kernel_array(lse, stream)
     backend.split_attention(
         q_, k_, v_, out_, lse_, table, max_rows, bias_arr[0], mask_arr[0], scale, left, right,
-        splits, bt_, stream=stream,
+        splits, bt_, stream=stream, like=q,
     )  # fmt: skip
     return out
 

@@ -401,6 +401,7 @@ def split_attention(
     num_splits,
     block_table,
     stream=None,
+    like=None,
 ):
     from .kernels import decode_kernel
 

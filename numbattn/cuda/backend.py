@@ -715,7 +715,7 @@ def constant(value, dtype):
 
 
 #: Sequence tables up to this many bytes (distinct rows) stay cached on the
-#: device, keyed by their contents and the stream that uploaded them (so a
+#: device, keyed by their contents and the stream handle that uploaded them (so a
 #: cached table is always stream-ordered before its users); larger ones are
 #: uploaded on every call.
 _TABLE_CACHE_BYTES = 16384
@@ -738,7 +738,7 @@ def _seq_table(seq, stream):
     if g2 == 1 or seq.strides[1] == 0:
         base = base[:, :1]
     raw = base.tobytes()
-    key = (id(stream) if stream else 0, g1, g2, base.shape, raw)
+    key = (_table_stream_key(stream), g1, g2, base.shape, raw)
     hit = _tables.get(key)
     if hit is not None:
         return hit[0]
@@ -753,8 +753,18 @@ def _seq_table(seq, stream):
         with _lock:
             while len(_tables) >= _TABLE_CACHE_ENTRIES:
                 _tables.pop(next(iter(_tables)))
-            _tables[key] = (view, stream)  # the stream ref keeps id(stream) unique
+            _tables[key] = (view, stream)  # the stream stays alive, so its handle is not reused
     return view
+
+
+def _table_stream_key(stream) -> int:
+    """The table cache's stream key: the raw handle, so that the new Numba
+    ``Stream`` object that each ``stream=1`` call or each wrapper of one
+    external stream makes still finds the table that stream uploaded (the
+    simulator's streams have no handle: the object's identity there)."""
+    if not stream:
+        return 0
+    return id(stream) if simulator() else _stream_handle(stream)
 
 
 def _extras(dtype, bias, mask):
@@ -1307,24 +1317,46 @@ def _head_group(seq, group: int) -> int:
     return group if bool((t == t[:, :, :1]).all()) else 1
 
 
-_scratch_cache: dict = {}
+def _stream_handle(stream) -> int:
+    """The raw CUDA handle of a Numba stream (0: the default stream)."""
+    return int(stream) if stream else 0
 
 
-def _scratch(n: int, dtype, stream):
-    """A 1-d device array of at least ``n`` elements, reused by later calls
-    on the same stream (stream-ordered, so never in use by two kernels at
-    once) and grown as needed."""
+def _workspace(n: int, dtype, like, stream):
+    """A new 1-d device array of ``n`` elements that one call owns, allocated
+    on its launch stream by the library of ``like`` (the caller's array).
+
+    Nothing is cached: the array dies with the call, so two calls never
+    share it, whichever threads queue their launches on one stream, and
+    device memory stays flat over any number of calls and streams. torch's
+    and CuPy's caching allocators keep freed blocks per stream and hand the
+    block to the next call on the same stream (stream-ordered after this
+    call's kernels); Numba frees its arrays only after pending work.
+    """
     dtype = np.dtype(dtype)
-    key = (id(stream) if stream else 0, dtype)
-    hit = _scratch_cache.get(key)
-    if hit is not None and hit[0].shape[0] >= n:
-        return hit[0]
+    n = max(int(n), 1)
+    lib = _library(like) if like is not None and not simulator() else ""
+    if lib == "torch":
+        import torch
+
+        device, handle = like.device, _stream_handle(stream)
+        tdtype = getattr(torch, dtype.name)
+        if handle == torch.cuda.current_stream(device).cuda_stream:
+            return as_kernel_array(torch.empty(n, dtype=tdtype, device=device))
+        with torch.cuda.stream(torch.cuda.ExternalStream(handle, device=device)):
+            return as_kernel_array(torch.empty(n, dtype=tdtype, device=device))
+    if lib == "cupy":
+        import cupy
+
+        handle = _stream_handle(stream)
+        with like.device:
+            if handle == cupy.cuda.get_current_stream().ptr:
+                return as_kernel_array(cupy.empty(n, dtype=dtype))
+            with cupy.cuda.ExternalStream(handle):
+                return as_kernel_array(cupy.empty(n, dtype=dtype))
     from numba import cuda
 
-    arr = cuda.device_array(max(n, 1), dtype=dtype, stream=stream or 0)
-    with _lock:
-        _scratch_cache[key] = (arr, stream)  # the stream ref keeps id(stream) unique
-    return arr
+    return cuda.device_array(n, dtype=dtype, stream=stream or 0)
 
 
 def _block_table_dummy():
@@ -1353,12 +1385,14 @@ def split_attention(
     num_splits,
     block_table,
     stream=None,
+    like=None,
 ):
     """:func:`attention` split over keys, over a contiguous or paged cache
     (numbattn._backend.Backend.split_attention): the streaming kernel
     (numbattn/cuda/decode.py), then, for more than one split, the device
     merge of the partials (scratch ``num_splits * G1 * Hq * Tq * (dv + 1)``
-    elements, a single G1 slab when out repeats over G1)."""
+    elements, a single G1 slab when out repeats over G1, owned by the call:
+    :func:`_workspace`, in ``like``'s array library)."""
     g1, hq, tq, d = q.shape
     dv = v.shape[3]
     dtype = np.dtype(q.dtype)
@@ -1416,7 +1450,7 @@ def split_attention(
     rows = n_split * tq
     n_o = slabs * hq * rows * dv
     n_l = slabs * hq * rows
-    buf = _scratch(n_o + n_l, dtype, stream)
+    buf = _workspace(n_o + n_l, dtype, like, stream)
     isz = dtype.itemsize
     s0 = 0 if slabs == 1 else hq * rows * dv * isz
     part_o = restride(buf, (g1, hq, rows, dv), (s0, rows * dv * isz, dv * isz, isz))
