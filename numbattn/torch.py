@@ -15,11 +15,13 @@ the CUDA array interface can describe.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, NamedTuple
+
+import numpy as np
 
 try:
     import torch
-    from torch.autograd.function import once_differentiable
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess
     raise ImportError(
         "numbattn.torch needs PyTorch: install torch (pip install torch), or numbattn's "
@@ -70,14 +72,21 @@ def _stream(t: Any) -> int | None:
 
 
 def _host_integers(name: str, value: Any) -> Any:
-    """Lengths or diagonals on the host, as numbattn wants them (a tensor on a GPU
-    is copied, which synchronises; a 0-d tensor becomes an int); arrays, lists,
-    ints and None pass through to numbattn's checks."""
+    """Lengths or diagonals on the host, as numbattn wants them: a private copy
+    (a tensor on a GPU is copied, which synchronises; a 0-d tensor becomes an
+    int). The backward pass reuses the forward's values, so the caller's
+    buffer, which it may refill before calling ``backward``, is never kept.
+    Other values (ints, None, anything unexpected) pass through to numbattn's
+    checks."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor or array, got {value.dtype}")
-        host = value.detach().cpu().numpy()
+        host = value.detach().cpu().numpy().copy()
         return int(host) if host.ndim == 0 else host
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, list):
+        return copy.deepcopy(value)
     return value
 
 
@@ -147,12 +156,26 @@ class _Attention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dout: Any) -> Any:
-        q, k, v, out, lse, bias, mask = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         if not (need_q or need_k or need_v):
             return None, None, None, None, None, None
+        with torch.no_grad():
+            dq, dk, dv = _Attention._gradients(ctx, dout)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients' own graph is asked for
+            dq, dk, dv = _NoDoubleBackward.apply(*(g.requires_grad_() for g in (dq, dk, dv)))
+        return (
+            dq if need_q else None,
+            dk if need_k else None,
+            dv if need_v else None,
+            None,
+            None,
+            None,
+        )
+
+    @staticmethod
+    def _gradients(ctx: Any, dout: Any) -> tuple[Any, Any, Any]:
+        q, k, v, out, lse, bias, mask = ctx.saved_tensors
         opts: _Options = ctx.opts
         # One fused pass gives all three; ones not needed are dropped.
         # empty_like keeps each input's layout (dense permutations); a
@@ -178,13 +201,24 @@ class _Attention(torch.autograd.Function):
             dv=_view(dv),
             stream=_stream(q),
         )
-        return (
-            dq if need_q else None,
-            dk if need_k else None,
-            dv if need_v else None,
-            None,
-            None,
-            None,
+        return dq, dk, dv
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the first-order gradients through and raises if anything
+    differentiates them: numbattn has no second-order backward, and a
+    gradient penalty must not silently lose its second-order term."""
+
+    @staticmethod
+    def forward(ctx: Any, dq: Any, dk: Any, dv: Any) -> Any:
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(
+            "numbattn.torch.attention has no double backward: its gradients were "
+            "computed with create_graph=True and are now being differentiated; use "
+            "torch.nn.functional.scaled_dot_product_attention for higher-order gradients"
         )
 
 
@@ -216,7 +250,13 @@ def attention(
 
     Gradients flow to ``q``, ``k`` and ``v`` (those that require grad; the
     backward computes the three in one pass). ``bias`` and ``mask`` are
-    constants. Double backward is not supported.
+    constants. Double backward is not supported: differentiating the
+    gradients (computed with ``create_graph=True``, as a gradient penalty
+    does) raises RuntimeError.
+
+    The lengths and the diagonal are copied at the call, so the backward
+    pass uses the values the forward pass used even when the caller refills
+    its buffer in between.
 
     Tensors are passed to numbattn without copies, whatever their strides
     (transposed views, stride-0 broadcasts; the gradient of the output

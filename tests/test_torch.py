@@ -349,13 +349,50 @@ def test_needs_input_grad(rng, monkeypatch):
     assert "attention_backward" not in seen
 
 
-def test_double_backward_is_refused(rng):
+@pytest.mark.parametrize("dout_requires_grad", [True, False])
+def test_double_backward_is_refused(rng, dout_requires_grad):
+    """Differentiating the gradients raises, also for a gradient penalty, whose
+    upstream gradient (``ones``) does not require grad."""
     q, k, v = qkv(rng, torch.float64)
     out = nt.attention(q, k, v)
-    dout = torch.ones_like(out, requires_grad=True)
-    (dq,) = torch.autograd.grad(out, (q,), dout, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        dq.sum().backward()
+    dout = torch.ones_like(out, requires_grad=dout_requires_grad)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout, create_graph=True)
+    assert dq.requires_grad and dk.requires_grad and dv.requires_grad
+    ref = torch.autograd.grad(sdpa(q, k, v), (q, k, v), torch.ones_like(out))
+    for got, want in zip((dq, dk, dv), ref):
+        assert relative_error(got.detach().numpy(), want.numpy()) <= TOL[torch.float64]
+    penalty = dq.square().sum() + dk.square().sum()
+    with pytest.raises(RuntimeError, match=r"numbattn\.torch\.attention has no double backward"):
+        penalty.backward()
+    # Without create_graph the gradients carry no graph, as for any function.
+    out = nt.attention(q, k, v)
+    (dq,) = torch.autograd.grad(out, (q,), torch.ones_like(out))
+    assert not dq.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["tensor", "numpy", "list"])
+def test_backward_uses_the_forward_lengths(rng, kind):
+    """The caller refills its lengths and diagonal buffers between the forward
+    and the backward: the gradients are still those of the forward's values."""
+    q, k, v = qkv(rng, torch.float64, b=2, h=1, nq=2, nk=6, d=4, dv=4)
+    wrap = {"tensor": torch.tensor, "numpy": np.array, "list": list}[kind]
+    kl, ql, diag = wrap([6, 3]), wrap([2, 1]), wrap([4, 1])
+    opts = dict(causal=True, key_lengths=kl, query_lengths=ql, diagonal=diag)
+    out = nt.attention(q, k, v, **opts)
+    dout = torch.from_numpy(rng.standard_normal(tuple(out.shape)))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    out = nt.attention(q, k, v, **opts)
+    kl[1], ql[1], diag[1] = 1, 2, -3  # the caller reuses its buffers
+    after = torch.autograd.grad(out, (q, k, v), dout)
+    for name, want, got in zip("qkv", grads, after):
+        assert torch.equal(got, want), f"d{name} changed with the caller's buffers"
+    kl[1], ql[1], diag[1] = 3, 1, 1
+    ref = numbattn.reference.attention_backward(
+        *(t.detach().numpy() for t in (q, k, v)), dout.numpy(), causal=True,
+        key_lengths=np.array([6, 3]), query_lengths=np.array([2, 1]), diagonal=np.array([4, 1]),
+    )  # fmt: skip
+    for name, want, got in zip("qkv", ref, grads):
+        assert relative_error(got.numpy(), want) <= TOL[torch.float64], name
 
 
 def test_errors(rng):
