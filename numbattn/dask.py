@@ -291,6 +291,37 @@ def _pair_visible(
     return some & (k0 - (qe - 1) - off <= hi) & ((ke - 1) - q0 - off >= lo)
 
 
+def _local_diagonal(off: np.ndarray, n_rows: int, n_keys: int, left: int, right: int) -> np.ndarray:
+    """A block's diagonals (one per batch row), clamped into ``+-2**60``
+    without changing what the block sees.
+
+    In a block of ``n_rows`` queries and ``n_keys`` keys, ``j - i`` spans
+    ``[1 - n_rows, n_keys - 1]``, and a bounded window side compares it with
+    ``off - left`` or ``off + right`` only: past the value where every pair
+    (or none) passes a side's test, a larger ``|off|`` changes nothing. So
+    ``off + q0 - k0``, which can leave the range the in-memory call accepts
+    when the caller's diagonal is near ``+-2**60``, is clamped there. The
+    blocks with a visible pair and a window side within ``n_rows + n_keys``
+    of ``2**60`` that are left raise ValueError here, while the graph is
+    built.
+    """
+    first, last = 1 - n_rows, n_keys - 1
+    if left >= 0 and right >= 0:
+        off = np.clip(off, first - right - 1, last + left + 1)
+    elif right >= 0:  # keys j <= i + off + right: none below, all from last - right
+        off = np.clip(off, first - right - 1, last - right)
+    elif left >= 0:  # keys j >= i + off - left: all up to first + left, none above
+        off = np.clip(off, first + left, last + left + 1)
+    if off.size and int(np.abs(off).max()) > chk.DIAGONAL_LIMIT:
+        raise ValueError(
+            f"diagonal and window (left={left}, right={right}) place a block of "
+            f"{n_rows} queries and {n_keys} keys at the local diagonal "
+            f"{int(off[np.argmax(np.abs(off))])}, beyond +-2**60; keep the window's sides "
+            "below 2**60 - (Nq + Nk), or -1 (unbounded)"
+        )
+    return off
+
+
 def attention(
     q: da.Array,
     k: da.Array,
@@ -487,7 +518,7 @@ def attention(
                     options["key_lengths"] = np.clip(kl - k0, 0, nkc)
                 if aligned:  # causal folded into the window, as the in-memory call does
                     options["window"] = (left, right)
-                    local = off + q0 - k0
+                    local = _local_diagonal(off + q0 - k0, nqc, nkc, left, right)
                     options["diagonal"] = local if per_batch else int(local[0])
                 args: list[Any] = [
                     (q.name, *lead_idx, qi, 0),

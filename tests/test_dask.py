@@ -292,6 +292,42 @@ def test_bad_input_raises_when_the_graph_is_built(rng, arg, make, exc, message):
         nd.attention(q, k, v, **args)
 
 
+EXTREME_DIAGONALS = [2**60, -(2**60), 2**60 - 3, 5 - 2**60, "per-batch"]
+EXTREME_WINDOWS = [
+    {"causal": True},
+    {"window": (3, -1)},
+    {"window": (-1, 2)},
+    {"window": (3, 2)},
+    {"window": (2, 0), "causal": True},
+]
+
+
+@pytest.mark.parametrize("opts", EXTREME_WINDOWS, ids=str)
+@pytest.mark.parametrize("diagonal", EXTREME_DIAGONALS, ids=str)
+def test_diagonals_at_the_limit(rng, diagonal, opts):
+    """A block's diagonal ``diagonal + q0 - k0`` may pass +-2**60 when the
+    caller's is near it: each block's is clamped where its visibility does
+    not change, so every diagonal the in-memory call takes computes."""
+    if diagonal == "per-batch":
+        diagonal = np.array([2**60, -(2**60)])
+    q, k, v = (randn(rng, (2, 1, n, 4), np.float64) for n in (5, 6, 6))
+    dq, dk, dv = (da.from_array(x, chunks=(1, 1, 2, 4)) for x in (q, k, v))
+    got = nd.attention(dq, dk, dv, diagonal=diagonal, **opts).compute()
+    mem = numbattn.attention(q, k, v, diagonal=diagonal, **opts)
+    np.testing.assert_allclose(got, mem, rtol=0, atol=50 * np.finfo(np.float64).eps)
+    ref = reference.attention(q, k, v, diagonal=diagonal, **opts)[0]
+    assert_close(got, ref, np.float64, f"diagonal {diagonal} {opts}")
+
+
+def test_block_diagonal_past_the_limit_raises_when_the_graph_is_built(rng):
+    """A window side within Nq + Nk of 2**60 bounds a block whose diagonal
+    passes 2**60 and cannot be clamped: refused at graph construction."""
+    x = da.from_array(randn(rng, (1, 1, 4, 4), np.float64), chunks=(1, 1, 2, 4))
+    k = x.rechunk((1, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"local diagonal 1152921504606846978, beyond \+-2\*\*60"):
+        nd.attention(x, k, k, diagonal=2**60, window=(2**60 + 1, -1))
+
+
 def test_lengths_need_a_batch_axis(rng):
     q = da.from_array(randn(rng, (6, 3), np.float64))
     with pytest.raises(ValueError, match="key_lengths and query_lengths need a batch dimension"):
