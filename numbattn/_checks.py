@@ -214,17 +214,30 @@ DIAGONAL_LIMIT = 2**60
 
 
 def check_diagonal(obj: Any, batch: int | None) -> np.ndarray:
-    """The causal/window alignment: an integer, or integers of shape (batch,),
-    within +-DIAGONAL_LIMIT; returned as int64 of shape () or (batch,)."""
+    """The causal/window alignment: an integer (a 0-d integer array too), or
+    integers of shape (batch,), within +-DIAGONAL_LIMIT; returned as int64 of
+    shape () or (batch,)."""
+    if isinstance(obj, np.ndarray) and obj.ndim == 0 and obj.dtype.kind in "iu":
+        obj = obj[()]
     if isinstance(obj, (int, np.integer)) and not isinstance(obj, (bool, np.bool_)):
         values = np.asarray([int(obj)], dtype=object)
         shape: tuple[int, ...] = ()
     else:
+        if batch is None:
+            if isinstance(obj, (np.ndarray, list, tuple)):
+                raise ValueError(
+                    "diagonal must be an int when q has no batch dimension, "
+                    f"got an array of shape {np.shape(obj)}"
+                )
+            raise TypeError(
+                "diagonal must be an int (q has no batch dimension), "
+                f"got {type(obj).__module__}.{type(obj).__qualname__}"
+            )
         arr = _host_integers("diagonal", obj, f"of shape ({batch},), or an int")
-        if batch is None or arr.shape != (batch,):
-            want = "an int (q has no batch dimension)" if batch is None else f"shape ({batch},)"
+        if arr.shape != (batch,):
             raise ValueError(
-                f"diagonal must be an int or have {want} (one per batch element), got shape {arr.shape}"
+                f"diagonal must be an int or have shape ({batch},) (one per batch element), "
+                f"got shape {arr.shape}"
             )
         values, shape = arr.astype(object), arr.shape
     if values.size:

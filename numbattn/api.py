@@ -503,8 +503,6 @@ def attention(
 
     Raises
     ------
-    NotImplementedError
-        ``num_splits`` > 1 with GPU arrays, until the CUDA split kernels land.
     TypeError
         As :func:`scores`, for ``v`` and ``lse`` too; ``num_splits`` not an
         integer or None.
@@ -697,8 +695,6 @@ def varlen_attention(
 
     Raises
     ------
-    NotImplementedError
-        As :func:`attention`.
     TypeError
         As :func:`attention`; cu_seqlens not int32/int64.
     ValueError
@@ -950,8 +946,6 @@ def paged_attention(
 
     Raises
     ------
-    NotImplementedError
-        GPU arrays, until the CUDA paged kernels land.
     TypeError
         As :func:`attention`; ``block_table`` not int32, ``key_lengths``
         not integers.

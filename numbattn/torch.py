@@ -222,6 +222,7 @@ class _NoDoubleBackward(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable(recursive=True)
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -256,7 +257,8 @@ def attention(
 
     The lengths and the diagonal are copied at the call, so the backward
     pass uses the values the forward pass used even when the caller refills
-    its buffer in between.
+    its buffer in between. Inside a ``torch.compile``'d function it runs
+    eagerly, between the compiled parts (a graph break).
 
     Tensors are passed to numbattn without copies, whatever their strides
     (transposed views, stride-0 broadcasts; the gradient of the output

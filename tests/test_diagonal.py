@@ -110,5 +110,25 @@ def test_errors_name_the_argument_and_write_nothing(rng):
         with pytest.raises(err, match=match):
             numbattn.scores(q, k, causal=True, diagonal=diagonal)
         assert np.isnan(out).all()
-    with pytest.raises(ValueError, match="no batch dimension"):
-        numbattn.attention(q[0, 0], k[0, 0], v[0, 0], diagonal=np.array([1]))
+    no_batch = (q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(
+        ValueError,
+        match=r"^diagonal must be an int when q has no batch dimension, got an array of shape \(1,\)$",
+    ):
+        numbattn.attention(*no_batch, diagonal=np.array([1]))
+    with pytest.raises(
+        TypeError,
+        match=r"^diagonal must be an int \(q has no batch dimension\), got builtins\.float$",
+    ):
+        numbattn.attention(*no_batch, diagonal=1.0)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_zero_dimensional_integer_array_is_an_int(rng, batch):
+    """np.array(1) is taken as np.int64(1) is, with or without a batch axis."""
+    q, k, v = (randn(rng, (2, 1, 4, 4) if batch else (4, 4), np.float64) for _ in range(3))
+    want = numbattn.attention(q, k, v, causal=True, diagonal=np.int64(1))
+    for diagonal in (np.array(1), np.array(1, dtype=np.uint8)):
+        got = numbattn.attention(q, k, v, causal=True, diagonal=diagonal)
+        assert np.array_equal(got, want)
+    assert_close(want, reference.attention(q, k, v, causal=True, diagonal=1)[0], np.float64)

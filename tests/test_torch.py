@@ -370,6 +370,25 @@ def test_double_backward_is_refused(rng, dout_requires_grad):
     assert not dq.requires_grad
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_runs_it_outside_the_graph(rng, backend):
+    """Inside a torch.compile'd function numbattn runs eagerly (a graph
+    break): the same output and gradients as without compiling."""
+    q, k, v = qkv(rng, torch.float64)
+
+    def loss(q, k, v):
+        return (nt.attention(q, k, v, causal=True).sin() * 2).sum()
+
+    torch._dynamo.reset()
+    got = loss(q, k, v)
+    want = torch.autograd.grad(got, (q, k, v))
+    compiled = torch.compile(loss, backend=backend)
+    out = compiled(q, k, v)
+    assert torch.equal(out, got)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v)), want):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("kind", ["tensor", "numpy", "list"])
 def test_backward_uses_the_forward_lengths(rng, kind):
     """The caller refills its lengths and diagonal buffers between the forward
