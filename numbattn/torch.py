@@ -1,9 +1,12 @@
-"""PyTorch autograd adapter: numbattn's fused attention as a differentiable op.
+"""PyTorch adapter: numbattn's fused attention as a differentiable torch op.
 
 Imported only when used (``import numbattn.torch``); ``import numbattn`` never
-imports torch. :func:`attention` is a ``torch.autograd.Function`` whose forward
-pass is :func:`numbattn.attention` (with its ``lse``) and whose backward pass is
-:func:`numbattn.attention_backward`.
+imports torch. :func:`attention` calls the custom operator
+``torch.ops.numbattn.attention`` (registered with ``torch.library``), whose
+forward pass is :func:`numbattn.attention` (with its ``lse``) and whose
+registered backward is ``torch.ops.numbattn.attention_backward``, that is
+:func:`numbattn.attention_backward`. Both have fake (meta) implementations,
+so ``torch.compile(fullgraph=True)`` traces through them.
 
 Tensors reach numbattn without copies: a CPU tensor as the NumPy view
 ``t.detach().numpy()`` (same memory, same strides, stride-0 broadcasts
@@ -15,8 +18,8 @@ the CUDA array interface can describe.
 
 from __future__ import annotations
 
-import copy
-from typing import Any, NamedTuple
+import contextlib
+from typing import Any
 
 import numpy as np
 
@@ -29,21 +32,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess
     ) from exc
 
 import numbattn as _nb
+from numbattn import _checks as chk
 
 __all__ = ["attention"]
 
 _DTYPES = (torch.float32, torch.float64)
 
 
-class _Options(NamedTuple):
-    """The non-tensor arguments, passed unchanged to the forward and the backward."""
-
-    scale: float | None
-    causal: bool
-    key_lengths: Any
-    query_lengths: Any
-    window: tuple[int, int] | None
-    diagonal: Any
+#: Window sides are capped here before they enter the op's int64 schema.
+_WINDOW_CAP = 2**62
 
 
 def _view(t: Any) -> Any:
@@ -71,23 +68,25 @@ def _stream(t: Any) -> int | None:
     return int(torch.cuda.current_stream(t.device).cuda_stream)
 
 
-def _host_integers(name: str, value: Any) -> Any:
-    """Lengths or diagonals on the host, as numbattn wants them: a private copy
-    (a tensor on a GPU is copied, which synchronises; a 0-d tensor becomes an
-    int). The backward pass reuses the forward's values, so the caller's
-    buffer, which it may refill before calling ``backward``, is never kept.
-    Other values (ints, None, anything unexpected) pass through to numbattn's
-    checks."""
+def _integers(name: str, value: Any, batch: int | None) -> torch.Tensor | None:
+    """Lengths or a diagonal as a new int64 tensor that the call owns.
+
+    The op saves it for the backward pass, so the caller's buffer, which it
+    may refill before calling ``backward``, is never kept. Tensors stay on
+    their device (CUDA lengths are copied to the host inside the op, which
+    synchronises); NumPy arrays, lists and ints become CPU tensors after
+    numbattn's own checks of their types (and, for an int diagonal, range).
+    """
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor or array, got {value.dtype}")
-        host = value.detach().cpu().numpy().copy()
-        return int(host) if host.ndim == 0 else host
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, list):
-        return copy.deepcopy(value)
-    return value
+        return value.detach().to(dtype=torch.int64, copy=True)
+    if name == "diagonal":
+        return torch.from_numpy(chk.check_diagonal(value, batch).copy())
+    # Shape and range are checked inside the op, by numbattn, against the inputs.
+    return torch.from_numpy(np.array(chk._host_integers(name, value, "of shape (B,)"), np.int64))
 
 
 def _check_tensors(named: dict[str, Any]) -> torch.device:
@@ -122,65 +121,83 @@ def _check_tensors(named: dict[str, Any]) -> torch.device:
     return device
 
 
-class _Attention(torch.autograd.Function):
-    """numbattn.attention forward, numbattn.attention_backward backward.
+def _host(t: torch.Tensor | None) -> np.ndarray | None:
+    """A lengths or diagonal tensor's values on the host (a 0-d diagonal stays 0-d)."""
+    return None if t is None else t.cpu().numpy()
 
-    Saves (q, k, v, out, lse) and the constant bias and mask; gradients flow to
-    q, k and v only.
-    """
 
-    @staticmethod
-    def forward(ctx: Any, q: Any, k: Any, v: Any, bias: Any, mask: Any, opts: _Options) -> Any:
-        out = lse = None
-        if q.dim() >= 2 and v.dim() >= 2:  # else numbattn raises about the shapes
-            out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
-            lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
+def _window(window: list[int] | None) -> tuple[int, int] | None:
+    return None if window is None else (window[0], window[1])
+
+
+@torch.library.custom_op("numbattn::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    causal: bool,
+    key_lengths: torch.Tensor | None,
+    query_lengths: torch.Tensor | None,
+    window: list[int] | None,
+    diagonal: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """numbattn.attention into new (out, lse) tensors."""
+    out = lse = None
+    if q.dim() >= 2 and v.dim() >= 2:  # else numbattn raises about the shapes
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
+    with _on_device(q):
         _nb.attention(
             _view(q),
             _view(k),
             _view(v),
-            scale=opts.scale,
-            causal=opts.causal,
-            key_lengths=opts.key_lengths,
-            query_lengths=opts.query_lengths,
+            scale=scale,
+            causal=causal,
+            key_lengths=_host(key_lengths),
+            query_lengths=_host(query_lengths),
             bias=_view(bias),
             mask=_view(mask),
-            window=opts.window,
-            diagonal=opts.diagonal,
+            window=_window(window),
+            diagonal=_host(diagonal),
             out=_view(out),
             lse=_view(lse),
             stream=_stream(q),
         )
-        ctx.save_for_backward(q, k, v, out, lse, bias, mask)
-        ctx.opts = opts
-        return out
+    assert out is not None and lse is not None
+    return out, lse
 
-    @staticmethod
-    def backward(ctx: Any, dout: Any) -> Any:
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        if not (need_q or need_k or need_v):
-            return None, None, None, None, None, None
-        with torch.no_grad():
-            dq, dk, dv = _Attention._gradients(ctx, dout)
-        if torch.is_grad_enabled():  # create_graph=True: the gradients' own graph is asked for
-            dq, dk, dv = _NoDoubleBackward.apply(*(g.requires_grad_() for g in (dq, dk, dv)))
-        return (
-            dq if need_q else None,
-            dk if need_k else None,
-            dv if need_v else None,
-            None,
-            None,
-            None,
-        )
 
-    @staticmethod
-    def _gradients(ctx: Any, dout: Any) -> tuple[Any, Any, Any]:
-        q, k, v, out, lse, bias, mask = ctx.saved_tensors
-        opts: _Options = ctx.opts
-        # One fused pass gives all three; ones not needed are dropped.
-        # empty_like keeps each input's layout (dense permutations); a
-        # non-dense input (a stride-0 broadcast) gets a contiguous gradient.
-        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+@_attention_op.register_fake
+def _attention_fake(q: Any, k: Any, v: Any, *rest: Any) -> tuple[Any, Any]:
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op("numbattn::attention_backward", mutates_args=())
+def _attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    causal: bool,
+    key_lengths: torch.Tensor | None,
+    query_lengths: torch.Tensor | None,
+    window: list[int] | None,
+    diagonal: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """numbattn.attention_backward into new (dq, dk, dv) tensors.
+
+    ``empty_like`` keeps each input's layout (dense permutations); a
+    non-dense input (a stride-0 broadcast) gets a contiguous gradient."""
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    with _on_device(q):
         _nb.attention_backward(
             _view(q),
             _view(k),
@@ -188,41 +205,75 @@ class _Attention(torch.autograd.Function):
             _view(out),
             _view(lse),
             _view(dout),
-            scale=opts.scale,
-            causal=opts.causal,
-            key_lengths=opts.key_lengths,
-            query_lengths=opts.query_lengths,
+            scale=scale,
+            causal=causal,
+            key_lengths=_host(key_lengths),
+            query_lengths=_host(query_lengths),
             bias=_view(bias),
             mask=_view(mask),
-            window=opts.window,
-            diagonal=opts.diagonal,
+            window=_window(window),
+            diagonal=_host(diagonal),
             dq=_view(dq),
             dk=_view(dk),
             dv=_view(dv),
             stream=_stream(q),
         )
-        return dq, dk, dv
+    return dq, dk, dv
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Passes the first-order gradients through and raises if anything
-    differentiates them: numbattn has no second-order backward, and a
-    gradient penalty must not silently lose its second-order term."""
-
-    @staticmethod
-    def forward(ctx: Any, dq: Any, dk: Any, dv: Any) -> Any:
-        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:
-        raise RuntimeError(
-            "numbattn.torch.attention has no double backward: its gradients were "
-            "computed with create_graph=True and are now being differentiated; use "
-            "torch.nn.functional.scaled_dot_product_attention for higher-order gradients"
-        )
+@_attention_backward_op.register_fake
+def _attention_backward_fake(q: Any, k: Any, v: Any, *rest: Any) -> tuple[Any, Any, Any]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-@torch.compiler.disable(recursive=True)
+def _on_device(t: torch.Tensor) -> Any:
+    """A context making ``t``'s CUDA device current (nothing for a CPU tensor)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    """Autograd context of numbattn::attention: the inputs, out and lse."""
+    q, k, v, bias, mask, scale, causal, key_lengths, query_lengths, window, diagonal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, key_lengths, query_lengths, diagonal)
+    ctx.options = (scale, causal, window)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx: Any, dout: Any, dlse: Any) -> tuple[Any, ...]:
+    """Gradients of numbattn::attention for q, k and v (one fused pass gives
+    all three; those not needed are dropped); bias and mask are constants."""
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    none = (None,) * 8
+    if not (need_q or need_k or need_v):
+        return (None, None, None, *none)
+    q, k, v, out, lse, bias, mask, key_lengths, query_lengths, diagonal = ctx.saved_tensors
+    scale, causal, window = ctx.options
+    dq, dk, dv = _attention_backward_op(
+        q, k, v, out, lse, dout, bias, mask, scale, causal, key_lengths, query_lengths,
+        window, diagonal,
+    )  # fmt: skip
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, *none)
+
+
+def _no_double_backward(ctx: Any, *grads: Any) -> Any:
+    raise RuntimeError(
+        "numbattn.torch.attention has no double backward: its gradients were "
+        "computed with create_graph=True and are now being differentiated; use "
+        "torch.nn.functional.scaled_dot_product_attention for higher-order gradients"
+    )
+
+
+torch.library.register_autograd("numbattn::attention", _backward, setup_context=_save)
+# Differentiating the gradients raises (a gradient penalty must not silently
+# lose its second-order term).
+torch.library.register_autograd(
+    "numbattn::attention_backward",
+    _no_double_backward,
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,8 +308,8 @@ def attention(
 
     The lengths and the diagonal are copied at the call, so the backward
     pass uses the values the forward pass used even when the caller refills
-    its buffer in between. Inside a ``torch.compile``'d function it runs
-    eagerly, between the compiled parts (a graph break).
+    its buffer in between. ``torch.compile`` traces it as one operator
+    (``fullgraph=True`` works).
 
     Tensors are passed to numbattn without copies, whatever their strides
     (transposed views, stride-0 broadcasts; the gradient of the output
@@ -329,22 +380,30 @@ def attention(
     >>> q.grad.shape
     torch.Size([2, 4, 16, 8])
     """
-    device = _check_tensors({"q": q, "k": k, "v": v, "bias": bias, "mask": mask})
+    _check_tensors({"q": q, "k": k, "v": v, "bias": bias, "mask": mask})
     if bias is not None and bias.requires_grad:
         raise ValueError(
             "bias requires grad, but numbattn.torch.attention treats bias as a constant "
             "and gives it no gradient; pass bias.detach() (or use torch's "
             "scaled_dot_product_attention for a learned bias)"
         )
-    opts = _Options(
-        scale=scale,
-        causal=causal,
-        key_lengths=_host_integers("key_lengths", key_lengths),
-        query_lengths=_host_integers("query_lengths", query_lengths),
-        window=window,
-        diagonal=_host_integers("diagonal", diagonal),
+    batch = q.shape[0] if q.dim() > 2 else None
+    sides = None
+    if window is not None:
+        # A side past any reach excludes no key; numbattn makes it unbounded. Capped so
+        # that it fits the op's int64 schema (the limit is Nq + Nk + |diagonal| < 2**62).
+        sides = [min(w, _WINDOW_CAP) for w in chk.check_window(window)]
+    out, _lse = _attention_op(
+        q,
+        k,
+        v,
+        bias,
+        mask,
+        None if scale is None else chk.check_scale(scale, 1),
+        chk.check_flag("causal", causal),
+        _integers("key_lengths", key_lengths, batch),
+        _integers("query_lengths", query_lengths, batch),
+        sides,
+        _integers("diagonal", diagonal, batch),
     )
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            return _Attention.apply(q, k, v, bias, mask, opts)
-    return _Attention.apply(q, k, v, bias, mask, opts)
+    return out

@@ -370,23 +370,51 @@ def test_double_backward_is_refused(rng, dout_requires_grad):
     assert not dq.requires_grad
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_torch_compile_runs_it_outside_the_graph(rng, backend):
-    """Inside a torch.compile'd function numbattn runs eagerly (a graph
-    break): the same output and gradients as without compiling."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_torch_compile_fullgraph(rng, backend):
+    """A registered custom op: torch.compile(fullgraph=True) traces through it
+    (no graph break), with lengths as a tensor, and gives the eager output
+    and gradients."""
     q, k, v = qkv(rng, torch.float64)
+    kl = torch.tensor([5, 3])
 
     def loss(q, k, v):
-        return (nt.attention(q, k, v, causal=True).sin() * 2).sum()
+        return (nt.attention(q, k, v, causal=True, key_lengths=kl, window=(2, -1)).sin() * 2).sum()
 
     torch._dynamo.reset()
-    got = loss(q, k, v)
-    want = torch.autograd.grad(got, (q, k, v))
-    compiled = torch.compile(loss, backend=backend)
-    out = compiled(q, k, v)
-    assert torch.equal(out, got)
-    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v)), want):
-        assert torch.equal(a, b), name
+    want = loss(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v))
+    got = torch.compile(loss, backend=backend, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(got, (q, k, v))
+    tol = 0 if backend != "inductor" else 1e-13  # inductor fuses the sin/sum around the op
+    assert abs(float(got - want)) <= tol * abs(float(want))
+    for name, a, b in zip("qkv", grads, want_grads):
+        assert relative_error(a.numpy(), b.numpy()) <= tol, name
+
+
+def test_window_sides_past_int64_are_unbounded(rng):
+    """Window sides larger than the op's int64 schema holds mean unbounded, as in numbattn."""
+    q, k, v = qkv(rng, torch.float64)
+    got = nt.attention(q, k, v, window=(10**30, 2**70))
+    want = numbattn.attention(*(t.detach().numpy() for t in (q, k, v)))
+    assert relative_error(got.detach().numpy(), want) <= TOL[torch.float64]
+
+
+def test_opcheck(rng):
+    """torch.library.opcheck: schema, fake (meta) implementations, autograd
+    registration and AOT dispatch with dynamic shapes, forward and backward."""
+    q, k, v = qkv(rng, torch.float64, hk=1)
+    opts = (0.7, True, torch.tensor([5, 2]), torch.tensor([4, 1]), [2, -1], None)
+    for case in (
+        (None, None),
+        (randn(rng, (4, 5), torch.float64), torch.ones(2, 1, 4, 5, dtype=torch.bool)),
+    ):
+        args = (q, k, v, *case, *opts)
+        torch.library.opcheck(torch.ops.numbattn.attention.default, args)
+        out, lse = torch.ops.numbattn.attention(*args)
+        dout = randn(rng, tuple(out.shape), torch.float64)
+        bargs = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, *case, *opts)
+        torch.library.opcheck(torch.ops.numbattn.attention_backward.default, bargs)
 
 
 @pytest.mark.parametrize("kind", ["tensor", "numpy", "list"])
