@@ -387,7 +387,7 @@ def test_torch_compile_fullgraph(rng, backend):
     got = torch.compile(loss, backend=backend, fullgraph=True)(q, k, v)
     grads = torch.autograd.grad(got, (q, k, v))
     tol = 0 if backend != "inductor" else 1e-13  # inductor fuses the sin/sum around the op
-    assert abs(float(got - want)) <= tol * abs(float(want))
+    assert abs((got - want).item()) <= tol * abs(want.item())
     for name, a, b in zip("qkv", grads, want_grads):
         assert relative_error(a.numpy(), b.numpy()) <= tol, name
 
