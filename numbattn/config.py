@@ -154,3 +154,25 @@ CUDA_DECODE_KEYS_F64 = 2
 CUDA_MIN_SPLIT_KEYS = 256
 #: Threads per block of the kernel merging the splits (over value columns).
 CUDA_SPLIT_MERGE_THREADS = 128
+
+
+# --- Change tracking ----------------------------------------------------------
+# Calls cache a plan per signature (numbattn._plans), with these knobs' values
+# in it; every assignment to a knob counts, so a changed knob makes a new plan.
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
+
+class _Knobs(_types.ModuleType):
+    _generation = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        super().__setattr__("_generation", self._generation + 1)
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        super().__setattr__("_generation", self._generation + 1)
+
+
+_sys.modules[__name__].__class__ = _Knobs

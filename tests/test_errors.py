@@ -1,9 +1,14 @@
-"""Bad input: a clear error before anything is written."""
+"""Bad input: a clear error before anything is written.
+
+Every test runs twice: with no call plan (numbattn._plans), and after the
+good calls that the bad ones alter were made twice, so their plans are warm.
+"""
 
 import numpy as np
 import pytest
 
 import numbattn
+from numbattn import _plans
 
 from .helpers import poisoned
 
@@ -23,6 +28,31 @@ def expect_untouched(fn, exc, match, *buffers):
         fn()
     for b, orig in zip(buffers, before):
         np.testing.assert_array_equal(b, orig)
+
+
+def _good_calls():
+    """The well-formed calls the tests below alter (each made twice: recorded, replayed)."""
+    for dtype in (np.float32, np.float64):
+        for nq, d, lead in ((5, 4, (2, 3)), (7, 6, (2, 3)), (20, 4, (2, 3)), (5, 4, ())):
+            q, k, v = arrays(dtype, lead=lead, nq=nq, d=d)
+            out_shape = lead + (nq, v.shape[-1])
+            for _ in range(2):
+                numbattn.attention(q, k, v)
+                numbattn.attention(q, k, v, out=poisoned(out_shape, dtype))
+                numbattn.attention(
+                    q, k, v, out=poisoned(out_shape, dtype), lse=poisoned(lead + (nq,), dtype)
+                )
+                numbattn.attention(q[..., :1, :], k, v, out=poisoned(lead + (1, 6), dtype))
+
+
+@pytest.fixture(autouse=True, params=["cold", "warm"])
+def plans(request):
+    _plans.clear()
+    if request.param == "warm":
+        _good_calls()
+        assert _plans._plans, "the good calls left no plan"
+    yield request.param
+    _plans.clear()
 
 
 # (description, kwargs-builder, exception, message regex) for attention.

@@ -12,6 +12,7 @@ from .. import config
 from .._checks import check_knob
 from .._layout import host_index as index  # noqa: F401  (backend interface)
 from .._layout import host_restride as restride  # noqa: F401
+from .._plans import recording
 from .args import (
     AttentionArgs,
     AttentionBackwardArgs,
@@ -67,6 +68,24 @@ def serial() -> bool:
 
 
 def _call(kernel, args: tuple) -> None:
+    """Run ``kernel(*args)`` (its serial twin after an unsafe fork), reporting
+    the launch to a call being recorded as a plan (numbattn._plans).
+
+    Kernel arguments are the call's arrays or axis permutations of them,
+    constants, and scratch the kernel writes: never copies of the call's data
+    (a plan replays the other arrays as they were)."""
+    launches = recording()
+    if launches is not None:
+        launches.append((kernel, args))
+    run_kernel(kernel, args)
+
+
+def argument_kinds(kernel) -> tuple:
+    """Each positional argument's kind (numbattn.cpu.args) of a kernel :func:`_call` ran."""
+    return kernel._kinds
+
+
+def run_kernel(kernel, args: tuple) -> None:
     """Run ``kernel(*args)`` (its serial twin after an unsafe fork)."""
     if _serial:
         kernel.serial(*args)
