@@ -600,7 +600,7 @@ class Options:
     progress: Callable[[str], None] = lambda msg: None
     #: Seconds to wait before timing each implementation, so that the thread
     #: pool of whatever ran before (OpenBLAS spins ~0.1 s after each call)
-    #: is asleep; see README "Using numbattn beside NumPy and PyTorch".
+    #: is asleep; see docs/threads.md, "Using numbattn beside NumPy and PyTorch".
     settle: float = 0.3
     #: The machine's ceilings, sampled in the same rounds as each kernel
     #: (None: no "of peak" fraction; the CPU backend only).

@@ -479,7 +479,7 @@ def attention(
         inside the call; scratch O(num_splits x Nq x dv). None (default):
         the backend's heuristic, which splits only when the work grid
         (batch x key heads x query tiles) is too small for the hardware
-        (see README, "Decoding"); 1 disables splitting. Values above the
+        (see the guide, "Decoding and paged KV caches"); 1 disables splitting. Values above the
         longest key length act as that length. Results are bitwise
         reproducible for a given split count; different counts differ by
         rounding only.
@@ -932,7 +932,8 @@ def paged_attention(
     num_splits : int, optional
         As :func:`attention`. None: on the CPU the work grid counts
         sequences x query tiles, not key heads (each thread reads whole
-        cache rows of its own key range; see README, "Decoding").
+        cache rows of its own key range; see the guide, "Decoding and paged
+        KV caches").
     out : array, shape (B, H, Nq, dv), optional
     lse : array, shape (B, H, Nq), optional
         As :func:`attention`.
