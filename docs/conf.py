@@ -16,8 +16,9 @@ DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS.parent))  # this checkout's numbattn, not an installed one
 sys.path.insert(0, str(DOCS / "_scripts"))
 
-import numbattn  # noqa: E402
 import visible_keys  # noqa: E402
+
+import numbattn  # noqa: E402
 
 project = "numbattn"
 author = "the numbattn developers"
