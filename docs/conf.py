@@ -69,6 +69,6 @@ html_title = f"numbattn {release}"
 html_static_path: list[str] = []
 html_theme_options = {
     "description": "Batched attention kernels compiled with Numba",
-    "page_width": "1100px",
+    "page_width": "1180px",
     "sidebar_width": "230px",
 }

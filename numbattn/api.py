@@ -267,7 +267,7 @@ def scores(
     window : (int, int), optional
         ``(left, right)``: key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
-        Values of any size are accepted; a side >= Nq + Nk (plus |diagonal|)
+        Values of any size are accepted; a side >= Nq + Nk (plus ``abs(diagonal)``)
         is unbounded.
     diagonal : int or integer array, shape (B,), optional
         The alignment of causal and window: query i is aligned with key
@@ -462,7 +462,7 @@ def attention(
         ``(left, right)`` sliding window, FlashAttention's ``window_size``:
         key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
-        Values of any size are accepted; a side >= Nq + Nk (plus |diagonal|)
+        Values of any size are accepted; a side >= Nq + Nk (plus ``abs(diagonal)``)
         is unbounded.
     diagonal : int or integer array, shape (B,), optional
         The alignment of causal and window: query i is aligned with key
