@@ -858,9 +858,8 @@ def table(records: list[dict]) -> str:
 # The machine's ceilings: GEMM rate and streaming bandwidth
 # --------------------------------------------------------------------------
 
-# The ceilings measured once, up front (``machine_peaks``; scripts/ab_scores.py
-# uses it; ``bench`` samples them in each row's rounds instead, see
-# :class:`Ceilings`). Run in a child process of its own (``python -c``):
+# The ceilings measured once, up front (``machine_peaks``; ``bench`` samples
+# them in each row's rounds instead, see :class:`Ceilings`). Run in a child process of its own (``python -c``):
 # NumPy's BLAS threads keep spinning for a while after each call (OpenBLAS:
 # about 2**28 cycles, OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next
 # on the same cores, so the ceilings are measured where no numbattn or torch

@@ -28,7 +28,8 @@ CPU_KEY_TILE = 128
 #: Query rows per work item of ``scores`` (its K tiles are packed once per
 #: item). 256 ran 0.97-1.1x as fast as 512 and 0.99-1.05x as fast as 128 at
 #: (4, 8, 512, 64) and (1, 8, 2048, 64), causal and not, fp32 and fp64
-#: (Zen 4, one thread, CPU time; scripts/ab_scores.py --set).
+#: (Zen 4, one thread, CPU time, 2026-11-28; the settings alternated in one
+#: process).
 CPU_SCORES_QUERY_TILE = 256
 #: Keys per tile of ``scores``. Its 4-row blocks are written straight into
 #: the output rows; longer runs of a row per tile write the output at nearly
