@@ -33,7 +33,7 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "gpu-runs", "_scripts", "img/asv_quick.sh"]
+exclude_patterns = ["_build", "gpu-runs", "_scripts"]
 
 # Pictures generated from the code at every build (docs/_generated is not
 # in git); the README shows a committed copy made by the same script.
