@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 def cuda_problem() -> str | None:
     """None when the CUDA backend is usable, else why not (one sentence).
 
-    The one place that decides (it asks :func:`numbattn.cuda.backend.cuda_problem`);
+    The one place that decides (it asks ``numbattn.cuda.backend.cuda_problem``);
     never raises.
     """
     try:

@@ -17,7 +17,7 @@ Conventions shared by both:
 * ``lse=None`` in :meth:`Backend.attention` and :meth:`Backend.merge`: the
   log-sum-exp is not wanted (the CPU merge writes it to scratch).
 * ``bias`` / ``mask`` ``None``: absent.
-* Split-K and paged KV caches (issue 11): :meth:`Backend.default_splits`
+* Split-K and paged KV caches: :meth:`Backend.default_splits`
   and :meth:`Backend.split_attention`. The backward pass:
   :meth:`Backend.attention_backward`.
 """

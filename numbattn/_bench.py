@@ -600,7 +600,7 @@ class Options:
     progress: Callable[[str], None] = lambda msg: None
     #: Seconds to wait before timing each implementation, so that the thread
     #: pool of whatever ran before (OpenBLAS spins ~0.1 s after each call)
-    #: is asleep; see README "Using numbattn beside NumPy and PyTorch".
+    #: is asleep; see docs/threads.md, "Using numbattn beside NumPy and PyTorch".
     settle: float = 0.3
     #: The machine's ceilings, sampled in the same rounds as each kernel
     #: (None: no "of peak" fraction; the CPU backend only).
@@ -858,9 +858,8 @@ def table(records: list[dict]) -> str:
 # The machine's ceilings: GEMM rate and streaming bandwidth
 # --------------------------------------------------------------------------
 
-# The ceilings measured once, up front (``machine_peaks``; scripts/ab_scores.py
-# uses it; ``bench`` samples them in each row's rounds instead, see
-# :class:`Ceilings`). Run in a child process of its own (``python -c``):
+# The ceilings measured once, up front (``machine_peaks``; ``bench`` samples
+# them in each row's rounds instead, see :class:`Ceilings`). Run in a child process of its own (``python -c``):
 # NumPy's BLAS threads keep spinning for a while after each call (OpenBLAS:
 # about 2**28 cycles, OPENBLAS_THREAD_TIMEOUT), which slows whatever runs next
 # on the same cores, so the ceilings are measured where no numbattn or torch

@@ -349,7 +349,7 @@ def check_knob_flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-# --- Split-K and paged KV caches (issue 11) ---------------------------------
+# --- Split-K and paged KV caches ------------------------------------------
 
 
 def check_num_splits(value: Any) -> int | None:

@@ -3,8 +3,8 @@
 Behind ``python -m numbattn info``: the BLAS and OpenMP pools that are loaded
 (through threadpoolctl, an optional dependency, imported only when present)
 and the conflicts that slow numbattn or its neighbours down, each with its
-fix. The measurements behind them are in README.md, "Using numbattn beside
-NumPy and PyTorch" (``scripts/neighbours.py``).
+fix. The measurements behind them are in docs/threads.md, "Using numbattn
+beside NumPy and PyTorch" (``scripts/neighbours.py``).
 """
 
 from __future__ import annotations

@@ -302,7 +302,7 @@ def scores(
     window : (int, int), optional
         ``(left, right)``: key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
-        Values of any size are accepted; a side >= Nq + Nk (plus |diagonal|)
+        Values of any size are accepted; a side >= Nq + Nk (plus ``abs(diagonal)``)
         is unbounded.
     diagonal : int or integer array, shape (B,), optional
         The alignment of causal and window: query i is aligned with key
@@ -497,7 +497,7 @@ def attention(
         ``(left, right)`` sliding window, FlashAttention's ``window_size``:
         key j visible to query i when
         ``i + Nk - Nq - left <= j <= i + Nk - Nq + right``; -1 = unbounded.
-        Values of any size are accepted; a side >= Nq + Nk (plus |diagonal|)
+        Values of any size are accepted; a side >= Nq + Nk (plus ``abs(diagonal)``)
         is unbounded.
     diagonal : int or integer array, shape (B,), optional
         The alignment of causal and window: query i is aligned with key
@@ -514,7 +514,7 @@ def attention(
         inside the call; scratch O(num_splits x Nq x dv). None (default):
         the backend's heuristic, which splits only when the work grid
         (batch x key heads x query tiles) is too small for the hardware
-        (see README, "Decoding"); 1 disables splitting. Values above the
+        (see the guide, "Decoding and paged KV caches"); 1 disables splitting. Values above the
         longest key length act as that length. Results are bitwise
         reproducible for a given split count; different counts differ by
         rounding only.
@@ -990,7 +990,8 @@ def paged_attention(
     num_splits : int, optional
         As :func:`attention`. None: on the CPU the work grid counts
         sequences x query tiles, not key heads (each thread reads whole
-        cache rows of its own key range; see README, "Decoding").
+        cache rows of its own key range; see the guide, "Decoding and paged
+        KV caches").
     out : array, shape (B, H, Nq, dv), optional
     lse : array, shape (B, H, Nq), optional
         As :func:`attention`.

@@ -15,8 +15,9 @@ a bool).
 #: Query rows handled by one parallel work item of the fused kernel and of
 #: ``scores``. Also the granularity of load balancing across threads. Each
 #: work item packs its K and V tiles again, so taller tiles amortise the
-#: packing: 128 ran 1.03-1.5x faster than 64 at the four shapes of issue 12
-#: (fp32 and fp64, causal too; README "Performance"). The fused kernel's
+#: packing: 128 ran 1.03-1.5x faster than 64 at (1, 8, 2048, 64), (4, 8, 512,
+#: 64), (1, 8, 4096, 128) and (1, 32, 1024, 64), fp32 and fp64, causal too
+#: (2-vCPU AMD EPYC Zen 4 VM, 2 threads, 2026-11-28; docs/performance.md). The fused kernel's
 #: items take up to four query tiles of a head that share each packed K / V
 #: tile (numbattn.cpu.kernels._tile_group).
 CPU_QUERY_TILE = 128
@@ -27,7 +28,8 @@ CPU_KEY_TILE = 128
 #: Query rows per work item of ``scores`` (its K tiles are packed once per
 #: item). 256 ran 0.97-1.1x as fast as 512 and 0.99-1.05x as fast as 128 at
 #: (4, 8, 512, 64) and (1, 8, 2048, 64), causal and not, fp32 and fp64
-#: (Zen 4, one thread, CPU time; scripts/ab_scores.py --set).
+#: (Zen 4, one thread, CPU time, 2026-11-28; the settings alternated in one
+#: process).
 CPU_SCORES_QUERY_TILE = 256
 #: Keys per tile of ``scores``. Its 4-row blocks are written straight into
 #: the output rows; longer runs of a row per tile write the output at nearly
@@ -38,7 +40,7 @@ CPU_SCORES_KEY_TILE = 512
 #: Query rows per step of the backward pass (rounded up to a multiple of 4).
 #: 128 x 128 tiles (S, dP, the packed K, K^T, V^T and the dK / dV scratch:
 #: 64 KiB each in float32, in L2) ran as fast as 64 x 128 non-causal and
-#: up to 5% faster causal (Zen 4, one thread, CPU time; issue 14).
+#: up to 5% faster causal (Zen 4, one thread, CPU time, 2026-11-28).
 CPU_BWD_QUERY_TILE = 128
 #: Keys per work unit of the backward pass: each key tile's dK and dV stay
 #: in registers-sized scratch while the query tiles that see it stream by.
@@ -47,7 +49,7 @@ CPU_BWD_KEY_TILE = 128
 #: tiles across threads (few heads, many threads); one dq-sized array is
 #: always allowed.
 CPU_BWD_SPLIT_BYTES = 32 << 20
-#: Few queries (issue 11): calls whose longest query count is at most this run
+#: Few queries (decoding): calls whose longest query count is at most this run
 #: the streaming kernel (K and V rows read in place, the query heads of a key
 #: head together, split over keys); longer ones the tiled kernel above.
 CPU_STREAM_ROWS = 16
@@ -128,7 +130,7 @@ CUDA_BWD_COLS_PER_THREAD_F64 = 2
 #: no mask or bias, head dims <= 64) in the unrolled fast loop; False runs
 #: every tile in the general loop (same results up to summation order).
 CUDA_BWD_FAST_LOOP = True
-# Streaming split-K attention for few queries (numbattn/cuda/decode.py, issue 11).
+# Streaming split-K attention for few queries (numbattn/cuda/decode.py).
 # A block is CUDA_DECODE_TEAMS teams of CUDA_DECODE_LANES lanes (a lane per
 # head dimension modulo the team width); it owns CUDA_DECODE_ROWS rows
 # (query heads of one KV head x queries) and a team takes

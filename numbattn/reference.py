@@ -179,7 +179,7 @@ def logsumexp(s: np.ndarray) -> np.ndarray:
 def attention(
     q: ArrayLike, k: ArrayLike, v: ArrayLike, **options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
-    """O = softmax(scores(q, k, **options)) @ v and the row log-sum-exp.
+    """``O = softmax(scores(q, k, **options)) @ v`` and the row log-sum-exp.
 
     Takes the options of :func:`scores`. Returns ``(out, lse)``: out has
     shape (..., Nq, dv), lse shape (..., Nq) with lse = log(sum_j exp(S[...,

@@ -1,6 +1,6 @@
 """The GPU checks that need a real device, in one process (see scripts/gpu_device_run.sh).
 
-    python scripts/gpu_device.py timings [--out DIR]   # scripts/gpu_check.py at the issue's shapes
+    python scripts/gpu_device.py timings [--out DIR]   # scripts/gpu_check.py at (4, 16, 4096, 64) and more
     python scripts/gpu_device.py varlen                # packed varlen batch vs torch SDPA padded
     python scripts/gpu_device.py scores                # numbattn.scores: check, time vs torch matmul
     python scripts/gpu_device.py decode                # few queries over a long KV cache

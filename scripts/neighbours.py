@@ -17,7 +17,7 @@ of the partner. Configurations: Numba threading layer (omp, workqueue; tbb
 where installed), ``OPENBLAS_THREAD_TIMEOUT`` unset or 4, ``OMP_WAIT_POLICY``
 unset or passive, and, for torch, imported before or after numbattn's first
 call (after: two OpenMP runtimes, the known ~20x trap). The figures of the
-README section "Using numbattn beside NumPy and PyTorch" come from here.
+section "Using numbattn beside NumPy and PyTorch" of docs/threads.md come from here.
 """
 
 from __future__ import annotations

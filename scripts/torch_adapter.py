@@ -11,7 +11,7 @@ the table gives medians and ratios to the bare numbattn calls. Variants:
 ``adapter .backward()`` (accumulates into ``.grad``, a torch operation
 between numbattn calls, as in training), ``adapter autograd.grad`` (no
 accumulation), ``SDPA .backward()``. Try it with and without
-``OMP_WAIT_POLICY=PASSIVE`` (README, "PyTorch autograd").
+``OMP_WAIT_POLICY=PASSIVE`` (docs/backward.md, "PyTorch autograd").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # (before numbattn's first CPU call: see the README)
+import torch  # (before numbattn's first CPU call: see docs/threads.md)
 
 import numbattn
 import numbattn.torch as nt

@@ -30,7 +30,7 @@ DTYPES = (torch.float64, torch.float32)
 #: ||numbattn - torch SDPA|| / ||SDPA||, outputs and gradients (both sides
 #: carry their own rounding, so a little above the reference tolerances).
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "backward.md"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -483,10 +483,10 @@ def test_import_numbattn_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
 
 
-def test_readme_example_runs():
-    text = README.read_text()
-    section = text[text.index("## PyTorch autograd") :]
+def test_guide_example_runs():
+    text = GUIDE.read_text()
+    section = text[text.index("## PyTorch: `numbattn.torch`") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "README.md:pytorch-autograd", "exec"), namespace)
+    exec(compile(code, "docs/backward.md:pytorch", "exec"), namespace)
     assert namespace["q"].grad is not None

@@ -288,7 +288,7 @@ def merge(o1, l1, o2, l2, out, lse, stream=None):
     _call(merge_kernel, MergeArgs(o1=o1, l1=l1, o2=o2, l2=l2, out=out, lse=lse))
 
 
-# --- Split-K and paged KV caches (issue 11) ---------------------------------
+# --- Split-K and paged KV caches ------------------------------------------
 
 
 def _stream_rows(max_rows: int, group: int) -> int:

@@ -84,7 +84,7 @@ Design
   and written through C-contiguous ``carray`` views built from the data
   pointer (``_row3``/``_row4``), so softmax and the scores output stream with
   vector loads/stores; otherwise a strided scalar loop is used.
-* **Scores in place** (``_scores_impl``, issue 12): when the output rows
+* **Scores in place** (``_scores_impl``): when the output rows
   have unit stride (and a row stride of at least a row, no bias / mask),
   :func:`_gemm` writes S straight into them through a C-contiguous view
   whose row length is the output's row stride (:func:`_out_rows`): no
@@ -102,7 +102,7 @@ Design
   -inf and underflow give exactly 0, NaN gives NaN. The row sum is fused in.
 * **Row max** uses ``llvm.maxnum`` (ignores NaN, vectorises as a reduction);
   NaN is propagated through the exp and the sums instead.
-* **Streaming split-K kernel** (``decode_kernel``, issue 11): few queries
+* **Streaming split-K kernel** (``decode_kernel``): few queries
   over many keys. K and V are a (blocks, block_size, Hk, d) cache with a
   block table (a dense (G1, Hk, Nk, d) array is viewed as one block per
   batch element). A work item is (sequence, key heads, query tile, split):

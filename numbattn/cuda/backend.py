@@ -1139,7 +1139,7 @@ def attention_backward(
 
 
 # --------------------------------------------------------------------------
-# Split-K and paged KV caches (issue 11; numbattn._backend.Backend): the
+# Split-K and paged KV caches (numbattn._backend.Backend): the
 # streaming kernel and the merge of its splits (numbattn/cuda/decode.py).
 
 _DECODE_HINT = "lower numbattn.config.CUDA_DECODE_TEAMS, CUDA_DECODE_ROWS or CUDA_DECODE_KEYS[_F64]"

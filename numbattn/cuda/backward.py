@@ -79,7 +79,7 @@ Non-finite inputs
     row sees, or in a fully masked query row, reaches no gradient. (A
     visible entry whose P underflows to exactly 0 is skipped too.)
 
-The float32 fast loop (issue 14; as the forward kernel's)
+The float32 fast loop (as the forward kernel's)
     Two loops over streamed tiles, as FlashAttention's masked and unmasked
     steps. The *interior* tiles come first, in a fast loop: tiles of BC
     real streamed rows, seen whole by a block of BR real own rows (every

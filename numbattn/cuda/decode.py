@@ -39,7 +39,7 @@ Streaming kernel (:func:`make_decode`)
     lane holds the same scores and runs the same online softmax (row max
     ``m``, sum ``l``); each lane accumulates its own output columns.
 
-    Why these numbers (issue 11 part 4): decoding reads each K/V byte once
+    Why these numbers: decoding reads each K/V byte once
     for 1 flop per byte (fp32), so the kernel is a memory stream, and a
     stream runs at the memory's bandwidth only with enough bytes in flight
     (Little's law: on an H200, ~4.8 TB/s x ~600 ns / 132 SMs: 20-40 KB per
