@@ -71,8 +71,17 @@ bound by memory (decode is: it reads K and V once), and one bound by
 ``latency`` needs more independent chains (accumulators), not fewer
 instructions. For the micro-kernel the issue is whether the 4-row register
 block feeds the FMA pipes: ``accumulators`` must reach FMA latency x FMA
-pipes (4 x 2 = 8 on every CPU of :data:`PEAKS`) and the broadcasts and B
-loads must not take the FMA pipes' issue slots.
+pipes (4 cycles x 2 = 8 on the CPUs of :data:`PEAKS` from Skylake and Zen 2
+on; 5 x 2 = 10 on Haswell and Broadwell) and the broadcasts and B loads
+must not take the FMA pipes' issue slots.
+
+The models are not the hardware everywhere: llvm-mca 19 schedules ``znver5``
+with its ``znver4`` model (256-bit FMA pipes), and its ``sapphirerapids``
+model issues 512-bit FP operations on port 0 only (``mca peak`` 32 FLOP per
+cycle where Intel's two 512-bit FMA units, ports 0 and 5, give 64). For
+those CPUs ``cycles`` of FMA-bound loops are an upper bound; ``of_peak``
+is always against :data:`PEAKS`. What the report says about the forward's
+gap to torch on Intel (Emerald Rapids): ``docs/cpu.md``.
 """
 
 from __future__ import annotations
@@ -125,8 +134,9 @@ class Peak:
         return self.pipes * self.bits // 32
 
 
-#: float32 FMA peaks (vendor optimisation manuals; the llvm-mca models agree,
-#: see ``mca_peak_flops_per_cycle``).
+#: float32 FMA peaks (vendor optimisation manuals). llvm-mca 19's models agree
+#: (``mca_peak_flops_per_cycle``) except sapphirerapids at 512 bits (port 0
+#: only: 32) and znver5 (scheduled as znver4: 32).
 PEAKS = {
     "haswell": Peak(2, 256, "Intel SDM vol. 1 / optimization manual: FMA on ports 0 and 1"),
     "broadwell": Peak(2, 256, "as haswell"),
