@@ -163,3 +163,13 @@ def test_cli_json():
     for d in doc:
         for key in ("cycles", "uops", "bottleneck", "vector_bits", "fma", "spills", "of_peak"):
             assert key in d
+
+
+@needs_mca
+def test_table(records):
+    text = R.table(list(records.values()))
+    head = text.splitlines()[0].split()
+    assert head[:3] == ["cpu", "loop", "bits"]
+    for cpu in CPUS:
+        assert any(line.split()[:2] == [cpu, "microkernel"] for line in text.splitlines())
+    assert "llvm-mca" in text and "4 rows x 4 vectors of 512 bits" in text
