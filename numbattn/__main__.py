@@ -1,4 +1,4 @@
-"""Command line: ``python -m numbattn {info,bench,gpu-report}`` (also the ``numbattn`` script).
+"""Command line: ``python -m numbattn {info,bench,gpu-report,cpu-report}`` (also the ``numbattn`` script).
 
 ``info``
     Versions (numbattn, numba, llvmlite, numpy, numba-cuda, torch), the Numba
@@ -37,8 +37,17 @@
     device is covered too. Needs NVIDIA's tools (``pip install
     "numbattn[test]"``); ``--save DIR`` keeps the PTX, cubins and SASS.
 
+``cpu-report``
+    Compiles the CPU hot loops (forward micro-kernel, exp row passes, K
+    packing, decode streaming loops) for named CPUs (``--cpu``, LLVM names;
+    default sapphirerapids, znver4, znver5, haswell and this host; no such
+    CPU needed) and runs ``llvm-mca`` on each: cycles and uops per
+    iteration, bottleneck, vector width, FMAs, spills, FLOPs per cycle
+    against the CPU's FMA peak (fields: :mod:`numbattn.cpu.report`).
+
 Exit status: 0 success; 1 a check failed; 2 bad usage, ``--device cuda``
-where CUDA is not usable, or ``gpu-report`` where it cannot compile.
+where CUDA is not usable, or ``gpu-report`` / ``cpu-report`` where it
+cannot compile or simulate.
 """
 
 from __future__ import annotations
@@ -480,11 +489,28 @@ def cmd_gpu_report(args) -> int:
     return 0
 
 
+def cmd_cpu_report(args) -> int:
+    from .cpu import report as R
+
+    try:
+        records = R.report(args.cpu or R.DEFAULT_CPUS)
+    except R.ReportError as exc:
+        print(f"numbattn cpu-report: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(records, indent=2, default=_json_default))
+    else:
+        print(R.table(records))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m numbattn", description="numbattn: information and benchmarks"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,gpu-report}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{info,bench,gpu-report,cpu-report}"
+    )
 
     p_info = sub.add_parser("info", help="versions, threading layer, CUDA device")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -563,6 +589,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="DIR", help="keep each variant's PTX, cubin and SASS in DIR")
     p.add_argument("--no-device", action="store_true", help="skip the current GPU, if any")
     p.set_defaults(func=cmd_gpu_report)
+
+    p = sub.add_parser(
+        "cpu-report",
+        help="llvm-mca figures of the CPU hot loops for named CPUs (no such CPU needed)",
+        description=(
+            "Compile the CPU hot loops for each named CPU (a fresh process with "
+            "NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) and run llvm-mca on each loop: cycles, "
+            "uops, bottleneck, vector width, FMAs, spills, FLOPs per cycle vs the FMA peak."
+        ),
+    )
+    p.add_argument("--cpu", action="append", metavar="NAME",
+                   help="LLVM CPU name or 'host' (repeatable; default sapphirerapids, znver4, "
+                   "znver5, haswell, host)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="JSON list on stdout instead of the table")
+    p.set_defaults(func=cmd_cpu_report)
     return parser
 
 
