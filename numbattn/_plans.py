@@ -1,15 +1,14 @@
 """Call plans: a repeated host call with one signature skips validation and planning.
 
-The first CPU call of :func:`numbattn.attention` or
-:func:`numbattn.paged_attention` with a given *signature* runs the whole
-public path (validation, planning, launch) and records the kernel launches
-it made. A later call with the same signature replays them on its own
-arrays: it builds the signature, checks what the signature cannot hold (that
-an output overlaps no other argument, when its arrays are not those the
-plan last checked), and calls the kernels.
+A CPU call of :func:`numbattn.attention` runs the whole public path
+(validation, planning, launch); the second call with the same *signature*
+also records the kernel launches it made. Later calls with that signature
+replay them on their own arrays: they build the signature, check what the
+signature cannot hold (that an output overlaps no other argument, when the
+arrays are not those the plan last checked), and call the kernels.
 
 The signature holds everything validation and planning read: each array's
-type, shape, strides, dtype and writeable flag; which arguments are the
+type, shape, strides and dtype, and each output's writeable flag; which arguments are the
 same object; every option's type and value (lengths and per-batch diagonals
 by their contents); numbattn.config's assignment count; Numba's thread count
 on the calling thread. A call outside it (GPU arrays, lists for lengths, a
@@ -57,14 +56,6 @@ class _NotCacheable(Exception):
     pass
 
 
-def _array_key(x: Any) -> tuple | None:
-    if x is None:
-        return None
-    if type(x) is not np.ndarray:
-        raise _NotCacheable
-    return (x.shape, x.strides, x.dtype, x.flags.writeable)
-
-
 def _value_key(x: Any) -> tuple | None:
     """An option's type and value (an ndarray's contents; lists are not cached)."""
     if x is None:
@@ -80,8 +71,12 @@ def _value_key(x: Any) -> tuple | None:
     return (type(x), x)
 
 
-def _identity(arrays: Sequence[Any]) -> tuple[int, ...]:
-    """For each argument, the first position holding the same object."""
+def _identity(arrays: Sequence[Any]) -> tuple[int, ...] | None:
+    """For each argument, the first position holding the same object; None
+    when no object is given twice (the common case, and the cheap one)."""
+    given = [id(a) for a in arrays if a is not None]
+    if len(set(given)) == len(given):
+        return None
     out = []
     for a in arrays:
         j = 0
@@ -91,22 +86,51 @@ def _identity(arrays: Sequence[Any]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def signature(name: str, arrays: Sequence[Any], options: Sequence[Any]) -> tuple | None:
-    """The plan key of a call, or None when the call cannot take a plan."""
-    try:
-        import numba
+_parallel: Any = None
 
-        key = (
+
+def _threads() -> int:
+    """Numba's thread count on this thread (its cheap C getter once started)."""
+    global _parallel
+    if _parallel is None:
+        from numba.np.ufunc import parallel
+
+        _parallel = parallel
+    if _parallel._is_initialized:
+        return _parallel._get_num_threads()
+    return _parallel.get_num_threads()
+
+
+def _bad_array(x: Any) -> tuple:
+    """Not a host array: the call takes no plan."""
+    raise _NotCacheable
+
+
+def signature(
+    name: str, arrays: Sequence[Any], options: Sequence[Any], outputs: Sequence[int] = ()
+) -> tuple | None:
+    """The plan key of a call, or None when the call cannot take a plan;
+    ``outputs``: the indices of the arrays written (their writeable flag counts)."""
+    try:
+        return (
             name,
-            tuple(_array_key(a) for a in arrays),
+            tuple(
+                [
+                    None
+                    if a is None
+                    else (a.shape, a.strides, a.dtype)
+                    if type(a) is np.ndarray
+                    else _bad_array(a)
+                    for a in arrays
+                ]
+            ),
+            tuple([arrays[i].flags.writeable for i in outputs if arrays[i] is not None]),
             _identity(arrays),
-            tuple(_value_key(o) for o in options),
+            tuple([_value_key(o) for o in options]),
             config._generation,  # type: ignore[attr-defined]
-            numba.get_num_threads(),
+            _threads(),
         )
-        hash(key)
-        return key
-    except (_NotCacheable, TypeError):  # TypeError: an unhashable value
+    except _NotCacheable:
         return None
 
 
@@ -163,21 +187,19 @@ def _permutation(arg: np.ndarray, base: np.ndarray) -> tuple[int, ...] | None:
 class _Plan:
     """Recorded launches, replayable on another call's arrays."""
 
-    __slots__ = ("_checked", "_fresh", "_launches", "_out", "_outputs", "_run")
+    __slots__ = ("_checked", "_fresh", "_launches", "_out", "_outputs")
 
     def __init__(
         self,
-        launches: list[tuple[Any, list[Any], list[tuple[int, Any]]]],
+        launches: list[tuple[Callable[[tuple], None], list[Any], list[tuple[int, Any]]]],
         out: int,
         fresh: tuple[tuple[int, ...], np.dtype] | None,
         outputs: tuple[int, ...],
-        run: Callable[[Any, tuple], None],
     ) -> None:
-        self._launches = launches
+        self._launches = launches  # (run(args), argument template, slots) per launch
         self._out = out  # where the returned array is
         self._fresh = fresh  # (shape, dtype) when the call allocates it
         self._outputs = outputs  # the caller's buffers that the kernels write
-        self._run = run
         self._checked: tuple = ()
 
     def _overlap_free(self, arrays: list[Any]) -> bool:
@@ -209,7 +231,7 @@ class _Plan:
             arrays[self._out] = np.empty(*self._fresh)
         if self._outputs and not self._overlap_free(arrays):
             return None
-        for kernel, template, slots in self._launches:
+        for run, template, slots in self._launches:
             args = list(template)
             for pos, how in slots:
                 if len(how) == 2:  # (argument index, axis permutation)
@@ -219,22 +241,24 @@ class _Plan:
                     args[pos] = np.empty(how[1], how[2])
                 else:  # (argument index, shape, strides)
                     args[pos] = as_strided(arrays[how[0]], how[1], how[2])
-            self._run(kernel, tuple(args))
+            run(tuple(args))
         return arrays[self._out]
 
 
-def _classify(arg: Any, role: Any, arrays: Sequence[Any]) -> tuple | bool | None:
+def _classify(
+    arg: Any, role: Any, arrays: Sequence[Any], addresses: Sequence[int | None]
+) -> tuple | bool | None:
     """How a recorded kernel argument is replayed (see the module docstring):
     ``(index, permutation)``, ``(index, shape, strides)`` for another view at
     the argument's address, ``("new", shape, dtype)`` for scratch, None for a
-    constant, False when it cannot be."""
+    constant, False when it cannot be. ``addresses``: those of ``arrays``."""
     if type(arg) is not np.ndarray:
         return None
     address = _address(arg)
     found: tuple | None = None
     owner = None
-    for i, a in enumerate(arrays):
-        if a is None or a is owner or a.dtype != arg.dtype or _address(a) != address:
+    for i, (a, at) in enumerate(zip(arrays, addresses)):
+        if at != address or a is owner or a.dtype != arg.dtype:
             continue
         if owner is not None:
             return False  # two distinct arguments at one address
@@ -261,38 +285,69 @@ def store(
     fresh: bool,
     outputs: tuple[int, ...],
     roles: Callable[[Any], Sequence[Any]],
-    run: Callable[[Any, tuple], None],
+    launcher: Callable[[Any, tuple], Callable[[tuple], None]],
 ) -> None:
     """Keep a plan for ``key`` from a recorded call.
 
     ``arrays``: the call's arrays, with the array it returned at ``out``
     (``fresh``: allocated by the call, else the caller's); ``outputs``: the
     indices of the caller's buffers the call writes; ``roles(kernel)``: each
-    kernel argument's kind (numbattn.cpu.args); ``run(kernel, args)``: the
-    launch.
+    kernel argument's kind (numbattn.cpu.args); ``launcher(kernel, args)``:
+    the ``run(args)`` that launches ``kernel`` on a replay's arguments.
     """
+    addresses = [None if a is None else _address(a) for a in arrays]
     recorded = []
     for kernel, args in launches:
         template: list[Any] = list(args)
         slots: list[tuple[int, Any]] = []
         for pos, (arg, role) in enumerate(zip(args, roles(kernel))):
-            how = _classify(arg, role, arrays)
+            how = _classify(arg, role, arrays, addresses)
             if how is False:
                 return
             if how is not None:
                 slots.append((pos, how))
                 template[pos] = None  # the plan keeps no caller's array alive
-        recorded.append((kernel, template, slots))
+        recorded.append((launcher(kernel, args), template, slots))
     result = arrays[out]
-    plan = _Plan(recorded, out, (result.shape, result.dtype) if fresh else None, outputs, run)
+    plan = _Plan(recorded, out, (result.shape, result.dtype) if fresh else None, outputs)
+    try:
+        hash(key)
+    except TypeError:
+        return
     with _lock:
         while len(_plans) >= MAX_PLANS:
             _plans.pop(next(iter(_plans)))
         _plans[key] = plan
 
 
+#: Signatures called once: the second call records the plan, so a signature
+#: that never repeats (a loop over scales, say) never pays for a recording.
+_seen: dict[tuple, None] = {}
+MAX_SEEN = 1024
+
+
 def lookup(key: tuple | None) -> _Plan | None:
-    return None if key is None else _plans.get(key)
+    """The plan of ``key`` (None for no plan, or a key that cannot be hashed)."""
+    if key is None:
+        return None
+    try:
+        return _plans.get(key)
+    except TypeError:
+        return None
+
+
+def second_call(key: tuple) -> bool:
+    """Whether ``key`` was called before (then record this call); notes it if not."""
+    try:
+        if key in _seen:
+            return True
+    except TypeError:
+        return False
+    with _lock:
+        while len(_seen) >= MAX_SEEN:
+            _seen.pop(next(iter(_seen)))
+        _seen[key] = None
+    return False
 
 
 def clear() -> None:
@@ -300,6 +355,7 @@ def clear() -> None:
     global _lock
     _lock = threading.Lock()  # may have been held by a thread of a forked parent
     _plans.clear()
+    _seen.clear()
 
 
 if hasattr(os, "register_at_fork"):

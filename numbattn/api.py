@@ -82,8 +82,8 @@ def _planned(
 ) -> Any:
     """``call(*arrays, *options)`` through the call's plan (numbattn._plans):
     replayed when one exists for its signature, else run in full and, for
-    host arrays, recorded as the signature's plan."""
-    key = _plans.signature(name, arrays, options)
+    host arrays called with that signature before, recorded as its plan."""
+    key = _plans.signature(name, arrays, options, (out_index, lse_index))
     if key is None:
         return call(*arrays, *options)
     plan = _plans.lookup(key)
@@ -91,6 +91,8 @@ def _planned(
         result = plan.replay(arrays)
         if result is not None:
             return result
+    elif not _plans.second_call(key):
+        return call(*arrays, *options)
     with _plans.record() as launches:
         result = call(*arrays, *options)
     if type(result) is np.ndarray:
@@ -101,7 +103,7 @@ def _planned(
         outputs = tuple(i for i in (out_index, lse_index) if arrays[i] is not None)
         _plans.store(
             key, launches, done, out_index, arrays[out_index] is None, outputs,
-            cpu_backend.argument_kinds, cpu_backend.run_kernel,
+            cpu_backend.argument_kinds, cpu_backend.launcher,
         )  # fmt: skip
     return result
 

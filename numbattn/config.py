@@ -62,6 +62,12 @@ CPU_STREAM_KEY_TILE = 256
 CPU_STREAM_WIDE_ROWS = 8
 #: ``num_splits=None`` never makes a key chunk shorter than this.
 CPU_MIN_SPLIT_KEYS = 512
+#: Forward calls of at most this many multiply-adds (rows x keys x (d + dv)
+#: per head) run on the calling thread (the kernels' serial twins, same
+#: results): waking Numba's threads took 5.4 us of an 8 us kernel call at
+#: (1, 8, 1, 1, 64) float32 (AMD EPYC Zen 4, 2 threads, 2026-12-05), where
+#: the serial kernel took 2.6 us. 0: always parallel.
+CPU_SERIAL_WORK = 1 << 14
 
 # --- CUDA (numbattn.cuda) --------------------------------------------------
 # Checked at call time, before any launch (ValueError naming the knob): each

@@ -3,7 +3,8 @@ full path (plans off), and torch SDPA, alternated in rounds in one process.
 
     python scripts/call_overhead.py [--rounds 9] [--threads 2] [--json]
 
-Each round times every implementation over a fixed number of calls into the
+Each round times every implementation, after a pause in which the other
+library's spinning threads fall asleep, over a fixed number of calls into the
 same ``out=`` / ``lse=`` buffers (torch SDPA allocates its output, as it
 always does); the table gives each one's median over the rounds and the
 ratio of the medians. Shapes are (B, H, Nq, Nk, d), float32, as a decode step
@@ -46,15 +47,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settle", type=float, default=0.2, help="seconds before each sample")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    import numba
-
-    import numbattn
-    from numbattn import _plans
-
-    numba.set_num_threads(args.threads)
+    # torch first: imported after Numba's OpenMP threads started, torch's CPU SDPA
+    # shares that libgomp and took 15-17 ms per call at (1, 8, 16, 16, 64)
+    # instead of 25-45 us (AMD EPYC, torch 2.13, numba 0.68.1).
     try:
         import torch
 
@@ -62,6 +61,12 @@ def main() -> None:
         sdpa = torch.nn.functional.scaled_dot_product_attention
     except ImportError:
         torch = None
+    import numba
+
+    import numbattn
+    from numbattn import _plans
+
+    numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     rows = []
     for b, h, nq, nk, d in SHAPES:
@@ -92,6 +97,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, fn in impls.items():
                 fn()
+                time.sleep(args.settle)  # the other library's thread pool falls asleep
                 n = calls if name != "full path" else max(10, calls // 5)
                 samples[name].append(_per_call_us(fn, n))
         med = {name: statistics.median(s) for name, s in samples.items()}

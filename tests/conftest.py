@@ -6,6 +6,14 @@ import pytest
 import numbattn
 
 
+@pytest.fixture(autouse=True)
+def _parallel_kernels(monkeypatch):
+    """The parallel kernels run even the tiny calls of the tests (which would
+    otherwise take the serial twins below config.CPU_SERIAL_WORK; the twins
+    are checked against them in tests/test_plans.py)."""
+    monkeypatch.setattr(numbattn.config, "CPU_SERIAL_WORK", 0)
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test id (reproducible)."""

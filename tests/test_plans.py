@@ -90,7 +90,7 @@ def test_replay_matches_the_full_path(rng, case, shape, dtype):
     _full_path(lambda: numbattn.attention(q, k, v, out=want_out, lse=want_lse, **opts))
     ref_opts = {n: x for n, x in opts.items() if n != "num_splits"}
     assert_close(want_out, reference.attention(q, k, v, **ref_opts)[0], dtype, "full path")
-    for call in range(3):  # records, then replays twice on new buffers
+    for call in range(4):  # the full path, records, then replays twice on new buffers
         out, lse = poisoned(out_shape, dtype), poisoned(lse_shape, dtype)
         assert numbattn.attention(q, k, v, out=out, lse=lse, **opts) is out
         assert out.tobytes() == want_out.tobytes(), f"call {call}"
@@ -104,11 +104,38 @@ def test_replay_matches_the_full_path(rng, case, shape, dtype):
     assert_close(out, reference.attention(q2, k, v, **ref_opts)[0], dtype, "new q")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nq", [1, 3, 40])
+@pytest.mark.parametrize("case", list(CASES))
+def test_serial_twins_for_small_calls(rng, monkeypatch, case, nq, dtype):
+    """Calls of at most config.CPU_SERIAL_WORK multiply-adds run the kernels'
+    serial twins, with the parallel kernels' results bit for bit, recorded
+    and replayed as such."""
+    from numbattn.cpu import backend
+
+    q, k, v = _problem(rng, dtype, nq=nq)
+    opts = _options(rng, case, dtype, nq, k.shape[-2])
+    if "query_lengths" in opts:
+        opts["query_lengths"] = np.minimum(opts["query_lengths"], nq)
+    shape = q.shape[:-1] + (v.shape[-1],)
+    want = _full_path(lambda: numbattn.attention(q, k, v, out=poisoned(shape, dtype), **opts))
+    monkeypatch.setattr(numbattn.config, "CPU_SERIAL_WORK", 1 << 30)
+    ran = []
+    real = backend.run_kernel
+    monkeypatch.setattr(backend, "run_kernel", lambda kern, a: (ran.append(kern), real(kern, a)))
+    for _ in range(4):  # the full path, records, then replays
+        out = numbattn.attention(q, k, v, out=poisoned(shape, dtype), **opts)
+        assert out.tobytes() == want.tobytes()
+    assert ran and all(kern.__name__.endswith("_serial") for kern in ran)
+
+
 def test_replays_come_from_a_plan(rng, monkeypatch):
     """The second call with one signature validates nothing (the plan holds
     it) and launches the recorded kernels; a new signature records anew."""
     q, k, v = _problem(rng, np.float32, nq=1)
     out = poisoned(q.shape[:-1] + (6,), np.float32)
+    numbattn.attention(q, k, v, out=out)
+    assert len(_plans._plans) == 0  # a signature seen once records nothing
     numbattn.attention(q, k, v, out=out)
     assert len(_plans._plans) == 1
     calls = []
@@ -118,6 +145,18 @@ def test_replays_come_from_a_plan(rng, monkeypatch):
     with pytest.raises(TypeError):  # a new signature takes the full path (here patched)
         numbattn.attention(q, k, v, out=out, causal=True)
     assert len(calls) == 1
+
+
+def test_a_signature_called_once_records_nothing(rng, monkeypatch):
+    """A loop whose signature changes every call (here the scale) pays for no
+    recording: only a second call with one signature records."""
+    q, k, v = _problem(rng, np.float32, nq=1)
+    recorded = []
+    real = _plans.store
+    monkeypatch.setattr(_plans, "store", lambda *a: (recorded.append(a[0]), real(*a)))
+    for scale in np.linspace(0.1, 1.0, 5):
+        numbattn.attention(q, k, v, scale=float(scale))
+    assert recorded == [] and len(_plans._plans) == 0
 
 
 def _expect_untouched(fn, exc, match, *buffers):
@@ -155,7 +194,8 @@ def test_one_property_changed_after_a_warm_plan(rng, monkeypatch):
     buf = poisoned(out.shape, np.float32)
     q_in_buf = buf[:]
     q_in_buf[...] = 0.5
-    numbattn.attention(q, k, v, out=buf.copy())  # warm: out with buf's layout
+    for _ in range(2):  # warm: out with buf's layout
+        numbattn.attention(q, k, v, out=buf.copy())
     _expect_untouched(
         lambda: numbattn.attention(q_in_buf[..., :8], k, v, out=buf),
         ValueError,
@@ -163,9 +203,14 @@ def test_one_property_changed_after_a_warm_plan(rng, monkeypatch):
         buf,
     )
     lse_in_out = out[..., 0]
-    numbattn.attention(
-        q, k, v, out=poisoned(out.shape, np.float32), lse=poisoned(out.shape, np.float32)[..., 0]
-    )
+    for _ in range(2):
+        numbattn.attention(
+            q,
+            k,
+            v,
+            out=poisoned(out.shape, np.float32),
+            lse=poisoned(out.shape, np.float32)[..., 0],
+        )
     _expect_untouched(
         lambda: numbattn.attention(q, k, v, out=out, lse=lse_in_out),
         ValueError,
@@ -190,7 +235,8 @@ def test_one_property_changed_after_a_warm_plan(rng, monkeypatch):
     # The same object as two arguments (self-attention) after distinct ones.
     x = randn(rng, (2, 4, 7, 8), np.float32)
     warm_out = poisoned(out.shape, np.float32)
-    numbattn.attention(x.copy(), x.copy(), x.copy(), out=warm_out)
+    for _ in range(2):
+        numbattn.attention(x.copy(), x.copy(), x.copy(), out=warm_out)
     numbattn.attention(x, x, x, out=out)
     assert_close(out, reference.attention(x, x, x)[0], np.float32, "x, x, x")
     # A knob.
@@ -206,7 +252,7 @@ def test_one_property_changed_after_a_warm_plan(rng, monkeypatch):
 def test_plans_keep_no_caller_array(rng):
     q, k, v = _problem(rng, np.float64, nq=1)
     out = poisoned(q.shape[:-1] + (6,), np.float64)
-    for _ in range(2):
+    for _ in range(3):
         numbattn.attention(q, k, v, out=out)
     refs = [weakref.ref(x) for x in (q, k, v, out)]
     del q, k, v, out
@@ -246,6 +292,7 @@ def test_plans_are_bounded(rng, monkeypatch):
     q, k, v = _problem(rng, np.float32, nq=1)
     for scale in np.linspace(0.1, 1.0, 10):
         numbattn.attention(q, k, v, scale=float(scale))
+        numbattn.attention(q, k, v, scale=float(scale))
     assert len(_plans._plans) == 4
 
 
@@ -253,7 +300,8 @@ def test_calls_outside_a_signature_take_the_full_path(rng):
     """Lists for lengths and windows given as lists are not cached (their
     contents could change); nor are GPU arrays (another backend)."""
     q, k, v = _problem(rng, np.float32, nq=1)
-    numbattn.attention(q, k, v, key_lengths=[9, 2])
-    numbattn.attention(q, k, v, window=[2, 0])
-    assert len(_plans._plans) == 0
+    for _ in range(2):
+        numbattn.attention(q, k, v, key_lengths=[9, 2])
+        numbattn.attention(q, k, v, window=[2, 0])
+    assert len(_plans._plans) == 0 and len(_plans._seen) == 0
     assert _plans.signature("attention", (q.tolist(), k, v), ()) is None

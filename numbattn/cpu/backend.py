@@ -67,13 +67,16 @@ def serial() -> bool:
     return _serial
 
 
-def _call(kernel, args: tuple) -> None:
-    """Run ``kernel(*args)`` (its serial twin after an unsafe fork), reporting
-    the launch to a call being recorded as a plan (numbattn._plans).
+def _call(kernel, args: tuple, work: int | None = None) -> None:
+    """Run ``kernel(*args)`` (its serial twin after an unsafe fork, or for a
+    call of at most ``config.CPU_SERIAL_WORK`` multiply-adds, ``work``),
+    reporting the launch to a call being recorded as a plan (numbattn._plans).
 
     Kernel arguments are the call's arrays or axis permutations of them,
     constants, and scratch the kernel writes: never copies of the call's data
     (a plan replays the other arrays as they were)."""
+    if work is not None and work <= _knob("CPU_SERIAL_WORK", 0):
+        kernel = kernel.serial  # less work than waking Numba's threads costs
     launches = recording()
     if launches is not None:
         launches.append((kernel, args))
@@ -83,6 +86,23 @@ def _call(kernel, args: tuple) -> None:
 def argument_kinds(kernel) -> tuple:
     """Each positional argument's kind (numbattn.cpu.args) of a kernel :func:`_call` ran."""
     return kernel._kinds
+
+
+def launcher(kernel, args: tuple):
+    """``run(args)`` for later launches of ``kernel`` with arguments of the
+    types, ranks and roles of ``args`` (a call plan's replays): the compiled
+    entry point itself when :func:`run_kernel` would call just that."""
+    if not _serial:
+        import numba
+
+        try:
+            layer = numba.threading_layer()
+        except ValueError:
+            layer = None
+        entry = kernel.entry_for(args) if layer not in (None, "workqueue") else None
+        if entry is not None:
+            return lambda a: entry(*a)
+    return lambda a: run_kernel(kernel, a)
 
 
 def run_kernel(kernel, args: tuple) -> None:
@@ -277,7 +297,13 @@ def attention(
         attention_args(
             q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right
         ),
+        _work(q, v, max_rows, k.shape[2]),
     )
+
+
+def _work(q, v, max_rows, keys) -> int:
+    """Multiply-adds of an attention call at most (every row sees every key)."""
+    return q.shape[0] * q.shape[1] * int(max_rows) * int(keys) * (q.shape[3] + v.shape[3])
 
 
 def merge(o1, l1, o2, l2, out, lse, stream=None):
@@ -443,7 +469,8 @@ def split_attention(
         q, k, v, out, lse, seq, max_rows, bias, mask, scale, window_left, window_right,
         num_splits, block_table,
     )  # fmt: skip
-    _call(decode_kernel, args)
+    keys = k.shape[2] if block_table is None else block_table.shape[1] * k.shape[1]
+    _call(decode_kernel, args, _work(q, v, max_rows, keys))
 
 
 def attention_backward_args(

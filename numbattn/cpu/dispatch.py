@@ -83,18 +83,26 @@ class OneLayoutKernel:
         self._entry[dtype] = fn
         return fn
 
-    def __call__(self, *args):
+    def entry_for(self, args):
+        """The compiled entry point that ``self(*args)`` runs, or None when the
+        call would go to the dispatcher (arrays of other dtypes or ranks)."""
         dtype = args[0].dtype
         fn = self._entry.get(dtype)
         if fn is None:
             if dtype != np.float32 and dtype != np.float64:
-                return self._dispatcher(*args)
+                return None
             fn = self._compile(dtype)
         for arg, kind in zip(args, self._kinds):
             if isinstance(kind, tuple):
                 want = _ELEMENT[kind[0]][1] if kind[0] in _ELEMENT else dtype
                 if arg.dtype != want or arg.ndim != kind[1]:
-                    return self._dispatcher(*args)
+                    return None
+        return fn
+
+    def __call__(self, *args):
+        fn = self.entry_for(args)
+        if fn is None:
+            return self._dispatcher(*args)
         return fn(*args)
 
     def __getattr__(self, name):
