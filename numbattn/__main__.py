@@ -474,34 +474,31 @@ def collect_versions() -> dict:
     }
 
 
+def _print_report(name: str, module, make, as_json: bool) -> int:
+    """Run a report (``make()``), print it as a table or JSON; 2 on its ReportError."""
+    try:
+        records = make()
+    except module.ReportError as exc:
+        print(f"numbattn {name}: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(records, indent=2, default=_json_default))
+    else:
+        print(module.table(records))
+    return 0
+
+
 def cmd_gpu_report(args) -> int:
     from .cuda import report as R
 
-    try:
-        records = R.report(args.cc, save_dir=args.save, device=not args.no_device)
-    except R.ReportError as exc:
-        print(f"numbattn gpu-report: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(records, indent=2, default=_json_default))
-    else:
-        print(R.table(records))
-    return 0
+    make = lambda: R.report(args.cc, save_dir=args.save, device=not args.no_device)  # noqa: E731
+    return _print_report("gpu-report", R, make, args.json)
 
 
 def cmd_cpu_report(args) -> int:
     from .cpu import report as R
 
-    try:
-        records = R.report(args.cpu or R.DEFAULT_CPUS)
-    except R.ReportError as exc:
-        print(f"numbattn cpu-report: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(records, indent=2, default=_json_default))
-    else:
-        print(R.table(records))
-    return 0
+    return _print_report("cpu-report", R, lambda: R.report(args.cpu or R.DEFAULT_CPUS), args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

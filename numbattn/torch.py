@@ -126,8 +126,29 @@ def _host(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.cpu().numpy()
 
 
-def _window(window: list[int] | None) -> tuple[int, int] | None:
-    return None if window is None else (window[0], window[1])
+def _options(
+    q: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    causal: bool,
+    key_lengths: torch.Tensor | None,
+    query_lengths: torch.Tensor | None,
+    window: list[int] | None,
+    diagonal: torch.Tensor | None,
+) -> dict[str, Any]:
+    """The keyword arguments both ops pass numbattn (options, stream)."""
+    return dict(
+        scale=scale,
+        causal=causal,
+        key_lengths=_host(key_lengths),
+        query_lengths=_host(query_lengths),
+        bias=_view(bias),
+        mask=_view(mask),
+        window=None if window is None else (window[0], window[1]),
+        diagonal=_host(diagonal),
+        stream=_stream(q),
+    )
 
 
 @torch.library.custom_op("numbattn::attention", mutates_args=())
@@ -149,23 +170,9 @@ def _attention_op(
     if q.dim() >= 2 and v.dim() >= 2:  # else numbattn raises about the shapes
         out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
+    opts = _options(q, bias, mask, scale, causal, key_lengths, query_lengths, window, diagonal)
     with _on_device(q):
-        _nb.attention(
-            _view(q),
-            _view(k),
-            _view(v),
-            scale=scale,
-            causal=causal,
-            key_lengths=_host(key_lengths),
-            query_lengths=_host(query_lengths),
-            bias=_view(bias),
-            mask=_view(mask),
-            window=_window(window),
-            diagonal=_host(diagonal),
-            out=_view(out),
-            lse=_view(lse),
-            stream=_stream(q),
-        )
+        _nb.attention(_view(q), _view(k), _view(v), out=_view(out), lse=_view(lse), **opts)
     assert out is not None and lse is not None
     return out, lse
 
@@ -197,26 +204,14 @@ def _attention_backward_op(
     ``empty_like`` keeps each input's layout (dense permutations); a
     non-dense input (a stride-0 broadcast) gets a contiguous gradient."""
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    opts = _options(q, bias, mask, scale, causal, key_lengths, query_lengths, window, diagonal)
     with _on_device(q):
         _nb.attention_backward(
-            _view(q),
-            _view(k),
-            _view(v),
-            _view(out),
-            _view(lse),
-            _view(dout),
-            scale=scale,
-            causal=causal,
-            key_lengths=_host(key_lengths),
-            query_lengths=_host(query_lengths),
-            bias=_view(bias),
-            mask=_view(mask),
-            window=_window(window),
-            diagonal=_host(diagonal),
+            *(_view(t) for t in (q, k, v, out, lse, dout)),
             dq=_view(dq),
             dk=_view(dk),
             dv=_view(dv),
-            stream=_stream(q),
+            **opts,
         )
     return dq, dk, dv
 

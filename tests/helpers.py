@@ -1,5 +1,7 @@
 """Shared test utilities: tolerances (stated once), poisoning, comparison."""
 
+import threading
+
 import numpy as np
 
 from numbattn.reference import relative_error
@@ -39,3 +41,12 @@ def device_transpose(arr, axes):
     from numbattn.cuda.backend import restride
 
     return restride(arr, [arr.shape[a] for a in axes], [arr.strides[a] for a in axes])
+
+
+def run_threads(worker, n):
+    """Run ``worker(i)`` for i < n on n threads at once; return when all end."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

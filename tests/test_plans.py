@@ -10,7 +10,6 @@ and are bounded.
 """
 
 import gc
-import threading
 import weakref
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import numbattn
 from numbattn import _plans, reference
 
-from .helpers import assert_close, poisoned, randn
+from .helpers import assert_close, poisoned, randn, run_threads
 
 
 @pytest.fixture(autouse=True)
@@ -278,11 +277,7 @@ def test_threads_share_a_plan(rng):
                 errors.append(f"thread {i}: wrong result")
                 return
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 4)
     assert not errors, errors[:3]
     assert len(_plans._plans) == 1
 

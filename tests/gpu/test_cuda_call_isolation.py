@@ -10,7 +10,6 @@ launches. On a GPU the same is also run with real threads.
 """
 
 import gc
-import threading
 import tracemalloc
 
 import numpy as np
@@ -20,7 +19,7 @@ import numbattn
 from numbattn import reference
 from numbattn.cuda import backend as BE
 from tests.gpu.conftest import on_simulator
-from tests.helpers import assert_close, poisoned, randn
+from tests.helpers import assert_close, poisoned, randn, run_threads
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -120,8 +119,8 @@ def test_memory_flat_over_calls_and_stream_objects(monkeypatch):
 
 @pytest.mark.skipif(on_simulator(), reason="real threads need a GPU")
 def test_threads_sharing_one_stream():
-    """Four host threads call split and paged attention on one stream, each
-    on its own inputs; every result matches its reference."""
+    """Four host threads call split attention on one stream, each on its
+    own inputs; every result matches its reference."""
     stream = cuda.stream()
     problems = [_problem(10 + i, b=4, nk=4099, d=64, dv=64) for i in range(4)]
     refs = [reference.attention(*p)[0] for p in problems]
@@ -138,11 +137,7 @@ def test_threads_sharing_one_stream():
                 errors.append(str(exc))
                 return
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 4)
     assert not errors, errors[:3]
 
 
