@@ -127,7 +127,7 @@ def signature(
             tuple([arrays[i].flags.writeable for i in outputs if arrays[i] is not None]),
             _identity(arrays),
             tuple([_value_key(o) for o in options]),
-            config._generation,  # type: ignore[attr-defined]
+            config._generation,
             _threads(),
         )
     except _NotCacheable:

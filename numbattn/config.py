@@ -165,22 +165,24 @@ CUDA_SPLIT_MERGE_THREADS = 128
 
 
 # --- Change tracking ----------------------------------------------------------
-# Calls cache a plan per signature (numbattn._plans), with these knobs' values
-# in it; every assignment to a knob counts, so a changed knob makes a new plan.
+# Calls cache a plan per signature (numbattn._plans), with this count in it:
+# every assignment to a knob, and every execution of this module (a reload),
+# starts a new generation, so a changed knob makes a new plan.
 import sys as _sys  # noqa: E402
 import types as _types  # noqa: E402
 
 
 class _Knobs(_types.ModuleType):
-    _generation = 0
-
     def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        super().__setattr__("_generation", self._generation + 1)
+        _types.ModuleType.__setattr__(self, name, value)
+        _types.ModuleType.__setattr__(self, "_generation", self.__dict__["_generation"] + 1)
 
     def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        super().__setattr__("_generation", self._generation + 1)
+        _types.ModuleType.__delattr__(self, name)
+        _types.ModuleType.__setattr__(self, "_generation", self.__dict__["_generation"] + 1)
 
 
-_sys.modules[__name__].__class__ = _Knobs
+_generation = globals().get("_generation", 0) + 1
+_module = _sys.modules.get(__name__)
+if _module is not None and _module.__dict__ is globals():  # not a copy loaded from the file
+    _module.__class__ = _Knobs

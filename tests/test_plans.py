@@ -300,3 +300,21 @@ def test_calls_outside_a_signature_take_the_full_path(rng):
         numbattn.attention(q, k, v, window=[2, 0])
     assert len(_plans._plans) == 0 and len(_plans._seen) == 0
     assert _plans.signature("attention", (q.tolist(), k, v), ()) is None
+
+
+def test_reloading_config_starts_a_new_generation():
+    """A reload (shipped values back) and every knob assignment change the
+    signature; a copy of the module loaded from its file leaves it alone."""
+    import importlib
+    import importlib.util
+
+    before = numbattn.config._generation
+    importlib.reload(numbattn.config)
+    after = numbattn.config._generation
+    assert after > before
+    numbattn.config.CPU_SERIAL_WORK = 0
+    assert numbattn.config._generation > after
+    spec = importlib.util.spec_from_file_location("_copy_of_config", numbattn.config.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.CPU_KEY_TILE == numbattn.config.CPU_KEY_TILE
