@@ -119,3 +119,13 @@ def test_importing_numbattn_does_not_import_matplotlib():
     r = run_cli("-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "run", sorted((ROOT / "docs" / "results").glob("*.json")), ids=lambda p: p.name
+)
+def test_committed_runs_can_be_drawn(run):
+    """The documentation draws every committed run: each names its machine and dtypes."""
+    doc = _plot.load(run)
+    assert doc["all_ok"] is True and doc["machine"]["cpu"]
+    assert _plot.series(doc)
