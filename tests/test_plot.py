@@ -129,3 +129,24 @@ def test_committed_runs_can_be_drawn(run):
     doc = _plot.load(run)
     assert doc["all_ok"] is True and doc["machine"]["cpu"]
     assert _plot.series(doc)
+
+
+def test_bench_plot_draws_the_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.png"
+    r = run_cli(
+        "-m", "numbattn", "bench", "--json", "--no-progress", "--no-peak", "--no-torch",
+        "--kernel", "attention", "--causal", "no", "--dtype", "float32,float64",
+        "--shape", "1,2,64,16", "--shape", "1,2,128,16", "--plot", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    doc = json.loads(r.stdout)
+    assert doc["machine"]["cpu_count"] == os.cpu_count() and doc["date"].endswith("Z")
+    assert sorted(_plot.series(doc)) == ["float32", "float64"]
+
+
+def test_bench_plot_refuses_decode_and_dask():
+    for extra in (["--kernel", "decode"], ["--dask"]):
+        r = run_cli("-m", "numbattn", "bench", "--plot", "x.png", *extra)
+        assert r.returncode == 2 and "--plot draws" in r.stderr
