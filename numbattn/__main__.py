@@ -119,6 +119,37 @@ def _cuda_info() -> dict:
     return info
 
 
+def _cpu_model() -> dict:
+    """The CPU's model name, family and model (Linux /proc/cpuinfo; else platform)."""
+    fields: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine() or None,
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model": fields.get("model"),
+    }
+
+
+def collect_machine(device: str) -> dict:
+    """What the bench records about the machine: CPU model, CPU count, OS, GPU name."""
+    machine = {**_cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    machine["gpu"] = None
+    if device == "cuda":
+        dev = _cuda_info()["device"]
+        machine["gpu"] = dev.get("name") if isinstance(dev, dict) else None
+    return machine
+
+
 def collect_info() -> dict:
     import numbattn
 
@@ -474,6 +505,17 @@ def _bench_decode(args, B, torch, threads: int, say) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from . import _plot
+
+    try:
+        _plot.draw(args.results, args.out)
+    except _plot.PlotError as exc:
+        print(f"numbattn plot: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _finite(o):
     """JSON has no inf/NaN: non-finite floats (a failed check's error) become null."""
     if isinstance(o, float) and not math.isfinite(o):
@@ -502,48 +544,6 @@ def collect_versions() -> dict:
         "numpy": _version("numpy"),
         "torch": _version("torch"),
     }
-
-
-def _cpu_model() -> dict:
-    """The CPU's model name, family and model (Linux /proc/cpuinfo; else platform)."""
-    fields: dict = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
-                    fields[key] = value.strip()
-                if not line.strip() and fields:
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": fields.get("model name") or platform.processor() or platform.machine() or None,
-        "cpu_family": fields.get("cpu family"),
-        "cpu_model": fields.get("model"),
-    }
-
-
-def collect_machine(device: str) -> dict:
-    """What the bench records about the machine: CPU model, CPU count, OS, GPU name."""
-    machine = {**_cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
-    machine["gpu"] = None
-    if device == "cuda":
-        dev = _cuda_info()["device"]
-        machine["gpu"] = dev.get("name") if isinstance(dev, dict) else None
-    return machine
-
-
-def cmd_plot(args) -> int:
-    from . import _plot
-
-    try:
-        _plot.draw(args.results, args.out)
-    except _plot.PlotError as exc:
-        print(f"numbattn plot: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def cmd_gpu_report(args) -> int:
