@@ -36,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """OLD_REV and --ab-rounds; every other argument goes to bench (``args.bench``)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        usage="%(prog)s OLD_REV [--ab-rounds R] [bench options ...]",
+        description=__doc__.splitlines()[0],
+        epilog="Other options go to python -m numbattn bench (see its --help).",
+        allow_abbrev=False,
+    )
     p.add_argument("old", metavar="OLD_REV", help="the git revision to compare against")
     p.add_argument("--ab-rounds", type=int, default=5, help="rounds of two runs (default 5)")
     args, args.bench = p.parse_known_args(argv)
