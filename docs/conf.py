@@ -19,6 +19,7 @@ sys.path.insert(0, str(DOCS / "_scripts"))
 import visible_keys  # noqa: E402
 
 import numbattn  # noqa: E402
+import numbattn._plot  # noqa: E402
 
 project = "numbattn"
 author = "the numbattn developers"
@@ -39,6 +40,11 @@ exclude_patterns = ["_build", "gpu-runs", "_scripts"]
 # in git); the README shows a committed copy made by the same script.
 (DOCS / "_generated").mkdir(exist_ok=True)
 visible_keys.draw(DOCS / "_generated" / "visible-keys.png")
+# Benchmark runs committed under docs/results/ (one `python -m numbattn bench
+# --json` file per machine family and date), drawn as `python -m numbattn plot`
+# draws them; docs/performance.md shows docs/_generated/results/<name>.png.
+for _run in sorted((DOCS / "results").glob("*.json")):
+    numbattn._plot.draw(_run, DOCS / "_generated" / "results" / f"{_run.stem}.png")
 
 # MyST: heading anchors for links such as threads.md#compile-cache-...
 myst_heading_anchors = 3

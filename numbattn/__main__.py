@@ -1,4 +1,4 @@
-"""Command line: ``python -m numbattn {info,bench,gpu-report,cpu-report}`` (also the ``numbattn`` script).
+"""Command line: ``python -m numbattn {info,bench,plot,gpu-report,cpu-report}`` (also the ``numbattn`` script).
 
 ``info``
     Versions (numbattn, numba, llvmlite, numpy, numba-cuda, torch), the Numba
@@ -27,6 +27,13 @@
     JSON ``new_out_s``: what the NumPy / torch ratios use, since the
     baselines allocate too; a new output adds page faults and the zeroing of
     fresh pages). attention and backward are timed with a new output only.
+
+    ``--plot FILE.png`` also draws the run (``numbattn._plot``; needs
+    matplotlib, the ``plot`` extra).
+``plot``
+    ``plot RESULTS.json --out FILE.png`` draws a saved ``bench --json`` run:
+    median time per call of numbattn, NumPy and torch against N, one panel
+    per dtype, the machine in the title.
 
 ``gpu-report``
     Compiles every CUDA kernel at its production geometry for a compute
@@ -58,6 +65,7 @@ import math
 import os
 import platform
 import sys
+import time
 from importlib import metadata
 
 
@@ -109,6 +117,37 @@ def _cuda_info() -> dict:
         except Exception as exc:
             info["device"] = f"unknown ({type(exc).__name__}: {exc})"
     return info
+
+
+def _cpu_model() -> dict:
+    """The CPU's model name, family and model (Linux /proc/cpuinfo; else platform)."""
+    fields: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": fields.get("model name") or platform.processor() or platform.machine() or None,
+        "cpu_family": fields.get("cpu family"),
+        "cpu_model": fields.get("model"),
+    }
+
+
+def collect_machine(device: str) -> dict:
+    """What the bench records about the machine: CPU model, CPU count, OS, GPU name."""
+    machine = {**_cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    machine["gpu"] = None
+    if device == "cuda":
+        dev = _cuda_info()["device"]
+        machine["gpu"] = dev.get("name") if isinstance(dev, dict) else None
+    return machine
 
 
 def collect_info() -> dict:
@@ -241,6 +280,18 @@ def cmd_bench_dask(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.plot:
+        if args.dask or (args.kernel and "decode" in args.kernel):
+            print("numbattn bench: --plot draws attention, scores, softmax and backward "
+                  "runs, not --dask or --kernel decode", file=sys.stderr)  # fmt: skip
+            return 2
+        from . import _plot
+
+        try:
+            _plot.figure_class()  # before the run: a missing matplotlib fails fast
+        except _plot.PlotError as exc:
+            print(f"numbattn bench: {exc}", file=sys.stderr)
+            return 2
     if args.dask:
         return cmd_bench_dask(args)
     import numba
@@ -248,6 +299,7 @@ def cmd_bench(args) -> int:
     from . import _bench as B
 
     progress_on = not args.no_progress
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def say(msg: str) -> None:
         if progress_on:
@@ -337,11 +389,13 @@ def cmd_bench(args) -> int:
         say(B.peaks_text(peaks))
 
     failed = [r for r in records if not r["check"]["ok"]]
-    if args.json:
+    if args.json or args.plot:
         doc = {
             "numbattn": collect_versions(),
             "device": backend.name,
             "threads": threads,
+            "machine": collect_machine(backend.name),
+            "date": started,
             "peaks": peaks,
             "rate_units": {
                 "GFLOP/s": "attention 4*B*H*N*N*d (halved if causal), scores 2*B*H*N*N*d, "
@@ -363,7 +417,9 @@ def cmd_bench(args) -> int:
             "all_ok": not failed,
             "results": records,
         }
-        print(json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default))
+        text = json.dumps(_finite(doc), indent=2, allow_nan=False, default=_json_default)
+    if args.json:
+        print(text)
     else:
         print(B.table(records))
         print(
@@ -385,6 +441,11 @@ def cmd_bench(args) -> int:
                 "streaming bandwidth; ceiling: its median over the rounds (GFLOP/s or "
                 "GB/s). Over the whole run:\n" + B.peaks_text(peaks)
             )
+    if args.plot:
+        from . import _plot
+
+        _plot.draw(json.loads(text), args.plot)
+        say(f"numbattn bench: plot written to {args.plot}")
     if failed:
         print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
         return 1
@@ -441,6 +502,17 @@ def _bench_decode(args, B, torch, threads: int, say) -> int:
     if failed:
         print(f"numbattn bench: {len(failed)} check(s) FAILED", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import _plot
+
+    try:
+        _plot.draw(args.results, args.out)
+    except _plot.PlotError as exc:
+        print(f"numbattn plot: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -506,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m numbattn", description="numbattn: information and benchmarks"
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{info,bench,gpu-report,cpu-report}"
+        dest="command", required=True, metavar="{info,bench,plot,gpu-report,cpu-report}"
     )
 
     p_info = sub.add_parser("info", help="versions, threading layer, CUDA device")
@@ -559,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the run (numbattn, NumPy and torch against N, one panel "
+                   "per dtype) into FILE.png; needs matplotlib (the plot extra)")  # fmt: skip
     p.add_argument("--dask", action="store_true",
                    help="numbattn.dask on a LocalCluster vs the in-memory call (attention; "
                    "default shape 8,16,4096,64, --quick 2,4,512,32; repeats: --min-repeat)")  # fmt: skip
@@ -567,6 +642,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-workers", type=int, default=2,
                    help="--dask: single-threaded process workers (default 2)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "plot",
+        help="draw a saved `bench --json` run (needs matplotlib: the plot extra)",
+        description=(
+            "Draw the JSON that `python -m numbattn bench --json` printed: median time per "
+            "call of numbattn, NumPy and torch against N, one panel per dtype, the machine "
+            "in the title; the same picture as `bench --plot`."
+        ),
+    )
+    p.add_argument("results", metavar="RESULTS.json", help="output of `bench --json`")
+    p.add_argument("--out", "-o", metavar="FILE.png", required=True,
+                   help="the picture to write (PNG, or SVG / PDF by suffix)")  # fmt: skip
+    p.set_defaults(func=cmd_plot)
 
     from .cuda.limits import SM_LIMITS
 
