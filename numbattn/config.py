@@ -7,8 +7,8 @@ force multi-tile paths on tiny inputs without triggering a recompilation::
 
 Every knob is checked when a call reads it, before anything is written: a
 ValueError names the knob unless it is a positive integer (CPU_STREAM_ROWS,
-CPU_BWD_SPLIT_BYTES and CUDA_STREAM_ROWS may also be 0; CUDA_BWD_FAST_LOOP is
-a bool).
+CPU_BWD_SPLIT_BYTES, CPU_SERIAL_WORK and CUDA_STREAM_ROWS may also be 0;
+CUDA_BWD_FAST_LOOP is a bool).
 """
 
 # --- CPU (numbattn.cpu) ----------------------------------------------------

@@ -584,6 +584,8 @@ _KNOB_CALLS = {
         ("CPU_STREAM_ROWS", -1, "attention", r"CPU_STREAM_ROWS must be an integer >= 0, got -1"),
         ("CPU_STREAM_WIDE_ROWS", 2.5, "decode", r"CPU_STREAM_WIDE_ROWS must be a positive"),
         ("CPU_STREAM_KEY_TILE", None, "decode", r"CPU_STREAM_KEY_TILE must be a positive"),
+        ("CPU_SERIAL_WORK", -1, "decode", r"CPU_SERIAL_WORK must be an integer >= 0, got -1"),
+        ("CPU_SERIAL_WORK", 1.5, "attention", r"CPU_SERIAL_WORK must be an integer >= 0"),
     ],
 )
 def test_bad_cpu_knob(monkeypatch, knob, value, call, message):

@@ -75,7 +75,7 @@ def _call(kernel, args: tuple, work: int | None = None) -> None:
     Kernel arguments are the call's arrays or axis permutations of them,
     constants, and scratch the kernel writes: never copies of the call's data
     (a plan replays the other arrays as they were)."""
-    if work is not None and work <= _knob("CPU_SERIAL_WORK", 0):
+    if work is not None and work <= _knob("CPU_SERIAL_WORK", 0) and not _serial:
         kernel = kernel.serial  # less work than waking Numba's threads costs
     launches = recording()
     if launches is not None:
