@@ -8,7 +8,8 @@ force multi-tile paths on tiny inputs without triggering a recompilation::
 Every knob is checked when a call reads it, before anything is written: a
 ValueError names the knob unless it is a positive integer (CPU_STREAM_ROWS,
 CPU_BWD_SPLIT_BYTES, CPU_SERIAL_WORK and CUDA_STREAM_ROWS may also be 0;
-CUDA_BWD_FAST_LOOP is a bool).
+CUDA_BWD_FAST_LOOP and CUDA_TENSOR_CORES are bools; CUDA_FLOAT32_PRECISION is
+"fp32" or "tf32").
 """
 
 # --- CPU (numbattn.cpu) ----------------------------------------------------
@@ -114,6 +115,23 @@ CUDA_HEAD_CHUNK = 64
 CUDA_VALUE_CHUNK = 64
 #: Bytes of shared memory caching one softmax row (longer rows re-read it).
 CUDA_SOFTMAX_CACHE_BYTES = 16384
+
+# The fused forward on the tensor cores (compute capability 8.0 and up, and
+# the simulator's emulation): each warp owns 16 query rows, so a block of
+# CUDA_TC_WARPS[_F64] warps takes 16 x that many rows, and steps over keys
+# CUDA_TC_KEY_TILE[_F64] at a time (a multiple of 8); CUDA_HEAD_CHUNK and
+# CUDA_VALUE_CHUNK (multiples of 8) apply. Off, or before sm_80, the FMA
+# kernel above runs.
+CUDA_TENSOR_CORES = True
+#: float32 products on the tensor cores: "fp32" splits each operand in two
+#: TF32 halves and takes three products (3xTF32, float32 accuracy); "tf32"
+#: rounds each operand to TF32 and takes one (about 1e-3 relative error,
+#: faster; opt-in, like torch's allow_tf32).
+CUDA_FLOAT32_PRECISION = "fp32"
+CUDA_TC_WARPS = 4
+CUDA_TC_KEY_TILE = 32
+CUDA_TC_WARPS_F64 = 2
+CUDA_TC_KEY_TILE_F64 = 16
 
 # Geometry of the CUDA backward kernels (numbattn/cuda/backward.py): a block
 # keeps ROW_TILE of its own rows (queries for dQ, keys for dK/dV) resident

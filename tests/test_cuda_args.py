@@ -17,7 +17,9 @@ from numbattn.cuda import args as A
 from numbattn.cuda import backend as BE
 from numbattn.cuda import backward as B
 from numbattn.cuda import decode as D
+from numbattn.cuda import geometry as G
 from numbattn.cuda import kernels as K
+from numbattn.cuda import tensor as T
 
 DTYPES = (np.float32, np.float64)
 
@@ -36,10 +38,9 @@ def _kernels(dtype):
         + [(A.BackwardArgs, B.make_backward(dtype, kv, 2, 2, 2, 2, 8, 8)) for kv in (False, True)]
         + [(A.DecodeArgs, D.make_decode(dtype, 4, 2, 2, 2, 2, hw=hw)) for hw in (False, True)]
     )
-    if K.mma_ok(np.float64, *BE.attention_geometry(np.float64)):
-        mma_geo = BE.attention_geometry(np.float64)
-        out += [(A.AttentionArgs, K.make_attention_mma(np.float64, *mma_geo, hw=hw))
-                for hw in (False, True)]  # fmt: skip
+    for kind in G.KINDS[np.dtype(dtype).name]:
+        tc = G.TensorCoreGeometry(np.dtype(dtype).name, kind, 1, 8, 8, 8)
+        out += [(A.AttentionArgs, T.make_attention_tc(tc, hw=hw)) for hw in (False, True)]
     return out
 
 
@@ -53,9 +54,11 @@ def test_fields_are_the_kernel_parameters(dtype):
         assert list(args_type._fields) == _params(kern), kern.py_func.__name__
 
 
-def test_mma_kernel_checked():
-    """The float64 tensor-core kernel is covered by the test above at the default geometry."""
-    assert K.mma_ok(np.float64, *BE.attention_geometry(np.float64))
+def test_tensor_core_kernels_checked():
+    """Every product step's forward kernel is among those checked above."""
+    names = {kern.py_func.__name__ for dt in DTYPES for _, kern in _kernels(dt)}
+    assert "attention_tc_kernel" in names
+    assert {k for ks in G.KINDS.values() for k in ks} == {"tf32x3", "tf32", "f64", "f64x4"}
 
 
 def _split(sig: str) -> list[str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from .args import (
     SplitMergeArgs,
     signature,
 )
+from .geometry import TensorCoreGeometry, step_kind
 
 name = "cuda"
 
@@ -424,24 +427,106 @@ def softmax_geometry(dtype) -> tuple[int, int]:
     return nt, cache
 
 
-def _attention_kernel(dtype, hw=None):
-    """(kernel, geometry); ``hw``: the hardware path (default: unless on the simulator)."""
+def _device_cc() -> tuple[int, int] | None:
+    """The current GPU's compute capability; None on the simulator, which
+    emulates every tensor-core step."""
+    if simulator():
+        return None
+    cc = _state.get("cc")
+    if cc is None:
+        from numba import cuda
+
+        cc = _state["cc"] = tuple(cuda.get_current_device().compute_capability)
+    return cc
+
+
+def float32_precision() -> str:
+    """numbattn.config.CUDA_FLOAT32_PRECISION, checked: ``"fp32"`` or ``"tf32"``."""
+    value = config.CUDA_FLOAT32_PRECISION
+    if value not in ("fp32", "tf32"):
+        raise ValueError(
+            'numbattn.config.CUDA_FLOAT32_PRECISION must be "fp32" (float32 accuracy, '
+            f'3xTF32 on the tensor cores) or "tf32" (one TF32 product), got {value!r}'
+        )
+    return value
+
+
+def tensor_core_geometry(dtype, cc=None) -> TensorCoreGeometry | None:
+    """The tensor-core forward's geometry for ``dtype`` on compute capability
+    ``cc`` (None: the simulator), or None where the FMA kernel runs instead:
+    ``CUDA_TENSOR_CORES`` off, or a device before sm_80.
+
+    ValueError naming the knobs when the configured geometry cannot run.
+    """
     dtype = np.dtype(dtype)
-    geo = attention_geometry(dtype)
+    if not _flag("CUDA_TENSOR_CORES"):
+        return None
+    precision = float32_precision()
+    kind = step_kind(dtype, (9, 0) if cc is None else cc, precision)
+    if kind is None:
+        return None
+    sfx = "_F64" if dtype == np.float64 else ""
+    geo = TensorCoreGeometry(
+        dtype=dtype.name,
+        kind=kind,
+        warps=_knob("CUDA_TC_WARPS" + sfx),
+        key_tile=_knob("CUDA_TC_KEY_TILE" + sfx),
+        head_chunk=_knob("CUDA_HEAD_CHUNK"),
+        value_chunk=_knob("CUDA_VALUE_CHUNK"),
+    )
+    problem = geo.problem(cc, hw=not simulator())
+    if problem is not None:
+        raise ValueError(
+            f"numbattn.config gives the CUDA tensor-core attention kernel ({dtype.name}, "
+            f"{geo}): {problem}; change CUDA_TC_WARPS{sfx}, CUDA_TC_KEY_TILE{sfx}, "
+            "CUDA_HEAD_CHUNK or CUDA_VALUE_CHUNK, or set CUDA_TENSOR_CORES = False"
+        )
+    return geo
+
+
+@dataclass(frozen=True)
+class FusedLaunch:
+    """What a launch of the fused forward needs to know of its kernel."""
+
+    threads: int
+    query_tile: int
+    value_chunk: int
+    geometry: Any  # TensorCoreGeometry, or the FMA kernel's (TY, TX, RQ, RK, DC, RC)
+
+
+def _attention_kernel(dtype, hw=None, cc=None):
+    """(kernel, :class:`FusedLaunch`) of the fused forward: on the tensor cores
+    where :func:`tensor_core_geometry` allows, else the FMA kernel. ``hw``:
+    the hardware path (default: unless on the simulator); ``cc``: the target
+    (default: the current device's)."""
+    dtype = np.dtype(dtype)
     hw = (not simulator()) if hw is None else bool(hw)
-    key = ("attention", dtype, geo, hw)
+    if cc is None:
+        cc = _device_cc()
+    tc = tensor_core_geometry(dtype, cc)
+    if tc is not None:
+        key = ("attention_tc", tc, hw)
+        launch = FusedLaunch(tc.threads, tc.query_tile, tc.value_chunk, tc)
+    else:
+        geo = attention_geometry(dtype)
+        ty, tx, rq, _rk, _dc, rc = geo
+        key = ("attention", dtype, geo, hw)
+        launch = FusedLaunch(ty * tx, ty * rq, tx * rc, geo)
     kern = _kernels.get(key)
     if kern is None:
-        from . import kernels
-
-        # float64 on the tensor cores where the geometry allows (DMMA on a
-        # GPU, emulated on the simulator); otherwise the FMA kernel.
-        ty, tx, rq, rk, dc, rc = geo
-        mma = kernels.mma_ok(dtype, ty, tx, rq, rk, dc, rc)
-        make = kernels.make_attention_mma if mma else kernels.make_attention
         with _lock:
-            kern = _kernels.setdefault(key, make(dtype, ty, tx, rq, rk, dc, rc, hw=hw))
-    return kern, geo
+            if tc is not None:
+                from .tensor import make_attention_tc
+
+                kern = _kernels.setdefault(key, make_attention_tc(tc, hw=hw))
+            else:
+                from .kernels import make_attention
+
+                ty, tx, rq, rk, dc, rc = launch.geometry
+                kern = _kernels.setdefault(
+                    key, make_attention(dtype, ty, tx, rq, rk, dc, rc, hw=hw)
+                )
+    return kern, launch
 
 
 def _scores_kernel(dtype):
@@ -585,28 +670,41 @@ def merge_signature(dtype) -> str:
     return signature(MergeArgs, dtype)
 
 
-def kernel_launches(dtype) -> list[dict]:
+def kernel_launches(dtype, cc=None) -> list[dict]:
     """Every kernel the backend launches for ``dtype`` at the geometry of
-    numbattn.config: ``{"kernel", "dispatcher", "args", "signature",
-    "threads", "geometry"}`` (``args``: the typed description of the kernel's
-    arguments, from which ``signature`` is built) and ``"path"`` where the simulator runs other code than a
-    GPU (the attention kernel: ``"hardware"`` and ``"simulator"``), which
-    ``python -m numbattn gpu-report`` compiles; the backward kernels at
-    d = dv = 64 (:func:`backward_launches`)."""
+    numbattn.config on compute capability ``cc`` (a ``(major, minor)`` pair;
+    default: the current device's, or the simulator's choice): ``{"kernel",
+    "dispatcher", "args", "signature", "threads", "geometry"}`` (``args``:
+    the typed description of the kernel's arguments, from which
+    ``signature`` is built) and ``"path"`` where the simulator runs other
+    code than a GPU (the attention kernel: ``"hardware"`` and
+    ``"simulator"``), which ``python -m numbattn gpu-report`` compiles; the
+    backward kernels at d = dv = 64 (:func:`backward_launches`)."""
     dtype = np.dtype(dtype)
-    att, geo = _attention_kernel(dtype, hw=True)
-    att_sim, _ = _attention_kernel(dtype, hw=False)
+    att, fused = _attention_kernel(dtype, hw=True, cc=cc)
+    att_sim, _ = _attention_kernel(dtype, hw=False, cc=cc)
     sc, (t, r, sdc) = _scores_kernel(dtype)
     sm, nt = _softmax_kernel(dtype)
-    ty, tx, rq, rk, dc, rc = geo
-    attention_geo = dict(
-        query_tile=ty * rq,
-        key_tile=tx * rk,
-        rows_per_thread=rq,
-        keys_per_thread=rk,
-        head_chunk=dc,
-        value_chunk=tx * rc,
-    )
+    geo = fused.geometry
+    if isinstance(geo, TensorCoreGeometry):
+        attention_geo = dict(
+            query_tile=geo.query_tile,
+            key_tile=geo.key_tile,
+            warps=geo.warps,
+            step=geo.kind,
+            head_chunk=geo.head_chunk,
+            value_chunk=geo.value_chunk,
+        )
+    else:
+        ty, tx, rq, rk, dc, rc = geo
+        attention_geo = dict(
+            query_tile=ty * rq,
+            key_tile=tx * rk,
+            rows_per_thread=rq,
+            keys_per_thread=rk,
+            head_chunk=dc,
+            value_chunk=tx * rc,
+        )
     return (
         [
             dict(
@@ -615,7 +713,7 @@ def kernel_launches(dtype) -> list[dict]:
                 dispatcher=disp,
                 args=AttentionArgs,
                 signature=attention_signature(dtype),
-                threads=ty * tx,
+                threads=fused.threads,
                 geometry=attention_geo,
             )
             for path, disp in (("hardware", att), ("simulator", att_sim))
@@ -875,8 +973,8 @@ def attention(
     g1, g2 = q.shape[:2]
     dv = v.shape[3]
     dtype = np.dtype(q.dtype)
-    kern, (ty, tx, rq, _rk, _dc, rc) = _attention_kernel(dtype)
-    bq, dvc = ty * rq, tx * rc
+    kern, fused = _attention_kernel(dtype)
+    bq, dvc, block = fused.query_tile, fused.value_chunk, fused.threads
     n_qt = -(-int(max_rows) // bq)
     grid = g1 * g2 * n_qt
     if grid == 0:
@@ -887,7 +985,7 @@ def attention(
     )
     sig = attention_signature(dtype)
     if dv <= dvc:
-        _launch(kern, sig, grid, ty * tx, stream, args)
+        _launch(kern, sig, grid, block, stream, args)
         return
     # dv wider than the register accumulators: one launch per column slice.
     for c0 in range(0, dv, dvc):
@@ -897,7 +995,7 @@ def attention(
             out=index(out, (Ellipsis, slice(c0, c1))),
             write_lse=args.write_lse and c0 == 0,
         )
-        _launch(kern, sig, grid, ty * tx, stream, part)
+        _launch(kern, sig, grid, block, stream, part)
 
 
 def bare_attention_launch(q, k, v, out, lse, stream=0):
@@ -915,19 +1013,19 @@ def bare_attention_launch(q, k, v, out, lse, stream=0):
     b, h, nq = q.shape[:3]
     nk, dv = k.shape[2], v.shape[3]
     dtype = np.dtype(q.dtype)
-    kern, (ty, tx, rq, _rk, _dc, rc) = _attention_kernel(dtype)
-    if dv > tx * rc:
+    kern, fused = _attention_kernel(dtype)
+    if dv > fused.value_chunk:
         raise ValueError(
             f"bare_attention_launch needs one launch: v's last dimension {dv} is wider "
-            f"than the kernel's value chunk {tx * rc} (numbattn.config.CUDA_VALUE_CHUNK)"
+            f"than the kernel's value chunk {fused.value_chunk} (numbattn.config.CUDA_VALUE_CHUNK)"
         )
-    n_qt = -(-nq // (ty * rq))
+    n_qt = -(-nq // fused.query_tile)
     seq = _sequences.broadcast(_sequences.dense_table(nq, nk), (b, h), axis0=False)
     table = _seq_table(seq, stream)
     args = attention_args(
         q, k, v, out, lse, table, n_qt, None, None, 1.0 / math.sqrt(q.shape[3]), -1, -1
     )
-    grid, block = b * h * n_qt, ty * tx
+    grid, block = b * h * n_qt, fused.threads
     return lambda: kern[grid, block, stream](*args)
 
 

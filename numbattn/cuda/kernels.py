@@ -140,19 +140,11 @@ Fused attention (:func:`make_attention`)
     bounds asking for 512 resident threads per SM (16 warps; at most 128
     registers) where shared memory allows; ``gpu-report`` shows both paths.
 
-Float64 on the tensor cores (:func:`make_attention_mma`)
-    For float64 at geometries :func:`mma_ok` accepts (the default: 4 warps,
-    32 x 16 tiles), the backend builds this kernel instead: the same tiles,
-    staging, visibility, online softmax and outputs, with both products as
-    ``mma.sync.aligned.m8n8k4.row.col.f64`` (DMMA) per warp (8 query rows)
-    and the row reductions over the 4 lanes of a row. DMMA is inline PTX
-    (:func:`_dmma`), so the simulator runs an emulation of each mma.sync
-    (operands through shared memory, the same fragment layout) and
-    shared-memory reductions. Its launch bounds ask for 16 warps per SM
-    (``MMA_THREADS_PER_SM``; at most 128 registers): the key-tile loop
-    carries its state (key range, window and count tests, staging rows) in
-    unsigned 32-bit values and the output phase needs only two of them, so
-    ptxas fits it in 126 registers without spills (it took 135 before).
+The tensor cores (:mod:`numbattn.cuda.tensor`)
+    On compute capability 8.0 and up (and on the simulator, which emulates
+    them) the backend builds the fused forward on the tensor cores instead,
+    float32 (3xTF32) and float64 (DMMA) alike; this kernel runs where they
+    are switched off (``CUDA_TENSOR_CORES``) or absent.
 
 Scores (:func:`make_scores`)
     A register-blocked SIMT GEMM with the attention kernel's masking. One
@@ -236,9 +228,8 @@ def _vec(n):
     return 4 if n % 4 == 0 else (2 if n % 2 == 0 else 1)
 
 
-def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=False):
-    """Shared-memory layout of :func:`make_attention` and
-    :func:`make_attention_mma` (``mma``): element offsets and strides."""
+def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw):
+    """Shared-memory layout of :func:`make_attention`: element offsets and strides."""
     isz = np.dtype(dtype).itemsize
     al = 16 // isz  # elements per 16 bytes: every region starts 16-byte aligned
     BQ, BK, DVC = TY * RQ, TX * RK, TX * RC
@@ -252,7 +243,6 @@ def attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=False):
         ("V", BK * lay["VS"]),
         ("R1", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
         ("R2", 0 if shuffles_ok(TY, TX, hw) else BQ * TX),
-        ("X", 2 * TY * TX if mma and not hw else 0),  # emulated mma.sync operands
     ):
         lay["OFF_" + name] = off
         off += -(-size // al) * al
@@ -981,26 +971,6 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     return attention_kernel
 
 
-def mma_ok(dtype, TY, TX, RQ, RK, DC, RC):
-    """Whether float64 attention at this geometry runs on the tensor cores
-    (:func:`make_attention_mma`): whole warps of 8 query rows each
-    (``TY*TX == 4*BQ``), key tiles and value chunks in 8-column n-tiles,
-    head chunks in 4-dim k-steps."""
-    NT, BQ, BK, DVC = TY * TX, TY * RQ, TX * RK, TX * RC
-    return (
-        np.dtype(dtype) == np.float64
-        and NT % 32 == 0
-        and NT == 4 * BQ
-        and BK % 8 == 0
-        and DVC % 8 == 0
-        and DC % 4 == 0
-    )
-
-
-#: Resident threads per SM the DMMA kernel's launch bounds ask for: 16 warps
-#: (at most 128 registers a thread) where shared memory allows.
-MMA_THREADS_PER_SM = 512
-
 _DMMA = []
 
 
@@ -1082,358 +1052,8 @@ def _mma_step(hw):
     return _MMA[key]
 
 
-def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
-    """Float64 fused attention on the tensor cores (:func:`mma_ok` geometries).
-
-    Same signature, launch and results as :func:`make_attention`. Warp w of
-    the block owns query rows ``8w .. 8w + 7`` of the tile; lane (g, t) =
-    (lane // 4, lane % 4) owns row ``r = 8w + g``. S = Q K^T is a DMMA per
-    (4-dim k-step, 8-key n-tile): A = Q[r][p + t], B = K[8n + g][p + t],
-    so the lane holds S[r][8n + 2t + e] (e < 2); O += P V likewise with
-    A = P[r][k + t] (P through shared memory) and B = V[k + t][8n + g], so
-    the lane accumulates O[r][8n + 2t + e]. Row maxima and sums combine the
-    four lanes of a row (shuffles on hardware).
-
-    ``hw``: DMMA as inline PTX (:func:`_dmma`), shuffles, launch bounds and
-    aligned shared memory. Otherwise (the simulator, which runs neither
-    shuffles nor inline PTX) each mma.sync is emulated: the warp's lanes
-    put their A and B elements in shared memory, a barrier, each lane
-    computes its two D elements with the fragment layout above, a barrier;
-    the row reductions go through shared memory. Same results within
-    rounding (4-term dot products in another order).
-    """
-    nt, sc_t = _types(dtype)
-    NT = TY * TX
-    BQ = TY * RQ
-    BK = TX * RK
-    DVC = TX * RC
-    NB = BK // 8  # n-tiles of S
-    NO = DVC // 8  # n-tiles of O
-    NB2, NO2 = 2 * NB, 2 * NO
-    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma=True)
-    HW = bool(hw)
-    mma = _mma_step(HW)
-    QS, KS, PS, VS = (U(lay[x]) for x in ("QS", "KS", "PS", "VS"))
-    KSI, VSI = lay["KS"], lay["VS"]
-    OFF_K, OFF_P, OFF_V = (U(lay[x]) for x in ("OFF_K", "OFF_P", "OFF_V"))
-    OFF_R1, OFF_R2, OFF_X, TOTAL = lay["OFF_R1"], lay["OFF_R2"], lay["OFF_X"], lay["TOTAL"]
-    ALIGN = 16 if hw else None
-    NINF = sc_t(-np.inf)
-    ZERO = sc_t(0.0)
-    NZERO = sc_t(-0.0)  # P of a masked key
-    ONE = sc_t(1.0)
-    block_keys = _block_keys(BQ, BK)
-    shift = _softmax_shift(dtype)
-    nanmax = _nanmax()
-    I31 = (1 << 31) - 1
-    M32 = (1 << 32) - 1
-    FQ, RQP = _stage_plan(DC, NT)
-    FK, RKP = _stage_plan(DC, NT)
-    FV, RVP = _stage_plan(DVC, NT)
-    opts = {}
-    # Whole warps only (the test geometries have tiny blocks); the simulator
-    # takes no launch bounds (it builds, never runs, the hardware path).
-    if hw and NT % 32 == 0 and not _on_simulator():
-        # 16 warps per SM (<= 128 registers): the key-tile loop carries its
-        # state in 32 bits and the output rows as two 32-bit values, which
-        # took the kernel from 135 registers to 126 with no spills.
-        want = max(1, -(-MMA_THREADS_PER_SM // NT))
-        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
-
-    @cuda.jit(**opts)
-    def attention_mma_kernel(
-        q,
-        k,
-        v,
-        out,
-        lse,
-        seq,
-        bias,
-        mask,
-        scale,
-        n_qt,
-        wl,
-        wr,
-        write_lse,
-        has_bias,
-        has_mask,
-    ):
-        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
-        oacc = cuda.local.array(NO2, nt)
-        sacc = cuda.local.array(NB2, nt)
-
-        g2n = q.shape[1]
-        d = q.shape[3]
-        dv = v.shape[3]
-        bid = cuda.blockIdx.x
-        qt = n_qt - 1 - bid % n_qt
-        rest = bid // n_qt
-        b2 = uint32(rest % g2n)
-        b1 = uint32(rest // g2n)
-        i0 = qt * BQ
-        q_rows = seq[b1, b2, 2]
-        if i0 >= q_rows:
-            return
-        q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt = block_keys(
-            seq, b1, b2, i0, wl, wr, has_mask
-        )
-        hk = uint32(b2 // (g2n // k.shape[1]))
-        utid = U(cuda.threadIdx.x)
-        lane = U(utid & U(31))
-        g = U(lane >> U(2))
-        t = U(lane & U(3))
-        ur = U(U(utid >> U(5)) * U(8) + g)  # the lane's row in the tile
-        r = int64(ur)
-        t2 = int64(t) * 2
-        xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
-        q_resident = d <= DC
-        # Per-row window test constants (see make_attention): computed once.
-        dl0 = t2 - r - i0 - max(lo_base, -I31)
-        wid = U(max(min(hi_base, I31) - max(lo_base, -I31), 0))
-        klt = k_len - t2
-        kot = k_off + t2
-        rreal = r < q_len - i0
-        mrow_ = U(q_off + i0 + r)
-        # What the key-tile loop needs, in 32 bits (token counts < 2**31;
-        # j0 runs over [lo, hi) here): fewer registers across the loop, which
-        # lets 16 warps per SM fit without spills (MMA_THREADS_PER_SM).
-        lo_u = U(max(lo, 0))
-        hi_u = U(max(hi, 0))
-        lomax_u = U(min(max(lo_max, 0), I31))  # j0 < lo_max, j0 in [0, 2**31 - 1)
-        himin_i = int32(max(hi_min, -1))  # hi_min <= k_len
-        dl0_u = U(dl0 & M32)  # the window test is modulo 2**32
-        klt_i = int32(klt)
-        kot_u = U(kot)
-        koff_u = U(k_off)
-        qn_u = U(max(min(q_len - i0, BQ), 0))  # real rows of the tile
-        qrow_u = U(q_off + i0)
-        qw_u = U(min(q_rows - i0, BQ))  # rows of the tile to write (> 0)
-        t2u = U(t2)
-        qa = U(ur * QS + t)  # A of S: Q[r][p + t]
-        kb = U(OFF_K + g * KS + t)  # B of S: K[8n + g][p + t]
-        pa = U(OFF_P + ur * PS + t)  # A of O: P[r][k + t]
-        vb = U(OFF_V + t * VS + g)  # B of O: V[k + t][8n + g]
-        sq_r, sq_p = U(utid // U(DC)), U(utid % U(DC))
-        sk_r, sk_p = sq_r, sq_p
-        sv_r, sv_p = U(utid // U(DVC)), U(utid % U(DVC))
-
-        m_r = NINF
-        l_r = ZERO
-        for c in range(2 * NO):
-            oacc[c] = ZERO
-
-        if q_resident and n_kt > 0:
-            if FQ:
-                rr = sq_r
-                p = sq_p
-                while rr < U(BQ):
-                    val = ZERO
-                    if rr < qn_u and p < d:
-                        val = q[b1, b2, U(qrow_u + rr), p]
-                    sh[U(rr * QS + p)] = val
-                    rr = U(rr + U(RQP))
-            else:
-                idx = utid
-                while idx < U(BQ * DC):
-                    rr = U(idx // U(DC))
-                    p = U(idx % U(DC))
-                    val = ZERO
-                    if rr < qn_u and p < d:
-                        val = q[b1, b2, U(qrow_u + rr), p]
-                    sh[U(rr * QS + p)] = val
-                    idx = U(idx + U(NT))
-
-        j0 = lo_u
-        while j0 < hi_u:  # the n_kt key tiles [j0, j0 + BK)
-            nk = U(hi_u - j0)
-            kj = U(koff_u + j0)  # global row of key j0
-            for c in range(2 * NB):
-                sacc[c] = ZERO
-            bad = int32(0)  # a NaN or inf staged in V (int: for syncthreads_or)
-            if FV:
-                rr = sv_r
-                p = sv_p
-                while rr < U(BK):
-                    val = ZERO
-                    if rr < nk and p < dv:
-                        val = v[b1, hk, U(kj + rr), p]
-                        if not math.isfinite(val):
-                            bad = int32(1)
-                    sh[U(OFF_V + rr * VS + p)] = val
-                    rr = U(rr + U(RVP))
-            else:
-                idx = utid
-                while idx < U(BK * DVC):
-                    rr = U(idx // U(DVC))
-                    p = U(idx % U(DVC))
-                    val = ZERO
-                    if rr < nk and p < dv:
-                        val = v[b1, hk, U(kj + rr), p]
-                        if not math.isfinite(val):
-                            bad = int32(1)
-                    sh[U(OFF_V + rr * VS + p)] = val
-                    idx = U(idx + U(NT))
-            for p0 in range(0, d, DC):
-                if p0 > 0:
-                    cuda.syncthreads()
-                dp = d - p0
-                if not q_resident:
-                    idx = utid
-                    while idx < U(BQ * DC):
-                        rr = U(idx // U(DC))
-                        p = U(idx % U(DC))
-                        val = ZERO
-                        if rr < qn_u and p < dp:
-                            val = q[b1, b2, U(qrow_u + rr), U(p0 + p)]
-                        sh[U(rr * QS + p)] = val
-                        idx = U(idx + U(NT))
-                if FK:
-                    rr = sk_r
-                    p = sk_p
-                    while rr < U(BK):
-                        val = ZERO
-                        if rr < nk and p < dp:
-                            val = k[b1, hk, U(kj + rr), U(p0 + p)]
-                        sh[U(OFF_K + rr * KS + p)] = val
-                        rr = U(rr + U(RKP))
-                else:
-                    idx = utid
-                    while idx < U(BK * DC):
-                        rr = U(idx // U(DC))
-                        p = U(idx % U(DC))
-                        val = ZERO
-                        if rr < nk and p < dp:
-                            val = k[b1, hk, U(kj + rr), U(p0 + p)]
-                        sh[U(OFF_K + rr * KS + p)] = val
-                        idx = U(idx + U(NT))
-                cuda.syncthreads()
-                nks = U((min(DC, dp) + 3) // 4)
-                for ks in range(nks):
-                    a = sh[U(qa + U(ks * 4))]
-                    for n in range(NB):
-                        b = sh[U(kb + U(ks * 4)) + U(n * 8 * KSI)]
-                        d0, d1 = mma(sh, xw, lane, g, t, a, b, sacc[2 * n], sacc[2 * n + 1])
-                        sacc[2 * n] = d0
-                        sacc[2 * n + 1] = d1
-            # Visibility (as in make_attention), key 8n + 2t + e of row r.
-            check = j0 < lomax_u or int64(j0) + BK > himin_i
-            dl = U(j0 + dl0_u)
-            kcnt = U(min(max(klt_i - int64(j0), 0), BK))
-            mcol = U(kot_u + j0)
-            mx = NINF
-            for n in range(NB):
-                for e in range(2):
-                    x = sacc[2 * n + e] * scale
-                    if check or has_bias:
-                        vis = True
-                        if check:
-                            vis = (
-                                U((int64(dl) + (8 * n + e)) & M32) < wid
-                                and U(8 * n + e) < kcnt
-                                and rreal
-                            )
-                            if vis and has_mask:
-                                vis = mask[b1, b2, mrow_, U(mcol + 8 * n + e)]
-                        if not vis:
-                            x = NINF
-                        elif has_bias:
-                            bv = bias[b1, b2, mrow_, U(mcol + 8 * n + e)]
-                            x = NINF if bv == NINF else x + bv  # -inf bias masks
-                    sacc[2 * n + e] = x
-                    mx = nanmax(mx, x)
-            if HW:
-                for o in (1, 2):
-                    x = cuda.shfl_xor_sync(0xFFFFFFFF, mx, o)
-                    mx = nanmax(mx, x)
-            else:
-                sh[OFF_R1 + r * 4 + int64(t)] = mx
-                cuda.syncthreads()
-                for y in range(4):
-                    x = sh[OFF_R1 + r * 4 + y]
-                    mx = nanmax(mx, x)
-            mt = m_r
-            mt = nanmax(mt, mx)
-            ms, alpha = shift(m_r, mt)
-            m_r = mt
-            ps = ZERO
-            for n in range(NB):
-                for e in range(2):
-                    x = sacc[2 * n + e]
-                    x = NZERO if x == NINF else math.exp(x - ms)  # -0.0: masked
-                    sh[U(OFF_P + ur * PS + U(t2u + U(8 * n + e)))] = x
-                    ps += x
-            if HW:
-                ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 1)
-                ps += cuda.shfl_xor_sync(0xFFFFFFFF, ps, 2)
-            else:
-                sh[OFF_R2 + r * 4 + int64(t)] = ps
-                cuda.syncthreads()
-                ps = ZERO
-                for y in range(4):
-                    ps += sh[OFF_R2 + r * 4 + y]
-            l_r = l_r * alpha + ps
-            for c in range(2 * NO):
-                oacc[c] *= alpha
-            vbad = cuda.syncthreads_or(bad)  # P and V visible; block-uniform flag
-            if vbad:
-                # A NaN or inf in V: masked keys are never read, so no
-                # tensor-core product (0 * NaN); each lane sums its own
-                # elements O[r][8n + 2t + e] key by key, skipping P = -0.0
-                # (key-outer, so the accumulators keep constant indices).
-                for j in range(BK):
-                    pj = sh[U(OFF_P + ur * PS + U(j))]
-                    if pj != ZERO or math.copysign(ONE, pj) > ZERO:
-                        vrow = U(OFF_V + U(j) * VS + t2u)
-                        for n in range(NO):
-                            for e in range(2):
-                                oacc[2 * n + e] += pj * sh[U(vrow + U(8 * n + e))]
-            else:  # O += P V on the tensor cores
-                for ks in range(BK // 4):
-                    a = sh[U(pa + U(ks * 4))]
-                    for n in range(NO):
-                        b = sh[U(vb + U(ks * 4 * VSI + n * 8))]
-                        d0, d1 = mma(sh, xw, lane, g, t, a, b, oacc[2 * n], oacc[2 * n + 1])
-                        oacc[2 * n] = d0
-                        oacc[2 * n + 1] = d1
-            cuda.syncthreads()
-            j0 = U(j0 + U(BK))
-
-        if ur < qw_u:
-            row = U(qrow_u + ur)
-            if m_r == NINF:
-                for n in range(NO):
-                    for e in range(2):
-                        col = U(t2 + 8 * n + e)
-                        if col < dv:
-                            out[b1, b2, row, col] = ZERO
-                if write_lse and t == U(0):
-                    lse[b1, b2, row] = NINF
-            else:
-                inv = ONE / l_r
-                for n in range(NO):
-                    for e in range(2):
-                        col = U(t2 + 8 * n + e)
-                        if col < dv:
-                            out[b1, b2, row, col] = oacc[2 * n + e] * inv
-                if write_lse and t == U(0):
-                    lse[b1, b2, row] = m_r + math.log(l_r)
-
-    attention_mma_kernel.geometry = dict(
-        threads=NT,
-        query_tile=BQ,
-        key_tile=BK,
-        head_chunk=DC,
-        value_chunk=DVC,
-        shared_bytes=TOTAL * np.dtype(dtype).itemsize,
-        path="hardware" if hw else "simulator",
-    )
-    return attention_mma_kernel
-
-
 def attention_shared_bytes(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
-    mma = mma_ok(dtype, TY, TX, RQ, RK, DC, RC)
-    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw, mma)
+    lay = attention_layout(dtype, TY, TX, RQ, RK, DC, RC, hw)
     return lay["TOTAL"] * np.dtype(dtype).itemsize
 
 

@@ -38,7 +38,9 @@ installs them). One record per compiled kernel variant:
     laid out in between; ``ranges`` lists its blocks as [first, last]
     offsets. Static counts of its instructions, nested loops included:
     ``instructions``, ``fma`` (FFMA/DFMA), ``mma`` (HMMA/DMMA/IMMA and the
-    Hopper GMMA forms), ``fma_share`` = fma / instructions, ``shared_loads``
+    Hopper GMMA forms), ``fma_share`` = fma / instructions, ``mma_kinds`` (each
+    tensor-core opcode with its modifiers and its count, e.g.
+    ``{"HMMA.1688.F32.TF32": 108}`` or ``{"DMMA.16x8x8": 30}``), ``shared_loads``
     (LDS), ``shared_loads_vector`` (LDS.64/.128: for float64, an LDS.64 is
     one element), ``shared_stores``,
     ``global_loads`` (LDG, and the generic LD that Numba's array accesses
@@ -66,6 +68,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,6 +382,7 @@ def count(instrs: list[Instr]) -> dict:
         "mufu": sum(i.base == "MUFU" for i in ops),
         "barriers": sum(i.base == "BAR" for i in ops),
         "shuffles": sum(i.base == "SHFL" for i in ops),
+        "mma_kinds": dict(sorted(Counter(i.op for i in ops if i.base in MMA_OPS).items())),
     }
 
 
@@ -497,10 +501,14 @@ def _static_record(launch: dict, dtype: str, cc: str, tools: dict, work: Path) -
     return rec
 
 
-def _launches() -> list[tuple[str, dict]]:
+def _launches(cc: str) -> list[tuple[str, dict]]:
+    """The backend's launches as built for ``cc`` (its tensor-core step depends on it)."""
     from . import backend
 
-    return [(dt, launch) for dt in DTYPES for launch in backend.kernel_launches(np.dtype(dt))]
+    target = _cc_tuple(cc)
+    return [
+        (dt, launch) for dt in DTYPES for launch in backend.kernel_launches(np.dtype(dt), target)
+    ]
 
 
 def current_device() -> dict | None:
@@ -569,14 +577,18 @@ def report(cc: str = "9.0", save_dir: str | os.PathLike | None = None, device=Tr
     with tempfile.TemporaryDirectory(prefix="numbattn-gpu-report-") as tmp:
         work = Path(save_dir) if save_dir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        launches = _launches()
+        launches = _launches(cc)
         records = [_static_record(la, dt, cc, tools, work) for dt, la in launches]
         dev = current_device() if device else None
         if dev is not None:
+            dev_launches = launches
             if dev["cc"] != cc:
-                records += [_static_record(la, dt, dev["cc"], tools, work) for dt, la in launches]
+                dev_launches = _launches(dev["cc"])
+                records += [
+                    _static_record(la, dt, dev["cc"], tools, work) for dt, la in dev_launches
+                ]
             by_key = {(r["kernel"], r["dtype"], r["path"], r["cc"]): r for r in records}
-            for dt, la in launches:
+            for dt, la in dev_launches:
                 key = (la["kernel"], dt, la.get("path", "hardware"), dev["cc"])
                 by_key[key]["device"] = _device_facts(la, dev)
     return records

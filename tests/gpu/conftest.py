@@ -40,6 +40,13 @@ SMALL_TILES = dict(
     CUDA_KEYS_PER_THREAD=4,
     CUDA_HEAD_CHUNK=8,
     CUDA_VALUE_CHUNK=8,
+    # The FMA forward; tests/gpu/test_cuda_tensor_cores.py runs the
+    # tensor-core one (one warp, 8-key tiles) through the same cases.
+    CUDA_TENSOR_CORES=False,
+    CUDA_TC_WARPS=1,
+    CUDA_TC_WARPS_F64=1,
+    CUDA_TC_KEY_TILE=8,
+    CUDA_TC_KEY_TILE_F64=8,
     CUDA_SCORES_TILE=8,
     CUDA_SCORES_PER_THREAD=2,
     CUDA_SCORES_HEAD_CHUNK=4,

@@ -15,18 +15,22 @@ import pytest
 import numbattn
 from numbattn import reference
 from numbattn.cuda import backend as BE
-from numbattn.cuda import kernels
 from tests.helpers import DTYPES, assert_close, poisoned, randn
 
 cuda = pytest.importorskip("numba.cuda")
 
 #: numbattn.config's shipped float64 tiles (read at import, before conftest's
 #: small_tiles fixture patches them): a tensor-core geometry.
-F64_TILES = {
-    name: getattr(numbattn.config, name)
-    for name in ("CUDA_QUERY_TILE_F64", "CUDA_KEY_TILE_F64", "CUDA_ROWS_PER_THREAD_F64",
-                 "CUDA_KEYS_PER_THREAD", "CUDA_HEAD_CHUNK", "CUDA_VALUE_CHUNK")
-}  # fmt: skip
+#: The tensor-core forward at its smallest geometry (one warp, 8-key tiles).
+TC_TILES = dict(
+    CUDA_TENSOR_CORES=True,
+    CUDA_TC_WARPS=1,
+    CUDA_TC_WARPS_F64=1,
+    CUDA_TC_KEY_TILE=8,
+    CUDA_TC_KEY_TILE_F64=8,
+    CUDA_HEAD_CHUNK=8,
+    CUDA_VALUE_CHUNK=8,
+)
 
 
 def dev(x):
@@ -87,14 +91,14 @@ def test_attention_nan(dtype, nq, nk, nan, causal):
     _check(dtype, *_case(dtype, nq, nk, nan=nan), causal=causal)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nq,nk,nan,causal", CASES)
-def test_attention_nan_tensor_cores(monkeypatch, nq, nk, nan, causal):
-    """Float64 at the shipped geometry: the tensor-core kernel (its mma.sync
-    emulated on the simulator)."""
-    for name, value in F64_TILES.items():
+def test_attention_nan_tensor_cores(monkeypatch, dtype, nq, nk, nan, causal):
+    """The tensor-core kernel (its mma.sync emulated on the simulator)."""
+    for name, value in TC_TILES.items():
         monkeypatch.setattr(numbattn.config, name, value)
-    assert kernels.mma_ok(np.float64, *BE.attention_geometry(np.float64))
-    _check(np.float64, *_case(np.float64, nq, nk, d=8, nan=nan), causal=causal)
+    assert BE.tensor_core_geometry(dtype, BE._device_cc()) is not None
+    _check(dtype, *_case(dtype, nq, nk, d=8, nan=nan), causal=causal)
 
 
 def test_merge_nan_lse_beside_empty_part():
