@@ -232,6 +232,10 @@ def main(argv=None) -> int:
             CUDA_SCORES_PER_THREAD=2,
             CUDA_SCORES_HEAD_CHUNK=4,
             CUDA_SOFTMAX_THREADS=8,
+            CUDA_TC_WARPS=1,
+            CUDA_TC_WARPS_F64=1,
+            CUDA_TC_KEY_TILE=8,
+            CUDA_TC_KEY_TILE_F64=8,
         ).items():
             setattr(cfg, name, val)
     problem = numbattn.cuda_problem()
@@ -338,12 +342,12 @@ def main(argv=None) -> int:
 
     # ---- kernel resources ------------------------------------------------
     for dtype in args.dtypes:
-        geo = backend.attention_geometry(dtype)
+        fused = backend._attention_kernel(dtype)[1]
         info = dict(
-            geometry=geo,
-            threads=geo[0] * geo[1],
-            query_tile=geo[0] * geo[2],
-            key_tile=geo[1] * geo[3],
+            geometry=str(fused.geometry),
+            threads=fused.threads,
+            query_tile=fused.query_tile,
+            value_chunk=fused.value_chunk,
         )
         compiled = backend.compiled_kernel("attention", dtype)
         if compiled is not None and not sim:
@@ -370,6 +374,24 @@ def main(argv=None) -> int:
                 lambda: numbattn.attention(q, k, v, causal=causal, out=out), args.reps, args.warmup
             )
             row["numbattn"] = ms
+            # The same call on the FMA kernel and, for float32, with one TF32
+            # product: the tensor cores' gain and the opt-in's, in one run.
+            variants = {"numbattn_fma": dict(CUDA_TENSOR_CORES=False)}
+            if dtype == np.float32:
+                variants["numbattn_tf32"] = dict(CUDA_FLOAT32_PRECISION="tf32")
+            for name, knobs in variants.items():
+                saved = {kn: getattr(numbattn.config, kn) for kn in knobs}
+                try:
+                    for kn, val in knobs.items():
+                        setattr(numbattn.config, kn, val)
+                    row[name] = timer.median_ms(
+                        lambda: numbattn.attention(q, k, v, causal=causal, out=out),
+                        args.reps,
+                        args.warmup,
+                    )
+                finally:
+                    for kn, val in saved.items():
+                        setattr(numbattn.config, kn, val)
             if torch is not None:
                 tdt = getattr(torch, dtype.name)
                 tq, tk, tv = (torch.as_tensor(x, device="cuda") for x in (q, k, v))
@@ -413,7 +435,7 @@ def main(argv=None) -> int:
                 except Exception as exc:  # e.g. out of memory
                     log(f"# cupy failed: {exc}")
                 cupy.get_default_memory_pool().free_all_blocks()
-            for key in ("numbattn", "torch_sdpa", "cupy"):
+            for key in ("numbattn", "numbattn_fma", "numbattn_tf32", "torch_sdpa", "cupy"):
                 if key in row:
                     row[key + "_tflops"] = flops / (row[key] * 1e-3) / 1e12
             rows.append(row)
@@ -426,8 +448,8 @@ def main(argv=None) -> int:
     hn = 4 if args.tiny else 64
     hq = cuda.to_device(rng.standard_normal((1, 2, hn, D)).astype(hdt))
     hk = cuda.to_device(rng.standard_normal((1, 2, hn, D)).astype(hdt))
-    hgeo = backend.attention_geometry(hdt)
-    hdv = min(DV, hgeo[1] * hgeo[5])  # one launch per call, as the bare baseline needs
+    # one launch per call, as the bare baseline needs
+    hdv = min(DV, backend._attention_kernel(hdt)[1].value_chunk)
     hv = cuda.to_device(rng.standard_normal((1, 2, hn, hdv)).astype(hdt))
     hout = cuda.device_array((1, 2, hn, hdv), hdt)
     hlse = cuda.device_array((1, 2, hn), hdt)

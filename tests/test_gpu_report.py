@@ -69,6 +69,37 @@ def run(tools, tmp_path_factory):
     return json.loads(r.stdout), save
 
 
+def _attention_records(tmp_path_factory, setup: str, cc: str):
+    """Records of the fused forward alone, compiled for ``cc`` in a fresh
+    process after running ``setup`` (numbattn.config changes)."""
+    save = tmp_path_factory.mktemp("gpu-report-attention")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = (
+        "import json, numbattn; " + setup + "; from numbattn.cuda import report; "
+        f"print(json.dumps(report.report({cc!r}, save_dir={str(save)!r}, device=False, "
+        "kernels=('attention',))))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), save
+
+
+@pytest.fixture(scope="module")
+def fma_run(tools, tmp_path_factory):
+    """The FMA forward (tensor cores off: what runs before sm_80), cc 9.0."""
+    return _attention_records(tmp_path_factory, "numbattn.config.CUDA_TENSOR_CORES = False", "9.0")
+
+
+@pytest.fixture(scope="module")
+def sm80_run(tools, tmp_path_factory):
+    """The tensor-core forward compiled for cc 8.0 (m8n8k4 DMMA for float64)."""
+    return _attention_records(tmp_path_factory, "pass", "8.0")
+
+
 def _files(save, rec, suffix):
     path = "" if rec["path"] == "hardware" else "_" + rec["path"]
     return save / f"{rec['kernel']}_{rec['dtype']}_{rec['target']}{path}{suffix}"
@@ -104,10 +135,8 @@ def test_geometry_is_the_production_one(run):
     """Threads per block follow numbattn.config, as the backend launches them."""
     cfg = numbattn.config
     want = {
-        ("attention", "float32"): (cfg.CUDA_QUERY_TILE // cfg.CUDA_ROWS_PER_THREAD)
-        * (cfg.CUDA_KEY_TILE // cfg.CUDA_KEYS_PER_THREAD),
-        ("attention", "float64"): (cfg.CUDA_QUERY_TILE_F64 // cfg.CUDA_ROWS_PER_THREAD_F64)
-        * (cfg.CUDA_KEY_TILE_F64 // cfg.CUDA_KEYS_PER_THREAD),
+        ("attention", "float32"): 32 * cfg.CUDA_TC_WARPS,
+        ("attention", "float64"): 32 * cfg.CUDA_TC_WARPS_F64,
     }
     for dt in DTYPES:
         want["scores", dt] = (cfg.CUDA_SCORES_TILE // cfg.CUDA_SCORES_PER_THREAD) ** 2
@@ -127,8 +156,8 @@ def test_geometry_is_the_production_one(run):
     for r in _static(run[0]):
         assert r["threads_per_block"] == want[r["kernel"], r["dtype"]]
     att = {r["dtype"]: r for r in _static(run[0]) if r["kernel"] == "attention"}
-    assert att["float32"]["geometry"]["query_tile"] == cfg.CUDA_QUERY_TILE
-    assert att["float64"]["geometry"]["key_tile"] == cfg.CUDA_KEY_TILE_F64
+    assert att["float32"]["geometry"]["query_tile"] == 16 * cfg.CUDA_TC_WARPS
+    assert att["float64"]["geometry"]["key_tile"] == cfg.CUDA_TC_KEY_TILE_F64
 
 
 def test_resources_match_ptxas_and_cuobjdump(run, tools):
@@ -239,37 +268,38 @@ def _attention_products(geo):
     return rq * geo["keys_per_thread"] * geo["head_chunk"] + rq * rc * geo["key_tile"]
 
 
-def test_hottest_loops_are_the_documented_ones(run):
-    """float32 attention: the fast loop over interior key tiles, a whole
-    tile's work in one body: both products unrolled (no loop inside holds
-    an FMA), the exponentials, the barriers, the next tile's prefetch;
-    float64 attention (tensor cores): the key-tile loop (the products and
-    the barriers inside it); scores: the loop over whole d-chunks (R*R*DC
-    FMAs between two barriers)."""
+def test_hottest_loops_are_the_documented_ones(run, fma_run):
+    """The tensor-core forward: the key-tile loop, holding the k-step loop
+    of S = Q K^T (its mma.sync, nested) and the unrolled P V products;
+    the FMA forward (float32): the fast loop over interior key tiles, a
+    whole tile's work in one body: both products unrolled (no loop inside
+    holds an FMA), the exponentials, the barriers, the next tile's
+    prefetch; scores: the loop over whole d-chunks (R*R*DC FMAs between two
+    barriers)."""
     for r in _static(run[0]):
         loop = r["inner_loop"]
         geo = r["geometry"]
-        if r["kernel"] == "attention" and r["dtype"] == "float32":
+        if r["kernel"] == "attention" and r["path"] == "hardware":
+            products = [x for x in loop["nested"] if x["mma"]]
+            assert products and loop["mma"] > max(x["mma"] for x in products)
+            assert loop["barriers"] >= 2
+            if r["dtype"] == "float32":  # float64 exp has no MUFU
+                assert loop["mufu"] >= 2 * geo["key_tile"] // 4
+        if r["kernel"] == "scores":
+            assert loop["barriers"] == 2
+            assert loop["fma"] == geo["per_thread"] ** 2 * geo["head_chunk"]
+    for r in _static(fma_run[0]):
+        loop, geo = r["inner_loop"], r["geometry"]
+        if r["dtype"] == "float32":
             assert loop["fma"] >= _attention_products(geo)
             assert not [x for x in loop["nested"] if x["fma"] + x["mma"]]
             assert loop["mufu"] >= geo["rows_per_thread"] * geo["keys_per_thread"]
             assert loop["barriers"] >= (3 if r["path"] == "hardware" else 4)
             tile = geo["key_tile"] * (geo["head_chunk"] + geo["value_chunk"])
             assert loop["global_loads"] == tile // r["threads_per_block"]
-        elif r["kernel"] == "attention":
-            assert loop["barriers"] >= 3 and len(loop["nested"]) >= 2
-            products = [x for x in loop["nested"] if x["fma"] + x["mma"]]
-            assert (
-                products
-                and max((x["fma"] + x["mma"]) / x["instructions"] for x in products)
-                > (loop["fma"] + loop["mma"]) / loop["instructions"]
-            )
-        if r["kernel"] == "scores":
-            geo = r["geometry"]
-            assert loop["barriers"] == 2
-            assert loop["fma"] == geo["per_thread"] ** 2 * geo["head_chunk"]
     # No spills at the production geometry.
-    assert all(r["spill_bytes"] == 0 for r in _static(run[0]))
+    fma32 = [r for r in _static(fma_run[0]) if r["dtype"] == "float32"]
+    assert all(r["spill_bytes"] == 0 for r in _static(run[0]) + fma32)
 
 
 def test_backward_float32_fast_loop(run):
@@ -306,28 +336,58 @@ def test_backward_float32_fast_loop(run):
     assert bwd["backward_dkdv"]["warps_per_sm"] >= 12
 
 
-def test_attention_hardware_path(run):
-    """The hardware paths of the fused attention kernel: row reductions by
-    warp shuffles (none, and more barriers, in the simulator path), vector
-    shared loads only, no local memory in the loop; float32 at 16 warps
-    per SM on cc 9.0, float64 on the tensor cores (DMMA from inline PTX; the
-    simulator path emulates it) at 16 too."""
-    att = {(r["dtype"], r["path"]): r for r in _static(run[0]) if r["kernel"] == "attention"}
-    for dt in DTYPES:
+#: The tensor-core opcode of each product step, as nvdisasm spells it.
+MMA_KINDS = {
+    ("float32", "9.0"): "HMMA.1688.F32.TF32",
+    ("float32", "8.0"): "HMMA.1688.F32.TF32",
+    ("float64", "9.0"): "DMMA.16x8x8",
+    ("float64", "8.0"): "DMMA.884",
+}
+
+
+def test_attention_on_the_tensor_cores(run, sm80_run):
+    """The hardware path of the fused forward multiplies on the tensor
+    cores, and nothing else does its products: float32 by 3xTF32 (three
+    HMMA a product step), float64 by m16n8k8 DMMA on sm_90 and m8n8k4 DMMA
+    on sm_80; row reductions by shuffles; no spills, no local memory in the
+    loop. The simulator path (its emulation, compiled) has no mma."""
+    records = [r for r in run[0] + sm80_run[0] if r["kernel"] == "attention"]
+    assert {(r["dtype"], r["cc"]) for r in records} == set(MMA_KINDS)
+    for r in records:
+        loop = r["inner_loop"]
+        if r["path"] == "simulator":
+            assert loop["mma"] == 0 and loop["shuffles"] == 0
+            continue
+        kind = MMA_KINDS[r["dtype"], r["cc"]]
+        assert set(loop["mma_kinds"]) == {kind}, (r["cc"], loop["mma_kinds"])
+        geo = r["geometry"]
+        per_step = {"HMMA.1688.F32.TF32": 3, "DMMA.16x8x8": 1, "DMMA.884": 4}[kind]
+        # P V: (key tile / 8) x (value chunk / 8) product steps, unrolled.
+        assert loop["mma"] >= per_step * geo["key_tile"] * geo["value_chunk"] // 64
+        assert loop["shuffles"] > 0
+        assert r["spill_bytes"] == 0 and loop["local_accesses"] == 0
+    att = {(r["dtype"], r["cc"]): r for r in records if r["path"] == "hardware"}
+    assert att["float32", "9.0"]["warps_per_sm"] >= 16
+    assert att["float64", "9.0"]["warps_per_sm"] >= 12
+
+
+def test_fma_attention_hardware_path(fma_run):
+    """The FMA forward (tensor cores off): row reductions by warp shuffles
+    (none, and more barriers, in the simulator path), vector shared loads
+    only, no local memory in the loop, 16 warps per SM on cc 9.0, and
+    float32's loop FMA-dense. (float64 takes this kernel only before sm_80,
+    where it has no DMMA; at the default geometry it spills there.)"""
+    att = {(r["dtype"], r["path"]): r for r in _static(fma_run[0])}
+    for dt in ("float32",):
         hw, sim = att[dt, "hardware"], att[dt, "simulator"]
         assert hw["inner_loop"]["shuffles"] > 0 and sim["inner_loop"]["shuffles"] == 0
         assert sim["inner_loop"]["barriers"] > hw["inner_loop"]["barriers"]
         assert hw["spill_bytes"] == 0 and hw["inner_loop"]["local_accesses"] == 0
-        # Every shared load of the key-tile loop (Q, K, P and V reads) is a vector.
         loop = hw["inner_loop"]
         assert loop["shared_loads_vector"] == loop["shared_loads"] > 0
+        assert loop["mma"] == 0
     assert att["float32", "hardware"]["warps_per_sm"] >= 16
-    assert att["float64", "hardware"]["warps_per_sm"] >= 16
-    # Issue 10 part 2, float32 at the default geometry: an FMA-dense loop.
     assert att["float32", "hardware"]["inner_loop"]["fma_share"] >= 0.55
-    assert att["float64", "hardware"]["inner_loop"]["mma"] > 0
-    assert att["float64", "simulator"]["inner_loop"]["mma"] == 0
-    assert att["float32", "hardware"]["inner_loop"]["mma"] == 0
 
 
 def test_scores_register_blocked(run, tools):
@@ -377,11 +437,11 @@ def test_decode_reads_rows_16_bytes_at_a_time(run, tools):
     assert dec["float64", "hardware"]["warps_per_sm"] >= 8
 
 
-def test_float32_attention_loop_has_no_index_fixups(run, tools):
+def test_float32_attention_loop_has_no_index_fixups(fma_run, tools):
     """No negative-index fix-ups in the float32 key-tile loop: Numba wraps a
     signed index i as ``i + n if i < 0``, a signed 64-bit compare (ISETP
-    with .EX, without .U32); the kernel's indices are unsigned 32-bit."""
-    records, save = run
+    with .EX, without .U32); the FMA kernel's indices are unsigned 32-bit."""
+    records, save = fma_run
     for r in _static(records):
         if r["kernel"] == "attention" and r["dtype"] == "float32":
             ops = _loop_ops(tools, save, r)

@@ -676,11 +676,16 @@ def kernel_launches(dtype, cc=None) -> list[dict]:
     default: the current device's, or the simulator's choice): ``{"kernel",
     "dispatcher", "args", "signature", "threads", "geometry"}`` (``args``:
     the typed description of the kernel's arguments, from which
-    ``signature`` is built) and ``"path"`` where the simulator runs other
-    code than a GPU (the attention kernel: ``"hardware"`` and
+    ``signature`` is built; compute capability 9.0 without a usable GPU)
+    and ``"path"`` where the simulator runs other code than a GPU (the attention kernel: ``"hardware"`` and
     ``"simulator"``), which ``python -m numbattn gpu-report`` compiles; the
     backward kernels at d = dv = 64 (:func:`backward_launches`)."""
     dtype = np.dtype(dtype)
+    if cc is None and not simulator():
+        try:
+            cc = _device_cc()
+        except Exception:  # no usable GPU: gpu-report's default target
+            cc = (9, 0)
     att, fused = _attention_kernel(dtype, hw=True, cc=cc)
     att_sim, _ = _attention_kernel(dtype, hw=False, cc=cc)
     sc, (t, r, sdc) = _scores_kernel(dtype)

@@ -501,13 +501,16 @@ def _static_record(launch: dict, dtype: str, cc: str, tools: dict, work: Path) -
     return rec
 
 
-def _launches(cc: str) -> list[tuple[str, dict]]:
+def _launches(cc: str, kernels: tuple[str, ...] | None = None) -> list[tuple[str, dict]]:
     """The backend's launches as built for ``cc`` (its tensor-core step depends on it)."""
     from . import backend
 
     target = _cc_tuple(cc)
     return [
-        (dt, launch) for dt in DTYPES for launch in backend.kernel_launches(np.dtype(dt), target)
+        (dt, launch)
+        for dt in DTYPES
+        for launch in backend.kernel_launches(np.dtype(dt), target)
+        if kernels is None or launch["kernel"] in kernels
     ]
 
 
@@ -563,12 +566,17 @@ def _device_facts(launch: dict, device: dict) -> dict:
     return facts
 
 
-def report(cc: str = "9.0", save_dir: str | os.PathLike | None = None, device=True) -> list[dict]:
+def report(
+    cc: str = "9.0",
+    save_dir: str | os.PathLike | None = None,
+    device=True,
+    kernels: tuple[str, ...] | None = None,
+) -> list[dict]:
     """One record per compiled kernel variant (see the module docstring).
 
     ``save_dir``: keep each variant's PTX, cubin and SASS there
     (``<kernel>_<dtype>_sm_XY.{ptx,cubin,sass}``). ``device``: also cover
-    the current GPU when one is usable.
+    the current GPU when one is usable. ``kernels``: only these kernels.
     """
     cc = limits.cc_key(cc)
     _check_compiler()
@@ -577,13 +585,13 @@ def report(cc: str = "9.0", save_dir: str | os.PathLike | None = None, device=Tr
     with tempfile.TemporaryDirectory(prefix="numbattn-gpu-report-") as tmp:
         work = Path(save_dir) if save_dir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        launches = _launches(cc)
+        launches = _launches(cc, kernels)
         records = [_static_record(la, dt, cc, tools, work) for dt, la in launches]
         dev = current_device() if device else None
         if dev is not None:
             dev_launches = launches
             if dev["cc"] != cc:
-                dev_launches = _launches(dev["cc"])
+                dev_launches = _launches(dev["cc"], kernels)
                 records += [
                     _static_record(la, dt, dev["cc"], tools, work) for dt, la in dev_launches
                 ]
