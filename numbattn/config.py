@@ -154,6 +154,15 @@ CUDA_BWD_COLS_PER_THREAD_F64 = 2
 #: no mask or bias, head dims <= 64) in the unrolled fast loop; False runs
 #: every tile in the general loop (same results up to summation order).
 CUDA_BWD_FAST_LOOP = True
+# The backward kernels on the tensor cores (CUDA_TENSOR_CORES; the product
+# step and CUDA_FLOAT32_PRECISION as the forward's): 16 own rows a warp,
+# CUDA_BWD_TC_WARPS[_F64] warps a block, streamed tiles of
+# CUDA_BWD_TC_COL_TILE[_F64] rows (a multiple of 8), halved while whole
+# rows do not fit 48 KiB of shared memory; the FMA kernels above otherwise.
+CUDA_BWD_TC_WARPS = 2
+CUDA_BWD_TC_COL_TILE = 32
+CUDA_BWD_TC_WARPS_F64 = 1
+CUDA_BWD_TC_COL_TILE_F64 = 8
 # Streaming split-K attention for few queries (numbattn/cuda/decode.py).
 # A block is CUDA_DECODE_TEAMS teams of CUDA_DECODE_LANES lanes (a lane per
 # head dimension modulo the team width); it owns CUDA_DECODE_ROWS rows

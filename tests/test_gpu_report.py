@@ -70,15 +70,16 @@ def run(tools, tmp_path_factory):
 
 
 def _attention_records(tmp_path_factory, setup: str, cc: str):
-    """Records of the fused forward alone, compiled for ``cc`` in a fresh
-    process after running ``setup`` (numbattn.config changes)."""
+    """Records of the fused forward and the backward kernels alone, compiled
+    for ``cc`` in a fresh process after running ``setup`` (numbattn.config
+    changes)."""
     save = tmp_path_factory.mktemp("gpu-report-attention")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     code = (
         "import json, numbattn; " + setup + "; from numbattn.cuda import report; "
         f"print(json.dumps(report.report({cc!r}, save_dir={str(save)!r}, device=False, "
-        "kernels=('attention',))))"
+        "kernels=('attention', 'backward_dq', 'backward_dkdv'))))"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -90,13 +91,13 @@ def _attention_records(tmp_path_factory, setup: str, cc: str):
 
 @pytest.fixture(scope="module")
 def fma_run(tools, tmp_path_factory):
-    """The FMA forward (tensor cores off: what runs before sm_80), cc 9.0."""
+    """The FMA kernels (tensor cores off: what runs before sm_80), cc 9.0."""
     return _attention_records(tmp_path_factory, "numbattn.config.CUDA_TENSOR_CORES = False", "9.0")
 
 
 @pytest.fixture(scope="module")
 def sm80_run(tools, tmp_path_factory):
-    """The tensor-core forward compiled for cc 8.0 (m8n8k4 DMMA for float64)."""
+    """The tensor-core kernels compiled for cc 8.0 (m8n8k4 DMMA for float64)."""
     return _attention_records(tmp_path_factory, "pass", "8.0")
 
 
@@ -143,13 +144,8 @@ def test_geometry_is_the_production_one(run):
         want["softmax", dt] = cfg.CUDA_SOFTMAX_THREADS
         want["merge", dt] = 128
         sfx = "_F64" if dt == "float64" else ""
-        bwd = (
-            getattr(cfg, "CUDA_BWD_ROW_TILE" + sfx)
-            // getattr(cfg, "CUDA_BWD_ROWS_PER_THREAD" + sfx)
-        ) * (
-            getattr(cfg, "CUDA_BWD_COL_TILE" + sfx)
-            // getattr(cfg, "CUDA_BWD_COLS_PER_THREAD" + sfx)
-        )
+        # d = dv = 64 fits the configured tensor-core tiles in 48 KiB
+        bwd = 32 * getattr(cfg, "CUDA_BWD_TC_WARPS" + sfx)
         want["backward_dq", dt] = want["backward_dkdv", dt] = bwd
         want["decode", dt] = cfg.CUDA_DECODE_LANES * cfg.CUDA_DECODE_TEAMS
         want["split_merge", dt] = cfg.CUDA_SPLIT_MERGE_THREADS
@@ -290,7 +286,7 @@ def test_hottest_loops_are_the_documented_ones(run, fma_run):
             assert loop["fma"] == geo["per_thread"] ** 2 * geo["head_chunk"]
     for r in _static(fma_run[0]):
         loop, geo = r["inner_loop"], r["geometry"]
-        if r["dtype"] == "float32":
+        if r["kernel"] == "attention" and r["dtype"] == "float32":
             assert loop["fma"] >= _attention_products(geo)
             assert not [x for x in loop["nested"] if x["fma"] + x["mma"]]
             assert loop["mufu"] >= geo["rows_per_thread"] * geo["keys_per_thread"]
@@ -298,11 +294,16 @@ def test_hottest_loops_are_the_documented_ones(run, fma_run):
             tile = geo["key_tile"] * (geo["head_chunk"] + geo["value_chunk"])
             assert loop["global_loads"] == tile // r["threads_per_block"]
     # No spills at the production geometry.
-    fma32 = [r for r in _static(fma_run[0]) if r["dtype"] == "float32"]
-    assert all(r["spill_bytes"] == 0 for r in _static(run[0]) + fma32)
+    fma32 = [r for r in _static(fma_run[0]) if r["dtype"] == "float32"]  # the FMA fallback
+    spill_free = [
+        r
+        for r in _static(run[0])
+        if not (r["kernel"] == "backward_dkdv" and r["dtype"] == "float64")
+    ]  # the float64 key kernel: test_backward_on_the_tensor_cores
+    assert all(r["spill_bytes"] == 0 for r in spill_free + fma32)
 
 
-def test_backward_float32_fast_loop(run):
+def test_backward_float32_fast_loop(fma_run):
     """Issue 14, the float32 backward kernels: the hottest loop is the fast
     loop over interior tiles, a whole tile's work in one body (S and dP over
     the padded head rows, dQ += dS K, or dK += dS^T Q and dV += P^T dO,
@@ -312,7 +313,7 @@ def test_backward_float32_fast_loop(run):
     the kernels' before it (16 warps per SM for dQ, 12 for dK/dV)."""
     bwd = {
         r["kernel"]: r
-        for r in _static(run[0])
+        for r in _static(fma_run[0])
         if r["kernel"].startswith("backward") and r["dtype"] == "float32"
     }
     for name, r in bwd.items():
@@ -371,13 +372,33 @@ def test_attention_on_the_tensor_cores(run, sm80_run):
     assert att["float64", "9.0"]["warps_per_sm"] >= 12
 
 
+def test_backward_on_the_tensor_cores(run, sm80_run):
+    """Both backward kernels multiply on the tensor cores in their hot loop
+    (the product step of the forward at each cc); float32 without spills or
+    local memory. The float64 key kernel keeps dK and dV of 16 rows a warp
+    in registers (128 of them at d = dv = 64) and spills a few bytes at 255
+    registers (at most 64 here)."""
+    records = [r for r in run[0] + sm80_run[0] if r["kernel"].startswith("backward")]
+    assert {(r["kernel"], r["dtype"], r["cc"]) for r in records} == {
+        (k, dt, cc) for k in ("backward_dq", "backward_dkdv") for dt, cc in MMA_KINDS
+    }
+    for r in records:
+        loop = r["inner_loop"]
+        assert set(loop["mma_kinds"]) == {MMA_KINDS[r["dtype"], r["cc"]]}, r["kernel"]
+        assert r["geometry"]["step"] is not None
+        if r["dtype"] == "float32" or r["kernel"] == "backward_dq":
+            assert r["spill_bytes"] == 0 and loop["local_accesses"] == 0, r["kernel"]
+        else:
+            assert r["spill_bytes"] <= 64 and loop["local_accesses"] <= 2, r["kernel"]
+
+
 def test_fma_attention_hardware_path(fma_run):
     """The FMA forward (tensor cores off): row reductions by warp shuffles
     (none, and more barriers, in the simulator path), vector shared loads
     only, no local memory in the loop, 16 warps per SM on cc 9.0, and
     float32's loop FMA-dense. (float64 takes this kernel only before sm_80,
     where it has no DMMA; at the default geometry it spills there.)"""
-    att = {(r["dtype"], r["path"]): r for r in _static(fma_run[0])}
+    att = {(r["dtype"], r["path"]): r for r in _static(fma_run[0]) if r["kernel"] == "attention"}
     for dt in ("float32",):
         hw, sim = att[dt, "hardware"], att[dt, "simulator"]
         assert hw["inner_loop"]["shuffles"] > 0 and sim["inner_loop"]["shuffles"] == 0

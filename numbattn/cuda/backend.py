@@ -749,7 +749,7 @@ def kernel_launches(dtype, cc=None) -> list[dict]:
                 geometry=dict(threads=_MERGE_THREADS),
             ),
         ]
-        + backward_launches(dtype)
+        + backward_launches(dtype, cc=cc)
         + _decode_launches(dtype)
     )
 
@@ -1119,10 +1119,65 @@ def backward_geometry(dtype, d: int, dv: int) -> tuple:
             )
 
 
-def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
+def _backward_tc_geometry(dtype, d: int, dv: int, kind: str) -> tuple | None:
+    """(TR, TC, RR, RC, DP, DVP) of the backward kernels on the tensor cores
+    (16 own rows a warp, :func:`numbattn.cuda.backward.backward_tc_ok`), from
+    CUDA_BWD_TC_WARPS[_F64] and CUDA_BWD_TC_COL_TILE[_F64]; the streamed
+    tile and then the warps are halved until whole rows of width d and dv
+    fit 48 KiB of shared memory; None if even one warp with 8-row tiles
+    does not (the FMA kernels take it)."""
+    from .backward import backward_shared_bytes, backward_tc_ok, padded_dim
+
+    dtype = np.dtype(dtype)
+    sfx = "_F64" if dtype == np.float64 else ""
+    warps = _knob("CUDA_BWD_TC_WARPS" + sfx)
+    bc = _knob("CUDA_BWD_TC_COL_TILE" + sfx)
+    if bc % 8:
+        raise ValueError(
+            f"numbattn.config.CUDA_BWD_TC_COL_TILE{sfx} must be a multiple of 8 "
+            f"(the tensor cores' n-tiles), got {bc}"
+        )
+    key = (dtype, int(d), int(dv), warps, bc, kind)
+    if key in _bwd_geometries:
+        return _bwd_geometries[key]
+    geo = None
+    while warps >= 1 and geo is None:
+        cols = bc
+        while cols >= 8 and cols % 8 == 0:
+            # 32 * warps threads as TR x TC = 4 warps x 8, 4 own rows a thread.
+            cand = (4 * warps, 8, 4, cols // 8, padded_dim(d, dtype, 8), padded_dim(dv, dtype, 8))
+            shared = backward_shared_bytes(dtype, True, *cand, kind=kind)
+            if backward_tc_ok(*cand) and limits.launch_problem(32 * warps, shared) is None:
+                geo = cand
+                break
+            cols //= 2
+        warps //= 2
+    _bwd_geometries[key] = geo
+    return geo
+
+
+def backward_plan(dtype, d: int, dv: int, cc=None) -> tuple[tuple, str | None]:
+    """(geometry, product step) of the backward kernels for head dims d, dv
+    on compute capability ``cc`` (default: the current device's; None on the
+    simulator): on the tensor cores where CUDA_TENSOR_CORES, the device and
+    shared memory allow (step: :func:`numbattn.cuda.geometry.step_kind`),
+    else the FMA kernels of :func:`backward_geometry` (step None)."""
+    dtype = np.dtype(dtype)
+    if cc is None:
+        cc = _device_cc()
+    if _flag("CUDA_TENSOR_CORES"):
+        kind = step_kind(dtype, (9, 0) if cc is None else cc, float32_precision())
+        if kind is not None:
+            geo = _backward_tc_geometry(dtype, d, dv, kind)
+            if geo is not None:
+                return geo, kind
+    return backward_geometry(dtype, d, dv), None
+
+
+def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None, kind=None):
     hw = (not simulator()) if hw is None else bool(hw)
     fast = _flag("CUDA_BWD_FAST_LOOP")
-    key = ("backward", np.dtype(dtype), bool(kv), geo, hw, fast)
+    key = ("backward", np.dtype(dtype), bool(kv), geo, hw, fast, kind)
     kern = _kernels.get(key)
     if kern is None:
         from .backward import make_backward
@@ -1130,7 +1185,7 @@ def _backward_kernel(dtype, kv: bool, geo: tuple, hw=None):
         with _lock:
             tr, tc, rr, rc, dp, dvp = geo
             kern = _kernels.setdefault(
-                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw, fast=fast)
+                key, make_backward(dtype, kv, tr, tc, rr, rc, dp, dvp, hw=hw, fast=fast, kind=kind)
             )
     return kern
 
@@ -1140,13 +1195,13 @@ def backward_signature(dtype) -> str:
     return signature(BackwardArgs, dtype)
 
 
-def backward_launches(dtype, d: int = 64, dv: int = 64) -> list[dict]:
+def backward_launches(dtype, d: int = 64, dv: int = 64, cc=None) -> list[dict]:
     """The backward kernels' hardware paths for head dims (d, dv) at
     numbattn.config's geometry, described as :func:`kernel_launches`
     describes the others (their simulator paths differ only by launch
     bounds and shared-memory alignment)."""
     dtype = np.dtype(dtype)
-    geo = backward_geometry(dtype, d, dv)
+    geo, kind = backward_plan(dtype, d, dv, cc)
     tr, tc, rr, rc, dp, dvp = geo
     geometry = dict(
         own_tile=tr * rr,
@@ -1155,11 +1210,12 @@ def backward_launches(dtype, d: int = 64, dv: int = 64) -> list[dict]:
         cols_per_thread=rc,
         head_dims=dp,
         value_dims=dvp,
+        step=kind,
     )
     return [
         dict(
             kernel=name,
-            dispatcher=_backward_kernel(dtype, kv, geo, hw=True),
+            dispatcher=_backward_kernel(dtype, kv, geo, hw=True, kind=kind),
             args=BackwardArgs,
             signature=backward_signature(dtype),
             threads=tr * tc,
@@ -1201,7 +1257,7 @@ def attention_backward(
     hk = k.shape[1]
     d, dvw = q.shape[3], v.shape[3]
     dtype = np.dtype(q.dtype)
-    geo = backward_geometry(dtype, d, dvw)
+    geo, kind = backward_plan(dtype, d, dvw)
     _flag("CUDA_BWD_FAST_LOOP")  # read again per kernel; checked before either launch
     tr, tc, rr, _rc, _dp, _dvp = geo
     br, nthreads = tr * rr, tr * tc
@@ -1235,10 +1291,12 @@ def attention_backward(
     )
     sig = backward_signature(dtype)
     if n_qt:
-        _launch(_backward_kernel(dtype, False, geo), sig, g1 * hq * n_qt, nthreads, stream, args)
+        kern = _backward_kernel(dtype, False, geo, kind=kind)
+        _launch(kern, sig, g1 * hq * n_qt, nthreads, stream, args)
     if n_kt and hk:
         kv = args._replace(n_tiles=n_kt)
-        _launch(_backward_kernel(dtype, True, geo), sig, g1 * hk * n_kt, nthreads, stream, kv)
+        kern = _backward_kernel(dtype, True, geo, kind=kind)
+        _launch(kern, sig, g1 * hk * n_kt, nthreads, stream, kv)
 
 
 # --------------------------------------------------------------------------

@@ -57,18 +57,19 @@ columns (padded columns are zero and cost a little arithmetic). The whole
 rows stay in shared memory (48 KiB static): the backend picks the largest
 tiles of numbattn.config that fit (:func:`backward_shared_bytes`).
 
-Float64 on the tensor cores
-    At geometries :func:`backward_mma_ok` accepts (the default float64 one:
-    2 warps, 16 own rows, 16-row streamed tiles), every product is a
-    ``mma.sync.aligned.m8n8k4.row.col.f64`` (DMMA, the forward's
-    :func:`numbattn.cuda.kernels._dmma`): warp w owns rows ``8w .. 8w + 7``
-    and lane (g, t) = (lane // 4, lane % 4) holds ``S[8w + g][8n + 2t + e]``
-    (e < 2) after one DMMA per (4-dim k-step, 8-row n-tile), A = A1[r][p +
-    t], B = B1[8n + g][p + t]; the outputs likewise with A = dS or P [r][c +
-    t] (through shared memory) and B = B1 or B2 [c + t][8n + g], so the lane
-    accumulates its outputs' elements ``[r][8n + 2t + e]``. The simulator
-    (no inline PTX) runs an emulation of each mma.sync with the same
-    fragment layout (:func:`numbattn.cuda.kernels._mma_step`).
+On the tensor cores
+    With a product step (``kind``: 3xTF32 or TF32 for float32, DMMA for
+    float64, :mod:`numbattn.cuda.steps`, the forward's) and a geometry of
+    16 own rows a warp (:func:`backward_tc_ok`), every product is a
+    ``mma.sync`` m16n8k8 step: lane (g, t) of warp w owns rows ``mr =
+    16w + g`` and ``mr + 8`` and holds ``S[mr + 8h][8n + 2t + e]`` (h, e <
+    2) after one step per (8-dim k-step, 8-row n-tile), A = A1[mr][p + t],
+    B = B1[8n + g][p + t] (:func:`tile_products` in the factory); dP
+    likewise; P and dS go through shared memory and the outputs accumulate
+    ``[mr + 8h][8n + 2t + e]`` with A = dS or P [mr][c + t] and B = B1 or
+    B2 [c + t][8n + g] (``out_products``). The simulator runs the steps'
+    emulation (the same fragment layout). The float32 fast loop is an FMA
+    loop: the tensor-core kernels do not build it.
 
 Non-finite inputs
     A masked entry contributes exactly nothing: when a streamed tile holds a
@@ -123,7 +124,9 @@ import math
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
-from .kernels import _device, _mma_step, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
+from .geometry import scratch_elements
+from .kernels import _device, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
+from .steps import product_step
 
 U = uint32
 
@@ -139,17 +142,18 @@ def padded_dim(n: int, dtype, TC: int) -> int:
     return max(unit, -(-int(n) // unit) * unit)
 
 
-def backward_mma_ok(dtype, TR, TC, RR, RC) -> bool:
-    """Whether float64 at this geometry runs on the tensor cores (DMMA):
-    whole warps of 8 own rows each (``TR*TC == 4*BR``) and streamed tiles
-    in 8-row n-tiles."""
+def backward_tc_ok(TR, TC, RR, RC, DP, DVP) -> bool:
+    """Whether the geometry fits the tensor-core product step's contract
+    (:mod:`numbattn.cuda.steps`): whole warps of 16 own rows each
+    (``TR*TC == 2*BR``), streamed tiles in 8-row n-tiles and padded head
+    dimensions in 8-wide k-steps."""
     NT, BR, BC = TR * TC, TR * RR, TC * RC
-    return np.dtype(dtype) == np.float64 and NT % 32 == 0 and NT == 4 * BR and BC % 8 == 0
+    return NT % 32 == 0 and NT == 2 * BR and BC % 8 == 0 and DP % 8 == 0 and DVP % 8 == 0
 
 
-def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
-    """Shared-memory layout of :func:`make_backward`: element offsets and strides."""
-    mma = backward_mma_ok(dtype, TR, TC, RR, RC)
+def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP, kind=None):
+    """Shared-memory layout of :func:`make_backward`: element offsets and
+    strides; ``kind``: the tensor-core step (its emulation's scratch)."""
     isz = np.dtype(dtype).itemsize
     al = 16 // isz
     BR, BC = TR * RR, TC * RC
@@ -168,7 +172,8 @@ def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
         # float32 query kernel's fast loop reads it there)
         ("L", BC if kv else (BR if isz == 4 else 0)),
         ("DD", BC if kv else BR),  # D of the streamed (key) or own (query) rows
-        ("X", 2 * TR * TC if mma else 0),  # emulated mma.sync operands (simulator)
+        # the emulated mma.sync's operands (simulator), per warp
+        ("X", (TR * TC // 32) * scratch_elements(kind) if kind else 0),
     ):
         lay["OFF_" + name] = off
         off += -(-size // al) * al
@@ -176,12 +181,12 @@ def backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP):
     return lay
 
 
-def backward_shared_bytes(dtype, kv, TR, TC, RR, RC, DP, DVP) -> int:
-    lay = backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP)
+def backward_shared_bytes(dtype, kv, TR, TC, RR, RC, DP, DVP, kind=None) -> int:
+    lay = backward_layout(dtype, kv, TR, TC, RR, RC, DP, DVP, kind)
     return lay["TOTAL"] * np.dtype(dtype).itemsize
 
 
-def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
+def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True, kind=None):
     """The query (``kv=False``) or key (``kv=True``) kernel of the backward pass.
 
     Signature (:class:`numbattn.cuda.args.BackwardArgs`)::
@@ -199,6 +204,9 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
 
     ``fast``: float32 with DP, DVP <= 64 runs its interior tiles in the
     fast loop (module docstring); False builds the general loop alone.
+    ``kind``: every product on the tensor cores with that step
+    (:mod:`numbattn.cuda.steps`; the geometry must satisfy
+    :func:`backward_tc_ok`), else on the FMA units.
     The kernel's ``head_tiles`` attribute is the Python function that
     computes a block's streamed range and interior tiles (for tests).
     """
@@ -212,20 +220,24 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
     NCD = DP // TC  # output columns per thread, width d
     NCV = DVP // TC if KV else 1  # width dv (dV, key kernel)
     NCX = max(NCD, NCV)
-    lay = backward_layout(dtype, KV, TR, TC, RR, RC, DP, DVP)
+    MMA = kind is not None
+    if MMA and not backward_tc_ok(TR, TC, RR, RC, DP, DVP):
+        raise ValueError(f"geometry {(TR, TC, RR, RC, DP, DVP)} does not fit the tensor cores")
+    lay = backward_layout(dtype, KV, TR, TC, RR, RC, DP, DVP, kind)
     AS, AVS, PS = (U(lay[x]) for x in ("AS", "AVS", "PS"))
     ASI, AVSI, PSI = lay["AS"], lay["AVS"], lay["PS"]
     OFF_A1, OFF_A2, OFF_B1, OFF_B2 = (U(lay[x]) for x in ("OFF_A1", "OFF_A2", "OFF_B1", "OFF_B2"))
     OFF_PT, OFF_DS, OFF_L, OFF_DD = (U(lay[x]) for x in ("OFF_PT", "OFF_DS", "OFF_L", "OFF_DD"))
     TOTAL = lay["TOTAL"]
     OFF_X = U(lay["OFF_X"])
-    MMA = backward_mma_ok(dtype, TR, TC, RR, RC)
+    XW = U(scratch_elements(kind) if MMA else 0)
+    ROWN = max(RR, 2)  # own rows a thread keeps lse and D of (a lane: 2 on the tensor cores)
     HW = bool(hw)
     NB = BC // 8  # n-tiles of S (tensor cores)
     NOD = DP // 8  # n-tiles of the outputs, width d
     NOV = DVP // 8 if KV else 1  # width dv
-    MS, MA1, MA2 = (2 * NB, 2 * NOD, 2 * NOV) if MMA else (1, 1, 1)
-    mma = _mma_step(HW)  # DMMA on hardware, emulated on the simulator
+    MS, MA1, MA2 = (4 * NB, 4 * NOD, 4 * NOV) if MMA else (1, 1, 1)
+    split, mma = product_step(kind if MMA else "f64", HW)
     ALIGN = 16 if hw else None
     NINF = sc_t(-np.inf)
     PINF = sc_t(np.inf)
@@ -322,6 +334,55 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
         return _device(stage_fast)
 
     fast_b1, fast_b2 = make_stage_fast(DP, AS, OFF_B1), make_stage_fast(DVP, AVS, OFF_B2)
+
+    def tile_products(sh, xw, lane, acc, pa, pb, stride, nks):
+        """acc += A B^T on the tensor cores, over ``nks`` 8-dim k-steps: A the
+        own rows at ``pa`` (the lane's row, column t), B the streamed rows at
+        ``pb`` (row g of each n-tile, column t), both ``stride`` apart."""
+        for ks in range(nks):
+            p = U(8 * ks)
+            a0 = split(sh[U(pa + p)])
+            a1 = split(sh[U(pa + U(8) * stride + p)])
+            a2 = split(sh[U(pa + p + U(4))])
+            a3 = split(sh[U(pa + U(8) * stride + p + U(4))])
+            for n in range(NB):
+                bb = U(pb + U(8 * n) * stride + p)
+                c0, c1, c2, c3 = mma(
+                    sh, xw, lane, a0, a1, a2, a3, split(sh[bb]), split(sh[U(bb + U(4))]),
+                    acc[4 * n], acc[4 * n + 1], acc[4 * n + 2], acc[4 * n + 3],
+                )  # fmt: skip
+                acc[4 * n] = c0
+                acc[4 * n + 1] = c1
+                acc[4 * n + 2] = c2
+                acc[4 * n + 3] = c3
+
+    def make_out_products(NTILES):
+        def out_products(sh, xw, lane, acc, pa, pb, stride):
+            """acc += A B on the tensor cores over the streamed tile (BC / 8
+            k-steps): A = dS or P at ``pa`` (rows of stride PS, the lane's
+            row, column t), B the streamed rows at ``pb`` (row t, column g),
+            ``stride`` apart; NTILES 8-column n-tiles of output."""
+            for ks in range(BC // 8):
+                p = U(8 * ks)
+                a0 = split(sh[U(pa + p)])
+                a1 = split(sh[U(pa + U(8) * PS + p)])
+                a2 = split(sh[U(pa + p + U(4))])
+                a3 = split(sh[U(pa + U(8) * PS + p + U(4))])
+                for n in range(NTILES):
+                    bb = U(pb + p * stride + U(8 * n))
+                    c0, c1, c2, c3 = mma(
+                        sh, xw, lane, a0, a1, a2, a3, split(sh[bb]), split(sh[U(bb + U(4) * stride)]),
+                        acc[4 * n], acc[4 * n + 1], acc[4 * n + 2], acc[4 * n + 3],
+                    )  # fmt: skip
+                    acc[4 * n] = c0
+                    acc[4 * n + 1] = c1
+                    acc[4 * n + 2] = c2
+                    acc[4 * n + 3] = c3
+
+        return _device(out_products)
+
+    tile_products = _device(tile_products)
+    out_products_d, out_products_v = make_out_products(NOD), make_out_products(NOV)
 
     def head_tiles(seq, b1, h, o0, k_off, k_len, wl, wr, full):
         """Query head h's streamed rows for this block: (s_off, s_len,
@@ -450,8 +511,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
         cf = cuda.local.array(NCX, nt)
         acc1 = cuda.local.array((RR, NCD), nt)  # dQ (query kernel) or dK
         acc2 = cuda.local.array((RR, NCV), nt)  # dV (key kernel)
-        own_l = cuda.local.array(RR, nt)  # query kernel: lse of its rows
-        own_d = cuda.local.array(RR, nt)  # query kernel: D of its rows
+        own_l = cuda.local.array(ROWN, nt)  # query kernel: lse of its rows
+        own_d = cuda.local.array(ROWN, nt)  # query kernel: D of its rows
         ms = cuda.local.array(MS, nt)  # tensor cores: S, dP and outputs of a lane
         mdp = cuda.local.array(MS, nt)
         macc1 = cuda.local.array(MA1, nt)
@@ -472,15 +533,16 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
         utr = utid // uTC
         tc = int64(utc)
         tr = int64(utr)
-        # Tensor cores: lane (g, t) of warp w owns row mr = 8w + g of the tile.
+        # Tensor cores: lane (g, t) of warp w owns rows mr = 16w + g and
+        # mr + 8 of the tile.
         lane = U(utid & U(31))
         ug = U(lane >> U(2))
         ut = U(lane & U(3))
         ut2 = U(ut * U(2))
         t2 = int64(ut2)
-        umr = U(U(utid >> U(5)) * U(8) + ug)
+        umr = U(U(utid >> U(5)) * U(16) + ug)
         mr = int64(umr)
-        xw = U(OFF_X + U(utid >> U(5)) * U(64))  # the warp's emulation scratch
+        xw = U(OFF_X + U(utid >> U(5)) * XW)  # the warp's emulation scratch
 
         # Own rows, resident: A1 (Q or K, width d), A2 (dO or V, width dv),
         # zero-filled past own_len and past the head dimensions.
@@ -523,18 +585,24 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                     delta[b1, b2, U(own_off + o0 + r)] = tot
         cuda.syncthreads()
         if MMA:
-            for c in range(2 * NOD):
+            for c in range(MA1):
                 macc1[c] = ZERO
-            for c in range(2 * NOV):
+            for c in range(MA2):
                 macc2[c] = ZERO
             if not KV:
-                x = PINF
-                if mr < own_len - o0:
-                    x = lse[b1, b2, U(own_off + o0 + mr)]
-                    if x == NINF:
-                        x = PINF
-                own_l[0] = x
-                own_d[0] = sh[OFF_DD + U(mr)]
+                for hr in range(2):
+                    x = PINF
+                    if mr + 8 * hr < own_len - o0:
+                        x = lse[b1, b2, U(own_off + o0 + mr + 8 * hr)]
+                        if x == NINF:
+                            x = PINF
+                    dx = sh[OFF_DD + U(umr + U(8 * hr))]
+                    if hr == 0:  # constant indices (see the visibility loop)
+                        own_l[0] = x
+                        own_d[0] = dx
+                    else:
+                        own_l[1] = x
+                        own_d[1] = dx
         else:
             for a in range(RR):
                 for c in range(NCD):
@@ -722,64 +790,61 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                         sh[OFF_DD + utid] = dx
                 cuda.syncthreads()
                 if MMA:
-                    # Tensor cores: lane (g, t) of warp w holds S[mr][8n + 2t + e]
-                    # (mr = 8w + g) after one DMMA per (4-dim k-step, n-tile).
-                    for c in range(2 * NB):
+                    # Tensor cores: lane (g, t) of warp w holds S[mr + 8hr][8n + 2t + e]
+                    # (mr = 16w + g) in ms[4n + 2hr + e] after one step per
+                    # (8-dim k-step, n-tile); dP likewise in mdp.
+                    for c in range(MS):
                         ms[c] = ZERO
                         mdp[c] = ZERO
-                    pa = U(OFF_A1 + umr * AS + ut)
-                    pb = U(OFF_B1 + ug * AS + ut)
-                    for ks in range(U((d + 3) // 4)):
-                        av = sh[U(pa + U(4 * ks))]
-                        for n in range(NB):
-                            bv = sh[U(pb + U(4 * ks) + U(n * 8 * ASI))]
-                            d0, d1 = mma(sh, xw, lane, ug, ut, av, bv, ms[2 * n], ms[2 * n + 1])
-                            ms[2 * n] = d0
-                            ms[2 * n + 1] = d1
-                    pa = U(OFF_A2 + umr * AVS + ut)
-                    pb = U(OFF_B2 + ug * AVS + ut)
-                    for ks in range(U((dvw + 3) // 4)):
-                        av = sh[U(pa + U(4 * ks))]
-                        for n in range(NB):
-                            bv = sh[U(pb + U(4 * ks) + U(n * 8 * AVSI))]
-                            d0, d1 = mma(sh, xw, lane, ug, ut, av, bv, mdp[2 * n], mdp[2 * n + 1])
-                            mdp[2 * n] = d0
-                            mdp[2 * n + 1] = d1
-                    orow = own_off + o0 + mr
+                    tile_products(sh, xw, lane, ms, U(OFF_A1 + umr * AS + ut),
+                                  U(OFF_B1 + ug * AS + ut), AS, (d + 7) // 8)  # fmt: skip
+                    tile_products(sh, xw, lane, mdp, U(OFF_A2 + umr * AVS + ut),
+                                  U(OFF_B2 + ug * AVS + ut), AVS, (dvw + 7) // 8)  # fmt: skip
                     ocnt_ = own_len - o0
                     scnt_ = shi - s0
-                    for n in range(NB):
-                        for e in range(2):
-                            c = 8 * n + t2 + e
-                            diff = SG * ((o0 + mr) - (s0 + c))
-                            vis = lo_base <= diff and diff < hi_base and mr < ocnt_ and c < scnt_
-                            srow = s_off + s0 + c
-                            if KV:
-                                qrow = U(srow)
-                                kcol = U(orow)
-                            else:
-                                qrow = U(orow)
-                                kcol = U(srow)
-                            if vis and has_mask:
-                                vis = mask[b1, h, qrow, kcol]
-                            pv = ZERO
-                            dsv = ZERO
-                            if vis:
-                                x = ms[2 * n + e] * scale
-                                if has_bias:
-                                    x += bias[b1, h, qrow, kcol]
+                    for hr in range(2):
+                        r_ = mr + 8 * hr
+                        orow = own_off + o0 + r_
+                        for n in range(NB):
+                            for e in range(2):
+                                c = 8 * n + t2 + e
+                                diff = SG * ((o0 + r_) - (s0 + c))
+                                vis = (
+                                    lo_base <= diff and diff < hi_base and r_ < ocnt_ and c < scnt_
+                                )
+                                srow = s_off + s0 + c
                                 if KV:
-                                    lx = sh[OFF_L + U(c)]
-                                    dx = sh[OFF_DD + U(c)]
+                                    qrow = U(srow)
+                                    kcol = U(orow)
                                 else:
-                                    lx = own_l[0]
-                                    dx = own_d[0]
-                                if x != NINF:
-                                    pv = math.exp(x - lx)
-                                    dsv = pv * (mdp[2 * n + e] - dx)
-                            if KV:
-                                sh[U(OFF_PT + umr * PS + U(c))] = pv
-                            sh[U(OFF_DS + umr * PS + U(c))] = dsv
+                                    qrow = U(orow)
+                                    kcol = U(srow)
+                                if vis and has_mask:
+                                    vis = mask[b1, h, qrow, kcol]
+                                pv = ZERO
+                                dsv = ZERO
+                                if vis:
+                                    # Constant indices, chosen by hr: the
+                                    # loop over hr stays rolled, and an index
+                                    # depending on it would put the arrays
+                                    # in local memory.
+                                    x = ms[4 * n + e] if hr == 0 else ms[4 * n + 2 + e]
+                                    x = x * scale
+                                    if has_bias:
+                                        x += bias[b1, h, qrow, kcol]
+                                    if KV:
+                                        lx = sh[OFF_L + U(c)]
+                                        dx = sh[OFF_DD + U(c)]
+                                    else:
+                                        lx = own_l[0] if hr == 0 else own_l[1]
+                                        dx = own_d[0] if hr == 0 else own_d[1]
+                                    if x != NINF:
+                                        pv = math.exp(x - lx)
+                                        dpx = mdp[4 * n + e] if hr == 0 else mdp[4 * n + 2 + e]
+                                        dsv = pv * (dpx - dx)
+                                if KV:
+                                    sh[U(OFF_PT + U(r_) * PS + U(c))] = pv
+                                sh[U(OFF_DS + U(r_) * PS + U(c))] = dsv
                 else:
                     # S = A1 B1^T, dP = A2 B2^T: own rows tr + TR*a, streamed
                     # rows tc + TC*b, PV consecutive dims per (vector) read.
@@ -848,39 +913,34 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                 vbad = cuda.syncthreads_or(bad)  # block-uniform
                 if MMA:
                     if vbad:  # key by key, skipping masked entries (as above)
-                        for j in range(BC):
-                            dsj = sh[U(OFF_DS + umr * PS + U(j))]
-                            if dsj != ZERO:
-                                for n in range(NOD):
-                                    for e in range(2):
-                                        bv = sh[U(OFF_B1 + U(j) * AS + U(8 * n + e) + ut2)]
-                                        macc1[2 * n + e] += dsj * bv
-                            if KV:
-                                pj = sh[U(OFF_PT + umr * PS + U(j))]
-                                if pj != ZERO:
-                                    for n in range(NOV):
+                        for hr in range(2):
+                            prow = U(U(umr + U(8 * hr)) * PS)
+                            for j in range(BC):
+                                dsj = sh[U(OFF_DS + prow + U(j))]
+                                if dsj != ZERO:
+                                    for n in range(NOD):
                                         for e in range(2):
-                                            bv = sh[U(OFF_B2 + U(j) * AVS + U(8 * n + e) + ut2)]
-                                            macc2[2 * n + e] += pj * bv
-                    else:  # A = dS or P [mr][4ks + t], B = B1 or B2 [4ks + t][8n + g]
-                        for ks in range(BC // 4):
-                            av = sh[U(OFF_DS + umr * PS + U(4 * ks) + ut)]
-                            for n in range(NOD):
-                                bv = sh[U(OFF_B1 + (U(4 * ks) + ut) * AS + U(8 * n) + ug)]
-                                d0, d1 = mma(
-                                    sh, xw, lane, ug, ut, av, bv, macc1[2 * n], macc1[2 * n + 1]
-                                )
-                                macc1[2 * n] = d0
-                                macc1[2 * n + 1] = d1
-                            if KV:
-                                av = sh[U(OFF_PT + umr * PS + U(4 * ks) + ut)]
-                                for n in range(NOV):
-                                    bv = sh[U(OFF_B2 + (U(4 * ks) + ut) * AVS + U(8 * n) + ug)]
-                                    d0, d1 = mma(
-                                        sh, xw, lane, ug, ut, av, bv, macc2[2 * n], macc2[2 * n + 1]
-                                    )
-                                    macc2[2 * n] = d0
-                                    macc2[2 * n + 1] = d1
+                                            bv = sh[U(OFF_B1 + U(j) * AS + U(8 * n + e) + ut2)]
+                                            if hr == 0:  # constant indices (see above)
+                                                macc1[4 * n + e] += dsj * bv
+                                            else:
+                                                macc1[4 * n + 2 + e] += dsj * bv
+                                if KV:
+                                    pj = sh[U(OFF_PT + prow + U(j))]
+                                    if pj != ZERO:
+                                        for n in range(NOV):
+                                            for e in range(2):
+                                                bv = sh[U(OFF_B2 + U(j) * AVS + U(8 * n + e) + ut2)]
+                                                if hr == 0:
+                                                    macc2[4 * n + e] += pj * bv
+                                                else:
+                                                    macc2[4 * n + 2 + e] += pj * bv
+                    else:  # A = dS or P [mr][8ks + t], B = B1 or B2 [8ks + t][8n + g]
+                        out_products_d(sh, xw, lane, macc1, U(OFF_DS + umr * PS + ut),
+                                       U(OFF_B1 + ut * AS + ug), AS)  # fmt: skip
+                        if KV:
+                            out_products_v(sh, xw, lane, macc2, U(OFF_PT + umr * PS + ut),
+                                           U(OFF_B2 + ut * AVS + ug), AVS)  # fmt: skip
                 else:
                     # dQ += dS K (query kernel); dK += dS^T Q and dV += P^T dO
                     # (key kernel): own rows tr + TR*a, columns
@@ -907,22 +967,26 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
                 cuda.syncthreads()
 
         if MMA:
-            if o0 + mr < own_rows:
-                row = U(own_off + o0 + mr)
-                for n in range(NOD):
-                    for e in range(2):
-                        col = U(8 * n + e) + ut2
-                        if col < d:
-                            if KV:
-                                dk[b1, b2, row, col] = macc1[2 * n + e] * scale
-                            else:
-                                dq[b1, b2, row, col] = macc1[2 * n + e] * scale
-                if KV:
-                    for n in range(NOV):
+            for hr in range(2):
+                if o0 + mr + 8 * hr < own_rows:
+                    row = U(own_off + o0 + mr + 8 * hr)
+                    for n in range(NOD):
                         for e in range(2):
                             col = U(8 * n + e) + ut2
-                            if col < dvw:
-                                dv[b1, b2, row, col] = macc2[2 * n + e]
+                            if col < d:
+                                val = macc1[4 * n + e] if hr == 0 else macc1[4 * n + 2 + e]
+                                val = val * scale
+                                if KV:
+                                    dk[b1, b2, row, col] = val
+                                else:
+                                    dq[b1, b2, row, col] = val
+                    if KV:
+                        for n in range(NOV):
+                            for e in range(2):
+                                col = U(8 * n + e) + ut2
+                                if col < dvw:
+                                    val = macc2[4 * n + e] if hr == 0 else macc2[4 * n + 2 + e]
+                                    dv[b1, b2, row, col] = val
         else:
             for a in range(RR):
                 r = o0 + tr + TR * a

@@ -386,9 +386,32 @@ def count(instrs: list[Instr]) -> dict:
     }
 
 
+def mma_lane_work(op: str) -> int:
+    """Multiply-adds a lane's share of one tensor-core instruction does, from
+    its shape: ``HMMA.1688.F32.TF32`` and ``DMMA.16x8x8`` 16*8*8/32 = 32,
+    ``DMMA.884`` 8. 32 where the shape is not spelled."""
+    parts = op.split(".")
+    shape = parts[1] if len(parts) > 1 else ""
+    # "16x8x8"; or digits: "884" (m8n8k4), "1688" (m16n8k8), "16816" (m16n8k16)
+    splits = {3: (1, 2), 4: (2, 3), 5: (2, 3)}
+    if "x" in shape:
+        dims = shape.split("x")
+    elif shape.isdigit() and len(shape) in splits:
+        i, j = splits[len(shape)]
+        dims = [shape[:i], shape[i:j], shape[j:]]
+    else:
+        return 32
+    try:
+        m, n, k = (int(x) for x in dims)
+    except ValueError:
+        return 32
+    return max(1, m * n * k // 32)
+
+
 def hottest_loop(instrs: list[Instr], labels: dict[str, int]) -> dict | None:
-    """The loop with the most FMA+MMA instructions (nested loops counted in
-    it); on a tie the outermost, then the first. In the fused attention
+    """The loop with the most multiply-adds (FMA instructions, and each MMA
+    weighted by its multiply-adds a lane: :func:`mma_lane_work`; nested
+    loops counted in it); on a tie the outermost, then the first. In the fused attention
     kernel that is the loop over key tiles that holds both products
     unrolled: the fast loop over interior key tiles of the float32 kernel
     (its boundary tiles run a second loop whose products are not unrolled),
@@ -398,8 +421,9 @@ def hottest_loop(instrs: list[Instr], labels: dict[str, int]) -> dict | None:
         return None
 
     def work(lp):
-        c = count([instrs[i] for i in lp])
-        return c["fma"] + c["mma"]
+        ops = [instrs[i] for i in lp]
+        c = count(ops)
+        return c["fma"] + sum(mma_lane_work(i.op) for i in ops if i.base in MMA_OPS)
 
     best = max(loops, key=lambda lp: (work(lp), len(lp), -lp[0]))
     members = set(best)

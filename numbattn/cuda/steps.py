@@ -48,7 +48,7 @@ from numba import cuda, float32, float64
 from numba import uint32 as U
 
 from .geometry import KINDS, scratch_elements, step_kind  # noqa: F401  (the steps' vocabulary)
-from .kernels import _device, _dmma, _on_simulator
+from .kernels import _device, _on_simulator
 
 # --------------------------------------------------------------------------
 # Inline PTX (built only off the simulator)
@@ -64,7 +64,9 @@ def _asm_call(builder, ret, template, constraints, args):
 
 
 def _intrinsics():
-    """``(tf32_split, tf32_round, mma_tf32, mma_f64)`` as numba-cuda intrinsics."""
+    """The inline PTX of the steps as numba-cuda intrinsics (llvmlite
+    ``InlineAsm``, as numba-cuda emits its own): ``tf32_split``,
+    ``tf32_round``, ``mma_tf32`` and ``mma_f64`` (m16n8k8), ``mma_f64_884``."""
     if not _INTRINSICS:
         from llvmlite import ir
         from numba.core import types as nbt
@@ -125,8 +127,29 @@ def _intrinsics():
             sig = UniTuple(d, 4)(*([d] * 10))
             return sig, mma_codegen("m16n8k8", "f64.f64.f64.f64", "d", "d", f64, f64)
 
+        @intrinsic
+        def mma_f64_884(typingctx, a, b, c0, c1):
+            """m8n8k4: a = A[g][t], b = B[t][g], (c0, c1) = C[g][2t], C[g][2t + 1]."""
+            d = nbt.float64
+            sig = UniTuple(d, 2)(d, d, d, d)
+            template = (
+                "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {$0, $1}, {$2}, {$3}, {$4, $5};"
+            )
+
+            def codegen(context, builder, sig, args):
+                ret = ir.LiteralStructType([f64, f64])
+                res = _asm_call(builder, ret, template, "=d,=d,d,d,d,d", list(args))
+                outs = [builder.extract_value(res, i) for i in range(2)]
+                return context.make_tuple(builder, sig.return_type, outs)
+
+            return sig, codegen
+
         _INTRINSICS.update(
-            tf32_split=tf32_split, tf32_round=tf32_round, mma_tf32=mma_tf32, mma_f64=mma_f64
+            tf32_split=tf32_split,
+            tf32_round=tf32_round,
+            mma_tf32=mma_tf32,
+            mma_f64=mma_f64,
+            mma_f64_884=mma_f64_884,
         )
     return _INTRINSICS
 
@@ -148,7 +171,7 @@ def _hardware_step(kind: str):
                 return mma_f64(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
 
         else:
-            dmma = _dmma()
+            dmma = _intrinsics()["mma_f64_884"]
 
             def mma(sh, xw, lane, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
                 d0, d1 = dmma(a0, b0, c0, c1)  # rows g, dimensions t

@@ -242,29 +242,33 @@ def test_nan_in_masked_positions(dtype):
     assert np.all(gk[:, :, 6] == 0) and np.all(gv[:, :, 6] == 0) and np.all(gq[:, :, 4] == 0)
 
 
-#: float64 on the tensor cores (DMMA; emulated on the simulator): one warp
-#: of 8 own rows, 8-row streamed tiles.
+#: The tensor cores (3xTF32 and DMMA; emulated on the simulator): one warp
+#: of 16 own rows, 8-row streamed tiles.
 MMA_TILES = dict(
-    CUDA_BWD_ROW_TILE_F64=8,
-    CUDA_BWD_COL_TILE_F64=8,
-    CUDA_BWD_ROWS_PER_THREAD_F64=2,
-    CUDA_BWD_COLS_PER_THREAD_F64=1,
+    CUDA_TENSOR_CORES=True,
+    CUDA_BWD_TC_WARPS=1,
+    CUDA_BWD_TC_COL_TILE=8,
+    CUDA_BWD_TC_WARPS_F64=1,
+    CUDA_BWD_TC_COL_TILE_F64=8,
 )
 
 
 @pytest.fixture
 def mma_tiles(monkeypatch):
-    from numbattn.cuda import backend, backward
+    from numbattn.cuda import backend
 
     for name, value in MMA_TILES.items():
         monkeypatch.setattr(numbattn.config, name, value)
-    assert backward.backward_mma_ok(np.float64, *backend.backward_geometry(np.float64, 5, 6)[:4])
+    for dtype in DTYPES:
+        geo, kind = backend.backward_plan(dtype, 5, 6)
+        assert kind is not None and geo[0] * geo[1] == 32
 
 
-def test_float64_tensor_cores(mma_tiles):
-    """The DMMA kernels (fragment layout, visibility per fragment element,
-    outputs as n-tiles) with tails, lengths, window, GQA, bias and mask."""
-    dtype = np.float64
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensor_cores(mma_tiles, dtype):
+    """The tensor-core kernels (fragment layout, visibility per fragment
+    element, outputs as n-tiles) with tails, lengths, window, GQA, bias and
+    mask."""
     rng = np.random.default_rng(11)
     q, k, v, do = _inputs(rng, dtype, 2, 4, 2, 11, 19, 5, 6)
     check_backward(dtype, q, k, v, do, "mma", scale=0.6)
@@ -279,8 +283,9 @@ def test_float64_tensor_cores(mma_tiles):
     check_backward(dtype, q, k, v, do, "mma bias mask", bias=bias, mask=mask)
 
 
-def test_float64_tensor_cores_nan_in_masked_positions(mma_tiles):
-    test_nan_in_masked_positions(np.float64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensor_cores_nan_in_masked_positions(mma_tiles, dtype):
+    test_nan_in_masked_positions(dtype)
 
 
 def _shipped_backward_knobs() -> dict:
@@ -295,17 +300,18 @@ def _shipped_backward_knobs() -> dict:
 
 @pytest.mark.parametrize("dtype,d,dv", [(np.float32, 40, 72), (np.float64, 24, 40)])
 def test_production_geometry(monkeypatch, dtype, d, dv):
-    """The shipped geometry (float32: 128 threads, 32-row tiles; float64: the
-    tensor-core kernel, 64 threads), dv != d both padded, two own tiles with
-    tails, causal with Nq < Nk, lengths and GQA (small: the simulator runs
-    one Python thread per CUDA thread). On a GPU this runs the
-    hardware paths (launch bounds, vector loads, DMMA)."""
-    from numbattn.cuda import backend, backward
+    """The shipped geometry (the tensor-core kernels: float32 2 warps,
+    32-row streamed tiles; float64 one warp, 16-row tiles), dv != d both
+    padded, own tiles with tails, causal with Nq < Nk, lengths and GQA
+    (small: the simulator runs one Python thread per CUDA thread). On a GPU
+    this runs the hardware paths (launch bounds, inline PTX)."""
+    from numbattn.cuda import backend
 
     for name, value in _shipped_backward_knobs().items():
         monkeypatch.setattr(numbattn.config, name, value)
-    geo = backend.backward_geometry(dtype, d, dv)
-    assert backward.backward_mma_ok(dtype, *geo[:4]) == (dtype == np.float64)
+    monkeypatch.setattr(numbattn.config, "CUDA_TENSOR_CORES", True)
+    geo, kind = backend.backward_plan(dtype, d, dv)
+    assert kind is not None and geo[0] * geo[1] == (64 if dtype == np.float32 else 32)
     rng = np.random.default_rng(12)
     nq, nk = (33, 38) if dtype == np.float32 else (17, 21)
     q, k, v, do = _inputs(rng, dtype, 1, 2, 1, nq, nk, d, dv)

@@ -236,3 +236,39 @@ def test_hardware_steps_match_the_emulation(dtype):
             BE._kernels[key] = saved
     assert_close(res[True], res[False].astype(np.float64), dtype, "hardware vs emulation")
     assert_close(res[True], ro, dtype, "hardware")
+
+
+def _gradients(q, k, v, dout, **options):
+    """dq, dk, dv on the device (forward, then backward into poisoned arrays)."""
+    dtype = q.dtype
+    lse = dev(poisoned(q.shape[:-1], dtype))
+    out = numbattn.attention(dev(q), dev(k), dev(v), lse=lse, **options)
+    grads = [dev(poisoned(x.shape, dtype)) for x in (q, k, v)]
+    numbattn.attention_backward(
+        dev(q), dev(k), dev(v), out, lse, dev(dout), dq=grads[0], dk=grads[1], dv=grads[2],
+        **options,
+    )  # fmt: skip
+    return [g.copy_to_host() for g in grads]
+
+
+@pytest.mark.parametrize("decades, d", [((-3, 3), 8), ((-1, 1), 1), ((-2, 0), 24)])
+def test_3xtf32_backward_accuracy_against_the_fma_kernels(monkeypatch, decades, d):
+    """float32 gradients on the tensor cores (3xTF32) are within 2x the FMA
+    kernels' error on the same inputs."""
+    monkeypatch.setattr(numbattn.config, "CUDA_BWD_TC_WARPS", 1)
+    monkeypatch.setattr(numbattn.config, "CUDA_BWD_TC_COL_TILE", 8)
+    rng = np.random.default_rng(d + 7)
+    q, k, v = _accuracy_case(rng, decades, d, 20)
+    dout = _accuracy_case(rng, decades, d, 16)[0]
+    scale = 1.0 / (np.abs(q).max() * np.abs(k).max() * d)  # keeps exp() in range
+    ref = reference.attention_backward(
+        *(x.astype(np.float64) for x in (q, k, v, dout)), scale=scale, causal=True
+    )
+    assert BE.backward_plan(np.float32, d, d)[1] == "tf32x3"
+    tc = _gradients(q, k, v, dout, scale=scale, causal=True)
+    monkeypatch.setattr(numbattn.config, "CUDA_TENSOR_CORES", False)
+    assert BE.backward_plan(np.float32, d, d)[1] is None
+    fma = _gradients(q, k, v, dout, scale=scale, causal=True)
+    for name, a, b, r in zip(("dq", "dk", "dv"), tc, fma, ref, strict=True):
+        err_tc, err_fma = rel_err(a, r), rel_err(b, r)
+        assert err_tc <= 2 * err_fma + 1e-7, (name, err_tc, err_fma)
