@@ -132,6 +132,14 @@ CUDA_TC_WARPS = 4
 CUDA_TC_KEY_TILE = 32
 CUDA_TC_WARPS_F64 = 2
 CUDA_TC_KEY_TILE_F64 = 16
+# ``scores`` on the tensor cores (where the forward takes them): a block of
+# CUDA_TC_SCORES_WARPS warps writes 16 x that many rows by
+# CUDA_TC_SCORES_TILE columns (a multiple of 8), staging q and k
+# CUDA_TC_SCORES_HEAD_CHUNK head dimensions (a multiple of 8) at a time;
+# float32 and float64 alike (float64 at 64 x 64 x 32: 36 KiB of shared memory).
+CUDA_TC_SCORES_WARPS = 4
+CUDA_TC_SCORES_TILE = 64
+CUDA_TC_SCORES_HEAD_CHUNK = 32
 
 # Geometry of the CUDA backward kernels (numbattn/cuda/backward.py): a block
 # keeps ROW_TILE of its own rows (queries for dQ, keys for dK/dV) resident

@@ -236,6 +236,9 @@ def main(argv=None) -> int:
             CUDA_TC_WARPS_F64=1,
             CUDA_TC_KEY_TILE=8,
             CUDA_TC_KEY_TILE_F64=8,
+            CUDA_TC_SCORES_WARPS=1,
+            CUDA_TC_SCORES_TILE=8,
+            CUDA_TC_SCORES_HEAD_CHUNK=8,
         ).items():
             setattr(cfg, name, val)
     problem = numbattn.cuda_problem()

@@ -180,10 +180,11 @@ def cmd_varlen(args) -> None:
 
 
 def cmd_scores(args) -> None:
-    """numbattn.scores (the register-blocked kernel, issue 10): checked against
-    the float64 reference on a multi-tile shape with tails and options, then
-    timed at (4, 16, 2048, 64), causal and not, against torch's batched
-    matmul (q @ k^T, scaled; TF32 off) when torch has CUDA."""
+    """numbattn.scores (on the tensor cores from sm_80; the register-blocked
+    FMA kernel with CUDA_TENSOR_CORES off): checked against the float64
+    reference on a multi-tile shape with tails and options, then timed at
+    (4, 16, 2048, 64), causal and not, beside the FMA kernel and against
+    torch's batched matmul (q @ k^T, scaled; TF32 off) when torch has CUDA."""
     from numba import cuda
 
     import numbattn
@@ -194,6 +195,7 @@ def cmd_scores(args) -> None:
     if args.tiny:  # the simulator: one Python thread per CUDA thread
         cfg = numbattn.config
         cfg.CUDA_SCORES_TILE, cfg.CUDA_SCORES_PER_THREAD, cfg.CUDA_SCORES_HEAD_CHUNK = 8, 2, 4
+        cfg.CUDA_TC_SCORES_WARPS, cfg.CUDA_TC_SCORES_TILE, cfg.CUDA_TC_SCORES_HEAD_CHUNK = 1, 8, 8
     for dtype in (np.float32, np.float64):
         name = np.dtype(dtype).name
         # Tails everywhere: 150 x 133 (3 x 3 tiles of 64), d = 72 (4 chunks + 8).
@@ -221,6 +223,13 @@ def cmd_scores(args) -> None:
             flops = 2.0 * b * h * n * n * d
             row = f"time scores {name} {(b, h, n, d)} causal={int(causal)}: numbattn {ms:.3f} ms"
             row += f", {flops / ms / 1e9:.2f} TFLOP/s (all products)"
+            saved = numbattn.config.CUDA_TENSOR_CORES
+            numbattn.config.CUDA_TENSOR_CORES = False
+            try:
+                fma = _time_ms(lambda c=causal: numbattn.scores(dq, dk, causal=c, out=out), reps)
+            finally:
+                numbattn.config.CUDA_TENSOR_CORES = saved
+            row += f"; FMA kernel {fma:.3f} ms ({fma / ms:.2f}x numbattn time)"
             if torch is not None and not causal:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 tq, tk = (torch.as_tensor(x, device="cuda") for x in (q, k))

@@ -69,17 +69,17 @@ def run(tools, tmp_path_factory):
     return json.loads(r.stdout), save
 
 
-def _attention_records(tmp_path_factory, setup: str, cc: str):
-    """Records of the fused forward and the backward kernels alone, compiled
-    for ``cc`` in a fresh process after running ``setup`` (numbattn.config
-    changes)."""
-    save = tmp_path_factory.mktemp("gpu-report-attention")
+def _records(tmp_path_factory, setup: str, cc: str, kernels=("attention", "scores")):
+    """Records of ``kernels`` alone (default: the fused forward and scores, the
+    kernels with a tensor-core and an FMA variant), compiled for ``cc`` in a
+    fresh process after running ``setup`` (numbattn.config changes)."""
+    save = tmp_path_factory.mktemp("gpu-report-" + "-".join(kernels))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     code = (
         "import json, numbattn; " + setup + "; from numbattn.cuda import report; "
         f"print(json.dumps(report.report({cc!r}, save_dir={str(save)!r}, device=False, "
-        "kernels=('attention', 'backward_dq', 'backward_dkdv'))))"
+        f"kernels={tuple(kernels)!r})))"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -89,16 +89,20 @@ def _attention_records(tmp_path_factory, setup: str, cc: str):
     return json.loads(r.stdout), save
 
 
+#: The kernels with a tensor-core and an FMA variant.
+KINDS_TC = ("attention", "scores", "backward_dq", "backward_dkdv")
+
+
 @pytest.fixture(scope="module")
 def fma_run(tools, tmp_path_factory):
     """The FMA kernels (tensor cores off: what runs before sm_80), cc 9.0."""
-    return _attention_records(tmp_path_factory, "numbattn.config.CUDA_TENSOR_CORES = False", "9.0")
+    return _records(tmp_path_factory, "numbattn.config.CUDA_TENSOR_CORES = False", "9.0", KINDS_TC)
 
 
 @pytest.fixture(scope="module")
 def sm80_run(tools, tmp_path_factory):
     """The tensor-core kernels compiled for cc 8.0 (m8n8k4 DMMA for float64)."""
-    return _attention_records(tmp_path_factory, "pass", "8.0")
+    return _records(tmp_path_factory, "pass", "8.0", KINDS_TC)
 
 
 def _files(save, rec, suffix):
@@ -113,10 +117,10 @@ def _static(records):
 def test_one_record_per_variant(run):
     records, _ = run
     static = _static(records)
-    # The fused attention and the streaming kernels have a hardware and a simulator path.
+    # The tensor-core kernels and the streaming one have a hardware and a simulator path.
     assert sorted((r["kernel"], r["dtype"], r["path"]) for r in static) == sorted(
         [(k, d, "hardware") for k in KERNELS for d in DTYPES]
-        + [(k, d, "simulator") for k in ("attention", "decode") for d in DTYPES]
+        + [(k, d, "simulator") for k in ("attention", "scores", "decode") for d in DTYPES]
     )
     for r in static:
         assert r["target"] == "sm_90"
@@ -132,7 +136,7 @@ def test_one_record_per_variant(run):
         assert re.fullmatch(r"\d+\.\d+\.\d+", r["ptxas"])
 
 
-def test_geometry_is_the_production_one(run):
+def test_geometry_is_the_production_one(run, fma_run):
     """Threads per block follow numbattn.config, as the backend launches them."""
     cfg = numbattn.config
     want = {
@@ -140,7 +144,7 @@ def test_geometry_is_the_production_one(run):
         ("attention", "float64"): 32 * cfg.CUDA_TC_WARPS_F64,
     }
     for dt in DTYPES:
-        want["scores", dt] = (cfg.CUDA_SCORES_TILE // cfg.CUDA_SCORES_PER_THREAD) ** 2
+        want["scores", dt] = 32 * cfg.CUDA_TC_SCORES_WARPS
         want["softmax", dt] = cfg.CUDA_SOFTMAX_THREADS
         want["merge", dt] = 128
         sfx = "_F64" if dt == "float64" else ""
@@ -154,6 +158,16 @@ def test_geometry_is_the_production_one(run):
     att = {r["dtype"]: r for r in _static(run[0]) if r["kernel"] == "attention"}
     assert att["float32"]["geometry"]["query_tile"] == 16 * cfg.CUDA_TC_WARPS
     assert att["float64"]["geometry"]["key_tile"] == cfg.CUDA_TC_KEY_TILE_F64
+    for r in _static(run[0]):
+        if r["kernel"] == "scores":
+            geo = r["geometry"]
+            assert geo["row_tile"] == 16 * cfg.CUDA_TC_SCORES_WARPS
+            assert geo["column_tile"] == cfg.CUDA_TC_SCORES_TILE
+            assert geo["head_chunk"] == cfg.CUDA_TC_SCORES_HEAD_CHUNK
+    fma = {r["dtype"]: r for r in _static(fma_run[0]) if r["kernel"] == "scores"}
+    for r in fma.values():
+        assert r["threads_per_block"] == (cfg.CUDA_SCORES_TILE // cfg.CUDA_SCORES_PER_THREAD) ** 2
+        assert r["geometry"]["tile"] == cfg.CUDA_SCORES_TILE
 
 
 def test_resources_match_ptxas_and_cuobjdump(run, tools):
@@ -267,11 +281,12 @@ def _attention_products(geo):
 def test_hottest_loops_are_the_documented_ones(run, fma_run):
     """The tensor-core forward: the key-tile loop, holding the k-step loop
     of S = Q K^T (its mma.sync, nested) and the unrolled P V products;
-    the FMA forward (float32): the fast loop over interior key tiles, a
-    whole tile's work in one body: both products unrolled (no loop inside
-    holds an FMA), the exponentials, the barriers, the next tile's
-    prefetch; scores: the loop over whole d-chunks (R*R*DC FMAs between two
-    barriers)."""
+    tensor-core scores: the loop over head chunks (two barriers), holding
+    the k-step loop (its mma.sync over the column tile, nested); the FMA
+    forward (float32): the fast loop over interior key tiles, a whole tile's
+    work in one body: both products unrolled (no loop inside holds an FMA),
+    the exponentials, the barriers, the next tile's prefetch; FMA scores:
+    the loop over whole d-chunks (R*R*DC FMAs between two barriers)."""
     for r in _static(run[0]):
         loop = r["inner_loop"]
         geo = r["geometry"]
@@ -281,12 +296,16 @@ def test_hottest_loops_are_the_documented_ones(run, fma_run):
             assert loop["barriers"] >= 2
             if r["dtype"] == "float32":  # float64 exp has no MUFU
                 assert loop["mufu"] >= 2 * geo["key_tile"] // 4
+        if r["kernel"] == "scores" and r["path"] == "hardware":
+            assert loop["barriers"] == 2
+            products = [x for x in loop["nested"] if x["mma"]]
+            assert products and loop["mma"] >= max(x["mma"] for x in products)
+    for r in _static(fma_run[0]):
+        loop, geo = r["inner_loop"], r["geometry"]
         if r["kernel"] == "scores":
             assert loop["barriers"] == 2
             assert loop["fma"] == geo["per_thread"] ** 2 * geo["head_chunk"]
-    for r in _static(fma_run[0]):
-        loop, geo = r["inner_loop"], r["geometry"]
-        if r["kernel"] == "attention" and r["dtype"] == "float32":
+        elif r["kernel"] == "attention" and r["dtype"] == "float32":
             assert loop["fma"] >= _attention_products(geo)
             assert not [x for x in loop["nested"] if x["fma"] + x["mma"]]
             assert loop["mufu"] >= geo["rows_per_thread"] * geo["keys_per_thread"]
@@ -294,7 +313,7 @@ def test_hottest_loops_are_the_documented_ones(run, fma_run):
             tile = geo["key_tile"] * (geo["head_chunk"] + geo["value_chunk"])
             assert loop["global_loads"] == tile // r["threads_per_block"]
     # No spills at the production geometry.
-    fma32 = [r for r in _static(fma_run[0]) if r["dtype"] == "float32"]  # the FMA fallback
+    fma32 = [r for r in _static(fma_run[0]) if r["dtype"] == "float32" or r["kernel"] == "scores"]
     spill_free = [
         r
         for r in _static(run[0])
@@ -411,12 +430,12 @@ def test_fma_attention_hardware_path(fma_run):
     assert att["float32", "hardware"]["inner_loop"]["fma_share"] >= 0.55
 
 
-def test_scores_register_blocked(run, tools):
-    """The scores kernel's loop over whole d-chunks (issue 10): FMAs are at
-    least 55% of it, every shared load is 16 bytes (LDS.128: 4 floats or 2
+def test_scores_register_blocked(fma_run, tools):
+    """The FMA scores kernel's loop over whole d-chunks: FMAs are at least
+    55% of it, every shared load is 16 bytes (LDS.128: 4 floats or 2
     doubles), the next chunk's global loads are in it (prefetch), no local
     memory, and 16 warps per SM on cc 9.0."""
-    records, save = run
+    records, save = fma_run
     for r in _static(records):
         if r["kernel"] != "scores":
             continue
@@ -428,6 +447,29 @@ def test_scores_register_blocked(run, tools):
         assert loop["global_loads"] > 0 and loop["local_accesses"] == 0
         assert r["spill_bytes"] == 0 and r["warps_per_sm"] >= 16
         assert r["threads_per_block"] >= 256  # multi-warp blocks
+
+
+def test_scores_on_the_tensor_cores(run, sm80_run):
+    """The hardware path of the scores kernel multiplies on the tensor cores
+    (the step of the fused forward, :data:`MMA_KINDS`) in its loop over head
+    chunks: at least one k-step over the column tile's n-tiles, unrolled;
+    no spills, no local memory; 16 warps per SM on cc 9.0. The simulator
+    path (its emulation, compiled) has no mma."""
+    records = [r for r in run[0] + sm80_run[0] if r["kernel"] == "scores"]
+    assert {(r["dtype"], r["cc"]) for r in records} == set(MMA_KINDS)
+    for r in records:
+        loop = r["inner_loop"]
+        if r["path"] == "simulator":
+            assert loop["mma"] == 0
+            continue
+        kind = MMA_KINDS[r["dtype"], r["cc"]]
+        assert set(loop["mma_kinds"]) == {kind}, (r["cc"], loop["mma_kinds"])
+        per_step = {"HMMA.1688.F32.TF32": 3, "DMMA.16x8x8": 1, "DMMA.884": 4}[kind]
+        assert loop["mma"] >= per_step * r["geometry"]["column_tile"] // 8
+        assert r["spill_bytes"] == 0 and r["local_bytes"] == 0
+        assert loop["local_accesses"] == 0
+        if r["cc"] == "9.0":
+            assert r["warps_per_sm"] >= 16
 
 
 def test_decode_reads_rows_16_bytes_at_a_time(run, tools):

@@ -33,7 +33,7 @@ from .args import (
     SplitMergeArgs,
     signature,
 )
-from .geometry import TensorCoreGeometry, step_kind
+from .geometry import TensorCoreGeometry, TensorCoreScoresGeometry, step_kind
 
 name = "cuda"
 
@@ -451,6 +451,15 @@ def float32_precision() -> str:
     return value
 
 
+def _tensor_core_step(dtype, cc) -> str | None:
+    """The product step of the tensor-core kernels for ``dtype`` on ``cc``
+    (None: the simulator), or None where ``CUDA_TENSOR_CORES`` is off or
+    the device predates sm_80."""
+    if not _flag("CUDA_TENSOR_CORES"):
+        return None
+    return step_kind(dtype, (9, 0) if cc is None else cc, float32_precision())
+
+
 def tensor_core_geometry(dtype, cc=None) -> TensorCoreGeometry | None:
     """The tensor-core forward's geometry for ``dtype`` on compute capability
     ``cc`` (None: the simulator), or None where the FMA kernel runs instead:
@@ -459,10 +468,7 @@ def tensor_core_geometry(dtype, cc=None) -> TensorCoreGeometry | None:
     ValueError naming the knobs when the configured geometry cannot run.
     """
     dtype = np.dtype(dtype)
-    if not _flag("CUDA_TENSOR_CORES"):
-        return None
-    precision = float32_precision()
-    kind = step_kind(dtype, (9, 0) if cc is None else cc, precision)
+    kind = _tensor_core_step(dtype, cc)
     if kind is None:
         return None
     sfx = "_F64" if dtype == np.float64 else ""
@@ -480,6 +486,34 @@ def tensor_core_geometry(dtype, cc=None) -> TensorCoreGeometry | None:
             f"numbattn.config gives the CUDA tensor-core attention kernel ({dtype.name}, "
             f"{geo}): {problem}; change CUDA_TC_WARPS{sfx}, CUDA_TC_KEY_TILE{sfx}, "
             "CUDA_HEAD_CHUNK or CUDA_VALUE_CHUNK, or set CUDA_TENSOR_CORES = False"
+        )
+    return geo
+
+
+def tensor_core_scores_geometry(dtype, cc=None) -> TensorCoreScoresGeometry | None:
+    """The tensor-core scores kernel's geometry for ``dtype`` on compute
+    capability ``cc`` (None: the simulator), or None where the FMA kernel
+    runs instead (as :func:`tensor_core_geometry`).
+
+    ValueError naming the knobs when the configured geometry cannot run.
+    """
+    dtype = np.dtype(dtype)
+    kind = _tensor_core_step(dtype, cc)
+    if kind is None:
+        return None
+    geo = TensorCoreScoresGeometry(
+        dtype=dtype.name,
+        kind=kind,
+        warps=_knob("CUDA_TC_SCORES_WARPS"),
+        column_tile=_knob("CUDA_TC_SCORES_TILE"),
+        head_chunk=_knob("CUDA_TC_SCORES_HEAD_CHUNK"),
+    )
+    problem = geo.problem(cc, hw=not simulator())
+    if problem is not None:
+        raise ValueError(
+            f"numbattn.config gives the CUDA tensor-core scores kernel ({dtype.name}, "
+            f"{geo}): {problem}; change CUDA_TC_SCORES_WARPS, CUDA_TC_SCORES_TILE or "
+            "CUDA_TC_SCORES_HEAD_CHUNK, or set CUDA_TENSOR_CORES = False"
         )
     return geo
 
@@ -529,17 +563,45 @@ def _attention_kernel(dtype, hw=None, cc=None):
     return kern, launch
 
 
-def _scores_kernel(dtype):
-    """(kernel, (T, R, DC))."""
-    geo = scores_geometry(dtype)
-    key = ("scores", np.dtype(dtype), geo)
+@dataclass(frozen=True)
+class ScoresLaunch:
+    """What a launch of the scores kernel needs to know of its kernel."""
+
+    threads: int
+    row_tile: int
+    column_tile: int
+    geometry: Any  # TensorCoreScoresGeometry, or the FMA kernel's (T, R, DC)
+
+
+def _scores_kernel(dtype, hw=None, cc=None):
+    """(kernel, :class:`ScoresLaunch`) of ``scores``: on the tensor cores where
+    :func:`tensor_core_scores_geometry` allows, else the FMA kernel. ``hw``
+    and ``cc`` as for :func:`_attention_kernel`."""
+    dtype = np.dtype(dtype)
+    hw = (not simulator()) if hw is None else bool(hw)
+    if cc is None:
+        cc = _device_cc()
+    tc = tensor_core_scores_geometry(dtype, cc)
+    if tc is not None:
+        key: tuple = ("scores_tc", tc, hw)
+        launch = ScoresLaunch(tc.threads, tc.row_tile, tc.column_tile, tc)
+    else:
+        geo = scores_geometry(dtype)
+        t, r, _dc = geo
+        key = ("scores", dtype, geo)  # one kernel: its simulator path is the hardware's
+        launch = ScoresLaunch((t // r) ** 2, t, t, geo)
     kern = _kernels.get(key)
     if kern is None:
-        from . import kernels
-
         with _lock:
-            kern = _kernels.setdefault(key, kernels.make_scores(dtype, *geo))
-    return kern, geo
+            if tc is not None:
+                from .tensor import make_scores_tc
+
+                kern = _kernels.setdefault(key, make_scores_tc(tc, hw=hw))
+            else:
+                from . import kernels
+
+                kern = _kernels.setdefault(key, kernels.make_scores(dtype, *launch.geometry))
+    return kern, launch
 
 
 def _softmax_kernel(dtype):
@@ -677,7 +739,8 @@ def kernel_launches(dtype, cc=None) -> list[dict]:
     "dispatcher", "args", "signature", "threads", "geometry"}`` (``args``:
     the typed description of the kernel's arguments, from which
     ``signature`` is built; compute capability 9.0 without a usable GPU)
-    and ``"path"`` where the simulator runs other code than a GPU (the attention kernel: ``"hardware"`` and
+    and ``"path"`` where the simulator runs other code than a GPU (the
+    tensor-core kernels and the streaming one: ``"hardware"`` and
     ``"simulator"``), which ``python -m numbattn gpu-report`` compiles; the
     backward kernels at d = dv = 64 (:func:`backward_launches`)."""
     dtype = np.dtype(dtype)
@@ -688,7 +751,7 @@ def kernel_launches(dtype, cc=None) -> list[dict]:
             cc = (9, 0)
     att, fused = _attention_kernel(dtype, hw=True, cc=cc)
     att_sim, _ = _attention_kernel(dtype, hw=False, cc=cc)
-    sc, (t, r, sdc) = _scores_kernel(dtype)
+    sc, sc_launch = _scores_kernel(dtype, hw=True, cc=cc)
     sm, nt = _softmax_kernel(dtype)
     geo = fused.geometry
     if isinstance(geo, TensorCoreGeometry):
@@ -723,15 +786,8 @@ def kernel_launches(dtype, cc=None) -> list[dict]:
             )
             for path, disp in (("hardware", att), ("simulator", att_sim))
         ]
+        + _scores_launches(dtype, sc, sc_launch, cc)
         + [
-            dict(
-                kernel="scores",
-                dispatcher=sc,
-                args=ScoresArgs,
-                signature=scores_signature(dtype),
-                threads=(t // r) ** 2,
-                geometry=dict(tile=t, per_thread=r, head_chunk=sdc),
-            ),
             dict(
                 kernel="softmax",
                 dispatcher=sm,
@@ -752,6 +808,29 @@ def kernel_launches(dtype, cc=None) -> list[dict]:
         + backward_launches(dtype, cc=cc)
         + _decode_launches(dtype)
     )
+
+
+def _scores_launches(dtype, kern, launch: ScoresLaunch, cc) -> list[dict]:
+    """``kernel_launches``' records of the scores kernel: the tensor-core
+    kernel's hardware and simulator paths, or the FMA kernel (one path)."""
+    geo = launch.geometry
+    base = dict(
+        kernel="scores", args=ScoresArgs, signature=scores_signature(dtype), threads=launch.threads
+    )
+    if not isinstance(geo, TensorCoreScoresGeometry):
+        t, r, dc = geo
+        return [dict(base, dispatcher=kern, geometry=dict(tile=t, per_thread=r, head_chunk=dc))]
+    tc_geo = dict(
+        row_tile=geo.row_tile,
+        column_tile=geo.column_tile,
+        warps=geo.warps,
+        step=geo.kind,
+        head_chunk=geo.head_chunk,
+    )
+    return [
+        dict(base, path=path, dispatcher=disp, geometry=tc_geo)
+        for path, disp in (("hardware", kern), ("simulator", _scores_kernel(dtype, False, cc)[0]))
+    ]
 
 
 #: Head dimension at which ``kernel_launches`` reports the streaming kernel
@@ -916,14 +995,14 @@ def scores(q, k, out, seq, max_rows, bias, mask, scale, window_left, window_righ
     g1, g2 = q.shape[:2]
     ncol = out.shape[3]
     dtype = np.dtype(q.dtype)
-    kern, (t, r, _) = _scores_kernel(dtype)
-    n_it = -(-int(max_rows) // t)
-    grid = g1 * g2 * n_it * (-(-ncol // t))
+    kern, launch = _scores_kernel(dtype)
+    n_it = -(-int(max_rows) // launch.row_tile)
+    grid = g1 * g2 * n_it * (-(-ncol // launch.column_tile))
     if grid == 0:
         return
     table = _seq_table(seq, stream)
     args = scores_args(q, k, out, table, n_it, bias, mask, scale, window_left, window_right)
-    _launch(kern, scores_signature(dtype), grid, (t // r) ** 2, stream, args)
+    _launch(kern, scores_signature(dtype), grid, launch.threads, stream, args)
 
 
 def softmax(x, out, stream=None):
@@ -1165,12 +1244,11 @@ def backward_plan(dtype, d: int, dv: int, cc=None) -> tuple[tuple, str | None]:
     dtype = np.dtype(dtype)
     if cc is None:
         cc = _device_cc()
-    if _flag("CUDA_TENSOR_CORES"):
-        kind = step_kind(dtype, (9, 0) if cc is None else cc, float32_precision())
-        if kind is not None:
-            geo = _backward_tc_geometry(dtype, d, dv, kind)
-            if geo is not None:
-                return geo, kind
+    kind = _tensor_core_step(dtype, cc)
+    if kind is not None:
+        geo = _backward_tc_geometry(dtype, d, dv, kind)
+        if geo is not None:
+            return geo, kind
     return backward_geometry(dtype, d, dv), None
 
 

@@ -109,10 +109,7 @@ class TensorCoreGeometry:
 
     def launch_bounds(self, cc: str = "9.0") -> tuple[int, int]:
         """(threads, minimum resident blocks) for ``cuda.jit(launch_bounds=...)``."""
-        want = max(1, -(-TC_THREADS_PER_SM // self.threads))
-        per_block = self.shared_bytes(True) + limits.SM_LIMITS[cc]["reserved_shared_per_block"]
-        fit = limits.SM_LIMITS[cc]["shared"] // per_block
-        return self.threads, max(1, min(want, fit))
+        return _launch_bounds(self, cc)
 
     def problem(self, cc: tuple[int, int] | None, hw: bool = True) -> str | None:
         """Why this geometry cannot run on compute capability ``cc`` (None:
@@ -122,18 +119,99 @@ class TensorCoreGeometry:
                 "the tensor-core kernel needs key tile, head chunk and value chunk "
                 f"multiples of 8, got {self.key_tile}, {self.head_chunk}, {self.value_chunk}"
             )
-        if self.threads > limits.MAX_THREADS_PER_BLOCK:
-            return f"{self.threads} threads exceed {limits.MAX_THREADS_PER_BLOCK} a block"
-        if self.shared_bytes(hw) > limits.MAX_STATIC_SHARED:
-            return (
-                f"{self.shared_bytes(hw)} bytes of shared memory exceed the static "
-                f"limit {limits.MAX_STATIC_SHARED}"
-            )
-        if cc is not None:
-            need = (9, 0) if self.kind == "f64" else (8, 0)
-            if tuple(cc) < need:
-                return f"step {self.kind!r} needs compute capability {need[0]}.{need[1]}"
-        return None
+        return _block_problem(self, cc, hw)
 
     def can_implement(self, cc: tuple[int, int] | None, hw: bool = True) -> bool:
         return self.problem(cc, hw) is None
+
+
+@dataclass(frozen=True)
+class TensorCoreScoresGeometry:
+    """``scores`` on the tensor cores (:func:`numbattn.cuda.tensor.make_scores_tc`).
+
+    Each warp owns 16 rows (one m16 tile); a block of ``warps`` warps writes
+    ``row_tile = 16 * warps`` rows by ``column_tile`` columns (n-tiles of 8),
+    taking the head dimension ``head_chunk`` at a time (k-steps of 8).
+    ``kind`` is the product step (:func:`step_kind`).
+    """
+
+    dtype: str
+    kind: str
+    warps: int
+    column_tile: int
+    head_chunk: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def row_tile(self) -> int:
+        return 16 * self.warps
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    def layout(self, hw: bool) -> dict[str, int]:
+        """Shared-memory regions (element offsets) and row strides: ``QS`` of
+        Q and K, conflict-free for the fragment reads ``X[g][t]`` as in
+        :meth:`TensorCoreGeometry.layout`; ``PS`` of the finished tile S,
+        which takes Q's and K's place for the coalesced writes."""
+        qs = _stride(self.head_chunk, 4, 16 if self.itemsize == 8 else 32)
+        ps = self.column_tile + 1
+        lay = dict(QS=qs, PS=ps)
+        off = 0
+        for name, size in (
+            ("Q", self.row_tile * qs),
+            ("K", max(self.column_tile * qs, self.row_tile * ps - self.row_tile * qs)),
+            ("X", 0 if hw else self.warps * scratch_elements(self.kind)),
+        ):
+            lay["OFF_" + name] = off
+            off += -(-size // 2) * 2
+        lay["TOTAL"] = max(off, 1)
+        return lay
+
+    def shared_bytes(self, hw: bool) -> int:
+        return self.layout(hw)["TOTAL"] * self.itemsize
+
+    def launch_bounds(self, cc: str = "9.0") -> tuple[int, int]:
+        """(threads, minimum resident blocks) for ``cuda.jit(launch_bounds=...)``."""
+        return _launch_bounds(self, cc)
+
+    def problem(self, cc: tuple[int, int] | None, hw: bool = True) -> str | None:
+        """Why this geometry cannot run on compute capability ``cc`` (None:
+        it can). ``cc`` None: the simulator, which emulates every step."""
+        if self.column_tile % 8 or self.head_chunk % 8:
+            return (
+                "the tensor-core scores kernel needs a column tile and head chunk "
+                f"multiples of 8, got {self.column_tile}, {self.head_chunk}"
+            )
+        return _block_problem(self, cc, hw)
+
+    def can_implement(self, cc: tuple[int, int] | None, hw: bool = True) -> bool:
+        return self.problem(cc, hw) is None
+
+
+def _launch_bounds(geo, cc: str) -> tuple[int, int]:
+    want = max(1, -(-TC_THREADS_PER_SM // geo.threads))
+    per_block = geo.shared_bytes(True) + limits.SM_LIMITS[cc]["reserved_shared_per_block"]
+    fit = limits.SM_LIMITS[cc]["shared"] // per_block
+    return geo.threads, max(1, min(want, fit))
+
+
+def _block_problem(geo, cc: tuple[int, int] | None, hw: bool) -> str | None:
+    """What keeps a tensor-core block of ``geo`` from running (threads, static
+    shared memory, the step's compute capability), or None."""
+    if geo.threads > limits.MAX_THREADS_PER_BLOCK:
+        return f"{geo.threads} threads exceed {limits.MAX_THREADS_PER_BLOCK} a block"
+    if geo.shared_bytes(hw) > limits.MAX_STATIC_SHARED:
+        return (
+            f"{geo.shared_bytes(hw)} bytes of shared memory exceed the static "
+            f"limit {limits.MAX_STATIC_SHARED}"
+        )
+    if cc is not None:
+        need = (9, 0) if geo.kind == "f64" else (8, 0)
+        if tuple(cc) < need:
+            return f"step {geo.kind!r} needs compute capability {need[0]}.{need[1]}"
+    return None

@@ -11,7 +11,8 @@ installs them). One record per compiled kernel variant:
     simulator path differs from the hardware one (warp shuffles, inline PTX,
     launch bounds and aligned shared memory replaced by portable code under
     ``NUMBA_ENABLE_CUDASIM``) add a ``"simulator"`` record: the fused
-    attention kernel, whose files are saved as ``<kernel>_<dtype>_sm_XY_simulator.*``.
+    attention kernel, the tensor-core scores kernel and the streaming
+    kernel, whose files are saved as ``<kernel>_<dtype>_sm_XY_simulator.*``.
 ``cc``, ``target``, ``threads_per_block``, ``geometry``
     The compute capability (``"9.0"``), its ptxas target (``"sm_90"``), the
     block size and tile sizes the backend launches with.
@@ -29,7 +30,7 @@ installs them). One record per compiled kernel variant:
     The body of the hottest loop (:func:`hottest_loop`): the loop over key
     tiles of the fused attention kernel (for float32, the fast loop over
     interior key tiles, whose body is one tile's work; boundary tiles run
-    in a second loop), the d-chunk loop of the scores reduction, the
+    in a second loop), the head-chunk loop of the scores kernel, the
     exp-and-sum loop of softmax. A loop is a natural loop of the SASS
     (:func:`find_loops`): its head and every block that reaches its back
     branch without passing the head, contiguous or not: cold blocks ptxas

@@ -1,6 +1,6 @@
-"""The fused forward on the tensor cores, float32 and float64.
+"""The fused forward and ``scores`` on the tensor cores, float32 and float64.
 
-One kernel for every product step of :mod:`numbattn.cuda.steps` (3xTF32 or
+One fused kernel for every product step of :mod:`numbattn.cuda.steps` (3xTF32 or
 TF32 for float32; m16n8k8 or m8n8k4 DMMA for float64): same arguments,
 launch and results as the FMA kernel (:func:`numbattn.cuda.kernels.make_attention`).
 
@@ -20,6 +20,10 @@ Warp ``w`` owns query rows ``16w .. 16w + 15`` of the tile; lane (g, t) =
 * A NaN or inf staged in V (a block-uniform flag) takes a scalar path for
   the tile: P through shared memory, masked keys (P = -0.0) skipped, so
   that they never meet 0 * inf.
+
+The scores kernel (:func:`make_scores_tc`) computes S = Q K^T the same way
+over a tile of columns and writes it, scaled, biased and masked, in place
+of the FMA kernel (:func:`numbattn.cuda.kernels.make_scores`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import math
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
-from .geometry import TensorCoreGeometry
+from .geometry import TensorCoreGeometry, TensorCoreScoresGeometry
 from .kernels import (
     _block_keys,
     _device,
@@ -385,3 +389,184 @@ def make_attention_tc(geo: TensorCoreGeometry, hw: bool = False):
         path="hardware" if HW else "simulator",
     )
     return attention_tc_kernel
+
+
+def make_scores_tc(geo: TensorCoreScoresGeometry, hw: bool = False):
+    """The scores kernel of ``geo``: the arguments, launch and results of
+    :func:`numbattn.cuda.kernels.make_scores`, with ``row_tile`` x
+    ``column_tile`` output tiles (grid = G1*Hq*n_it*ceil(Tk/column_tile),
+    n_it = ceil(max_rows/row_tile), block = ``geo.threads``).
+
+    Warp ``w`` owns rows ``16w .. 16w + 15`` of the tile and every column;
+    lane (g, t) holds S[r0 + 8h][8n + 2t + e] in ``sacc[4n + 2h + e]``, as
+    in :func:`make_attention_tc`. Q and K are staged per head chunk, zeros
+    outside the sequence's rows and ``d``. A float32 chunk holding a NaN or
+    inf (a block-uniform flag) is multiplied on the FMA units instead: the
+    TF32 halves of an inf are inf and NaN, which would turn an infinite
+    score into NaN. The finished tile goes through shared memory, so that
+    the writes are coalesced.
+
+    ``hw``: the product step as inline PTX, launch bounds and aligned shared
+    memory; otherwise the simulator's portable path.
+    """
+    dtype = np.dtype(geo.dtype)
+    nt, sc_t = _types(dtype)
+    HW = bool(hw)
+    NT, BQ, BN, DC = geo.threads, geo.row_tile, geo.column_tile, geo.head_chunk
+    NB = BN // 8
+    NB4 = 4 * NB
+    lay = geo.layout(HW)
+    QS, Q8, PS = U(lay["QS"]), U(8 * lay["QS"]), U(lay["PS"])
+    OFF_K, OFF_X, TOTAL = U(lay["OFF_K"]), U(lay["OFF_X"]), lay["TOTAL"]
+    XW = U(scratch_elements(geo.kind))
+    ALIGN = 16 if HW else None
+    NINF, ZERO = sc_t(-np.inf), sc_t(0.0)
+    CHECK = dtype == np.float32  # the TF32 splits of inf or NaN are NaN
+    split, mma = product_step(geo.kind, HW)
+    block_keys = _block_keys(BQ, BN)
+    stage_q = _stager(BQ, DC, NT, CHECK, ZERO)
+    stage_k = _stager(BN, DC, NT, CHECK, ZERO)
+    opts = {}
+    if HW and not _on_simulator():
+        opts["launch_bounds"] = geo.launch_bounds()
+
+    @cuda.jit(**opts)
+    def scores_tc_kernel(q, k, out, seq, bias, mask, scale, n_it, wl, wr, has_bias, has_mask):
+        sh = cuda.shared.array(TOTAL, nt, alignment=ALIGN)
+        sacc = cuda.local.array(NB4, nt)
+
+        g2n = q.shape[1]
+        d = q.shape[3]
+        ncol = out.shape[3]
+        n_jt = (ncol + BN - 1) // BN
+        bid = cuda.blockIdx.x
+        jt = bid % n_jt
+        rest = bid // n_jt
+        it = rest % n_it
+        rest = rest // n_it
+        b2 = uint32(rest % g2n)
+        b1 = uint32(rest // g2n)
+        i0 = it * BQ
+        q_rows = seq[b1, b2, 2]
+        if i0 >= q_rows:
+            return  # the whole block: past this sequence's rows
+        q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, _ = block_keys(
+            seq, b1, b2, i0, wl, wr, has_mask
+        )
+        hk = uint32(b2 // (g2n // k.shape[1]))
+        utid = U(cuda.threadIdx.x)
+        lane = U(utid & U(31))
+        g = U(lane >> U(2))
+        t = U(lane & U(3))
+        r0 = U(U(utid >> U(5)) * U(16) + g)  # the lane's rows: r0 and r0 + 8
+        t2 = U(t * U(2))
+        xw = U(OFF_X + U(utid >> U(5)) * XW)  # the warp's emulation scratch
+        c0 = jt * BN  # the tile's first column, key row c0 of k
+        j0 = c0 - k_off  # its local key (negative before the sequence's keys)
+        # No row of the tile sees a key of [j0, j0 + BN): no products, no loads.
+        skip = j0 + BN <= lo or j0 >= hi or hi <= lo
+        for c in range(NB4):
+            sacc[c] = ZERO
+        qn_u = U(max(min(q_len - i0, BQ), 0))  # real rows of the tile
+        qrow_u = U(q_off + i0)
+        c0_u = U(c0)
+        if not skip:
+            kn_u = U(max(min(k.shape[2] - c0, BN), 0))  # rows of k in the tile
+            qa = U(r0 * QS + t)  # A: Q[r0][p + t]
+            kb = U(OFF_K + g * QS + t)  # B: K[8n + g][p + t]
+            for p0 in range(0, d, DC):
+                if p0 > 0:
+                    cuda.syncthreads()
+                dp = d - p0
+                bad = stage_q(sh, q, b1, b2, qrow_u, qn_u, U(p0), dp, U(0), QS, utid)
+                bad |= stage_k(sh, k, b1, hk, c0_u, kn_u, U(p0), dp, OFF_K, QS, utid)
+                nonfinite = False
+                if CHECK:
+                    nonfinite = cuda.syncthreads_or(bad)
+                else:
+                    cuda.syncthreads()
+                if nonfinite:  # FMAs: inf and NaN as the reference has them
+                    kt2 = U(OFF_K + t2 * QS)
+                    for pp in range(min(DC, dp)):
+                        qv_a = sh[U(r0 * QS + U(pp))]
+                        qv_b = sh[U(U(r0 + U(8)) * QS + U(pp))]
+                        for n in range(NB):
+                            for e in range(2):
+                                kv = sh[U(kt2 + U(8 * n + e) * QS + U(pp))]
+                                sacc[4 * n + e] += qv_a * kv
+                                sacc[4 * n + 2 + e] += qv_b * kv
+                else:
+                    for ks in range((min(DC, dp) + 7) // 8):
+                        p = U(ks * 8)
+                        a0 = split(sh[U(qa + p)])
+                        a1 = split(sh[U(qa + Q8 + p)])
+                        a2 = split(sh[U(qa + p + U(4))])
+                        a3 = split(sh[U(qa + Q8 + p + U(4))])
+                        for n in range(NB):
+                            kn = U(kb + U(n * 8) * QS + p)
+                            s0, s1, s2, s3 = mma(
+                                sh, xw, lane, a0, a1, a2, a3,
+                                split(sh[kn]), split(sh[U(kn + U(4))]),
+                                sacc[4 * n], sacc[4 * n + 1], sacc[4 * n + 2], sacc[4 * n + 3],
+                            )  # fmt: skip
+                            sacc[4 * n] = s0
+                            sacc[4 * n + 1] = s1
+                            sacc[4 * n + 2] = s2
+                            sacc[4 * n + 3] = s3
+
+            # S replaces Q and K once every warp is past its reads.
+            cuda.syncthreads()
+            for n in range(NB):
+                for h in range(2):
+                    for e in range(2):
+                        row = U(r0 + U(8 * h))
+                        sh[U(row * PS + t2 + U(8 * n + e))] = sacc[4 * n + 2 * h + e]
+            cuda.syncthreads()
+
+        # Written a row at a time, consecutive threads on consecutive
+        # columns. A tile whose rows are real and see every column (inside
+        # the window, no mask) writes without per-element tests (block-uniform).
+        full = not skip and j0 >= max(lo_max, 0) and j0 + BN <= hi_min and c0 + BN <= ncol
+        # Local key kk is visible to local row i when lo_base <= kk - i <
+        # hi_base and 0 <= kk < k_len: unsigned compares modulo 2**32, as in
+        # make_attention_tc (token counts < 2**31).
+        lb = max(lo_base, -I31)
+        wid = U(max(min(hi_base, I31) - lb, 0))
+        klen_u = U(k_len)
+        ncol_u = U(ncol)
+        qw_u = U(min(q_rows - i0, BQ))  # rows of the tile to write
+        j0_u = U(j0 & M32)  # the tile's first local key
+        dl0 = U((j0 - i0 - lb) & M32)  # its key - row - lb in row 0
+        idx = utid
+        while idx < U(BQ * BN):
+            r = U(idx // U(BN))
+            cl = U(idx % U(BN))
+            col = U(c0_u + cl)
+            if r < qw_u and col < ncol_u:
+                orow = U(qrow_u + r)
+                vis = full
+                if not full:
+                    kk = U((int64(j0_u) + cl) & M32)
+                    dl = U((int64(dl0) + cl - r) & M32)
+                    vis = not skip and r < qn_u and kk < klen_u and dl < wid
+                    if vis and has_mask:
+                        vis = mask[b1, b2, orow, col]
+                x = NINF
+                if vis:
+                    x = sh[U(r * PS + cl)] * scale
+                    if has_bias:
+                        bv = bias[b1, b2, orow, col]
+                        x = NINF if bv == NINF else x + bv  # -inf bias masks
+                out[b1, b2, orow, col] = x
+            idx = U(idx + U(NT))
+
+    scores_tc_kernel.geometry = dict(
+        threads=NT,
+        row_tile=BQ,
+        column_tile=BN,
+        head_chunk=DC,
+        shared_bytes=TOTAL * dtype.itemsize,
+        step=geo.kind,
+        path="hardware" if HW else "simulator",
+    )
+    return scores_tc_kernel

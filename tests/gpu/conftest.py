@@ -40,13 +40,18 @@ SMALL_TILES = dict(
     CUDA_KEYS_PER_THREAD=4,
     CUDA_HEAD_CHUNK=8,
     CUDA_VALUE_CHUNK=8,
-    # The FMA forward; tests/gpu/test_cuda_tensor_cores.py runs the
-    # tensor-core one (one warp, 8-key tiles) through the same cases.
+    # The FMA forward and scores; tests/gpu/test_cuda_tensor_cores.py runs
+    # the tensor-core forward (one warp, 8-key tiles) through the same cases.
     CUDA_TENSOR_CORES=False,
     CUDA_TC_WARPS=1,
     CUDA_TC_WARPS_F64=1,
     CUDA_TC_KEY_TILE=8,
     CUDA_TC_KEY_TILE_F64=8,
+    # scores on the tensor cores (tests/gpu/test_cuda_scores_tensor_cores.py):
+    # one warp, 8-column tiles, head chunks of 8.
+    CUDA_TC_SCORES_WARPS=1,
+    CUDA_TC_SCORES_TILE=8,
+    CUDA_TC_SCORES_HEAD_CHUNK=8,
     CUDA_SCORES_TILE=8,
     CUDA_SCORES_PER_THREAD=2,
     CUDA_SCORES_HEAD_CHUNK=4,

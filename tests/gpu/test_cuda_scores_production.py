@@ -1,5 +1,6 @@
-"""The CUDA ``scores`` kernel at the production geometry of numbattn.config
-(no small_tiles): 64 x 64 output tiles, 4 x 4 outputs per thread (256
+"""The CUDA FMA ``scores`` kernel (tensor cores off: what runs before sm_80;
+tests/gpu/test_cuda_scores_tensor_cores.py has the tensor-core one) at the
+production geometry of numbattn.config (no small_tiles): 64 x 64 output tiles, 4 x 4 outputs per thread (256
 threads, 8 warps), d staged in chunks of 16 (whole chunks with the next one
 prefetched into registers, then a zero-padded tail chunk), with tails (no
 length a multiple of the tile or the chunk), both dtypes and every option:
@@ -26,9 +27,9 @@ cuda = pytest.importorskip("numba.cuda")
 
 
 @pytest.fixture(autouse=True)
-def small_tiles():
-    """Overrides conftest's fixture: the production geometry."""
-    yield
+def small_tiles(monkeypatch):
+    """Overrides conftest's fixture: the production geometry, tensor cores off."""
+    monkeypatch.setattr(numbattn.config, "CUDA_TENSOR_CORES", False)
 
 
 def dev(x):
@@ -54,8 +55,8 @@ def test_geometry_is_the_production_one():
 
     for dt in (np.float32, np.float64):
         assert backend.scores_geometry(dt) == (64, 4, 16)
-        kern, _ = backend._scores_kernel(dt)
-        assert kern.geometry["threads"] == 256
+        kern, launch = backend._scores_kernel(dt)
+        assert kern.geometry["threads"] == launch.threads == 256
 
 
 def test_float32_causal_lengths_gqa():
