@@ -123,6 +123,7 @@ import math
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
+from . import limits
 from .kernels import _device, _mma_step, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
 
 U = uint32
@@ -414,8 +415,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True):
         elif MMA and KV:
             want = 256
         want = max(1, -(-want // NT))
-        smem = TOTAL * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+        smem = TOTAL * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(want, smem))
 
     @cuda.jit(**opts)
     def backward_kernel(

@@ -208,6 +208,8 @@ import textwrap
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
 
+from . import limits
+
 U = uint32
 
 
@@ -513,8 +515,8 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     # takes no launch bounds (it builds, never runs, the hardware path).
     if hw and NT % 32 == 0 and not _on_simulator():
         want = max(1, -(-512 // NT))
-        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(want, smem))
 
     block_keys = _block_keys(BQ, BK)
     shift = _softmax_shift(dtype)
@@ -1138,8 +1140,8 @@ def make_attention_mma(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         # state in 32 bits and the output rows as two 32-bit values, which
         # took the kernel from 135 registers to 126 with no spills.
         want = max(1, -(-MMA_THREADS_PER_SM // NT))
-        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(want, smem))
 
     @cuda.jit(**opts)
     def attention_mma_kernel(
@@ -1491,8 +1493,8 @@ def make_scores(dtype, T, R, DC, hw=True):
     if ALIGN and NT % 32 == 0:
         # Resident blocks for 16 warps per SM (at most 128 registers), shared
         # memory allowing.
-        smem = TOTAL * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(-(-512 // NT), (228 * 1024) // smem)))
+        smem = TOTAL * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(-(-512 // NT), smem))
 
     step = _qk_step(R, R, PV, TX * SI, TX * SI)
 
