@@ -124,6 +124,8 @@ import math
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
+from . import limits
+from .blocks import block_ranges
 from .geometry import scratch_elements
 from .kernels import _device, _on_simulator, _qk_step, _stride, _types, _unrolled, _vec
 from .steps import product_step
@@ -242,7 +244,6 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True, kind=
     NINF = sc_t(-np.inf)
     PINF = sc_t(np.inf)
     ZERO = sc_t(0.0)
-    BIG = 1 << 40  # "unbounded" window side
     I31 = (1 << 31) - 1
     M32 = (1 << 32) - 1
     # The key index minus the query index of element (a, b) is
@@ -384,56 +385,51 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True, kind=
     tile_products = _device(tile_products)
     out_products_d, out_products_v = make_out_products(NOD), make_out_products(NOV)
 
-    def head_tiles(seq, b1, h, o0, k_off, k_len, wl, wr, full):
-        """Query head h's streamed rows for this block: (s_off, s_len,
-        lo_base, hi_base, slo, shi, n_st, sa, sb). Key j is visible to query
-        i iff lo_base <= j - i < hi_base; the block's rows see streamed rows
-        [slo, shi), n_st tiles of BC from slo; tiles [sa, sb) are interior:
-        every (own, streamed) pair of the tile is a real, visible one
-        (``full``: the block's BR own rows are real, no mask, no bias)."""
-        q_off = seq[b1, h, 0]
-        q_len = seq[b1, h, 1]
-        offset = seq[b1, h, 5]  # ALIGN: the diagonal (numbattn._sequences)
-        lo_base = -BIG
-        hi_base = BIG
-        if wl >= 0:
-            lo_base = offset - wl
-        if wr >= 0:
-            hi_base = offset + wr + 1
-        slo = 0
-        shi = 0
-        if KV:
-            j1 = min(o0 + BR, k_len)
-            if j1 > o0:
-                slo = max(0, o0 - hi_base + 1)
-                shi = min(q_len, j1 - lo_base)
-            s_len = q_len
-            s_off = q_off
-            # key - query over the tile: o0 - s0 + [-(BC - 1), BR - 1].
-            smin = o0 + BR - hi_base
-            smax = o0 - BC + 1 - lo_base
-        else:
-            if o0 < q_len:
-                slo = max(0, o0 + lo_base)
-                shi = min(k_len, min(o0 + BR, q_len) - 1 + hi_base)
-            s_len = k_len
-            s_off = k_off
-            # key - query over the tile: s0 - o0 + [-(BR - 1), BC - 1].
-            smin = o0 + BR - 1 + lo_base
-            smax = o0 - BC + hi_base
-        n_st = 0
-        if shi > slo:
-            n_st = (shi - slo + BC - 1) // BC
-        sa = 0
-        sb = 0
-        if full and n_st > 0:
-            # s0 = slo + BC*st in [smin, smax] and s0 + BC <= shi.
-            sa = min(n_st, max(0, -((slo - smin) // BC)))
-            sb = max(sa, min(n_st, (min(smax, shi - BC) - slo) // BC + 1))
-        return s_off, s_len, lo_base, hi_base, slo, shi, n_st, sa, sb
+    def make_head_tiles(rng):
+        """``head_tiles`` built on ``rng``, the helpers of
+        :func:`numbattn.cuda.blocks.block_ranges` (device or Python)."""
+        read, sides = rng.sequence, rng.window
+        seen, seen_by_all = rng.keys_seen, rng.keys_seen_by_all
+        seeing, seeing_all = rng.queries_seeing, rng.queries_seeing_all
 
-    head_tiles_py = head_tiles
-    head_tiles = _device(head_tiles)
+        def head_tiles(seq, b1, h, o0, k_off, k_len, wl, wr, full):
+            """Query head h's streamed rows for this block: (s_off, s_len,
+            lo_base, hi_base, slo, shi, n_st, sa, sb). Key j is visible to query
+            i iff lo_base <= j - i < hi_base; the block's rows see streamed rows
+            [slo, shi), n_st tiles of BC from slo; tiles [sa, sb) are interior:
+            every (own, streamed) pair of the tile is a real, visible one
+            (``full``: the block's BR own rows are real, no mask, no bias)."""
+            q_off, q_len, _, _, _, offset = read(seq, b1, h)
+            lo_base, hi_base = sides(offset, wl, wr)
+            # Streamed tiles [s0, s0 + BC) with s0 in [smin, smax] see the
+            # own rows whole (window only).
+            if KV:
+                slo, shi = seeing(o0, o0 + BR, q_len, k_len, lo_base, hi_base)
+                s_len = q_len
+                s_off = q_off
+                smin, send = seeing_all(o0, o0 + BR - 1, lo_base, hi_base)
+            else:
+                slo, shi = seen(o0, o0 + BR, q_len, k_len, lo_base, hi_base)
+                s_len = k_len
+                s_off = k_off
+                smin, send = seen_by_all(o0, o0 + BR - 1, lo_base, hi_base)
+            smax = send - BC
+            n_st = 0
+            if shi > slo:
+                n_st = (shi - slo + BC - 1) // BC
+            sa = 0
+            sb = 0
+            if full and n_st > 0:
+                # s0 = slo + BC*st in [smin, smax] and s0 + BC <= shi.
+                sa = min(n_st, max(0, -((slo - smin) // BC)))
+                sb = max(sa, min(n_st, (min(smax, shi - BC) - slo) // BC + 1))
+            return s_off, s_len, lo_base, hi_base, slo, shi, n_st, sa, sb
+
+        return head_tiles
+
+    head_tiles_py = make_head_tiles(block_ranges(device=False))
+    head_tiles = _device(make_head_tiles(block_ranges()))
+    read_sequence = block_ranges().sequence
 
     def block_rows(seq, n_tiles, k_rows, g2n, group):
         """The block's (b1, b2, o0, h0, hk, k_off, k_len, own_off, own_len,
@@ -449,16 +445,15 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True, kind=
         o0 = tile * BR
         h0 = b2 * U(group) if KV else b2  # a query head of this block's table rows
         hk = U(b2 if KV else b2 // U(group))
-        k_off = seq[b1, h0, 3]
-        k_len = seq[b1, h0, 4]
+        q_off, q_len, q_rows, k_off, k_len, _ = read_sequence(seq, b1, h0)
         if KV:
             own_off = k_off
             own_len = k_len
             own_rows = max(k_len, k_rows)
         else:
-            own_off = seq[b1, h0, 0]
-            own_len = seq[b1, h0, 1]
-            own_rows = seq[b1, h0, 2]
+            own_off = q_off
+            own_len = q_len
+            own_rows = q_rows
         return b1, b2, o0, h0, hk, k_off, k_len, own_off, own_len, own_rows
 
     block_rows = _device(block_rows)
@@ -475,8 +470,8 @@ def make_backward(dtype, kv, TR, TC, RR, RC, DP, DVP, hw=False, fast=True, kind=
         elif MMA and KV:
             want = 256
         want = max(1, -(-want // NT))
-        smem = TOTAL * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+        smem = TOTAL * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(want, smem))
 
     @cuda.jit(**opts)
     def backward_kernel(

@@ -111,6 +111,7 @@ import math
 import numpy as np
 from numba import cuda, int64, uint32
 
+from .blocks import block_ranges
 from .kernels import _device, _nanmax, _on_simulator, _softmax_shift, _types
 
 U = uint32
@@ -252,7 +253,6 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
     ZERO = sc_t(0.0)
     NZERO = sc_t(-0.0)
     ONE = sc_t(1.0)
-    BIG = 1 << 40  # "unbounded" window side
     OFFS = tuple(WL >> (x + 1) for x in range(WL.bit_length() - 1))  # butterfly: WL/2 .. 1
     if _on_simulator():
         ldv, ld1 = _ldg_simulator(VW, dtype), _ldg_simulator(1, dtype)
@@ -397,6 +397,10 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
     fast_step = _device(fast_step)
     col = _device(col)
 
+    rng = block_ranges()
+    sequence, window = rng.sequence, rng.window
+    keys_seen, keys_seen_by_all = rng.keys_seen, rng.keys_seen_by_all
+
     def setup(q, k, seq, gh, n_rt, n_split, wl, wr):
         """The block's coordinates (batch element b1, first head h0, first
         row r0, split s), its sequence (q_off, q_len, k_off), window sides
@@ -417,26 +421,11 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
         b1 = rest // n_hg
         h0 = int64(hg) * gh
         r0 = int64(rt) * RB  # first row of the block
-        q_rows = seq[b1, h0, 2]
-        q_off = seq[b1, h0, 0]
-        q_len = seq[b1, h0, 1]
-        k_off = seq[b1, h0, 3]
-        k_len = seq[b1, h0, 4]
         hk = h0 // group
-        off = seq[b1, h0, 5]  # ALIGN: query i is aligned with key i + off
-        lo_base = -BIG
-        hi_base = BIG
-        if wl >= 0:
-            lo_base = off - wl
-        if wr >= 0:
-            hi_base = off + wr + 1
-        i_first = r0 // gh
-        i_last = min((r0 + RB - 1) // gh, q_len - 1)
-        lo = 0
-        hi = 0
-        if i_first < q_len:
-            lo = max(0, i_first + lo_base)
-            hi = min(k_len, i_last + hi_base)
+        q_off, q_len, q_rows, k_off, k_len, offset = sequence(seq, b1, h0)
+        lo_base, hi_base = window(offset, wl, wr)
+        # The block's queries: r0 // gh .. (r0 + RB - 1) // gh.
+        lo, hi = keys_seen(r0 // gh, (r0 + RB - 1) // gh + 1, q_len, k_len, lo_base, hi_base)
         nk = max(hi - lo, 0)
         per = (nk + n_split - 1) // n_split
         ks = lo + min(nk, int64(s) * per)
@@ -451,9 +440,10 @@ def make_decode(dtype, WL, NTEAM, RB, KB, EPL, hw=False, vec=False):
         hf = 0
         nf = 0
         if not (has_mask or has_bias) and nreal > 0:
-            # Rows in order of i: the last real row has the highest window start.
-            fs = max(ks, (r0 + nreal - 1) // gh + lo_base)
-            fe = min(ke, r0 // gh + hi_base)
+            # Rows in order of i: the first and the last real row bound the keys all see.
+            lo_all, hi_all = keys_seen_by_all(r0 // gh, (r0 + nreal - 1) // gh, lo_base, hi_base)
+            fs = max(ks, lo_all)
+            fe = min(ke, hi_all)
             hf = (fs - ks + step - 1) // step
             nf = max(0, (fe - ks) // step - hf)
         return hf, nf
@@ -717,6 +707,7 @@ def make_split_merge(dtype, NT):
     nanmax = _nanmax()
     NINF = sc_t(-np.inf)
     ZERO = sc_t(0.0)
+    sequence = block_ranges().sequence
 
     @cuda.jit
     def split_merge_kernel(part_o, part_l, out, lse, seq, n_split, split_rows, write_lse):
@@ -728,9 +719,10 @@ def make_split_merge(dtype, NT):
         rest = bid // max_rows
         h = rest % hq
         b1 = rest // hq
-        if i >= seq[b1, h, 2]:
+        q_off, _, q_rows, _, _, _ = sequence(seq, b1, h)
+        if i >= q_rows:
             return
-        row = seq[b1, h, 0] + i
+        row = q_off + i
         m = NINF
         for s in range(n_split):
             t = part_l[b1, h, s * split_rows + row]

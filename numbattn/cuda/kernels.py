@@ -200,6 +200,10 @@ import textwrap
 import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32
 
+from . import limits
+from .blocks import block_keys as _block_keys  # also imported from here by other kernels
+from .blocks import block_ranges
+
 U = uint32
 
 
@@ -369,48 +373,6 @@ def _qk_step(NR, NK, PV, RSTEP, KSTEP):
     return _device(step)
 
 
-def _block_keys(BQ, BK):
-    """Device function ``block_keys`` of the fused kernels (BQ query rows,
-    BK keys a tile), inlined into each."""
-    BIG = 1 << 40  # "unbounded" window side, far beyond any index
-
-    def block_keys(seq, b1, b2, i0, wl, wr, has_mask):
-        """The block's sequence (q_off, q_len, k_off, k_len), window sides
-        and the keys its rows see."""
-        q_off = seq[b1, b2, 0]
-        q_len = seq[b1, b2, 1]
-        k_off = seq[b1, b2, 3]
-        k_len = seq[b1, b2, 4]
-        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
-        # Row i (local) sees keys [i + lo_base, min(k_len, i + hi_base)):
-        # block constants, so the per-element test has no window branches.
-        lo_base = -BIG
-        hi_base = BIG
-        if wl >= 0:
-            lo_base = offset - wl
-        if wr >= 0:
-            hi_base = offset + wr + 1
-        # Keys [lo, hi) are the only ones any row of this tile can see. A
-        # key tile [j0, j0 + BK) needs no per-element test when every row
-        # sees all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no
-        # mask; hi_min = -1 forces the test.
-        lo = 0
-        hi = 0
-        if i0 < q_len:
-            lo = max(0, i0 + lo_base)
-            hi = min(k_len, min(i0 + BQ, q_len) - 1 + hi_base)
-        lo_max = i0 + BQ - 1 + lo_base
-        hi_min = min(k_len, i0 + hi_base)
-        if has_mask or i0 + BQ > q_len:
-            hi_min = -1
-        n_kt = 0
-        if hi > lo:
-            n_kt = (hi - lo + BK - 1) // BK
-        return q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt
-
-    return _device(block_keys)
-
-
 def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     """Fused attention kernel for one geometry (see the module docstring).
 
@@ -503,9 +465,10 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
     # takes no launch bounds (it builds, never runs, the hardware path).
     if hw and NT % 32 == 0 and not _on_simulator():
         want = max(1, -(-512 // NT))
-        smem = lay["TOTAL"] * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(want, (228 * 1024) // smem)))
+        smem = lay["TOTAL"] * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(want, smem))
 
+    sequence = block_ranges().sequence
     block_keys = _block_keys(BQ, BK)
     shift = _softmax_shift(dtype)
     nanmax = _nanmax()
@@ -613,7 +576,7 @@ def make_attention(dtype, TY, TX, RQ, RK, DC, RC, hw=False):
         b2 = uint32(rest % g2n)
         b1 = uint32(rest // g2n)
         i0 = qt * BQ
-        q_rows = seq[b1, b2, 2]
+        _, _, q_rows, _, _, _ = sequence(seq, b1, b2)
         if i0 >= q_rows:
             return  # whole block: past this sequence's rows
         q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt = block_keys(
@@ -1030,10 +993,13 @@ def make_scores(dtype, T, R, DC, hw=True):
     if ALIGN and NT % 32 == 0:
         # Resident blocks for 16 warps per SM (at most 128 registers), shared
         # memory allowing.
-        smem = TOTAL * np.dtype(dtype).itemsize + 1024
-        opts["launch_bounds"] = (NT, max(1, min(-(-512 // NT), (228 * 1024) // smem)))
+        smem = TOTAL * np.dtype(dtype).itemsize
+        opts["launch_bounds"] = (NT, limits.launch_blocks(-(-512 // NT), smem))
 
     step = _qk_step(R, R, PV, TX * SI, TX * SI)
+    rng = block_ranges()
+    sequence, window = rng.sequence, rng.window
+    keys_seen, keys_seen_by_all = rng.keys_seen, rng.keys_seen_by_all
 
     chunk = _unrolled(
         "chunk",
@@ -1102,15 +1068,11 @@ def make_scores(dtype, T, R, DC, hw=True):
         b2 = U(rest % g2n)
         b1 = U(rest // g2n)
         i0 = it * T
-        q_rows = seq[b1, b2, 2]
+        _, _, q_rows, _, _, _ = sequence(seq, b1, b2)
         if i0 >= q_rows:
             return  # whole block: past this sequence's rows
-        q_off = seq[b1, b2, 0]
-        q_len = seq[b1, b2, 1]
-        k_off = seq[b1, b2, 3]
-        k_len = seq[b1, b2, 4]
+        q_off, q_len, _, k_off, k_len, offset = sequence(seq, b1, b2)
         hk = U(b2 // (g2n // k.shape[1]))  # grouped-query attention
-        offset = seq[b1, b2, 5]  # ALIGN: the diagonal (numbattn._sequences)
         utid = U(cuda.threadIdx.x)
         utx = utid % uTX
         uty = utid // uTX
@@ -1118,15 +1080,8 @@ def make_scores(dtype, T, R, DC, hw=True):
         j0 = c0 - k_off  # its local key
         # Keys any row of the tile sees: [lo, hi) within [0, k_len); skip
         # the products (and every load) if the tile's keys [j0, j0 + T) miss it.
-        lo = 0
-        hi = k_len
-        if i0 >= q_len:
-            hi = 0
-        else:
-            if wl >= 0:
-                lo = max(0, i0 + offset - wl)
-            if wr >= 0:
-                hi = min(k_len, min(i0 + T, q_len) - 1 + offset + wr + 1)
+        lo_base, hi_base = window(offset, wl, wr)
+        lo, hi = keys_seen(i0, i0 + T, q_len, k_len, lo_base, hi_base)
         skip = j0 + T <= lo or j0 >= hi or hi <= lo
         for a in range(R):
             for b in range(R):
@@ -1170,12 +1125,9 @@ def make_scores(dtype, T, R, DC, hw=True):
         # Outputs: row i0 + ty + TX*a, column c0 + tx + TX*b. The sequence
         # is read again (the products' barriers order these loads after
         # them), so its int64 fields need no registers across the products.
-        q_off = seq[b1, b2, 0]
-        q_len = seq[b1, b2, 1]
-        q_rows = seq[b1, b2, 2]
-        k_off = seq[b1, b2, 3]
-        k_len = seq[b1, b2, 4]
-        offset = seq[b1, b2, 5]
+        q_off, q_len, q_rows, k_off, k_len, offset = sequence(seq, b1, b2)
+        lo_base, hi_base = window(offset, wl, wr)
+        lo_max, hi_min = keys_seen_by_all(i0, i0 + T - 1, lo_base, hi_base)
         ty = int64(uty)
         tx = int64(utx)
         # A tile that every row sees whole (real rows and keys, inside the
@@ -1183,11 +1135,8 @@ def make_scores(dtype, T, R, DC, hw=True):
         full = (
             not skip and not has_mask and i0 + T <= q_len and j0 >= 0
             and j0 + T <= k_len and c0 + T <= ncol
+            and j0 >= lo_max and j0 + T <= hi_min
         )  # fmt: skip
-        if full and wl >= 0:
-            full = j0 >= i0 + T - 1 + offset - wl
-        if full and wr >= 0:
-            full = j0 + T - 1 <= i0 + offset + wr
         if full:
             orow0 = U(q_off + i0 + ty)
             col0 = U(c0 + tx)
@@ -1210,10 +1159,8 @@ def make_scores(dtype, T, R, DC, hw=True):
                     if c < ncol:
                         j = c - k_off
                         vis = (not skip) and i < q_len and j >= 0 and j < k_len
-                        if vis and wl >= 0:
-                            vis = j >= i + offset - wl
-                        if vis and wr >= 0:
-                            vis = j <= i + offset + wr
+                        if vis:
+                            vis = lo_base <= j - i < hi_base
                         if vis and has_mask:
                             vis = mask[b1, b2, orow, U(c)]
                         if vis:

@@ -75,6 +75,22 @@ SM_LIMITS: dict[str, dict[str, int]] = {
 }
 
 
+#: The most shared memory per SM among the supported capabilities. Launch
+#: bounds are fixed when a kernel is built, before its target is known, so
+#: the resident blocks they ask for are capped by the largest SM (on a
+#: smaller one, fewer fit: the bound only sets the register budget).
+SHARED_PER_SM_MAX = max(lim["shared"] for lim in SM_LIMITS.values())
+RESERVED_SHARED_PER_BLOCK = max(lim["reserved_shared_per_block"] for lim in SM_LIMITS.values())
+
+
+def launch_blocks(want: int, shared: int) -> int:
+    """Resident blocks per SM to ask of ptxas (``launch_bounds``): ``want``,
+    as far as blocks of ``shared`` bytes of static shared memory fit in
+    :data:`SHARED_PER_SM_MAX`; at least 1."""
+    per_block = shared + RESERVED_SHARED_PER_BLOCK
+    return max(1, min(want, SHARED_PER_SM_MAX // per_block))
+
+
 def cc_key(cc) -> str:
     """ "9.0" from "9.0", "90", "sm_90", (9, 0) or 9.0; ValueError if unknown."""
     if isinstance(cc, tuple | list):

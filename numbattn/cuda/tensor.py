@@ -33,6 +33,7 @@ import math
 import numpy as np
 from numba import cuda, int32, int64, uint32
 
+from .blocks import block_ranges
 from .geometry import TensorCoreGeometry, TensorCoreScoresGeometry
 from .kernels import (
     _block_keys,
@@ -112,6 +113,7 @@ def make_attention_tc(geo: TensorCoreGeometry, hw: bool = False):
     ALIGN = 16 if HW else None
     NINF, ZERO, NZERO, ONE = sc_t(-np.inf), sc_t(0.0), sc_t(-0.0), sc_t(1.0)
     split, mma = product_step(geo.kind, HW)
+    sequence = block_ranges().sequence
     block_keys = _block_keys(BQ, BK)
     shift = _softmax_shift(dtype)
     nanmax = _nanmax()
@@ -153,7 +155,7 @@ def make_attention_tc(geo: TensorCoreGeometry, hw: bool = False):
         b2 = uint32(rest % g2n)
         b1 = uint32(rest // g2n)
         i0 = qt * BQ
-        q_rows = seq[b1, b2, 2]
+        _, _, q_rows, _, _, _ = sequence(seq, b1, b2)
         if i0 >= q_rows:
             return
         q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, n_kt = block_keys(
@@ -423,6 +425,7 @@ def make_scores_tc(geo: TensorCoreScoresGeometry, hw: bool = False):
     NINF, ZERO = sc_t(-np.inf), sc_t(0.0)
     CHECK = dtype == np.float32  # the TF32 splits of inf or NaN are NaN
     split, mma = product_step(geo.kind, HW)
+    sequence = block_ranges().sequence
     block_keys = _block_keys(BQ, BN)
     stage_q = _stager(BQ, DC, NT, CHECK, ZERO)
     stage_k = _stager(BN, DC, NT, CHECK, ZERO)
@@ -447,7 +450,7 @@ def make_scores_tc(geo: TensorCoreScoresGeometry, hw: bool = False):
         b2 = uint32(rest % g2n)
         b1 = uint32(rest // g2n)
         i0 = it * BQ
-        q_rows = seq[b1, b2, 2]
+        _, _, q_rows, _, _, _ = sequence(seq, b1, b2)
         if i0 >= q_rows:
             return  # the whole block: past this sequence's rows
         q_off, q_len, k_off, k_len, lo_base, hi_base, lo, hi, lo_max, hi_min, _ = block_keys(
