@@ -928,7 +928,7 @@ def _row_range(i, j0, kn, off, left, right):
     return clo, chi
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _mask_row(srow, clo, chi, sc, bias, mask, a, b, qi, kj, has_bias, has_mask):
     """The mask step of a score row: srow[j] = sc * srow[j] + bias, or -inf
     where the mask is False, for columns clo <= j < chi of query row qi
@@ -946,7 +946,7 @@ def _mask_row(srow, clo, chi, sc, bias, mask, a, b, qi, kj, has_bias, has_mask):
         srow[jj] = x
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _online_softmax_step(vis, n, mul, mrow, lrow, r, orow):
     """One key block of row r's online softmax: vis[:n], the row's visible
     scores still to be multiplied by ``mul`` (the scale, or 1 after
@@ -1356,7 +1356,7 @@ def _attention_start(q, outputs, seq, flags, a, b, tile0, nu, qt, state, info):
     return lo, hi
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _attention_block(data, flags, seq_row, tile, packed, state):
     """One query tile x one packed key tile of the forward: S = Q K^T, the
     mask step and the online-softmax step on each row's visible columns,
