@@ -33,6 +33,14 @@ Design
   ``scale * min``), or in the bias / mask pass when there is one, so it
   costs no extra pass. Pre-scaling the Q tile would overflow (q * scale =
   inf) where the scores themselves are finite.
+* **Workers.** The ``prange`` loop of the scores, forward, decode and
+  backward kernels only deals out work items: each calls a serial worker
+  (``_scores_item``, ``_attention_item``, ``_decode_item``,
+  ``_bwd_key_item``) with the call's arrays, the per-thread scratch and the
+  thread id, grouped in tuples. The per-row steps (``_mask_row``,
+  ``_online_softmax_step``) and the forward's per-block step
+  (``_attention_block``) are inlined into their callers (``inline='always'``):
+  as calls they cost the forward 6-12 %.
 * **Serial twin.** ``kernel.serial`` is the same code compiled without
   ``parallel=True``, for a process forked after GNU OpenMP started
   (numbattn.cpu.backend). Caching goes through :mod:`numbattn._jit`, which
