@@ -39,6 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The CPU kernels read the table by these names. Numba's on-disk cache is
+# stamped with the content of the kernels' own file only, so a cached kernel
+# keeps the numbers it was compiled with: changing them needs the cache
+# cleared (numbattn/cpu/__pycache__, or NUMBA_CACHE_DIR).
 Q_OFF, Q_LEN, Q_ROWS, K_OFF, K_LEN, ALIGN = range(6)
 COLUMNS = 6
 

@@ -33,6 +33,14 @@ Design
   ``scale * min``), or in the bias / mask pass when there is one, so it
   costs no extra pass. Pre-scaling the Q tile would overflow (q * scale =
   inf) where the scores themselves are finite.
+* **Workers.** The ``prange`` loop of the scores, forward, decode and
+  backward kernels only deals out work items: each calls a serial worker
+  (``_scores_item``, ``_attention_item``, ``_decode_item``,
+  ``_bwd_key_item``) with the call's arrays, the per-thread scratch and the
+  thread id, grouped in tuples. The per-row steps (``_mask_row``,
+  ``_online_softmax_step``) and the forward's per-block step
+  (``_attention_block``) are inlined into their callers (``inline='always'``):
+  as calls they cost the forward 6-12 %.
 * **Serial twin.** ``kernel.serial`` is the same code compiled without
   ``parallel=True``, for a process forked after GNU OpenMP started
   (numbattn.cpu.backend). Caching goes through :mod:`numbattn._jit`, which
@@ -65,9 +73,12 @@ Design
   items and their Q / O scratch 256 KiB), which pack each K / V tile once
   for all their tiles (the union of their key ranges; a tile skips key
   tiles outside its own). Each query tile visits only the key range [lo, hi) its rows can
-  see under the window (``_key_range``); inside a tile each row works on its
+  see under the window (``_query_block``, which reads the table by its named
+  columns through ``_sequence``); inside a tile each row works on its
   visible columns [clo, chi) (``_row_range``), and bias / mask are applied
-  element-wise there only when given; a -inf bias masks whatever the dot
+  element-wise there only when given (``_mask_row``, the one mask step of
+  the forward, backward, decode and scores; the forward and the decode share
+  ``_online_softmax_step``); a -inf bias masks whatever the dot
   product (NaN, +inf). GQA: query head b reads key head
   b // (G2 // Hk). Work items are dealt to the threads in a snake order
   (``_work_item``) so unequal tiles (causal, windows, varlen) stay balanced.
@@ -151,6 +162,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._jit import njit  # njit: cache=True also works read-only
+from .._sequences import ALIGN, K_LEN, K_OFF, Q_LEN, Q_OFF, Q_ROWS
 from .args import (
     AttentionArgs,
     AttentionBackwardArgs,
@@ -161,6 +173,15 @@ from .args import (
 )
 from .dispatch import OneLayoutKernel
 
+# Every jitted helper of the kernels lives in this file, on purpose. Numba's
+# on-disk cache is stamped with a hash of the defining file only: a kernel
+# cached here keeps running its old machine code after a helper it calls
+# from another file changes (tried with Numba 0.68: edit the helper, run in a
+# fresh process, the kernel loads from the cache and returns the old
+# result), and the same holds for constants imported from another file, such
+# as the table's column numbers from numbattn._sequences. Splitting blocks,
+# mask and softmax helpers into modules would need a cache clear after every
+# edit to them; here any edit recompiles what depends on it.
 _FM = frozenset({"contract", "reassoc", "nsz", "arcp", "afn"})
 _OPTS = dict(parallel=True, nogil=True, cache=True, fastmath=False)
 _SERIAL_OPTS = dict(_OPTS, parallel=False)
@@ -839,37 +860,67 @@ def _grid(g1, g2, max_rows, q_tile, n_threads):
 
 
 @njit(nogil=True, cache=True)
-def _query_tile(seq, w, g2, n_qt, qt):
-    """Work item w -> (a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m):
-    its batch element, sequence-table row (numbattn._sequences; ``off`` is
-    the ALIGN column, the diagonal), and query rows [i0, i1) of the
-    sequence, the first m of which are real queries. The item is empty when
-    i0 >= q_rows."""
-    a = w // (g2 * n_qt)
-    b = (w // n_qt) % g2
-    q_off = seq[a, b, 0]
-    q_len = seq[a, b, 1]
-    q_rows = seq[a, b, 2]
-    k_off = seq[a, b, 3]
-    k_len = seq[a, b, 4]
-    off = seq[a, b, 5]
-    i0 = (w % n_qt) * qt
-    i1 = min(i0 + qt, q_rows)
-    m = max(0, min(i1, q_len) - i0)
-    return a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m
+def _sequence(seq, a, b):
+    """Row (a, b) of the sequence table, by its named columns
+    (numbattn._sequences): (q_off, q_len, q_rows, k_off, k_len, off), off
+    the diagonal (ALIGN). The kernels read the table through this only."""
+    return (
+        seq[a, b, Q_OFF],
+        seq[a, b, Q_LEN],
+        seq[a, b, Q_ROWS],
+        seq[a, b, K_OFF],
+        seq[a, b, K_LEN],
+        seq[a, b, ALIGN],
+    )
 
 
 @njit(nogil=True, cache=True)
-def _key_range(i0, ilast, off, k_len, left, right):
-    """Keys [lo, hi) visible to some query row in [i0, ilast] (window only);
-    0 <= lo <= hi <= k_len."""
+def _tile_origin(w, g2, n_qt, qt):
+    """Work item w of a (G1, G2, query tile) grid -> (a, b, first row i0)."""
+    return w // (g2 * n_qt), (w // n_qt) % g2, (w % n_qt) * qt
+
+
+@njit(nogil=True, cache=True)
+def _query_block(seq, a, b, i0, qt, left, right):
+    """Query rows [i0, i0 + qt) of sequence (a, b) under the window ->
+    (q_off, k_off, off, i1, m, lo, hi, in_lo, in_hi): the rows to write are
+    [i0, i1) (none when i1 <= i0), the first m of them real queries; keys
+    [lo, hi) are visible to some real row, keys [in_lo, in_hi) to every one
+    (lo <= in_lo <= in_hi <= hi; all 0 when m == 0)."""
+    q_off, q_len, q_rows, k_off, k_len, off = _sequence(seq, a, b)
+    i1 = min(i0 + qt, q_rows)
+    m = max(0, min(i1, q_len) - i0)
+    if m == 0:
+        return q_off, k_off, off, i1, 0, 0, 0, 0, 0
+    ilast = i0 + m - 1
     lo = 0
     hi = k_len
     if left >= 0:
         lo = min(k_len, max(0, i0 + off - left))
     if right >= 0:
         hi = max(lo, min(k_len, ilast + off + right + 1))
-    return lo, hi
+    in_lo = lo
+    in_hi = hi
+    if left >= 0:
+        in_lo = max(lo, min(hi, ilast + off - left))
+    if right >= 0:
+        in_hi = min(hi, max(in_lo, i0 + off + right + 1))
+    return q_off, k_off, off, i1, m, lo, hi, in_lo, in_hi
+
+
+@njit(nogil=True, cache=True)
+def _key_block(seq, a, b, j0, kn, left, right):
+    """Keys [j0, j0 + kn) of sequence (a, b) under the window -> (q_off,
+    q_len, off, ilo, ihi): the real query rows [ilo, ihi) that see some of
+    them (the backward's query range of a key tile)."""
+    q_off, q_len, _, _, _, off = _sequence(seq, a, b)
+    ilo = 0
+    ihi = q_len
+    if right >= 0:
+        ilo = min(q_len, max(0, j0 - off - right))
+    if left >= 0:
+        ihi = max(ilo, min(q_len, j0 + kn - 1 - off + left + 1))
+    return q_off, q_len, off, ilo, ihi
 
 
 @njit(nogil=True, cache=True)
@@ -883,6 +934,45 @@ def _row_range(i, j0, kn, off, left, right):
     if right >= 0:
         chi = min(kn, max(0, i + off + right + 1 - j0))
     return clo, chi
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _mask_row(srow, clo, chi, sc, bias, mask, a, b, qi, kj, has_bias, has_mask):
+    """The mask step of a score row: srow[j] = sc * srow[j] + bias, or -inf
+    where the mask is False, for columns clo <= j < chi of query row qi
+    (absolute, in bias / mask[a, b]) whose column 0 is key kj. A -inf bias
+    masks whatever the product is (NaN, +inf). The window and the lengths
+    are the caller's [clo, chi)."""
+    ninf = srow.dtype.type(-np.inf)
+    for jj in range(clo, chi):
+        x = srow[jj] * sc
+        if has_bias:
+            bb = bias[a, b, qi, kj + jj]
+            x = ninf if bb == ninf else x + bb
+        if has_mask and not mask[a, b, qi, kj + jj]:
+            x = ninf
+        srow[jj] = x
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _online_softmax_step(vis, n, mul, mrow, lrow, r, orow):
+    """One key block of row r's online softmax: vis[:n], the row's visible
+    scores still to be multiplied by ``mul`` (the scale, or 1 after
+    :func:`_mask_row`), becomes exp(mul * vis - max); the running max
+    mrow[r] and sum lrow[r] take the block in, and orow, the row's P @ V so
+    far, is rescaled to the new max."""
+    dt = vis.dtype.type
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    mx = _scaled_rowmax(vis, n, mul)  # mul == 1: exactly _rowmax
+    m_old = mrow[r]
+    m_new = _maxnum(m_old, mx)
+    shift = m_new if m_new > ninf else zero
+    alpha = dt(math.exp(m_old - m_new)) if m_old > ninf else zero
+    lrow[r] = lrow[r] * alpha + _exp_scaled_inplace(vis, n, mul, shift)
+    mrow[r] = m_new
+    if alpha != dt(1.0):
+        _scale_row(orow, orow.shape[0], alpha)
 
 
 @njit(nogil=True, cache=True)
@@ -985,6 +1075,90 @@ def _pack_transposed_scaled(src, a, b, row0, n, dst, s):
             dst[p, j] = row[p] * s
 
 
+@njit(nogil=True, cache=True)
+def _scores_item(w, data, flags, geometry, scratch, t):
+    """Work item w of :func:`_scores_impl` on thread t: one query tile, its
+    Q rows packed once, then every key tile it sees."""
+    q, k, out, bias, mask, seq = data
+    has_bias, has_mask, sc, pre, direct, left, right = flags
+    g2, group, qt, kt, n_qt = geometry
+    qs_t, kp_t, s_t = scratch
+    d = q.shape[3]
+    ncol = out.shape[3]
+    dt = q.dtype.type
+    ninf = dt(-np.inf)
+    isz = out.itemsize
+    o_unit = ncol <= 1 or out.strides[3] == isz
+    ld = out.strides[2] // isz
+    a, b, i0 = _tile_origin(w, g2, n_qt, qt)
+    q_off, k_off, off, i1, m, lo, hi, _, _ = _query_block(seq, a, b, i0, qt, left, right)
+    if i1 <= i0:
+        return
+    # The sequence owns columns k_off .. ncol - 1 of its rows.
+    for r in range(i1 - i0):
+        i = q_off + i0 + r
+        c_lo = k_off + lo if r < m else ncol
+        c_hi = k_off + hi if r < m else ncol
+        if o_unit:
+            orow = _row4(out, a, b, i)
+            _fill(orow[k_off:c_lo], c_lo - k_off, ninf)
+            _fill(orow[c_hi:], ncol - c_hi, ninf)
+        else:
+            for j in range(k_off, c_lo):
+                out[a, b, i, j] = ninf
+            for j in range(c_hi, ncol):
+                out[a, b, i, j] = ninf
+    if m == 0 or hi <= lo:
+        return
+    kb = b // group
+    mp = (m + _MR - 1) // _MR * _MR
+    # Rows [0, m4) are written in place on the direct path, the rest
+    # through S.
+    m4 = m - m % _MR if direct else 0
+    qs, kp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(s_t, t)
+    for r in range(m, mp):
+        _fill(qs[r], d, dt(0.0))
+    _pack_rows(q, a, b, q_off + i0, m, qs)
+    # The scale multiplies the products: folded into K, or in the bias /
+    # mask pass when there is one, else while copying out.
+    mul = dt(1.0) if has_bias or has_mask or pre else sc
+    for j0 in range(lo, hi, kt):
+        kn = min(kt, hi - j0)
+        _pack_transposed_scaled(k, a, kb, k_off + j0, kn, kp, sc if pre else dt(1.0))
+        # S is overwritten (no zeroing pass); only the columns each row
+        # can see are read below.
+        tri = i0 + off + right - j0 if right >= 0 else kn
+        if m4 > 0:
+            c = _out_rows(out, a, b, q_off + i0, k_off + j0, m4, ld)
+            _gemm(qs, kp, c, m4, kn, d, tri, d, True)
+            for r in range(m4):
+                clo, chi = _row_range(i0 + r, j0, kn, off, left, right)
+                crow = c[r]
+                _fill(crow, clo, ninf)
+                if not pre:
+                    _scale_row(crow[clo:chi], chi - clo, sc)
+                _fill(crow[chi:], kn - chi, ninf)
+        if m4 < m:
+            _gemm(qs[m4:], kp, s, mp - m4, kn, d, tri + m4, d, True)
+        for r in range(m4, m):
+            i = i0 + r
+            srow = s[r - m4]
+            clo, chi = _row_range(i, j0, kn, off, left, right)
+            if has_bias or has_mask:
+                qi = q_off + i
+                _mask_row(srow, clo, chi, sc, bias, mask, a, b, qi, k_off + j0, has_bias, has_mask)
+            if o_unit:
+                orow = _row4(out, a, b, q_off + i)
+                dst = orow[k_off + j0 : k_off + j0 + kn]
+                _fill(dst, clo, ninf)
+                _copy_scaled(srow[clo:chi], dst[clo:chi], chi - clo, mul)
+                _fill(dst[chi:], kn - chi, ninf)
+            else:
+                for jj in range(kn):
+                    x = srow[jj] * mul if clo <= jj < chi else ninf
+                    out[a, b, q_off + i, k_off + j0 + jj] = x
+
+
 @njit(**_OPTS)
 def _scores_impl(
     q,
@@ -1004,8 +1178,9 @@ def _scores_impl(
     n_threads,
 ):
     """S = scale * Q K^T (+ bias, mask), -inf where the window / lengths
-    hide a key. A work item is a query tile: its Q rows are packed once,
-    then each visible key tile is packed (transposed) and multiplied.
+    hide a key. A work item is a query tile (:func:`_scores_item`): its Q
+    rows are packed once, then each visible key tile is packed
+    (transposed) and multiplied.
 
     * **Direct** (output rows with unit stride, no bias / mask, a row
       stride of at least a row): :func:`_gemm` writes the whole 4-row
@@ -1027,7 +1202,6 @@ def _scores_impl(
     kt = max(k_tile, 1)
     dt = q.dtype.type
     sc = dt(scale)
-    ninf = dt(-np.inf)
     isz = out.itemsize
     o_unit = ncol <= 1 or out.strides[3] == isz
     ld = out.strides[2] // isz
@@ -1048,86 +1222,15 @@ def _scores_impl(
     s_t = np.empty((nthr, _MR if direct else rows, ktn), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
-        if w >= n_items:
-            continue
-        a, b, q_off, off, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt)
-        if i0 >= q_rows:
-            continue
-        # The sequence owns columns k_off .. ncol - 1 of its rows.
-        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
-        if m == 0:
-            lo = hi = 0
-        for r in range(i1 - i0):
-            i = q_off + i0 + r
-            c_lo = k_off + lo if r < m else ncol
-            c_hi = k_off + hi if r < m else ncol
-            if o_unit:
-                orow = _row4(out, a, b, i)
-                _fill(orow[k_off:c_lo], c_lo - k_off, ninf)
-                _fill(orow[c_hi:], ncol - c_hi, ninf)
-            else:
-                for j in range(k_off, c_lo):
-                    out[a, b, i, j] = ninf
-                for j in range(c_hi, ncol):
-                    out[a, b, i, j] = ninf
-        if m == 0 or hi <= lo:
-            continue
-        kb = b // group
-        mp = (m + _MR - 1) // _MR * _MR
-        # Rows [0, m4) are written in place on the direct path, the rest
-        # through S.
-        m4 = m - m % _MR if direct else 0
-        t = get_thread_id()
-        qs, kp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(s_t, t)
-        for r in range(m, mp):
-            _fill(qs[r], d, dt(0.0))
-        _pack_rows(q, a, b, q_off + i0, m, qs)
-        # The scale multiplies the products: folded into K, or in the bias /
-        # mask pass when there is one, else while copying out.
-        mul = dt(1.0) if has_bias or has_mask or pre else sc
-        for j0 in range(lo, hi, kt):
-            kn = min(kt, hi - j0)
-            _pack_transposed_scaled(k, a, kb, k_off + j0, kn, kp, sc if pre else dt(1.0))
-            # S is overwritten (no zeroing pass); only the columns each row
-            # can see are read below.
-            tri = i0 + off + right - j0 if right >= 0 else kn
-            if m4 > 0:
-                c = _out_rows(out, a, b, q_off + i0, k_off + j0, m4, ld)
-                _gemm(qs, kp, c, m4, kn, d, tri, d, True)
-                for r in range(m4):
-                    clo, chi = _row_range(i0 + r, j0, kn, off, left, right)
-                    crow = c[r]
-                    _fill(crow, clo, ninf)
-                    if not pre:
-                        _scale_row(crow[clo:chi], chi - clo, sc)
-                    _fill(crow[chi:], kn - chi, ninf)
-            if m4 < m:
-                _gemm(qs[m4:], kp, s, mp - m4, kn, d, tri + m4, d, True)
-            for r in range(m4, m):
-                i = i0 + r
-                srow = s[r - m4]
-                clo, chi = _row_range(i, j0, kn, off, left, right)
-                if has_bias or has_mask:
-                    qi = q_off + i
-                    kj = k_off + j0
-                    for jj in range(clo, chi):
-                        x = srow[jj] * sc
-                        if has_bias:
-                            bb = bias[a, b, qi, kj + jj]
-                            x = ninf if bb == ninf else x + bb  # -inf bias masks
-                        if has_mask and not mask[a, b, qi, kj + jj]:
-                            x = ninf
-                        srow[jj] = x
-                if o_unit:
-                    orow = _row4(out, a, b, q_off + i)
-                    dst = orow[k_off + j0 : k_off + j0 + kn]
-                    _fill(dst, clo, ninf)
-                    _copy_scaled(srow[clo:chi], dst[clo:chi], chi - clo, mul)
-                    _fill(dst[chi:], kn - chi, ninf)
-                else:
-                    for jj in range(kn):
-                        x = srow[jj] * mul if clo <= jj < chi else ninf
-                        out[a, b, q_off + i, k_off + j0 + jj] = x
+        if w < n_items:
+            _scores_item(
+                w,
+                (q, k, out, bias, mask, seq),
+                (has_bias, has_mask, sc, pre, direct, left, right),
+                (g2, group, qt, kt, n_qt),
+                (qs_t, kp_t, s_t),
+                get_thread_id(),
+            )
 
 
 @njit(**_OPTS)
@@ -1210,6 +1313,192 @@ def _tile_group(n_qt, heads, rows, width, itemsize, nthr):
     return g
 
 
+@njit(nogil=True, cache=True)
+def _attention_start(q, outputs, seq, flags, a, b, tile0, nu, qt, state, info):
+    """Sets up the nu query tiles from tile0 of head (a, b) of a forward
+    work item: writes their padding rows, records each tile's first row,
+    real rows and visible keys [lo, hi) in info, packs their Q rows and
+    clears their O, m and l. Returns the union of their key ranges."""
+    out, lse = outputs
+    has_lse, _, _, _, left, right = flags
+    qsg, og, mg, lg = state
+    d = q.shape[3]
+    dv = out.shape[3]
+    dt = q.dtype.type
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    _, _, _, _, k_len, _ = _sequence(seq, a, b)
+    lo = k_len
+    hi = 0
+    for u in range(nu):
+        i0 = (tile0 + u) * qt
+        q_off, _, _, i1, m, ulo, uhi, _, _ = _query_block(seq, a, b, i0, qt, left, right)
+        info[u, 0] = i0
+        info[u, 1] = 0
+        info[u, 2] = 0
+        info[u, 3] = 0
+        if i1 <= i0:
+            continue
+        for i in range(q_off + i0 + m, q_off + i1):  # padding rows
+            for c in range(dv):
+                out[a, b, i, c] = zero
+            if has_lse:
+                lse[a, b, i] = ninf
+        if m == 0:
+            continue
+        info[u, 1] = m
+        info[u, 2] = ulo
+        info[u, 3] = uhi
+        mp = (m + _MR - 1) // _MR * _MR
+        qs, o = qsg[u], og[u]
+        for r in range(m, mp):
+            _fill(qs[r], d, zero)
+        for r in range(mp):
+            _fill(o[r], dv, zero)
+        _fill(mg[u], mp, ninf)
+        _fill(lg[u], mp, zero)
+        if uhi > ulo:
+            _pack_rows(q, a, b, q_off + i0, m, qs)
+            lo = min(lo, ulo)
+            hi = max(hi, uhi)
+    return lo, hi
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _attention_block(data, flags, seq_row, tile, packed, state):
+    """One query tile x one packed key tile of the forward: S = Q K^T, the
+    mask step and the online-softmax step on each row's visible columns,
+    then O += P V."""
+    bias, mask = data
+    _, has_bias, has_mask, sc, left, right = flags
+    a, b, q_off, k_off, off = seq_row
+    i0, m, j0, kn, vbad = tile
+    qs, kp, vp, s, keep = packed
+    o, mrow, lrow = state
+    d = qs.shape[1]
+    dv = vp.shape[1]
+    dt = qs.dtype.type
+    ninf = dt(-np.inf)
+    mp = (m + _MR - 1) // _MR * _MR
+    # The scale is applied in the exponentials, or by the mask step.
+    mul = dt(1.0) if has_bias or has_mask else sc
+    # Window / causal trimming of the products: row block r only needs
+    # columns (and P @ V keys) < tri + r + 4. S is overwritten (no zeroing
+    # pass): the row pass below zeroes every column of a real row outside
+    # its visible range; padding rows (Q = 0) only reach padding rows of o,
+    # never written out.
+    tri = i0 + off + right - j0 if right >= 0 else kn
+    _gemm(qs, kp, s, mp, kn, d, tri, d, True)
+    for r in range(m):
+        i = i0 + r
+        srow = s[r]
+        clo, chi = _row_range(i, j0, kn, off, left, right)
+        if chi <= clo:
+            _zero_row(srow, 0, kn)
+            if vbad:
+                _fill(keep[r], kn, False)
+            continue
+        if has_bias or has_mask:
+            _mask_row(
+                srow, clo, chi, sc, bias, mask, a, b, q_off + i, k_off + j0, has_bias, has_mask
+            )
+        if vbad:
+            for jj in range(kn):
+                keep[r, jj] = clo <= jj < chi and srow[jj] * mul != ninf
+        # Through a C-contiguous slice: loops from 0 vectorise, loops from
+        # a runtime start do not (negative-index wraparound).
+        _online_softmax_step(srow[clo:chi], chi - clo, mul, mrow, lrow, r, o[r])
+        _zero_row(srow, 0, clo)
+        _zero_row(srow, chi, kn)
+    if vbad:  # a NaN or inf value: P @ V key by key, skipping masked keys
+        for r in range(m):
+            for jj in range(kn):
+                if keep[r, jj]:
+                    _axpy(o[r], vp[jj], s[r, jj], dv)
+    else:
+        _gemm(s, vp, o, mp, dv, kn, dv, tri, False)
+
+
+@njit(nogil=True, cache=True)
+def _attention_finish(out, lse, has_lse, a, b, q_off, nu, info, state):
+    """Writes the real rows of a forward work item's nu tiles: O / l, and
+    lse = m + log(l) when asked."""
+    og, mg, lg = state
+    dv = out.shape[3]
+    dt = out.dtype.type
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    for u in range(nu):
+        i0, m = info[u, 0], info[u, 1]
+        o, mrow, lrow = og[u], mg[u], lg[u]
+        for r in range(m):
+            i = q_off + i0 + r
+            lsum = lrow[r]
+            if lsum > zero:
+                inv = dt(1.0) / lsum
+                for c in range(dv):
+                    out[a, b, i, c] = o[r, c] * inv
+                if has_lse:
+                    lse[a, b, i] = mrow[r] + dt(math.log(lsum))
+            elif lsum != lsum:
+                for c in range(dv):
+                    out[a, b, i, c] = dt(np.nan)
+                if has_lse:
+                    lse[a, b, i] = dt(np.nan)
+            else:
+                for c in range(dv):
+                    out[a, b, i, c] = zero
+                if has_lse:
+                    lse[a, b, i] = ninf
+
+
+@njit(nogil=True, cache=True)
+def _attention_item(w, data, outputs, flags, geometry, scratch, t):
+    """Work item w of :func:`_attention_impl` on thread t: ng query tiles of
+    one head (fewer at the end of a head), which share each packed K / V
+    tile (the union of their key ranges; a tile skips key tiles outside its
+    own)."""
+    q, k, v, bias, mask, seq = data
+    out, lse = outputs
+    g2, group, qt, kt, n_qt, ng = geometry
+    qs_t, kp_t, vp_t, s_t, o_t, m_t, l_t, keep_t, info_t = scratch
+    dv = v.shape[3]
+    n_gt = (n_qt + ng - 1) // ng
+    hb = w // n_gt  # a * g2 + b
+    tile0 = (w % n_gt) * ng
+    nu = min(ng, n_qt - tile0)
+    qsg, kp, vp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(vp_t, t), _slot(s_t, t)
+    og, mg, lg = _slot(o_t, t), _slot(m_t, t), _slot(l_t, t)
+    keep, info = _slot(keep_t, t), _slot(info_t, t)
+    vflat = vp.reshape(vp.size)
+    a = hb // g2
+    b = hb % g2
+    kb = b // group
+    q_off, _, _, k_off, _, off = _sequence(seq, a, b)
+    lo, hi = _attention_start(q, outputs, seq, flags, a, b, tile0, nu, qt, (qsg, og, mg, lg), info)
+    for j0 in range(lo, hi, kt):
+        kn = min(kt, hi - j0)
+        _pack_transposed(k, a, kb, k_off + j0, kn, kp)
+        _pack_rows(v, a, kb, k_off + j0, kn, vp)
+        # A NaN or inf value: P @ V key by key, skipping masked keys.
+        vbad = not math.isfinite(_sum(vflat, kn * dv))
+        for u in range(nu):
+            i0, m = info[u, 0], info[u, 1]
+            # Tiles of the item whose rows see none of these keys skip them
+            # (their own key range starts later or ended earlier).
+            if m == 0 or j0 >= info[u, 3] or j0 + kn <= info[u, 2]:
+                continue
+            _attention_block(
+                (bias, mask),
+                flags,
+                (a, b, q_off, k_off, off),
+                (i0, m, j0, kn, vbad),
+                (qsg[u], kp, vp, s, keep),
+                (og[u], mg[u], lg[u]),
+            )
+    _attention_finish(out, lse, flags[0], a, b, q_off, nu, info, (og, mg, lg))
+
+
 @njit(**_OPTS)
 def _attention_impl(
     q,
@@ -1231,6 +1520,8 @@ def _attention_impl(
     k_tile,
     n_threads,
 ):
+    """The fused forward: out (and lse) of softmax(scale * Q K^T (+ bias,
+    mask)) V, one :func:`_attention_item` per work item."""
     g1, g2, _, d = q.shape
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
@@ -1238,9 +1529,6 @@ def _attention_impl(
     qt, n_qt, _, nthr, _ = _grid(g1, g2, max_rows, q_tile, n_threads)
     kt = max(k_tile, 1)
     dt = q.dtype.type
-    sc = dt(scale)
-    ninf = dt(-np.inf)
-    zero = dt(0.0)
     # Scratch per thread, allocated once per call and sized by the rows and
     # keys a work item can have (not a full tile): tiny items allocate nothing.
     rows = (max(1, min(qt, max_rows)) + _MR - 1) // _MR * _MR
@@ -1264,153 +1552,16 @@ def _attention_impl(
     info_t = np.empty((nthr, ng, 4), dtype=np.int64)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
-        if w >= n_items:
-            continue
-        hb = w // n_gt  # a * g2 + b
-        tile0 = (w % n_gt) * ng
-        nu = min(ng, n_qt - tile0)
-        t = get_thread_id()
-        qsg, kp, vp, s = _slot(qs_t, t), _slot(kp_t, t), _slot(vp_t, t), _slot(s_t, t)
-        og, mg, lg = _slot(o_t, t), _slot(m_t, t), _slot(l_t, t)
-        keep, info = _slot(keep_t, t), _slot(info_t, t)
-        vflat = vp.reshape(vp.size)
-        a = hb // g2
-        b = hb % g2
-        kb = b // group
-        q_off = seq[a, b, 0]
-        k_off = seq[a, b, 3]
-        k_len = seq[a, b, 4]
-        off = seq[a, b, 5]
-        lo = k_len
-        hi = 0
-        for u in range(nu):
-            _, _, _, _, q_rows, _, _, i0, i1, m = _query_tile(
-                seq, hb * n_qt + tile0 + u, g2, n_qt, qt
+        if w < n_items:
+            _attention_item(
+                w,
+                (q, k, v, bias, mask, seq),
+                (out, lse),
+                (has_lse, has_bias, has_mask, dt(scale), left, right),
+                (g2, group, qt, kt, n_qt, ng),
+                (qs_t, kp_t, vp_t, s_t, o_t, m_t, l_t, keep_t, info_t),
+                get_thread_id(),
             )
-            info[u, 0] = i0
-            info[u, 1] = 0
-            info[u, 2] = 0
-            info[u, 3] = 0
-            if i0 >= q_rows:
-                continue
-            for i in range(q_off + i0 + m, q_off + i1):  # padding rows
-                for c in range(dv):
-                    out[a, b, i, c] = zero
-                if has_lse:
-                    lse[a, b, i] = ninf
-            if m == 0:
-                continue
-            ulo, uhi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
-            info[u, 1] = m
-            info[u, 2] = ulo
-            info[u, 3] = uhi
-            mp = (m + _MR - 1) // _MR * _MR
-            qs, o = qsg[u], og[u]
-            for r in range(m, mp):
-                _fill(qs[r], d, zero)
-            for r in range(mp):
-                _fill(o[r], dv, zero)
-            _fill(mg[u], mp, ninf)
-            _fill(lg[u], mp, zero)
-            if uhi > ulo:
-                _pack_rows(q, a, b, q_off + i0, m, qs)
-                lo = min(lo, ulo)
-                hi = max(hi, uhi)
-        for j0 in range(lo, hi, kt):
-            kn = min(kt, hi - j0)
-            _pack_transposed(k, a, kb, k_off + j0, kn, kp)
-            _pack_rows(v, a, kb, k_off + j0, kn, vp)
-            # A NaN or inf value: P @ V key by key, skipping masked keys.
-            vbad = not math.isfinite(_sum(vflat, kn * dv))
-            for u in range(nu):
-                i0, m = info[u, 0], info[u, 1]
-                # Tiles of the item whose rows see none of these keys skip them
-                # (their own key range starts later or ended earlier).
-                if m == 0 or j0 >= info[u, 3] or j0 + kn <= info[u, 2]:
-                    continue
-                mp = (m + _MR - 1) // _MR * _MR
-                qs, o, mrow, lrow = qsg[u], og[u], mg[u], lg[u]
-                # Window / causal trimming of the products: row block r only
-                # needs columns (and P @ V keys) < tri + r + 4. S is overwritten
-                # (no zeroing pass): the row pass below zeroes every column of a
-                # real row outside its visible range; padding rows (Q = 0) only
-                # reach padding rows of o, never written out.
-                tri = i0 + off + right - j0 if right >= 0 else kn
-                _gemm(qs, kp, s, mp, kn, d, tri, d, True)
-                for r in range(m):
-                    i = i0 + r
-                    srow = s[r]
-                    clo, chi = _row_range(i, j0, kn, off, left, right)
-                    if chi <= clo:
-                        _zero_row(srow, 0, kn)
-                        if vbad:
-                            _fill(keep[r], kn, False)
-                        continue
-                    # Through a C-contiguous slice: loops from 0 vectorise, loops
-                    # from a runtime start do not (negative-index wraparound).
-                    vis = srow[clo:chi]
-                    if has_bias or has_mask:
-                        qi = q_off + i
-                        kj = k_off + j0
-                        for jj in range(clo, chi):
-                            x = srow[jj] * sc
-                            if has_bias:
-                                bb = bias[a, b, qi, kj + jj]
-                                x = ninf if bb == ninf else x + bb  # -inf bias masks
-                            if has_mask and not mask[a, b, qi, kj + jj]:
-                                x = ninf
-                            srow[jj] = x
-                        mul = dt(1.0)
-                        mx = _rowmax(vis, chi - clo)
-                    else:  # the scale is applied in the exponentials below
-                        mul = sc
-                        mx = _scaled_rowmax(vis, chi - clo, sc)
-                    if vbad:
-                        for jj in range(kn):
-                            keep[r, jj] = clo <= jj < chi and srow[jj] * mul != ninf
-                    m_old = mrow[r]
-                    m_new = _maxnum(m_old, mx)
-                    shift = m_new if m_new > ninf else zero
-                    if m_old > ninf:
-                        alpha = dt(math.exp(m_old - m_new))
-                    else:
-                        alpha = zero
-                    tot = _exp_scaled_inplace(vis, chi - clo, mul, shift)
-                    _zero_row(srow, 0, clo)
-                    _zero_row(srow, chi, kn)
-                    lrow[r] = lrow[r] * alpha + tot
-                    mrow[r] = m_new
-                    if alpha != dt(1.0):
-                        _scale_row(o[r], dv, alpha)
-                if vbad:
-                    for r in range(m):
-                        for jj in range(kn):
-                            if keep[r, jj]:
-                                _axpy(o[r], vp[jj], s[r, jj], dv)
-                else:
-                    _gemm(s, vp, o, mp, dv, kn, dv, tri, False)
-        for u in range(nu):
-            i0, m = info[u, 0], info[u, 1]
-            o, mrow, lrow = og[u], mg[u], lg[u]
-            for r in range(m):
-                i = q_off + i0 + r
-                lsum = lrow[r]
-                if lsum > zero:
-                    inv = dt(1.0) / lsum
-                    for c in range(dv):
-                        out[a, b, i, c] = o[r, c] * inv
-                    if has_lse:
-                        lse[a, b, i] = mrow[r] + dt(math.log(lsum))
-                elif lsum != lsum:
-                    for c in range(dv):
-                        out[a, b, i, c] = dt(np.nan)
-                    if has_lse:
-                        lse[a, b, i] = dt(np.nan)
-                else:
-                    for c in range(dv):
-                        out[a, b, i, c] = zero
-                    if has_lse:
-                        lse[a, b, i] = ninf
 
 
 @njit(**_OPTS)
@@ -1726,9 +1877,10 @@ def _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per):
         a = row // (g2 * max_rows)
         hh = (row // max_rows) % g2
         il = row % max_rows
-        if il >= seq[a, hh, 1]:
+        q_off, q_len, _, _, _, _ = _sequence(seq, a, hh)
+        if il >= q_len:
             continue
-        i = seq[a, hh, 0] + il
+        i = q_off + il
         mx = -np.inf
         nan = False
         for sp in range(ns):
@@ -1765,6 +1917,284 @@ def _merge_split_rows(po, pl, out, lse, seq, has_lse, wm, per):
             lse[a, hh, i] = dt(mx + math.log(tot))
 
 
+@njit(nogil=True, cache=True)
+def _decode_scores(k, table, a, kh0, kh1, gm, k_start, kn, qs, sr, kbuf):
+    """Scores of one block of the streaming kernel: sr[:, :kn] for keys
+    k_start .. k_start + kn - 1 of key heads kh0 .. kh1 - 1 (gm query rows
+    per head), read per contiguous segment of the cache, each K row once
+    for all rows."""
+    d = k.shape[3]
+    bs = max(1, k.shape[1])
+    k_unit = d <= 1 or k.strides[3] == k.itemsize
+    nh = kh1 - kh0
+    jj = 0
+    while jj < kn:
+        p0 = k_start + jj
+        blk = table[a, p0 // bs]
+        r0 = p0 % bs
+        seg = min(kn - jj, bs - r0)
+        if k_unit:  # all heads, row by row
+            kbase = blk * k.strides[0] + r0 * k.strides[1] + kh0 * k.strides[2]
+            ks1, ks2 = k.strides[1], k.strides[2]
+            if seg == bs and kn - jj >= 4 * bs:  # four blocks (paged)
+                e1 = table[a, (p0 + bs) // bs] * k.strides[0] + kh0 * k.strides[2]
+                e2 = table[a, (p0 + 2 * bs) // bs] * k.strides[0] + kh0 * k.strides[2]
+                e3 = table[a, (p0 + 3 * bs) // bs] * k.strides[0] + kh0 * k.strides[2]
+                _scores_quad(
+                    qs, gm, nh, k, kbase, e1, e2, e3, ks1, ks2, seg, sr,
+                    jj, jj + seg, jj + 2 * seg, jj + 3 * seg, d,
+                )  # fmt: skip
+                seg *= 4
+            elif min(kn - jj - seg, bs) == seg:  # the next block too (paged)
+                b2 = table[a, (p0 + seg) // bs] * k.strides[0] + kh0 * k.strides[2]
+                _scores_pair(qs, gm, nh, k, kbase, b2, ks1, ks2, seg, sr, jj, jj + seg, d)
+                seg *= 2
+            elif seg >= 2 * _PAIR_MIN:  # its two halves
+                hf = seg // 2
+                b2 = kbase + hf * ks1
+                _scores_pair(qs, gm, nh, k, kbase, b2, ks1, ks2, hf, sr, jj, jj + hf, d)
+                if seg > 2 * hf:
+                    b3 = kbase + 2 * hf * ks1
+                    _scores_block(qs, 0, gm, nh, k, b3, ks1, ks2, 1, sr, jj + 2 * hf, d)
+            else:
+                _scores_block(qs, 0, gm, nh, k, kbase, ks1, ks2, seg, sr, jj, d)
+        else:
+            for kh in range(kh0, kh1):
+                for jc in range(seg):
+                    for p in range(d):
+                        kbuf[jc, p] = k[blk, r0 + jc, kh, p]
+                rl = (kh - kh0) * gm
+                kr = kbuf.strides[0]
+                _scores_block(qs, rl, gm, 1, kbuf, 0, kr, 0, seg, sr, jj, d)
+        jj += seg
+
+
+@njit(nogil=True, cache=True)
+def _decode_pv(v, table, a, kh0, kh1, gm, k_start, kn, wide, o, sr, vbuf):
+    """P @ V of one block of the streaming kernel where every row sees
+    every key: o[r] += sr[r, :kn] @ V rows k_start .. k_start + kn - 1, per
+    contiguous segment, each V row read once for all rows."""
+    dv = v.shape[3]
+    bs = max(1, v.shape[1])
+    v_unit = dv <= 1 or v.strides[3] == v.itemsize
+    nh = kh1 - kh0
+    jj = 0
+    while jj < kn:
+        p0 = k_start + jj
+        blk = table[a, p0 // bs]
+        r0 = p0 % bs
+        seg = min(kn - jj, bs - r0)
+        if v_unit:
+            vbase = blk * v.strides[0] + r0 * v.strides[1] + kh0 * v.strides[2]
+            vs1, vs2 = v.strides[1], v.strides[2]
+            if not wide and seg == bs and kn - jj >= 4 * bs:  # four blocks (paged)
+                e1 = table[a, (p0 + bs) // bs] * v.strides[0] + kh0 * v.strides[2]
+                e2 = table[a, (p0 + 2 * bs) // bs] * v.strides[0] + kh0 * v.strides[2]
+                e3 = table[a, (p0 + 3 * bs) // bs] * v.strides[0] + kh0 * v.strides[2]
+                _pv_quad(
+                    o, gm, nh, v, vbase, e1, e2, e3, vs1, vs2, seg, sr,
+                    jj, jj + seg, jj + 2 * seg, jj + 3 * seg, dv,
+                )  # fmt: skip
+                seg *= 4
+            elif not wide and min(kn - jj - seg, bs) == seg:  # paged: two blocks
+                b2 = table[a, (p0 + seg) // bs] * v.strides[0] + kh0 * v.strides[2]
+                _pv_pair(o, gm, nh, v, vbase, b2, vs1, vs2, seg, sr, jj, jj + seg, dv)
+                seg *= 2
+            elif not wide and seg >= 2 * _PAIR_MIN:  # its two halves
+                hf = seg // 2
+                b2 = vbase + hf * vs1
+                _pv_pair(o, gm, nh, v, vbase, b2, vs1, vs2, hf, sr, jj, jj + hf, dv)
+                if seg > 2 * hf:
+                    b3 = vbase + 2 * hf * vs1
+                    _pv_block(o, 0, gm, nh, v, b3, vs1, vs2, 1, sr, jj + 2 * hf, dv, wide)
+            else:
+                _pv_block(o, 0, gm, nh, v, vbase, vs1, vs2, seg, sr, jj, dv, wide)
+        else:
+            for kh in range(kh0, kh1):
+                for jc in range(seg):
+                    for c in range(dv):
+                        vbuf[jc, c] = v[blk, r0 + jc, kh, c]
+                rl = (kh - kh0) * gm
+                vr = vbuf.strides[0]
+                _pv_block(o, rl, gm, 1, vbuf, 0, vr, 0, seg, sr, jj, dv, wide)
+        jj += seg
+
+
+@njit(nogil=True, cache=True)
+def _decode_pv_masked(v, table, a, kh0, kh1, gm, k_start, kn, masked, o, sr, vbuf, rng, keep):
+    """P @ V of one block of the streaming kernel key by key: row r takes
+    key jj only inside its columns [rng[0, r], rng[1, r]) and, when
+    ``masked``, where keep[r, jj]; a key no row sees is never read."""
+    dv = v.shape[3]
+    bs = max(1, v.shape[1])
+    v_unit = dv <= 1 or v.strides[3] == v.itemsize
+    for jj in range(kn):
+        p0 = k_start + jj
+        blk = table[a, p0 // bs]
+        r0 = p0 % bs
+        for kh in range(kh0, kh1):
+            rl = (kh - kh0) * gm
+            if v_unit:
+                vo = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
+                v0 = carray(_ptr_at(v, vo), dv)
+            else:
+                for c in range(dv):
+                    vbuf[0, c] = v[blk, r0, kh, c]
+                v0 = vbuf[0]
+            for r in range(rl, rl + gm):
+                if rng[0, r] <= jj < rng[1, r]:
+                    if masked and not keep[r, jj]:
+                        continue
+                    _axpy(o[r], v0, sr[r, jj], dv)
+
+
+@njit(nogil=True, cache=True)
+def _decode_softmax(data, flags, seq_row, block, sr, keep, rng, state):
+    """The online softmax of one block of the streaming kernel: per row r
+    its visible columns [clo, chi) into rng, the mask step (keep[r]: the
+    columns it leaves finite), then the online-softmax step."""
+    bias, mask = data
+    has_bias, has_mask, sc, left, right = flags
+    a, h0, q_off, k_off, off = seq_row
+    i0, m, nr, j0, kn = block
+    o, mrow, lrow = state
+    ninf = sr.dtype.type(-np.inf)
+    masked = has_bias or has_mask
+    mul = sr.dtype.type(1.0) if masked else sc
+    for r in range(nr):
+        i = i0 + r % m
+        clo, chi = _row_range(i, j0, kn, off, left, right)
+        if chi < clo:
+            chi = clo
+        rng[0, r] = clo
+        rng[1, r] = chi
+        if chi == clo:
+            continue
+        srow = sr[r]
+        if masked:
+            hh = h0 + r // m
+            _mask_row(
+                srow, clo, chi, sc, bias, mask, a, hh, q_off + i, k_off + j0, has_bias, has_mask
+            )
+            for jc in range(clo, chi):
+                keep[r, jc] = srow[jc] != ninf
+        _online_softmax_step(srow[clo:chi], chi - clo, mul, mrow, lrow, r, o[r])
+
+
+@njit(nogil=True, cache=True)
+def _decode_finish(outputs, has_lse, ns, s, a, h0, q_off, i0, m, nr, state):
+    """Writes one split's rows of the streaming kernel: O / l and its lse,
+    final (one split) or split s's partial."""
+    out, lse, po, pl = outputs
+    o, mrow, lrow = state
+    dv = out.shape[3]
+    dt = out.dtype.type
+    zero = dt(0.0)
+    for r in range(nr):
+        hh = h0 + r // m
+        il = i0 + r % m
+        lsum = lrow[r]
+        if lsum > zero:
+            inv = dt(1.0) / lsum
+            lval = mrow[r] + dt(math.log(lsum))
+        elif lsum != lsum:
+            inv = dt(np.nan)
+            lval = dt(np.nan)
+        else:
+            inv = zero
+            lval = dt(-np.inf)
+        orow = o[r]
+        if ns == 1:
+            for c in range(dv):
+                out[a, hh, q_off + il, c] = orow[c] * inv
+            if has_lse:
+                lse[a, hh, q_off + il] = lval
+        else:
+            for c in range(dv):
+                po[s, a, hh, il, c] = orow[c] * inv
+            pl[s, a, hh, il] = lval
+
+
+@njit(nogil=True, cache=True)
+def _decode_item(w, data, outputs, flags, geometry, scratch, t):
+    """Work item w of :func:`_decode_impl` on thread t: split s of the
+    visible keys of query tile qti of key heads kh0 .. kh1 - 1 of sequence
+    a, every query head of those key heads being its rows."""
+    q, k, v, table, bias, mask, seq = data
+    out, lse, _, _ = outputs
+    has_lse, has_bias, has_mask, sc, left, right = flags
+    group, qt, kt, n_qt, ns, hpi, wide_rows = geometry
+    qs_t, s_t, keep_t, o_t, m_t, l_t, lo_t, kb_t, vb_t = scratch
+    d = q.shape[3]
+    dv = v.shape[3]
+    hk = k.shape[2]
+    dt = q.dtype.type
+    zero = dt(0.0)
+    s = w % ns
+    qti = (w // ns) % n_qt
+    n_hg = (hk + hpi - 1) // hpi
+    kh0 = ((w // (ns * n_qt)) % n_hg) * hpi
+    kh1 = min(hk, kh0 + hpi)
+    a = w // (ns * n_qt * n_hg)
+    h0 = kh0 * group
+    i0 = qti * qt
+    # The table is constant over heads (the API builds it so).
+    q_off, k_off, off, i1, m, lo, hi, in_lo, in_hi = _query_block(seq, a, h0, i0, qt, left, right)
+    if i1 <= i0:
+        return
+    if s == 0:  # padding rows, written once
+        for hh in range(h0, kh1 * group):
+            for i in range(q_off + i0 + m, q_off + i1):
+                for c in range(dv):
+                    out[a, hh, i, c] = zero
+                if has_lse:
+                    lse[a, hh, i] = dt(-np.inf)
+    if m == 0:
+        return
+    gm = group * m  # rows per key head
+    wide = gm >= wide_rows  # register blocking for many rows per key head
+    nr = (kh1 - kh0) * gm
+    qs, sr, keep, o = _slot(qs_t, t), _slot(s_t, t), _slot(keep_t, t), _slot(o_t, t)
+    mrow, lrow, rng = _slot(m_t, t), _slot(l_t, t), _slot(lo_t, t)
+    kbuf, vbuf = _slot(kb_t, t), _slot(vb_t, t)
+    j_lo, j_hi = _split_range(lo, hi, ns, s)
+    for r in range(nr):
+        _fill(o[r], dv, zero)
+    _fill(mrow, nr, dt(-np.inf))
+    _fill(lrow, nr, zero)
+    if j_hi > j_lo:
+        for r in range(nr):
+            hh = h0 + r // m
+            i = q_off + i0 + r % m
+            for p in range(d):
+                qs[r, p] = q[a, hh, i, p]
+    masked = has_bias or has_mask
+    j0 = j_lo
+    while j0 < j_hi:
+        # A block of kn keys, possibly spanning several cache blocks
+        # (pages): scores and P @ V run per contiguous segment.
+        kn = min(kt, j_hi - j0)
+        _decode_scores(k, table, a, kh0, kh1, gm, k_off + j0, kn, qs, sr, kbuf)
+        _decode_softmax(
+            (bias, mask),
+            (has_bias, has_mask, sc, left, right),
+            (a, h0, q_off, k_off, off),
+            (i0, m, nr, j0, kn),
+            sr,
+            keep,
+            rng,
+            (o, mrow, lrow),
+        )
+        if not masked and in_lo <= j0 and j0 + kn <= in_hi:  # every row sees every key
+            _decode_pv(v, table, a, kh0, kh1, gm, k_off + j0, kn, wide, o, sr, vbuf)
+        else:  # key by key, never touching a key a row cannot see
+            _decode_pv_masked(
+                v, table, a, kh0, kh1, gm, k_off + j0, kn, masked, o, sr, vbuf, rng, keep
+            )
+        j0 += kn
+    _decode_finish(outputs, has_lse, ns, s, a, h0, q_off, i0, m, nr, (o, mrow, lrow))
+
+
 @njit(**_OPTS)
 def _decode_impl(
     q,
@@ -1794,16 +2224,13 @@ def _decode_impl(
     ``num_splits`` chunks merged in the same call (see the module docstring,
     "Streaming split-K kernel"). k / v are (blocks, block_size, Hk, d / dv):
     a paged cache with its ``table``, or a dense (G1, Hk, Nk, d) array viewed
-    as (G1, Nk, Hk, d) with table[a, 0] = a."""
+    as (G1, Nk, Hk, d) with table[a, 0] = a. One :func:`_decode_item` per
+    work item."""
     g1, g2, _, d = q.shape
     hk = k.shape[2]
     group = g2 // hk if hk > 0 else 1
     dv = v.shape[3]
-    bs = max(1, k.shape[1])
     dt = q.dtype.type
-    sc = dt(scale)
-    ninf = dt(-np.inf)
-    zero = dt(0.0)
     ns = max(1, num_splits)
     qt = max(1, min(q_tile, max_rows))
     n_qt = (max_rows + qt - 1) // qt
@@ -1832,241 +2259,16 @@ def _decode_impl(
     pl = np.empty((pn, g1, g2, max_rows), dtype=dt)
     for pos in prange(nthr * chunk):
         w = _work_item(pos, chunk, nthr)
-        if w >= n_items:
-            continue
-        s = w % ns
-        qti = (w // ns) % n_qt
-        kh0 = ((w // (ns * n_qt)) % n_hg) * hpi
-        kh1 = min(hk, kh0 + hpi)
-        a = w // (ns * n_qt * n_hg)
-        h0 = kh0 * group
-        gm = 0  # rows per key head
-        # The table is constant over heads (the API builds it so).
-        q_off = seq[a, h0, 0]
-        q_len = seq[a, h0, 1]
-        q_rows = seq[a, h0, 2]
-        k_off = seq[a, h0, 3]
-        k_len = seq[a, h0, 4]
-        off = seq[a, h0, 5]  # the diagonal offset (numbattn._sequences ALIGN)
-        i0 = qti * qt
-        i1 = min(i0 + qt, q_rows)
-        if i0 >= q_rows:
-            continue
-        m = max(0, min(i1, q_len) - i0)
-        if s == 0:  # padding rows, written once
-            for hh in range(h0, kh1 * group):
-                for i in range(q_off + i0 + m, q_off + i1):
-                    for c in range(dv):
-                        out[a, hh, i, c] = zero
-                    if has_lse:
-                        lse[a, hh, i] = ninf
-        if m == 0:
-            continue
-        gm = group * m
-        wide = gm >= wide_rows  # register blocking for many rows per key head
-        nr = (kh1 - kh0) * gm
-        t = get_thread_id()
-        qs, sr, keep, o = _slot(qs_t, t), _slot(s_t, t), _slot(keep_t, t), _slot(o_t, t)
-        mrow, lrow, rng = _slot(m_t, t), _slot(l_t, t), _slot(lo_t, t)
-        kbuf, vbuf = _slot(kb_t, t), _slot(vb_t, t)
-        lo, hi = _key_range(i0, i0 + m - 1, off, k_len, left, right)
-        j_lo, j_hi = _split_range(lo, hi, ns, s)
-        for r in range(nr):
-            _fill(o[r], dv, zero)
-        _fill(mrow, nr, ninf)
-        _fill(lrow, nr, zero)
-        if j_hi > j_lo:
-            for r in range(nr):
-                hh = h0 + r // m
-                i = q_off + i0 + r % m
-                for p in range(d):
-                    qs[r, p] = q[a, hh, i, p]
-        j0 = j_lo
-        while j0 < j_hi:
-            # A block of kn keys, possibly spanning several cache blocks
-            # (pages): scores and P @ V run per contiguous segment.
-            kn = min(kt, j_hi - j0)
-            # Scores: each K row is read once for all rows.
-            jj = 0
-            while jj < kn:
-                p0 = k_off + j0 + jj
-                blk = table[a, p0 // bs]
-                r0 = p0 % bs
-                seg = min(kn - jj, bs - r0)
-                if k_unit:  # all heads, row by row
-                    kbase = blk * k.strides[0] + r0 * k.strides[1] + kh0 * k.strides[2]
-                    ks1, ks2 = k.strides[1], k.strides[2]
-                    if seg == bs and kn - jj >= 4 * bs:  # four blocks (paged)
-                        e1 = table[a, (p0 + bs) // bs] * k.strides[0] + kh0 * k.strides[2]
-                        e2 = table[a, (p0 + 2 * bs) // bs] * k.strides[0] + kh0 * k.strides[2]
-                        e3 = table[a, (p0 + 3 * bs) // bs] * k.strides[0] + kh0 * k.strides[2]
-                        _scores_quad(
-                            qs, gm, kh1 - kh0, k, kbase, e1, e2, e3, ks1, ks2, seg, sr,
-                            jj, jj + seg, jj + 2 * seg, jj + 3 * seg, d,
-                        )  # fmt: skip
-                        seg *= 4
-                    elif min(kn - jj - seg, bs) == seg:  # the next block too (paged)
-                        b2 = table[a, (p0 + seg) // bs] * k.strides[0] + kh0 * k.strides[2]
-                        _scores_pair(
-                            qs, gm, kh1 - kh0, k, kbase, b2, ks1, ks2, seg, sr, jj, jj + seg, d
-                        )
-                        seg *= 2
-                    elif seg >= 2 * _PAIR_MIN:  # its two halves
-                        hf = seg // 2
-                        b2 = kbase + hf * ks1
-                        _scores_pair(
-                            qs, gm, kh1 - kh0, k, kbase, b2, ks1, ks2, hf, sr, jj, jj + hf, d
-                        )
-                        if seg > 2 * hf:
-                            b3 = kbase + 2 * hf * ks1
-                            _scores_block(
-                                qs, 0, gm, kh1 - kh0, k, b3, ks1, ks2, 1, sr, jj + 2 * hf, d
-                            )
-                    else:
-                        _scores_block(qs, 0, gm, kh1 - kh0, k, kbase, ks1, ks2, seg, sr, jj, d)
-                else:
-                    for kh in range(kh0, kh1):
-                        for jc in range(seg):
-                            for p in range(d):
-                                kbuf[jc, p] = k[blk, r0 + jc, kh, p]
-                        rl = (kh - kh0) * gm
-                        kr = kbuf.strides[0]
-                        _scores_block(qs, rl, gm, 1, kbuf, 0, kr, 0, seg, sr, jj, d)
-                jj += seg
-            # Online softmax per row over its visible columns [clo, chi).
-            full = not (has_bias or has_mask)
-            for r in range(nr):
-                i = i0 + r % m
-                clo, chi = _row_range(i, j0, kn, off, left, right)
-                if chi < clo:
-                    chi = clo
-                rng[0, r] = clo
-                rng[1, r] = chi
-                if clo > 0 or chi < kn:
-                    full = False
-                if chi == clo:
-                    continue
-                srow = sr[r]
-                vis = srow[clo:chi]
-                if has_bias or has_mask:
-                    qi = q_off + i
-                    kj = k_off + j0
-                    hh = h0 + r // m
-                    for jc in range(clo, chi):
-                        x = srow[jc] * sc
-                        if has_bias:
-                            bb = bias[a, hh, qi, kj + jc]
-                            x = ninf if bb == ninf else x + bb  # -inf bias masks
-                        if has_mask and not mask[a, hh, qi, kj + jc]:
-                            x = ninf
-                        srow[jc] = x
-                        keep[r, jc] = x != ninf
-                    mul = dt(1.0)
-                    mx = _rowmax(vis, chi - clo)
-                else:
-                    mul = sc
-                    mx = _scaled_rowmax(vis, chi - clo, sc)
-                m_old = mrow[r]
-                m_new = _maxnum(m_old, mx)
-                shift = m_new if m_new > ninf else zero
-                alpha = dt(math.exp(m_old - m_new)) if m_old > ninf else zero
-                lrow[r] = lrow[r] * alpha + _exp_scaled_inplace(vis, chi - clo, mul, shift)
-                mrow[r] = m_new
-                if alpha != dt(1.0):
-                    _scale_row(o[r], dv, alpha)
-            # P @ V: each V row read once for all rows.
-            if full:  # every row sees every key of the block
-                jj = 0
-                while jj < kn:
-                    p0 = k_off + j0 + jj
-                    blk = table[a, p0 // bs]
-                    r0 = p0 % bs
-                    seg = min(kn - jj, bs - r0)
-                    if v_unit:
-                        vbase = blk * v.strides[0] + r0 * v.strides[1] + kh0 * v.strides[2]
-                        vs1, vs2 = v.strides[1], v.strides[2]
-                        if not wide and seg == bs and kn - jj >= 4 * bs:  # four blocks (paged)
-                            e1 = table[a, (p0 + bs) // bs] * v.strides[0] + kh0 * v.strides[2]
-                            e2 = table[a, (p0 + 2 * bs) // bs] * v.strides[0] + kh0 * v.strides[2]
-                            e3 = table[a, (p0 + 3 * bs) // bs] * v.strides[0] + kh0 * v.strides[2]
-                            _pv_quad(
-                                o, gm, kh1 - kh0, v, vbase, e1, e2, e3, vs1, vs2, seg, sr,
-                                jj, jj + seg, jj + 2 * seg, jj + 3 * seg, dv,
-                            )  # fmt: skip
-                            seg *= 4
-                        elif not wide and min(kn - jj - seg, bs) == seg:  # paged: two blocks
-                            b2 = table[a, (p0 + seg) // bs] * v.strides[0] + kh0 * v.strides[2]
-                            _pv_pair(
-                                o, gm, kh1 - kh0, v, vbase, b2, vs1, vs2, seg, sr, jj, jj + seg, dv
-                            )
-                            seg *= 2
-                        elif not wide and seg >= 2 * _PAIR_MIN:  # its two halves
-                            hf = seg // 2
-                            b2 = vbase + hf * vs1
-                            _pv_pair(
-                                o, gm, kh1 - kh0, v, vbase, b2, vs1, vs2, hf, sr, jj, jj + hf, dv
-                            )
-                            if seg > 2 * hf:
-                                b3 = vbase + 2 * hf * vs1
-                                sl = jj + 2 * hf
-                                _pv_block(o, 0, gm, kh1 - kh0, v, b3, vs1, vs2, 1, sr, sl, dv, wide)
-                        else:
-                            _pv_block(
-                                o, 0, gm, kh1 - kh0, v, vbase, vs1, vs2, seg, sr, jj, dv, wide
-                            )
-                    else:
-                        for kh in range(kh0, kh1):
-                            for jc in range(seg):
-                                for c in range(dv):
-                                    vbuf[jc, c] = v[blk, r0 + jc, kh, c]
-                            rl = (kh - kh0) * gm
-                            vr = vbuf.strides[0]
-                            _pv_block(o, rl, gm, 1, vbuf, 0, vr, 0, seg, sr, jj, dv, wide)
-                    jj += seg
-            else:  # key by key, never touching a key a row cannot see
-                for jj in range(kn):
-                    p0 = k_off + j0 + jj
-                    blk = table[a, p0 // bs]
-                    r0 = p0 % bs
-                    for kh in range(kh0, kh1):
-                        rl = (kh - kh0) * gm
-                        if v_unit:
-                            vo = blk * v.strides[0] + r0 * v.strides[1] + kh * v.strides[2]
-                            v0 = carray(_ptr_at(v, vo), dv)
-                        else:
-                            for c in range(dv):
-                                vbuf[0, c] = v[blk, r0, kh, c]
-                            v0 = vbuf[0]
-                        for r in range(rl, rl + gm):
-                            if rng[0, r] <= jj < rng[1, r]:
-                                if (has_bias or has_mask) and not keep[r, jj]:
-                                    continue
-                                _axpy(o[r], v0, sr[r, jj], dv)
-            j0 += kn
-        # This split's rows: final (one split) or partial results.
-        for r in range(nr):
-            hh = h0 + r // m
-            il = i0 + r % m
-            lsum = lrow[r]
-            if lsum > zero:
-                inv = dt(1.0) / lsum
-                lval = mrow[r] + dt(math.log(lsum))
-            elif lsum != lsum:
-                inv = dt(np.nan)
-                lval = dt(np.nan)
-            else:
-                inv = zero
-                lval = ninf
-            orow = o[r]
-            if ns == 1:
-                for c in range(dv):
-                    out[a, hh, q_off + il, c] = orow[c] * inv
-                if has_lse:
-                    lse[a, hh, q_off + il] = lval
-            else:
-                for c in range(dv):
-                    po[s, a, hh, il, c] = orow[c] * inv
-                pl[s, a, hh, il] = lval
+        if w < n_items:
+            _decode_item(
+                w,
+                (q, k, v, table, bias, mask, seq),
+                (out, lse, po, pl),
+                (has_lse, has_bias, has_mask, dt(scale), left, right),
+                (group, qt, kt, n_qt, ns, hpi, wide_rows),
+                (qs_t, s_t, keep_t, o_t, m_t, l_t, lo_t, kb_t, vb_t),
+                get_thread_id(),
+            )
     if ns == 1:
         return
     # Merge the splits of every real row (merge_attention's math, fixed order).
@@ -2136,13 +2338,6 @@ decode_kernel = OneLayoutKernel(_decode_impl, DecodeArgs, _SERIAL_OPTS)
 # key (lse -inf) and padding rows are packed as zeros, and a key tile with
 # a non-finite key accumulates dS K key by key over P > 0 (as the forward
 # does for values).
-
-
-@njit(nogil=True, cache=True)
-def _bwd_offset(seq, a, b):
-    """The diagonal offset of sequence (a, b) (the ALIGN column): the one place
-    the backward reads it."""
-    return seq[a, b, 5]
 
 
 @njit(**_HOPTS)
@@ -2227,6 +2422,208 @@ def _bwd_rows(x, a, b, i, n):
     return carray(_ptr_at(x, byte), (n, ld))
 
 
+@njit(nogil=True, cache=True)
+def _bwd_query_tile(data, flags, seq_row, tile, packed, dqs):
+    """One query tile x one key tile of the backward: S = Q K^T and dP = dO
+    V^T, then per row P = exp(scale * S (+ bias) - lse) (0 where masked) and
+    dS = P * (dP - D); dQ_slice (dqs) += dS K, dV += P^T dO, dK += dS^T Q."""
+    q, lse, dout, delta, bias, mask = data
+    has_bias, has_mask, sc, left, right, kbad = flags
+    a, b, q_off, k_off, off = seq_row
+    i0, m, j0, kn = tile
+    qs, dos, s, dp, ktr, kr, vt, dka, dva = packed
+    d = q.shape[3]
+    dvn = dout.shape[3]
+    dt = q.dtype.type
+    ninf = dt(-np.inf)
+    zero = dt(0.0)
+    knp = (kn + _MR - 1) // _MR * _MR
+    mp = (m + _MR - 1) // _MR * _MR
+    _pack_rows(q, a, b, q_off + i0, m, qs)
+    _pack_rows(dout, a, b, q_off + i0, m, dos)
+    for r in range(mp):  # padding rows, rows with no visible key
+        if r >= m or lse[a, b, q_off + i0 + r] == ninf:
+            _fill(qs[r], d, zero)
+            _fill(dos[r], dvn, zero)
+    # S and dP are overwritten, no zeroing pass: columns past a row block's
+    # trimmed range keep stale values, which the row pass below zeroes (S)
+    # or never uses (dP where P is 0); columns kn .. knp only reach padding
+    # rows of the dK / dV scratch, which are never written out.
+    tri = i0 + off + right - j0 if right >= 0 else kn
+    _gemm(qs, ktr, s, mp, kn, d, tri, d, True)
+    _gemm(dos, vt, dp, mp, kn, dvn, tri, dvn, True)
+    lanes = _lanes(s)
+    for r in range(mp):
+        srow = s[r]
+        i = i0 + r
+        lv = lse[a, b, q_off + i] if r < m else ninf
+        clo, chi = _row_range(i, j0, kn, off, left, right)
+        if chi <= clo or lv == ninf:
+            _zero_row(srow, 0, kn)
+            _zero_row(dp[r], 0, kn)
+            continue
+        mul = sc
+        if has_bias or has_mask:
+            _mask_row(
+                srow, clo, chi, sc, bias, mask, a, b, q_off + i, k_off + j0, has_bias, has_mask
+            )
+            mul = dt(1.0)
+        # Whole vectors (a scalar tail costs more than the extra lanes),
+        # zeroed past chi below.
+        ce = min(kn, (chi + lanes - 1) // lanes * lanes)
+        _exp_scaled_inplace(srow[clo:ce], ce - clo, mul, lv)
+        _zero_row(srow, 0, clo)
+        _zero_row(srow, chi, kn)
+        # dS only up to where the trimmed products read it: dS K takes
+        # columns < chi + 3 of this row, P^T dO and dS^T Q (4-key blocks
+        # from a 4-row floor) < chi + 6.
+        ce = min(kn, (chi + 6 + lanes) // lanes * lanes)
+        _ds_row(srow, dp[r], ce, delta[a, b, q_off + i])
+    if kbad:  # a NaN or inf key: dS K key by key over P > 0 only
+        for r in range(m):
+            for jj in range(kn):
+                if s[r, jj] != zero:
+                    _axpy(dqs[r], kr[jj], dp[r, jj], d)
+    else:
+        _gemm(dp, kr, dqs, mp, d, kn, d, tri, False)
+    _gemm_tn(s, dos, dva, knp, dvn, mp, tri)
+    _gemm_tn(dp, qs, dka, knp, d, mp, tri)
+
+
+@njit(nogil=True, cache=True)
+def _bwd_store_keys(dk, dv, a, kb, k_start, kw, kn, sc, dka, dva):
+    """Rows k_start .. k_start + kw - 1 of dk / dv[a, kb]: scale * dK and dV
+    for the first kn (the real keys), zeros for the rest."""
+    d = dk.shape[3]
+    dvn = dv.shape[3]
+    zero = dk.dtype.type(0.0)
+    dk_unit = _unit_rows(dk)
+    dv_unit = _unit_rows(dv)
+    for jj in range(kw):
+        j = k_start + jj
+        if jj < kn and dk_unit:
+            _copy_scaled(dka[jj], _row4(dk, a, kb, j), d, sc)
+        elif jj < kn:
+            for c in range(d):
+                dk[a, kb, j, c] = dka[jj, c] * sc
+        if jj < kn and dv_unit:
+            _copy(dva[jj], _row4(dv, a, kb, j), dvn)
+        elif jj < kn:
+            for c in range(dvn):
+                dv[a, kb, j, c] = dva[jj, c]
+        if jj >= kn:
+            for c in range(d):
+                dk[a, kb, j, c] = zero
+            for c in range(dvn):
+                dv[a, kb, j, c] = zero
+
+
+@njit(nogil=True, cache=True)
+def _bwd_key_tile(data, grads, flags, a, kb, sl, j0, geometry, packed):
+    """Key tile j0 of key head (a, kb), owned by slice sl: dK and dV over
+    every query tile of every query head of the group that sees it, dQ into
+    the slice's accumulator."""
+    q, k, v, _, lse, dout, delta, bias, mask, seq = data
+    _, dk, dv, acc, base = grads
+    has_bias, has_mask, sc, left, right, _ = flags
+    group, qtt, kt, key_rows, k_rows = geometry
+    qs, dos, s, dp, ktr, kr, vt, dka, dva = packed
+    d = q.shape[3]
+    dvn = v.shape[3]
+    dt = q.dtype.type
+    zero = dt(0.0)
+    b0 = kb * group
+    _, _, _, k_off, k_len, _ = _sequence(seq, a, b0)
+    kw = min(kt, max(k_len, key_rows) - j0)  # rows of dk / dv this tile writes
+    kn = max(0, min(kw, k_len - j0))  # real keys among them
+    knp = (kn + _MR - 1) // _MR * _MR
+    for jj in range(knp):
+        _fill(dka[jj], d, zero)
+        _fill(dva[jj], dvn, zero)
+    kbad = False
+    if kn > 0:
+        # K^T and V^T by register transposes (exact with s = 1): 1.3-2.5x
+        # faster than _pack_transposed on cold rows.
+        _pack_transposed_scaled(k, a, kb, k_off + j0, kn, ktr, dt(1.0))
+        _pack_transposed_scaled(v, a, kb, k_off + j0, kn, vt, dt(1.0))
+        # dS K reads K's rows in place when they are unit-stride (no second
+        # pass over the tile), else a packed copy.
+        if k_rows:
+            kr = _bwd_rows(k, a, kb, k_off + j0, kn)
+        else:
+            _pack_rows(k, a, kb, k_off + j0, kn, kr)
+        # A NaN or inf key: dQ += dS K key by key over P > 0 only.
+        ksum = zero
+        for c in range(d):
+            ksum += _sum(ktr[c], kn)
+        kbad = not math.isfinite(ksum)
+    for g in range(group if kn > 0 else 0):
+        b = b0 + g
+        q_off, _, off, ilo, ihi = _key_block(seq, a, b, j0, kn, left, right)
+        ilo -= ilo % _MR
+        ab = base[a, b]
+        for i0 in range(ilo, ihi, qtt):
+            m = min(qtt, ihi - i0)
+            mp = (m + _MR - 1) // _MR * _MR
+            _bwd_query_tile(
+                (q, lse, dout, delta, bias, mask),
+                (has_bias, has_mask, sc, left, right, kbad),
+                (a, b, q_off, k_off, off),
+                (i0, m, j0, kn),
+                (qs, dos, s, dp, ktr, kr, vt, dka, dva),
+                acc[sl, ab + i0 : ab + i0 + mp],
+            )
+    _bwd_store_keys(dk, dv, a, kb, k_off + j0, kw, kn, sc, dka, dva)
+
+
+@njit(nogil=True, cache=True)
+def _bwd_key_item(w, data, grads, flags, geometry, scratch, t):
+    """Work item w of the backward's loop 2 on thread t: slice sl of key
+    head (a, kb), its key tiles (snake order over the slices) and, fused,
+    loops 1 and 3 for the group's query heads."""
+    _, k, _, out, _, dout, delta, _, _, seq = data
+    dq, _, _, acc, base = grads
+    sc, fused = flags[2], flags[5]
+    group, _, kt, key_rows, k_rows = geometry
+    qs_t, do_t, s_t, dp_t, kt_t, kr_t, vt_t, dka_t, dva_t = scratch
+    hk = k.shape[1]
+    ns = acc.shape[0]
+    a = w // (hk * ns)
+    kb = (w // ns) % hk
+    sl = w % ns
+    b0 = kb * group
+    _, _, _, _, k_len, _ = _sequence(seq, a, b0)
+    krows = max(k_len, key_rows)
+    qs, dos, s, dp = _slot(qs_t, t), _slot(do_t, t), _slot(s_t, t), _slot(dp_t, t)
+    ktr = _slot(kt_t, t)
+    kr = _bwd_rows(k, a, kb, 0, 0) if k_rows else _slot(kr_t, t)
+    vt, dka, dva = _slot(vt_t, t), _slot(dka_t, t), _slot(dva_t, t)
+    if fused:  # loop 1 for the group's query heads
+        for g in range(group):
+            b = b0 + g
+            q_off, q_len, _, _, _, _ = _sequence(seq, a, b)
+            r1 = base[a, b] + (q_len + _MR - 1) // _MR * _MR
+            _bwd_prepare(dout, out, delta, acc, a, b, q_off, q_len, base[a, b], r1)
+    for ti in range((krows + kt - 1) // kt):
+        if _bwd_slice_owner(ti, ns) == sl:
+            _bwd_key_tile(
+                data,
+                grads,
+                flags,
+                a,
+                kb,
+                sl,
+                ti * kt,
+                geometry,
+                (qs, dos, s, dp, ktr, kr, vt, dka, dva),
+            )
+    if fused:  # loop 3 for the group's query heads: every key tile is done
+        for g in range(group):
+            b = b0 + g
+            q_off, q_len, q_rows, _, _, _ = _sequence(seq, a, b)
+            _bwd_finish(acc, dq, a, b, q_off, q_rows, q_len, base[a, b], sc)
+
+
 @njit(**_OPTS)
 def _attention_backward_impl(
     q,
@@ -2255,15 +2652,14 @@ def _attention_backward_impl(
     splits,
     n_threads,
 ):
+    """The backward (see the notes above): loops 1 and 3 per query tile,
+    loop 2 one :func:`_bwd_key_item` per work item."""
     g1, g2, _, d = q.shape
     hk = k.shape[1]
     group = g2 // hk if hk > 0 else 1
     dvn = v.shape[3]
     dt = q.dtype.type
     sc = dt(scale)
-    ninf = dt(-np.inf)
-    zero = dt(0.0)
-    one = dt(1.0)
     ns = max(1, splits)
     # Query tiles start at multiples of 4 so that the padding rows of a
     # tile's dQ product never land on another tile's rows.
@@ -2277,7 +2673,7 @@ def _attention_backward_impl(
     for a in range(g1):
         for b in range(g2):
             base[a, b] = total
-            total += (seq[a, b, 1] + _MR - 1) // _MR * _MR
+            total += (_sequence(seq, a, b)[1] + _MR - 1) // _MR * _MR
     acc = np.empty((ns, total, d), dtype=dt)
 
     # One slice per key head (enough key heads for the threads): loops 1 and
@@ -2293,18 +2689,17 @@ def _attention_backward_impl(
             w = _work_item(pos, chunk, nthr)
             if w >= n_items:
                 continue
-            a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+            a, b, i0 = _tile_origin(w, g2, n_qt, qt_)
+            q_off, q_len, _, _, _, _ = _sequence(seq, a, b)
+            m = max(0, min(i0 + qt_, q_len) - i0)
             if m == 0:
                 continue
-            q_len = seq[a, b, 1]
             r0 = base[a, b] + i0
             r1 = min(base[a, b] + (q_len + _MR - 1) // _MR * _MR, r0 + qtt)
             _bwd_prepare(dout, out, delta, acc, a, b, q_off + i0, m, r0, r1)
 
     # 2. dK, dV per key tile; dQ per slice.
     krows_max = max(max_keys, 0)
-    dk_unit = _unit_rows(dk)
-    dv_unit = _unit_rows(dv)
     n_kitems = g1 * hk * ns
     kchunk = (n_kitems + nthr - 1) // nthr
     rows = (max(1, min(qtt, max_rows)) + _MR - 1) // _MR * _MR
@@ -2322,152 +2717,16 @@ def _attention_backward_impl(
     dva_t = np.empty((nthr, ktp, dvn), dtype=dt)
     for pos in prange(nthr * kchunk):
         w = _work_item(pos, kchunk, nthr)
-        if w >= n_kitems:
-            continue
-        kbad = False
-        a = w // (hk * ns)
-        kb = (w // ns) % hk
-        sl = w % ns
-        b0 = kb * group
-        k_off = seq[a, b0, 3]
-        k_len = seq[a, b0, 4]
-        krows = max(k_len, key_rows)
-        t = get_thread_id()
-        qs, dos, s, dp = _slot(qs_t, t), _slot(do_t, t), _slot(s_t, t), _slot(dp_t, t)
-        ktr = _slot(kt_t, t)
-        kr = _bwd_rows(k, a, kb, 0, 0) if k_rows else _slot(kr_t, t)
-        vt, dka, dva = _slot(vt_t, t), _slot(dka_t, t), _slot(dva_t, t)
-        if fused:  # loop 1 for the group's query heads
-            for g in range(group):
-                b = b0 + g
-                q_len = seq[a, b, 1]
-                r1 = base[a, b] + (q_len + _MR - 1) // _MR * _MR
-                _bwd_prepare(dout, out, delta, acc, a, b, seq[a, b, 0], q_len, base[a, b], r1)
-        for ti in range((krows + kt - 1) // kt):
-            if _bwd_slice_owner(ti, ns) != sl:
-                continue
-            j0 = ti * kt
-            kw = min(kt, krows - j0)  # rows of dk / dv this tile writes
-            kn = max(0, min(kw, k_len - j0))  # real keys among them
-            knp = (kn + _MR - 1) // _MR * _MR
-            for jj in range(knp):
-                _fill(dka[jj], d, zero)
-                _fill(dva[jj], dvn, zero)
-            if kn > 0:
-                # K^T and V^T by register transposes (exact with s = 1):
-                # 1.3-2.5x faster than _pack_transposed on cold rows.
-                _pack_transposed_scaled(k, a, kb, k_off + j0, kn, ktr, one)
-                _pack_transposed_scaled(v, a, kb, k_off + j0, kn, vt, one)
-                # dS K reads K's rows in place when they are unit-stride
-                # (no second pass over the tile), else a packed copy.
-                if k_rows:
-                    kr = _bwd_rows(k, a, kb, k_off + j0, kn)
-                else:
-                    _pack_rows(k, a, kb, k_off + j0, kn, kr)
-                # A NaN or inf key: dQ += dS K key by key over P > 0 only.
-                ksum = zero
-                for c in range(d):
-                    ksum += _sum(ktr[c], kn)
-                kbad = not math.isfinite(ksum)
-            for g in range(group if kn > 0 else 0):
-                b = b0 + g
-                q_off = seq[a, b, 0]
-                q_len = seq[a, b, 1]
-                off = _bwd_offset(seq, a, b)
-                # Query rows that see some key of [j0, j0 + kn).
-                ilo = 0
-                ihi = q_len
-                if right >= 0:
-                    ilo = min(q_len, max(0, j0 - off - right))
-                if left >= 0:
-                    ihi = max(ilo, min(q_len, j0 + kn - 1 - off + left + 1))
-                ilo -= ilo % _MR
-                ab = base[a, b]
-                for i0 in range(ilo, ihi, qtt):
-                    m = min(qtt, ihi - i0)
-                    mp = (m + _MR - 1) // _MR * _MR
-                    _pack_rows(q, a, b, q_off + i0, m, qs)
-                    _pack_rows(dout, a, b, q_off + i0, m, dos)
-                    for r in range(mp):  # padding rows, rows with no visible key
-                        if r >= m or lse[a, b, q_off + i0 + r] == ninf:
-                            _fill(qs[r], d, zero)
-                            _fill(dos[r], dvn, zero)
-                    # S and dP are overwritten, no zeroing pass: columns past
-                    # a row block's trimmed range keep stale values, which
-                    # the row pass below zeroes (S) or never uses (dP where
-                    # P is 0); columns kn .. knp only reach padding rows of
-                    # the dK / dV scratch, which are never written out.
-                    tri = i0 + off + right - j0 if right >= 0 else kn
-                    _gemm(qs, ktr, s, mp, kn, d, tri, d, True)
-                    _gemm(dos, vt, dp, mp, kn, dvn, tri, dvn, True)
-                    lanes = _lanes(s)
-                    for r in range(mp):
-                        srow = s[r]
-                        i = i0 + r
-                        lv = lse[a, b, q_off + i] if r < m else ninf
-                        clo, chi = _row_range(i, j0, kn, off, left, right)
-                        if chi <= clo or lv == ninf:
-                            _zero_row(srow, 0, kn)
-                            _zero_row(dp[r], 0, kn)
-                            continue
-                        if has_bias or has_mask:
-                            qi = q_off + i
-                            kj = k_off + j0
-                            for jj in range(clo, chi):
-                                x = srow[jj] * sc
-                                if has_bias:
-                                    bb = bias[a, b, qi, kj + jj]
-                                    x = ninf if bb == ninf else x + bb
-                                if has_mask and not mask[a, b, qi, kj + jj]:
-                                    x = ninf
-                                srow[jj] = x
-                            mul = dt(1.0)
-                        else:
-                            mul = sc
-                        # Whole vectors (a scalar tail costs more than the
-                        # extra lanes), zeroed past chi below.
-                        ce = min(kn, (chi + lanes - 1) // lanes * lanes)
-                        _exp_scaled_inplace(srow[clo:ce], ce - clo, mul, lv)
-                        _zero_row(srow, 0, clo)
-                        _zero_row(srow, chi, kn)
-                        # dS only up to where the trimmed products read it:
-                        # dS K takes columns < chi + 3 of this row, P^T dO and
-                        # dS^T Q (4-key blocks from a 4-row floor) < chi + 6.
-                        ce = min(kn, (chi + 6 + lanes) // lanes * lanes)
-                        _ds_row(srow, dp[r], ce, delta[a, b, q_off + i])
-                    # dQ_slice += dS K; dV += P^T dO; dK += dS^T Q.
-                    dqs = acc[sl, ab + i0 : ab + i0 + mp]
-                    if kbad:
-                        for r in range(m):
-                            for jj in range(kn):
-                                if s[r, jj] != zero:
-                                    _axpy(dqs[r], kr[jj], dp[r, jj], d)
-                    else:
-                        _gemm(dp, kr, dqs, mp, d, kn, d, tri, False)
-                    _gemm_tn(s, dos, dva, knp, dvn, mp, tri)
-                    _gemm_tn(dp, qs, dka, knp, d, mp, tri)
-            for jj in range(kw):
-                j = k_off + j0 + jj
-                if jj < kn and dk_unit:
-                    _copy_scaled(dka[jj], _row4(dk, a, kb, j), d, sc)
-                elif jj < kn:
-                    for c in range(d):
-                        dk[a, kb, j, c] = dka[jj, c] * sc
-                if jj < kn and dv_unit:
-                    _copy(dva[jj], _row4(dv, a, kb, j), dvn)
-                elif jj < kn:
-                    for c in range(dvn):
-                        dv[a, kb, j, c] = dva[jj, c]
-                if jj >= kn:
-                    for c in range(d):
-                        dk[a, kb, j, c] = zero
-                    for c in range(dvn):
-                        dv[a, kb, j, c] = zero
-        if fused:  # loop 3 for the group's query heads: every key tile is done
-            for g in range(group):
-                b = b0 + g
-                q_len = seq[a, b, 1]
-                _bwd_finish(acc, dq, a, b, seq[a, b, 0], seq[a, b, 2], q_len, base[a, b], sc)
+        if w < n_kitems:
+            _bwd_key_item(
+                w,
+                (q, k, v, out, lse, dout, delta, bias, mask, seq),
+                (dq, dk, dv, acc, base),
+                (has_bias, has_mask, sc, left, right, fused),
+                (group, qtt, kt, key_rows, k_rows),
+                (qs_t, do_t, s_t, dp_t, kt_t, kr_t, vt_t, dka_t, dva_t),
+                get_thread_id(),
+            )
 
     # 3. dq = scale * (sum of the slices' accumulators), zeros past Q_LEN.
     if not fused:
@@ -2475,9 +2734,12 @@ def _attention_backward_impl(
             w = _work_item(pos, chunk, nthr)
             if w >= n_items:
                 continue
-            a, b, q_off, _, q_rows, k_off, k_len, i0, i1, m = _query_tile(seq, w, g2, n_qt, qt_)
+            a, b, i0 = _tile_origin(w, g2, n_qt, qt_)
+            q_off, q_len, q_rows, _, _, _ = _sequence(seq, a, b)
             if i0 >= q_rows:
                 continue
+            i1 = min(i0 + qt_, q_rows)
+            m = max(0, min(i1, q_len) - i0)
             _bwd_finish(acc, dq, a, b, q_off + i0, i1 - i0, m, base[a, b] + i0, sc)
 
 
