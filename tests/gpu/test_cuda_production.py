@@ -29,8 +29,11 @@ def on_simulator() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def small_tiles():
-    """Overrides conftest's fixture: the production geometry."""
+def small_tiles(monkeypatch):
+    """Overrides conftest's fixture: the production geometry of the FMA
+    kernel (what runs before sm_80, and the float32 fast loop); the
+    tensor-core kernel's is in test_cuda_tensor_cores.py."""
+    monkeypatch.setattr(numbattn.config, "CUDA_TENSOR_CORES", False)
     yield
 
 

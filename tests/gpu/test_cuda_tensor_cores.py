@@ -101,6 +101,27 @@ def test_against_the_reference(dtype, b, h, hk, nq, nk, d, dv, opts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_production_geometry(monkeypatch, dtype):
+    """The shipped tile sizes (several warps; 32 or 16-key tiles; head and
+    value chunks of 64): d = 72 over two head chunks, dv = 65 over two
+    launches, causal with Nq < Nk, key lengths, GQA 2:1 (small: the
+    simulator runs a Python thread per CUDA thread)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_shipped", numbattn.config.__file__)
+    shipped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shipped)
+    for name in ("CUDA_TC_WARPS", "CUDA_TC_WARPS_F64", "CUDA_TC_KEY_TILE", "CUDA_TC_KEY_TILE_F64",
+                 "CUDA_HEAD_CHUNK", "CUDA_VALUE_CHUNK"):  # fmt: skip
+        monkeypatch.setattr(numbattn.config, name, getattr(shipped, name))
+    assert BE._attention_kernel(dtype)[1].threads >= 64
+    rng = np.random.default_rng(17)
+    q, k, v = (randn(rng, (1, 2, 20, 72), dtype), randn(rng, (1, 1, 36, 72), dtype),
+               randn(rng, (1, 1, 36, 65), dtype))  # fmt: skip
+    _check(q, k, v, "production", causal=True, key_lengths=np.array([30]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_mask_and_window(dtype):
     rng = np.random.default_rng(3)
     b, h, nq, nk, d, dv = 1, 2, 18, 20, 8, 8
