@@ -109,7 +109,7 @@ def block_ranges(device: bool = True) -> Ranges:
     fns = (sequence, window, keys_seen, keys_seen_by_all, queries_seeing, queries_seeing_all)
     if not device:
         return Ranges(*fns)
-    from .kernels import _device, _on_simulator
+    from .inline import _device, _on_simulator
 
     key = _on_simulator()
     if key not in _RANGES:
@@ -125,7 +125,7 @@ def block_keys(BQ, BK):
     key tile [j0, j0 + BK) needs no per-element test when every row sees
     all of it (j0 >= lo_max, j0 + BK <= hi_min) and there is no mask;
     hi_min = -1 forces the test (a mask, or rows past Q_LEN in the tile)."""
-    from .kernels import _device
+    from .inline import _device
 
     rng = block_ranges()
     read, sides, seen, seen_by_all = rng.sequence, rng.window, rng.keys_seen, rng.keys_seen_by_all

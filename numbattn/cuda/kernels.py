@@ -203,14 +203,9 @@ from numba import cuda, float32, float64, int32, int64, uint32
 from . import limits
 from .blocks import block_keys as _block_keys  # also imported from here by other kernels
 from .blocks import block_ranges
+from .inline import _device, _on_simulator
 
 U = uint32
-
-
-def _on_simulator() -> bool:
-    from numba.cuda.core import config as ncfg
-
-    return bool(ncfg.ENABLE_CUDASIM)
 
 
 def _types(dtype):
@@ -280,13 +275,6 @@ def _unrolled(name, n, params, body, env):
     ns = dict(env)
     exec(compile("\n".join(lines), f"<numbattn {name} x{n}>", "exec"), ns)
     return _device(ns[name])
-
-
-def _device(fn):
-    """``fn`` as a device function inlined into its caller (the simulator
-    takes no ``forceinline``)."""
-    opts = {} if _on_simulator() else {"forceinline": True}
-    return cuda.jit(device=True, **opts)(fn)
 
 
 _SHIFT: dict = {}
