@@ -33,7 +33,7 @@ A kernel prepares an operand once with ``split(x)`` (A fragments are reused
 across n-tiles) and multiplies prepared operands with ``mma``. On the
 simulator, which runs no inline PTX, the same two functions emulate the
 hardware: the lanes put their prepared A and B elements in the warp's
-scratch of shared memory (:func:`scratch_elements` per warp), a barrier,
+scratch of shared memory (:func:`numbattn.cuda.geometry.scratch_elements` per warp), a barrier,
 each lane computes its four D elements with the layout above, a barrier.
 Every thread of the block must then call ``mma`` the same number of times.
 The emulation splits float32 with Veltkamp's method (round to nearest at 11
@@ -47,7 +47,6 @@ import numpy as np
 from numba import cuda, float32, float64
 from numba import uint32 as U
 
-from .geometry import KINDS, scratch_elements, step_kind  # noqa: F401  (the steps' vocabulary)
 from .kernels import _device, _on_simulator
 
 # --------------------------------------------------------------------------
@@ -312,7 +311,7 @@ def product_step(kind: str, hw: bool):
     ``mma(sh, xw, lane, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3)``
     multiplies prepared fragments. ``hw`` (off the simulator): inline PTX,
     with ``sh`` and ``xw`` unused; otherwise the emulation, whose scratch is
-    ``sh[xw : xw + scratch_elements(kind)]``. Both inlined."""
+    ``sh[xw : xw + geometry.scratch_elements(kind)]``. Both inlined."""
     key = (kind, bool(hw) and not _on_simulator())
     if key not in _STEPS:
         split, mma = (_hardware_step if key[1] else _emulated_step)(kind)

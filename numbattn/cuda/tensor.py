@@ -34,7 +34,7 @@ import numpy as np
 from numba import cuda, int32, int64, uint32
 
 from .blocks import block_ranges
-from .geometry import TensorCoreGeometry, TensorCoreScoresGeometry
+from .geometry import TensorCoreGeometry, TensorCoreScoresGeometry, scratch_elements
 from .kernels import (
     _block_keys,
     _device,
@@ -44,7 +44,7 @@ from .kernels import (
     _stage_plan,
     _types,
 )
-from .steps import product_step, scratch_elements
+from .steps import product_step
 
 U = uint32
 I31 = (1 << 31) - 1
